@@ -1,0 +1,17 @@
+"""Exceptions for bad input: each names the parameter, the value and what is accepted."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ParameterError(ValueError):
+    """A user-supplied parameter is out of range or of the wrong kind."""
+
+    def __init__(self, name: str, value: Any, accepted: str):
+        self.name, self.value, self.accepted = name, value, accepted
+        super().__init__(f"invalid {name}={value!r}: {accepted}")
+
+
+class CheckpointError(ValueError):
+    """A file on disk is not the model it claims to be (wrong keys, shapes or family)."""

@@ -1,0 +1,105 @@
+"""X-Adapter mapping layers: SD1.5 decoder features f0, f1, f2 -> SDXL residuals r0, r1, r2.
+
+Three stages of three residual blocks (`body.0` .. `body.8`) and a 1x1 "zero" conv per
+stage (`zero_out.0..2`); ReLU, no norm, no timestep. Parameter names match the released
+checkpoint exactly, so it loads unchanged (see xadapter.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class MappingConfig:
+    """Channel widths of the three stages.
+
+    in_channels: channels of f0, f1, f2 (SD1.5 up_blocks[1..3] outputs).
+    out_channels: channels of r0, r1, r2 (SDXL mid_block, up_blocks[0], up_blocks[1] outputs).
+    """
+
+    in_channels: tuple[int, int, int] = (1280, 640, 320)
+    out_channels: tuple[int, int, int] = (1280, 1280, 640)
+    blocks_per_stage: int = 3
+
+    @classmethod
+    def from_unet_configs(cls, sd15_unet: Mapping[str, Any], sdxl_unet: Mapping[str, Any]) -> "MappingConfig":
+        """Derive the widths from the two UNets' configs (works for any width, tiny included)."""
+        sd15 = list(reversed(sd15_unet["block_out_channels"]))
+        sdxl = list(sdxl_unet["block_out_channels"])
+        if len(sd15) != 4 or len(sdxl) != 3:
+            raise ValueError(
+                "X-Adapter needs an SD1.5-like UNet with 4 stages and an SDXL-like UNet with 3; got "
+                f"block_out_channels {list(sd15_unet['block_out_channels'])} and {sdxl}"
+            )
+        sdxl_rev = list(reversed(sdxl))
+        return cls(in_channels=(sd15[1], sd15[2], sd15[3]), out_channels=(sdxl[-1], sdxl_rev[0], sdxl_rev[1]))
+
+
+class Upsample2x(nn.Module):
+    """Transposed 3x3 conv, stride 2; called with an explicit output size like the release."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.ConvTranspose2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor, output_size: tuple[int, int]) -> torch.Tensor:
+        return self.op(x, output_size=list(output_size))
+
+
+class ResidualBlock(nn.Module):
+    """y = x' + block2(relu(block1(x'))), x' = in_conv(up_opt(x)) where those exist."""
+
+    def __init__(self, in_channels: int, out_channels: int, upsample: bool = False):
+        super().__init__()
+        self.up_opt = Upsample2x(in_channels) if upsample else None
+        self.in_conv = nn.Conv2d(in_channels, out_channels, 3, padding=1) if in_channels != out_channels else None
+        self.block1 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.act = nn.ReLU()
+        self.block2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, output_size: tuple[int, int] | None = None) -> torch.Tensor:
+        if self.up_opt is not None:
+            assert output_size is not None
+            x = self.up_opt(x, output_size)
+        if self.in_conv is not None:
+            x = self.in_conv(x)
+        return x + self.block2(self.act(self.block1(x)))
+
+
+class MappingLayers(nn.Module):
+    """The trainable bridge of X-Adapter.
+
+    forward(f0, f1, f2) with f0: B x C0 x h x w, f1: B x C1 x 2h x 2w, f2: B x C2 x 2h x 2w
+    returns (r0, r1, r2): B x R0 x h x w, B x R1 x 2h x 2w, B x R2 x 4h x 4w, not yet scaled
+    by the adapter condition scale.
+    """
+
+    def __init__(self, config: MappingConfig = MappingConfig()):
+        super().__init__()
+        self.config = config
+        n = config.blocks_per_stage
+        body: list[nn.Module] = []
+        for stage, (cin, cout) in enumerate(zip(config.in_channels, config.out_channels)):
+            for j in range(n):
+                body.append(ResidualBlock(cin if j == 0 else cout, cout, upsample=(stage == 2 and j == 0)))
+        self.body = nn.ModuleList(body)
+        self.zero_out = nn.ModuleList(nn.Conv2d(c, c, 1) for c in config.out_channels)
+
+    def stage(self, index: int, feature: torch.Tensor, output_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """The residual blocks of one stage, without its zero_out conv (kernels fuse that part)."""
+        n = self.config.blocks_per_stage
+        h = feature
+        for j in range(n):
+            h = self.body[index * n + j](h, output_size if j == 0 else None)
+        return h
+
+    def forward(self, f0: torch.Tensor, f1: torch.Tensor, f2: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # The release sizes the stage-2 upsample as 4x f0's grid (= SDXL's latent grid).
+        out_size = (f0.shape[-2] * 4, f0.shape[-1] * 4)
+        sizes = (None, None, out_size)
+        return tuple(self.zero_out[i](self.stage(i, f, sizes[i])) for i, f in enumerate((f0, f1, f2)))
