@@ -1,0 +1,274 @@
+"""The X-Adapter two-stage algorithm (xadapter.md, "Inference: two-stage denoising").
+
+Stage 1: SD1.5 alone over the whole schedule. Hand-over, on tensors on the device:
+SD1.5 VAE decode -> resize -> SDXL VAE encode -> noise to t0; the SD1.5 result is
+re-noised to t0 too. Stage 2: k steps where SD1.5's decoder features go through the
+mapping layers into SDXL's decoder, both branches at the same timestep, each with its
+own fresh scheduler. Finally SDXL VAE decode.
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..models.branches import SD15Branch, SDXLBranch
+from ..models.components import SD15Components, SDXLComponents
+from ..models.mapping import MappingConfig, MappingLayers
+from ..runtime.timing import StageTimer
+from .params import GenerationParams, SizeRules, validate
+from .schedulers import make_scheduler, schedule_mismatch
+from .text import encode_sd15, encode_sdxl, sdxl_time_ids
+
+StepCallback = Callable[[str, int, int], None]  # (stage name, step index, steps in stage)
+
+
+@dataclass
+class XAdapterOutput:
+    """images: list of PIL images, N x H x W x 3 float array in [0, 1], or SDXL latents."""
+
+    images: Any
+    params: GenerationParams
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _vae_factor(vae: torch.nn.Module) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def _upcast_vae(vae: torch.nn.Module, dtype: torch.dtype) -> bool:
+    # SDXL's VAE overflows in fp16 (force_upcast in its config); the fp16-fix variant does not.
+    return dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+
+
+class XAdapterPipeline:
+    """SD1.5 plugins on SDXL through X-Adapter, in plain PyTorch (the reference backend).
+
+    Build it with `from_pretrained(sd15, sdxl, adapter)` from local paths, from already
+    loaded components, or `from_tiny()` for the built-in tiny random models; call it with
+    the generation parameters (see GenerationParams) and get an XAdapterOutput.
+    """
+
+    def __init__(
+        self,
+        sd15: SD15Components,
+        sdxl: SDXLComponents,
+        mapping: MappingLayers,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        progress: bool = True,
+    ):
+        self.device, self.dtype, self.progress = torch.device(device), dtype, progress
+        self.sd15, self.sdxl = sd15, sdxl
+        mismatch = schedule_mismatch(sd15.scheduler_config, sdxl.scheduler_config)
+        if mismatch:
+            raise ValueError(
+                f"SD1.5 and SDXL scheduler configs differ on {mismatch}; X-Adapter runs both branches on one "
+                "noise schedule in stage 2"
+            )
+        expected = MappingConfig.from_unet_configs(sd15.unet.config, sdxl.unet.config)
+        if mapping.config != expected:
+            raise ValueError(f"mapping layers are built for {mapping.config}, but these UNets need {expected}")
+        for module in (sd15.unet, sd15.vae, sd15.text_encoder, sdxl.unet, sdxl.text_encoder, sdxl.text_encoder_2, mapping):
+            module.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
+        self.vae_xl_dtype = torch.float32 if _upcast_vae(sdxl.vae, dtype) else dtype
+        sdxl.vae.to(device=self.device, dtype=self.vae_xl_dtype).eval().requires_grad_(False)
+        self.mapping = mapping
+        self.sd15_branch = SD15Branch(sd15.unet)
+        self.sdxl_branch = SDXLBranch(sdxl.unet)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(
+        cls,
+        sd15: str,
+        sdxl: str,
+        adapter: str,
+        *,
+        sdxl_vae: str | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        progress: bool = True,
+    ) -> "XAdapterPipeline":
+        """Load SD1.5 and SDXL (diffusers folders or single .safetensors files) and the
+        X-Adapter checkpoint (.bin or .safetensors) from local paths; never from a hub."""
+        from ..loading import check_model_path, load_mapping, load_sd15, load_sdxl
+
+        check_model_path(sd15, "sd15", "sd15")
+        check_model_path(sdxl, "sdxl", "sdxl")
+        sd15_c = load_sd15(sd15, dtype=dtype, device=device)
+        sdxl_c = load_sdxl(sdxl, dtype=dtype, device=device, vae_path=sdxl_vae)
+        config = MappingConfig.from_unet_configs(sd15_c.unet.config, sdxl_c.unet.config)
+        mapping = load_mapping(adapter, config, dtype=dtype, device=device)
+        return cls(sd15_c, sdxl_c, mapping, device=device, dtype=dtype, progress=progress)
+
+    @classmethod
+    def from_tiny(
+        cls, seed: int = 0, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, progress: bool = True
+    ) -> "XAdapterPipeline":
+        """The built-in tiny random models (real topology, noise-like images): a smoke run."""
+        from ..models.tiny import build_tiny_models
+
+        sd15, sdxl, mapping = build_tiny_models(seed)
+        return cls(sd15, sdxl, mapping, device=device, dtype=dtype, progress=progress)
+
+    @property
+    def size_rules(self) -> SizeRules:
+        f15, fxl = _vae_factor(self.sd15.vae), _vae_factor(self.sdxl.vae)
+        n15 = len(self.sd15.unet.config.block_out_channels) - 1
+        nxl = len(self.sdxl.unet.config.block_out_channels) - 1
+        return SizeRules(
+            sd15_multiple=f15 * 2**n15,
+            sdxl_multiple=fxl * 2**nxl,
+            sd15_default=self.sd15.unet.config.sample_size * f15,
+            sdxl_default=self.sdxl.unet.config.sample_size * fxl,
+        )
+
+    # ------------------------------------------------------------------ generation
+    def __call__(self, prompt: str | list[str], *, step_callback: StepCallback | None = None, **kwargs: Any) -> XAdapterOutput:
+        """Generate; keyword arguments are GenerationParams fields (the CLI's names)."""
+        return self.generate(GenerationParams(prompt=prompt, **kwargs), step_callback=step_callback)
+
+    @torch.no_grad()
+    def generate(self, params: GenerationParams, step_callback: StepCallback | None = None) -> XAdapterOutput:
+        p = validate(params, self.size_rules)
+        if p.seed is None:
+            p.seed = random.SystemRandom().randrange(2**63)
+        generator = torch.Generator("cpu").manual_seed(p.seed)
+        timer = StageTimer(self.device)
+        dev, dt = self.device, self.dtype
+        cfg = p.guidance_scale > 1.0
+        prompts = p.prompts
+        n_prompts, repeat = len(prompts), p.num_images_per_prompt
+        batch = n_prompts * repeat
+
+        def per_prompt(value: str | list[str] | None, default: list[str] | None) -> list[str] | None:
+            if value is None:
+                return default
+            return [value] * n_prompts if isinstance(value, str) else list(value)
+
+        prompts15 = per_prompt(p.prompt_sd15, prompts)
+        negatives = per_prompt(p.negative_prompt, None)
+        assert prompts15 is not None
+
+        def noise(shape: tuple[int, ...]) -> torch.Tensor:
+            # Drawn on a CPU generator: the same seed gives the same noise on any device.
+            return torch.randn(shape, generator=generator, dtype=torch.float32).to(dev, dt)
+
+        with timer.stage("text_encoders"):
+            emb15 = encode_sd15(self.sd15, prompts15, negatives or [""] * n_prompts, repeat, cfg, dev).to(dt)
+            embxl, pooled = encode_sdxl(self.sdxl, prompts, negatives, repeat, cfg, dev)
+            rows = embxl.shape[0]
+            xl_cond = {"text_embeds": pooled.to(dt), "time_ids": sdxl_time_ids(p.height, p.width, rows, dt, dev)}
+            embxl = embxl.to(dt)
+
+        f15, fxl = _vae_factor(self.sd15.vae), _vae_factor(self.sdxl.vae)
+        shape15 = (batch, self.sd15.unet.config.in_channels, p.height_sd15 // f15, p.width_sd15 // f15)
+        shapexl = (batch, self.sdxl.unet.config.in_channels, p.height // fxl, p.width // fxl)
+
+        with timer.stage("stage1"):
+            sched1 = make_scheduler(p.scheduler, self.sd15.scheduler_config)
+            sched1.set_timesteps(p.num_inference_steps, device=dev)
+            lat15 = noise(shape15) * sched1.init_noise_sigma
+            for i, t in enumerate(self._bar(sched1.timesteps, "stage 1 (SD1.5)")):
+                eps, _ = self.sd15_branch(sched1.scale_model_input(self._cfg_batch(lat15, cfg), t), t, emb15)
+                lat15 = self._step(sched1, self._combine(eps, p.guidance_scale, cfg), t, lat15, generator)
+                if step_callback:
+                    step_callback("stage1", i, p.num_inference_steps)
+
+        k = p.stage2_steps
+        with timer.stage("handover"):
+            sched15, schedxl = self._stage2_schedulers(p.scheduler, p.num_inference_steps, k)
+            t0 = schedxl.timesteps[-k:][:1].repeat(batch)
+            image = self.sd15.vae.decode(lat15 / self.sd15.vae.config.scaling_factor).sample
+            image = F.interpolate(image.float(), size=(p.height, p.width), mode="bicubic", antialias=True, align_corners=False)
+            image = image.clamp(-1.0, 1.0).to(self.vae_xl_dtype)
+            posterior = self.sdxl.vae.encode(image).latent_dist
+            eps_vae = torch.randn(posterior.mean.shape, generator=generator).to(dev, posterior.mean.dtype)
+            init_xl = (posterior.mean + posterior.std * eps_vae) * self.sdxl.vae.config.scaling_factor
+            latxl = schedxl.add_noise(init_xl.to(dt), noise(shapexl), t0)
+            lat15 = sched15.add_noise(lat15, noise(shape15), t0)
+
+        with timer.stage("stage2"):
+            for i, t in enumerate(self._bar(schedxl.timesteps[-k:], "stage 2 (SD1.5 + SDXL)")):
+                eps15, feats = self.sd15_branch(sched15.scale_model_input(self._cfg_batch(lat15, cfg), t), t, emb15)
+                lat15 = self._step(sched15, self._combine(eps15, p.guidance_scale, cfg), t, lat15, generator)
+                residuals = self.mapping(*self._fit_features(feats, shapexl[-2:]))
+                epsxl = self.sdxl_branch(
+                    schedxl.scale_model_input(self._cfg_batch(latxl, cfg), t), t, embxl, xl_cond,
+                    residuals=residuals, adapter_condition_scale=p.adapter_condition_scale,
+                    fusion_guidance_scale=p.fusion_guidance_scale,
+                )
+                latxl = self._step(schedxl, self._combine(epsxl, p.guidance_scale, cfg), t, latxl, generator)
+                if step_callback:
+                    step_callback("stage2", i, k)
+
+        with timer.stage("vae_decode"):
+            images = self._decode(latxl, p.output_type)
+        return XAdapterOutput(images=images, params=p, timings=dict(timer.seconds))
+
+    # ------------------------------------------------------------------ pieces
+    def _bar(self, timesteps: torch.Tensor, desc: str):
+        return tqdm(timesteps, desc=desc, disable=not self.progress, leave=False)
+
+    @staticmethod
+    def _cfg_batch(latents: torch.Tensor, cfg: bool) -> torch.Tensor:
+        return torch.cat([latents, latents]) if cfg else latents
+
+    @staticmethod
+    def _combine(eps: torch.Tensor, scale: float, cfg: bool) -> torch.Tensor:
+        if not cfg:
+            return eps
+        uncond, cond = eps.chunk(2)
+        return uncond + scale * (cond - uncond)
+
+    @staticmethod
+    def _step(scheduler: Any, eps: torch.Tensor, t: torch.Tensor, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+        return scheduler.step(eps, t, latents, return_dict=False, **kwargs)[0]
+
+    def _stage2_schedulers(self, name: str, steps: int, k: int) -> tuple[Any, Any]:
+        """Fresh stage-2 schedulers for SD1.5 and SDXL on SDXL's schedule, starting at index N - k.
+
+        Both come from SDXL's scheduler config (same timesteps by construction); SD1.5's
+        keeps its own prediction type.
+        """
+        cfg15 = {"prediction_type": self.sd15.scheduler_config.get("prediction_type", "epsilon")}
+        out = []
+        for overrides in (cfg15, {}):
+            s = make_scheduler(name, self.sdxl.scheduler_config, **overrides)
+            s.set_timesteps(steps, device=self.device)
+            if hasattr(s, "set_begin_index"):
+                s.set_begin_index((steps - k) * s.order)
+            out.append(s)
+        return out[0], out[1]
+
+    @staticmethod
+    def _fit_features(feats: tuple[torch.Tensor, ...], latent_hw: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+        """Resize f0 to 1/4 and f1, f2 to 1/2 of SDXL's latent grid when SD1.5 is not exactly
+        half the SDXL size (bilinear); a no-op at the released 2x ratio."""
+        h, w = latent_hw
+        targets = ((h // 4, w // 4), (h // 2, w // 2), (h // 2, w // 2))
+        return tuple(
+            f if tuple(f.shape[-2:]) == size else F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+            for f, size in zip(feats, targets)
+        )
+
+    def _decode(self, latents: torch.Tensor, output_type: str) -> Any:
+        if output_type == "latent":
+            return latents
+        vae = self.sdxl.vae
+        image = vae.decode(latents.to(self.vae_xl_dtype) / vae.config.scaling_factor).sample
+        array = (image.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+        if output_type == "np":
+            return array
+        return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
