@@ -1,0 +1,65 @@
+"""Every bad parameter gets a ParameterError naming it, before any model is touched."""
+
+import math
+
+import pytest
+
+from xa_runtime.errors import ParameterError
+from xa_runtime.pipeline import GenerationParams, SizeRules, validate
+
+BAD = [
+    ("num_inference_steps", dict(num_inference_steps=0)),
+    ("num_inference_steps", dict(num_inference_steps=1001)),
+    ("num_inference_steps", dict(num_inference_steps=2.5)),
+    ("guidance_scale", dict(guidance_scale=math.nan)),
+    ("guidance_scale", dict(guidance_scale=-1.0)),
+    ("guidance_scale", dict(guidance_scale=math.inf)),
+    ("adapter_guidance_start", dict(adapter_guidance_start=0.0)),
+    ("adapter_guidance_start", dict(adapter_guidance_start=1.5)),
+    ("adapter_guidance_start", dict(adapter_guidance_start=0.4, num_inference_steps=2)),  # int(0.8) = 0 steps
+    ("adapter_condition_scale", dict(adapter_condition_scale=-0.1)),
+    ("adapter_condition_scale", dict(adapter_condition_scale=math.inf)),
+    ("fusion_guidance_scale", dict(fusion_guidance_scale=1.5)),
+    ("fusion_guidance_scale", dict(fusion_guidance_scale=math.nan)),
+    ("height", dict(height=1000)),
+    ("width", dict(width=0)),
+    ("width", dict(width=8192)),
+    ("height_sd15", dict(height_sd15=500)),
+    ("width_sd15", dict(width_sd15=4096)),
+    ("num_images_per_prompt", dict(num_images_per_prompt=0)),
+    ("num_images_per_prompt", dict(prompt=["a"] * 8, num_images_per_prompt=9)),
+    ("prompt", dict(prompt=[])),
+    ("prompt", dict(prompt=["a", 3])),
+    ("prompt_sd15", dict(prompt=["a", "b"], prompt_sd15=["a"])),
+    ("negative_prompt", dict(prompt=["a", "b"], negative_prompt=["x", "y", "z"])),
+    ("scheduler", dict(scheduler="heun")),
+    ("seed", dict(seed=-1)),
+    ("output_type", dict(output_type="jpeg")),
+]
+
+
+@pytest.mark.parametrize("name, kwargs", BAD, ids=[f"{n}-{i}" for i, (n, _) in enumerate(BAD)])
+def test_bad_parameter_is_named(name, kwargs):
+    params = GenerationParams(**({"prompt": "a cat"} | kwargs))
+    with pytest.raises(ParameterError) as info:
+        validate(params)
+    assert info.value.name == name
+    assert name in str(info.value)
+
+
+def test_defaults_resolve_to_model_sizes():
+    p = validate(GenerationParams(prompt="a cat"))
+    assert (p.height, p.width, p.height_sd15, p.width_sd15) == (1024, 1024, 512, 512)
+    assert p.num_inference_steps == 50 and p.guidance_scale == 7.5 and p.adapter_guidance_start == 0.9
+    tiny = validate(GenerationParams(prompt="a cat"), SizeRules(sd15_default=64, sdxl_default=128))
+    assert (tiny.height, tiny.height_sd15) == (128, 64)
+
+
+def test_stage2_steps():
+    assert GenerationParams(prompt="x", num_inference_steps=30, adapter_guidance_start=0.9).stage2_steps == 27
+    assert GenerationParams(prompt="x", num_inference_steps=50, adapter_guidance_start=1.0).stage2_steps == 50
+
+
+def test_error_message_says_what_is_accepted():
+    with pytest.raises(ParameterError, match=r"a multiple of 32 in \[32, 4096\] pixels"):
+        validate(GenerationParams(prompt="a", height=1000))
