@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import random
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from ..models.branches import SD15Branch, SDXLBranch
 from ..models.components import SD15Components, SDXLComponents
 from ..models.mapping import MappingConfig, MappingLayers
+from ..plugins.base import PluginContext, SD15StepPlugin, StepInfo, merge_unet_kwargs
 from ..runtime.timing import StageTimer
 from .params import GenerationParams, SizeRules, validate
 from .schedulers import make_scheduler, schedule_mismatch
@@ -134,12 +135,26 @@ class XAdapterPipeline:
         )
 
     # ------------------------------------------------------------------ generation
-    def __call__(self, prompt: str | list[str], *, step_callback: StepCallback | None = None, **kwargs: Any) -> XAdapterOutput:
+    def __call__(
+        self,
+        prompt: str | list[str],
+        *,
+        plugins: Sequence[SD15StepPlugin] = (),
+        step_callback: StepCallback | None = None,
+        **kwargs: Any,
+    ) -> XAdapterOutput:
         """Generate; keyword arguments are GenerationParams fields (the CLI's names)."""
-        return self.generate(GenerationParams(prompt=prompt, **kwargs), step_callback=step_callback)
+        return self.generate(GenerationParams(prompt=prompt, **kwargs), plugins=plugins, step_callback=step_callback)
 
     @torch.no_grad()
-    def generate(self, params: GenerationParams, step_callback: StepCallback | None = None) -> XAdapterOutput:
+    def generate(
+        self,
+        params: GenerationParams,
+        plugins: Sequence[SD15StepPlugin] = (),
+        step_callback: StepCallback | None = None,
+    ) -> XAdapterOutput:
+        """Run one request. `plugins` act on the SD1.5 branch in both stages; `step_callback`
+        is called after every step (and may raise to cancel between steps)."""
         p = validate(params, self.size_rules)
         if p.seed is None:
             p.seed = random.SystemRandom().randrange(2**63)
@@ -171,6 +186,19 @@ class XAdapterPipeline:
             xl_cond = {"text_embeds": pooled.to(dt), "time_ids": sdxl_time_ids(p.height, p.width, rows, dt, dev)}
             embxl = embxl.to(dt)
 
+        ctx = PluginContext(
+            batch=batch, cfg=cfg, device=dev, dtype=dt, height=p.height_sd15, width=p.width_sd15,
+            prompt_embeds=emb15, generator=generator,
+        )
+        if plugins:
+            with timer.stage("plugins"):
+                for plugin in plugins:
+                    plugin.prepare(ctx)
+
+        def sd15(stage: str, i: int, steps: int, t: torch.Tensor, x: torch.Tensor):
+            extra = merge_unet_kwargs([pl.unet_kwargs(ctx, StepInfo(stage, i, steps, t), x) for pl in plugins])
+            return self.sd15_branch(x, t, emb15, **extra)
+
         f15, fxl = _vae_factor(self.sd15.vae), _vae_factor(self.sdxl.vae)
         shape15 = (batch, self.sd15.unet.config.in_channels, p.height_sd15 // f15, p.width_sd15 // f15)
         shapexl = (batch, self.sdxl.unet.config.in_channels, p.height // fxl, p.width // fxl)
@@ -180,7 +208,7 @@ class XAdapterPipeline:
             sched1.set_timesteps(p.num_inference_steps, device=dev)
             lat15 = noise(shape15) * sched1.init_noise_sigma
             for i, t in enumerate(self._bar(sched1.timesteps, "stage 1 (SD1.5)")):
-                eps, _ = self.sd15_branch(sched1.scale_model_input(self._cfg_batch(lat15, cfg), t), t, emb15)
+                eps, _ = sd15("stage1", i, p.num_inference_steps, t, sched1.scale_model_input(self._cfg_batch(lat15, cfg), t))
                 lat15 = self._step(sched1, self._combine(eps, p.guidance_scale, cfg), t, lat15, generator)
                 if step_callback:
                     step_callback("stage1", i, p.num_inference_steps)
@@ -200,7 +228,7 @@ class XAdapterPipeline:
 
         with timer.stage("stage2"):
             for i, t in enumerate(self._bar(schedxl.timesteps[-k:], "stage 2 (SD1.5 + SDXL)")):
-                eps15, feats = self.sd15_branch(sched15.scale_model_input(self._cfg_batch(lat15, cfg), t), t, emb15)
+                eps15, feats = sd15("stage2", i, k, t, sched15.scale_model_input(self._cfg_batch(lat15, cfg), t))
                 lat15 = self._step(sched15, self._combine(eps15, p.guidance_scale, cfg), t, lat15, generator)
                 residuals = self.mapping(*self._fit_features(feats, shapexl[-2:]))
                 epsxl = self.sdxl_branch(
