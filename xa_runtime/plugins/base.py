@@ -68,10 +68,11 @@ def merge_unet_kwargs(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
         for key, value in part.items():
             if value is None:
                 continue
-            if key not in out:
+            if key in _SUMMED_TUPLES:
+                # Always a fresh list: diffusers pops T2I residuals off the list it is given.
+                out[key] = [a + b for a, b in zip(out[key], value, strict=True)] if key in out else list(value)
+            elif key not in out:
                 out[key] = value
-            elif key in _SUMMED_TUPLES:
-                out[key] = tuple(a + b for a, b in zip(out[key], value, strict=True))
             elif key == "mid_block_additional_residual":
                 out[key] = out[key] + value
             elif key in ("cross_attention_kwargs", "added_cond_kwargs"):
