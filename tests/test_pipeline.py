@@ -30,7 +30,7 @@ def _encode(tokenizer, encoder, texts, hidden_index=None):
 
 @torch.no_grad()
 def reference_xadapter(sd15, sdxl, mapping, *, prompts, negative, steps, guidance, ags, acs, fusion, scheduler, seed,
-                       size, size_sd15, per_prompt):
+                       size, size_sd15, per_prompt, init_image=None, strength=1.0):
     """X-Adapter written out from xadapter.md, with stock diffusers pieces only."""
     cls, extra = REFERENCE_SCHEDULERS[scheduler]
     gen = torch.Generator().manual_seed(seed)
@@ -70,8 +70,17 @@ def reference_xadapter(sd15, sdxl, mapping, *, prompts, negative, steps, guidanc
     # stage 1: SD1.5 alone, whole schedule
     s1 = cls.from_config({**sd15.scheduler_config, **extra})
     s1.set_timesteps(steps)
-    x15 = torch.randn(shape15, generator=gen) * s1.init_noise_sigma
-    for t in s1.timesteps:
+    timesteps1 = s1.timesteps
+    if init_image is None:
+        x15 = torch.randn(shape15, generator=gen) * s1.init_noise_sigma
+    else:  # img2img: diffusers' definition, init image B x 3 x h x w in [0, 1]
+        start = steps - int(steps * strength)
+        timesteps1 = s1.timesteps[start:]
+        s1.set_begin_index(start)
+        post = sd15.vae.encode(init_image * 2 - 1).latent_dist
+        z = (post.mean + post.std * torch.randn(post.mean.shape, generator=gen)) * sd15.vae.config.scaling_factor
+        x15 = s1.add_noise(z, torch.randn(shape15, generator=gen), timesteps1[:1].repeat(batch))
+    for t in timesteps1:
         eps = sd15.unet(s1.scale_model_input(double(x15), t), t, e15).sample
         x15 = s1.step(guide(eps), t, x15).prev_sample
 
@@ -120,6 +129,9 @@ CASES = [
     ("nocfg-euler-ags0.5", dict(guidance=1.0, ags=0.5, scheduler="euler", prompts=["a cat"], per_prompt=1)),
     ("cfg-negative-fusion", dict(guidance=3.0, ags=0.5, scheduler="dpmpp-2m", prompts=["a cat"], per_prompt=1,
                                  negative="blurry", fusion=0.5, acs=1.3)),
+    ("cfg-img2img-strength0.5", dict(guidance=7.5, ags=0.5, scheduler="dpmpp-2m", prompts=["a cat"], per_prompt=2,
+                                     init_image=torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(9)).expand(2, -1, -1, -1),
+                                     strength=0.5)),
     ("cfg-not-half-size", dict(guidance=7.5, ags=0.5, scheduler="euler", prompts=["a cat"], per_prompt=1,
                                size_sd15=(128, 64))),
 ]
@@ -129,7 +141,7 @@ CASES = [
 def test_pipeline_equals_written_out_algorithm(pipe, tiny_models, name, case):
     args = dict(negative=None, steps=6, acs=1.0, fusion=None, seed=1234, size=(128, 128), size_sd15=(64, 64)) | case
     out = pipe(
-        args["prompts"], negative_prompt=args["negative"], num_inference_steps=args["steps"],
+        args["prompts"], init_image=args.get("init_image"), strength=args.get("strength", 1.0), negative_prompt=args["negative"], num_inference_steps=args["steps"],
         guidance_scale=args["guidance"], adapter_guidance_start=args["ags"], adapter_condition_scale=args["acs"],
         fusion_guidance_scale=args["fusion"], scheduler=args["scheduler"], seed=args["seed"],
         height=args["size"][0], width=args["size"][1], height_sd15=args["size_sd15"][0],
@@ -198,3 +210,10 @@ def test_long_prompt_warns_with_the_cut_text(pipe):
     prompt = "a cat " * 60 + "sitting on a purple elephant"
     with pytest.warns(UserWarning, match="purple elephant"):
         pipe(prompt, num_inference_steps=1, adapter_guidance_start=1.0, seed=0, output_type="latent")
+
+
+def test_strength_needs_an_init_image(pipe):
+    from xa_runtime.errors import ParameterError
+
+    with pytest.raises(ParameterError, match="strength"):
+        pipe("a cat", num_inference_steps=2, strength=0.5, output_type="latent")

@@ -53,6 +53,8 @@ class GenerationParams:
     height_sd15: int | None = None
     width_sd15: int | None = None
     scheduler: str = DEFAULT_SCHEDULER
+    # With an init image (img2img / ControlNet-tile): the fraction of stage 1 that runs.
+    strength: float = 1.0
     seed: int | None = None
     num_images_per_prompt: int = 1
     output_type: str = "pil"
@@ -116,6 +118,12 @@ def validate(params: GenerationParams, rules: SizeRules = SizeRules()) -> Genera
             f"a value with int(num_inference_steps * adapter_guidance_start) >= 1 (it gives 0 stage-2 steps "
             f"with num_inference_steps={params.num_inference_steps}); use at least "
             f"{1 / params.num_inference_steps:.4g}",
+        )
+    _finite("strength", params.strength, 0.0, 1.0, lo_open=True)
+    if int(params.num_inference_steps * params.strength) < 1:
+        raise ParameterError(
+            "strength", params.strength,
+            f"a value with int(num_inference_steps * strength) >= 1 (num_inference_steps={params.num_inference_steps})",
         )
     _finite("adapter_condition_scale", params.adapter_condition_scale, 0.0, 10.0)
     if params.fusion_guidance_scale is not None:

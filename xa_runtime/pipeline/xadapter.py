@@ -25,6 +25,8 @@ from ..models.components import SD15Components, SDXLComponents
 from ..models.mapping import MappingConfig, MappingLayers
 from ..plugins.base import PluginContext, SD15StepPlugin, StepInfo, merge_unet_kwargs
 from ..runtime.timing import StageTimer
+from ..errors import ParameterError
+from .images import image_to_tensor
 from .params import GenerationParams, SizeRules, validate
 from .schedulers import make_scheduler, schedule_mismatch
 from .text import encode_sd15, encode_sdxl, sdxl_time_ids
@@ -141,10 +143,12 @@ class XAdapterPipeline:
         *,
         plugins: Sequence[SD15StepPlugin] = (),
         step_callback: StepCallback | None = None,
+        init_image: Any = None,
         **kwargs: Any,
     ) -> XAdapterOutput:
         """Generate; keyword arguments are GenerationParams fields (the CLI's names)."""
-        return self.generate(GenerationParams(prompt=prompt, **kwargs), plugins=plugins, step_callback=step_callback)
+        params = GenerationParams(prompt=prompt, **kwargs)
+        return self.generate(params, plugins=plugins, step_callback=step_callback, init_image=init_image)
 
     @torch.no_grad()
     def generate(
@@ -152,10 +156,15 @@ class XAdapterPipeline:
         params: GenerationParams,
         plugins: Sequence[SD15StepPlugin] = (),
         step_callback: StepCallback | None = None,
+        init_image: Any = None,
     ) -> XAdapterOutput:
         """Run one request. `plugins` act on the SD1.5 branch in both stages; `step_callback`
-        is called after every step (and may raise to cancel between steps)."""
+        is called after every step (and may raise to cancel between steps); `init_image`
+        (PIL image, H x W x 3 array or B x 3 x H x W tensor in [0, 1]) makes stage 1 an
+        img2img run of `params.strength` (as diffusers' img2img and the authors' tile example)."""
         p = validate(params, self.size_rules)
+        if init_image is None and p.strength != 1.0:
+            raise ParameterError("strength", p.strength, "1.0 unless an init image is given")
         if p.seed is None:
             p.seed = random.SystemRandom().randrange(2**63)
         generator = torch.Generator("cpu").manual_seed(p.seed)
@@ -206,12 +215,22 @@ class XAdapterPipeline:
         with timer.stage("stage1"):
             sched1 = make_scheduler(p.scheduler, self.sd15.scheduler_config)
             sched1.set_timesteps(p.num_inference_steps, device=dev)
-            lat15 = noise(shape15) * sched1.init_noise_sigma
-            for i, t in enumerate(self._bar(sched1.timesteps, "stage 1 (SD1.5)")):
-                eps, _ = sd15("stage1", i, p.num_inference_steps, t, sched1.scale_model_input(self._cfg_batch(lat15, cfg), t))
+            if init_image is None:
+                steps1 = sched1.timesteps
+                lat15 = noise(shape15) * sched1.init_noise_sigma
+            else:  # img2img: start from the init image noised to the strength's timestep
+                n1 = int(p.num_inference_steps * p.strength)
+                start = (p.num_inference_steps - n1) * sched1.order
+                steps1 = sched1.timesteps[start:]
+                if hasattr(sched1, "set_begin_index"):
+                    sched1.set_begin_index(start)
+                pixels = image_to_tensor(init_image, p.height_sd15, p.width_sd15, batch).to(dev, dt) * 2 - 1
+                lat15 = sched1.add_noise(self._vae_sample(self.sd15.vae, pixels, generator).to(dt), noise(shape15), steps1[:1].repeat(batch))
+            for i, t in enumerate(self._bar(steps1, "stage 1 (SD1.5)")):
+                eps, _ = sd15("stage1", i, len(steps1), t, sched1.scale_model_input(self._cfg_batch(lat15, cfg), t))
                 lat15 = self._step(sched1, self._combine(eps, p.guidance_scale, cfg), t, lat15, generator)
                 if step_callback:
-                    step_callback("stage1", i, p.num_inference_steps)
+                    step_callback("stage1", i, len(steps1))
 
         k = p.stage2_steps
         with timer.stage("handover"):
@@ -220,9 +239,7 @@ class XAdapterPipeline:
             image = self.sd15.vae.decode(lat15 / self.sd15.vae.config.scaling_factor).sample
             image = F.interpolate(image.float(), size=(p.height, p.width), mode="bicubic", antialias=True, align_corners=False)
             image = image.clamp(-1.0, 1.0).to(self.vae_xl_dtype)
-            posterior = self.sdxl.vae.encode(image).latent_dist
-            eps_vae = torch.randn(posterior.mean.shape, generator=generator).to(dev, posterior.mean.dtype)
-            init_xl = (posterior.mean + posterior.std * eps_vae) * self.sdxl.vae.config.scaling_factor
+            init_xl = self._vae_sample(self.sdxl.vae, image, generator)
             latxl = schedxl.add_noise(init_xl.to(dt), noise(shapexl), t0)
             lat15 = sched15.add_noise(lat15, noise(shape15), t0)
 
@@ -279,6 +296,13 @@ class XAdapterPipeline:
                 s.set_begin_index((steps - k) * s.order)
             out.append(s)
         return out[0], out[1]
+
+    @staticmethod
+    def _vae_sample(vae: torch.nn.Module, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Scaled latents sampled from the VAE posterior (noise from the CPU generator)."""
+        posterior = vae.encode(pixels).latent_dist
+        eps = torch.randn(posterior.mean.shape, generator=generator).to(posterior.mean.device, posterior.mean.dtype)
+        return (posterior.mean + posterior.std * eps) * vae.config.scaling_factor
 
     @staticmethod
     def _fit_features(feats: tuple[torch.Tensor, ...], latent_hw: tuple[int, int]) -> tuple[torch.Tensor, ...]:
