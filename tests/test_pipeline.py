@@ -217,3 +217,21 @@ def test_strength_needs_an_init_image(pipe):
 
     with pytest.raises(ParameterError, match="strength"):
         pipe("a cat", num_inference_steps=2, strength=0.5, output_type="latent")
+
+
+def test_from_diffusers_pipelines_matches(tiny_models, pipe):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    sd15, sdxl, mapping = tiny_models
+    sd15_pipe = StableDiffusionPipeline(
+        vae=sd15.vae, text_encoder=sd15.text_encoder, tokenizer=sd15.tokenizer, unet=sd15.unet,
+        scheduler=EulerDiscreteScheduler.from_config(sd15.scheduler_config), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )
+    sdxl_pipe = StableDiffusionXLPipeline(
+        vae=sdxl.vae, text_encoder=sdxl.text_encoder, text_encoder_2=sdxl.text_encoder_2, tokenizer=sdxl.tokenizer,
+        tokenizer_2=sdxl.tokenizer_2, unet=sdxl.unet, scheduler=EulerDiscreteScheduler.from_config(sdxl.scheduler_config),
+    )
+    other = XAdapterPipeline.from_diffusers(sd15_pipe, sdxl_pipe, mapping, progress=False)
+    kwargs = dict(num_inference_steps=3, adapter_guidance_start=1.0, seed=11, output_type="latent")
+    torch.testing.assert_close(other("a cat", **kwargs).images, pipe("a cat", **kwargs).images, rtol=0, atol=0)

@@ -115,6 +115,38 @@ class XAdapterPipeline:
         return cls(sd15_c, sdxl_c, mapping, device=device, dtype=dtype, progress=progress)
 
     @classmethod
+    def from_diffusers(
+        cls,
+        sd15_pipeline: Any,
+        sdxl_pipeline: Any,
+        adapter: str | MappingLayers,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        progress: bool = True,
+    ) -> "XAdapterPipeline":
+        """From already loaded diffusers pipelines (StableDiffusionPipeline and
+        StableDiffusionXLPipeline, or anything with the same attributes); `adapter` is a
+        checkpoint path or a MappingLayers module. The modules are shared, not copied."""
+        sd15 = SD15Components(
+            unet=sd15_pipeline.unet, vae=sd15_pipeline.vae, text_encoder=sd15_pipeline.text_encoder,
+            tokenizer=sd15_pipeline.tokenizer, scheduler_config=dict(sd15_pipeline.scheduler.config),
+        )
+        sdxl = SDXLComponents(
+            unet=sdxl_pipeline.unet, vae=sdxl_pipeline.vae, text_encoder=sdxl_pipeline.text_encoder,
+            text_encoder_2=sdxl_pipeline.text_encoder_2, tokenizer=sdxl_pipeline.tokenizer,
+            tokenizer_2=sdxl_pipeline.tokenizer_2, scheduler_config=dict(sdxl_pipeline.scheduler.config),
+        )
+        if isinstance(adapter, MappingLayers):
+            mapping = adapter
+        else:
+            from ..loading import load_mapping
+
+            config = MappingConfig.from_unet_configs(sd15.unet.config, sdxl.unet.config)
+            mapping = load_mapping(adapter, config, dtype=dtype, device=device)
+        return cls(sd15, sdxl, mapping, device=device, dtype=dtype, progress=progress)
+
+    @classmethod
     def from_tiny(
         cls, seed: int = 0, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, progress: bool = True
     ) -> "XAdapterPipeline":
