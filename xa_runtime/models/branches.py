@@ -8,7 +8,8 @@ branch call the hooks are inert, so the wrapped UNet behaves exactly like the st
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Callable, Sequence
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -16,6 +17,8 @@ from torch import nn
 
 # Where X-Adapter reads and writes (xadapter.md, "Shapes").
 SD15_CAPTURE_BLOCKS = (1, 2, 3)  # up_blocks indices whose outputs are f0, f1, f2
+
+Injection = Callable[[torch.Tensor], torch.Tensor]  # SDXL hidden state -> hidden state + residual
 
 
 def inject_residual(
@@ -35,6 +38,10 @@ def inject_residual(
     if fusion_guidance_scale is None:
         return hidden + r
     return hidden + fusion_guidance_scale * (r - hidden)
+
+
+def _add(hidden: torch.Tensor, *, residual: torch.Tensor, scale: float, fusion: float | None) -> torch.Tensor:
+    return inject_residual(hidden, residual, scale, fusion)
 
 
 class SD15Branch(nn.Module):
@@ -81,7 +88,7 @@ class SDXLBranch(nn.Module):
 
     forward(sample, timestep, encoder_hidden_states, added_cond_kwargs, residuals=(r0, r1, r2),
     adapter_condition_scale=1.0, fusion_guidance_scale=None, **unet_kwargs) -> noise_pred.
-    residuals=None runs the stock UNet.
+    residuals=None (and no injections) runs the stock UNet.
     """
 
     def __init__(self, unet: UNet2DConditionModel):
@@ -89,9 +96,7 @@ class SDXLBranch(nn.Module):
         if len(unet.up_blocks) != 3 or unet.mid_block is None:
             raise ValueError("SDXL branch needs a UNet with a mid block and 3 up blocks")
         self.unet = unet
-        self._pending: tuple[torch.Tensor, ...] | None = None
-        self._scale = 1.0
-        self._fusion: float | None = None
+        self._pending: tuple[Injection, ...] | None = None
         # The mid-block residual goes in before a ControlNet mid residual would be added by
         # diffusers; the release adds it after. No SDXL ControlNet is ever active here.
         targets = (unet.mid_block, unet.up_blocks[0], unet.up_blocks[1])
@@ -101,7 +106,7 @@ class SDXLBranch(nn.Module):
         def hook(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor | None:
             if self._pending is None:
                 return None
-            return inject_residual(output, self._pending[index], self._scale, self._fusion)
+            return self._pending[index](output)
 
         return hook
 
@@ -111,15 +116,27 @@ class SDXLBranch(nn.Module):
         timestep: torch.Tensor | float,
         encoder_hidden_states: torch.Tensor,
         added_cond_kwargs: dict[str, torch.Tensor],
-        residuals: tuple[torch.Tensor, ...] | None = None,
+        residuals: Sequence[torch.Tensor] | None = None,
         adapter_condition_scale: float = 1.0,
         fusion_guidance_scale: float | None = None,
+        injections: Sequence[Injection] | None = None,
         **unet_kwargs: Any,
     ) -> torch.Tensor:
-        if residuals is not None and len(residuals) != 3:
-            raise ValueError(f"expected 3 residuals (r0, r1, r2), got {len(residuals)}")
-        self._pending = tuple(residuals) if residuals is not None else None
-        self._scale, self._fusion = adapter_condition_scale, fusion_guidance_scale
+        """`residuals` (r0, r1, r2) are injected with `inject_residual`; alternatively
+        `injections` gives one callable per site (hidden -> new hidden), which is how fused
+        kernels plug in. Neither: the stock UNet."""
+        if residuals is not None and injections is not None:
+            raise ValueError("pass residuals or injections, not both")
+        if residuals is not None:
+            if len(residuals) != 3:
+                raise ValueError(f"expected 3 residuals (r0, r1, r2), got {len(residuals)}")
+            injections = [
+                functools.partial(_add, residual=r, scale=adapter_condition_scale, fusion=fusion_guidance_scale)
+                for r in residuals
+            ]
+        if injections is not None and len(injections) != 3:
+            raise ValueError(f"expected 3 injections, got {len(injections)}")
+        self._pending = tuple(injections) if injections is not None else None
         try:
             return self.unet(
                 sample, timestep, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs, return_dict=False,

@@ -98,8 +98,13 @@ class MappingLayers(nn.Module):
             h = self.body[index * n + j](h, output_size if j == 0 else None)
         return h
 
-    def forward(self, f0: torch.Tensor, f1: torch.Tensor, f2: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def features(self, f0: torch.Tensor, f1: torch.Tensor, f2: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The three stages' outputs before their zero_out conv (what a fused
+        remap-inject kernel consumes)."""
         # The release sizes the stage-2 upsample as 4x f0's grid (= SDXL's latent grid).
         out_size = (f0.shape[-2] * 4, f0.shape[-1] * 4)
         sizes = (None, None, out_size)
-        return tuple(self.zero_out[i](self.stage(i, f, sizes[i])) for i, f in enumerate((f0, f1, f2)))
+        return tuple(self.stage(i, f, sizes[i]) for i, f in enumerate((f0, f1, f2)))
+
+    def forward(self, f0: torch.Tensor, f1: torch.Tensor, f2: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(conv(h) for conv, h in zip(self.zero_out, self.features(f0, f1, f2)))

@@ -9,6 +9,7 @@ own fresh scheduler. Finally SDXL VAE decode.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import random
 from dataclasses import dataclass, field
@@ -20,10 +21,11 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..models.branches import SD15Branch, SDXLBranch
+from ..models.branches import Injection, SD15Branch, SDXLBranch, inject_residual
 from ..models.components import SD15Components, SDXLComponents
 from ..models.mapping import MappingConfig, MappingLayers
 from ..plugins.base import PluginContext, SD15StepPlugin, StepInfo, merge_unet_kwargs
+from ..runtime.config import RuntimeConfig
 from ..runtime.timing import StageTimer
 from ..errors import ParameterError
 from .images import image_to_tensor
@@ -52,6 +54,12 @@ def _upcast_vae(vae: torch.nn.Module, dtype: torch.dtype) -> bool:
     return dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
 
 
+def _fused(hidden: torch.Tensor, *, x: torch.Tensor, conv: torch.nn.Conv2d, scale: float, fusion: float | None):
+    from ..kernels import remap_inject
+
+    return remap_inject(x, conv.weight, conv.bias, hidden, scale, fusion)
+
+
 class XAdapterPipeline:
     """SD1.5 plugins on SDXL through X-Adapter, in plain PyTorch (the reference backend).
 
@@ -69,8 +77,9 @@ class XAdapterPipeline:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         progress: bool = True,
+        runtime: RuntimeConfig = RuntimeConfig(),
     ):
-        self.device, self.dtype, self.progress = torch.device(device), dtype, progress
+        self.device, self.dtype, self.progress, self.runtime = torch.device(device), dtype, progress, runtime
         self.sd15, self.sdxl = sd15, sdxl
         mismatch = schedule_mismatch(sd15.scheduler_config, sdxl.scheduler_config)
         if mismatch:
@@ -279,11 +288,9 @@ class XAdapterPipeline:
             for i, t in enumerate(self._bar(schedxl.timesteps[-k:], "stage 2 (SD1.5 + SDXL)")):
                 eps15, feats = sd15("stage2", i, k, t, sched15.scale_model_input(self._cfg_batch(lat15, cfg), t))
                 lat15 = self._step(sched15, self._combine(eps15, p.guidance_scale, cfg), t, lat15, generator)
-                residuals = self.mapping(*self._fit_features(feats, shapexl[-2:]))
+                injections = self._injections(self._fit_features(feats, shapexl[-2:]), p)
                 epsxl = self.sdxl_branch(
-                    schedxl.scale_model_input(self._cfg_batch(latxl, cfg), t), t, embxl, xl_cond,
-                    residuals=residuals, adapter_condition_scale=p.adapter_condition_scale,
-                    fusion_guidance_scale=p.fusion_guidance_scale,
+                    schedxl.scale_model_input(self._cfg_batch(latxl, cfg), t), t, embxl, xl_cond, injections=injections
                 )
                 latxl = self._step(schedxl, self._combine(epsxl, p.guidance_scale, cfg), t, latxl, generator)
                 if step_callback:
@@ -328,6 +335,19 @@ class XAdapterPipeline:
                 s.set_begin_index((steps - k) * s.order)
             out.append(s)
         return out[0], out[1]
+
+    def _injections(self, feats: tuple[torch.Tensor, ...], p: GenerationParams) -> list[Injection]:
+        """One callable per SDXL injection site: mapping -> r -> h + acs*r (or the lerp), or
+        the fused Triton remap-inject on the stage outputs before their zero_out conv."""
+        acs, fusion = p.adapter_condition_scale, p.fusion_guidance_scale
+        if self.runtime.kernels_active(self.device):
+            pre = self.mapping.features(*feats)
+            return [
+                functools.partial(_fused, x=x, conv=conv, scale=acs, fusion=fusion)
+                for x, conv in zip(pre, self.mapping.zero_out)
+            ]
+        residuals = self.mapping(*feats)
+        return [functools.partial(inject_residual, residual=r, scale=acs, fusion_guidance_scale=fusion) for r in residuals]
 
     @staticmethod
     def _vae_sample(vae: torch.nn.Module, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -1,5 +1,6 @@
-"""Execution of the graphs: timing (per stage), and later backends, streams and buffers."""
+"""Execution of the graphs: runtime switches, timing per stage; later backends, streams, buffers."""
 
+from .config import RuntimeConfig
 from .timing import StageTimer
 
-__all__ = ["StageTimer"]
+__all__ = ["RuntimeConfig", "StageTimer"]

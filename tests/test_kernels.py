@@ -1,0 +1,91 @@
+"""Triton kernels against their torch references: on CPU under TRITON_INTERPRET=1, and
+compiled for real on a CUDA GPU (marked `gpu`, skipped without one)."""
+
+import pytest
+import torch
+
+# conftest.py sets TRITON_INTERPRET=1 on machines without CUDA, before triton is imported.
+pytest.importorskip("triton")
+
+from xa_runtime.kernels import remap_inject, remap_inject_reference, remap_inject_triton  # noqa: E402
+from xa_runtime.pipeline import XAdapterPipeline  # noqa: E402
+from xa_runtime.runtime import RuntimeConfig  # noqa: E402
+
+# Kernel vs the fp32 reference. The kernel accumulates in fp32 and rounds twice (residual,
+# then the sum), so low-precision errors are a few ulps of the result's magnitude.
+TOLERANCE = {
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.float16: dict(rtol=4e-3, atol=4e-3),
+    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+}
+SHAPES = [  # (B, C_in, C_out, H, W): tails in every dimension, and an exact multiple
+    (2, 40, 72, 5, 7),
+    (1, 64, 64, 8, 8),
+    (3, 17, 33, 3, 11),
+]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _inputs(shape, dtype, channels_last, device, seed=0):
+    b, cin, cout, h, w = shape
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, cin, h, w, generator=g)
+    weight = torch.randn(cout, cin, 1, 1, generator=g) / cin**0.5
+    bias = torch.randn(cout, generator=g)
+    hidden = torch.randn(b, cout, h, w, generator=g)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return [t.to(device=device, dtype=dtype).contiguous(memory_format=fmt) if t.dim() == 4 else t.to(device, dtype)
+            for t in (x, weight, bias, hidden)]
+
+
+@pytest.mark.parametrize("device", [pytest.param(d, marks=pytest.mark.gpu) if d == "cuda" else d for d in DEVICES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("fusion", [None, 0.3], ids=["add", "lerp"])
+@pytest.mark.parametrize("shape", SHAPES, ids=["x".join(map(str, s)) for s in SHAPES])
+def test_remap_inject_matches_reference(device, dtype, channels_last, fusion, shape):
+    x, weight, bias, hidden = _inputs(shape, dtype, channels_last, device)
+    want = remap_inject_reference(x.float(), weight.float(), bias.float(), hidden.float(), 1.3, fusion)
+    out = hidden.clone(memory_format=torch.preserve_format)
+    ptr = out.data_ptr()
+    got = remap_inject_triton(x, weight, bias, out, 1.3, fusion, block_m=32, block_n=16, block_k=16)
+    assert got.data_ptr() == ptr  # written in place
+    torch.testing.assert_close(got.float(), want, **TOLERANCE[dtype])
+
+
+def test_default_block_sizes_cover_tails():
+    x, weight, bias, hidden = _inputs((1, 70, 130, 9, 9), torch.float32, False, "cpu")
+    want = remap_inject_reference(x, weight, bias, hidden, 0.8)
+    torch.testing.assert_close(remap_inject_triton(x, weight, bias, hidden.clone(), 0.8), want, **TOLERANCE[torch.float32])
+
+
+def test_launcher_rejects_bad_arguments():
+    x, weight, bias, hidden = _inputs(SHAPES[0], torch.float32, False, "cpu")
+    with pytest.raises(ValueError, match="hidden"):
+        remap_inject_triton(x, weight, bias, hidden[:, :10], 1.0)
+    with pytest.raises(ValueError, match="dtype"):
+        remap_inject_triton(x.half(), weight, bias, hidden, 1.0)
+    with pytest.raises(ValueError, match="bias"):
+        remap_inject_triton(x, weight, bias[:3], hidden, 1.0)
+    with pytest.raises(ValueError, match="flatten"):
+        remap_inject_triton(x, weight, bias, hidden.transpose(2, 3).contiguous().transpose(2, 3), 1.0)
+
+
+def test_dispatch_falls_back_to_reference_without_triton_device(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x, weight, bias, hidden = _inputs(SHAPES[0], torch.float32, False, "cpu")
+    want = remap_inject_reference(x, weight, bias, hidden, 1.3, 0.3)
+    out = hidden.clone()
+    assert remap_inject(x, weight, bias, out, 1.3, 0.3) is out
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fusion", [None, 0.5])
+def test_pipeline_with_kernels_equals_without(tiny_models, fusion):
+    kwargs = dict(num_inference_steps=4, adapter_guidance_start=0.5, seed=2, output_type="latent",
+                  adapter_condition_scale=1.2, fusion_guidance_scale=fusion)
+    plain = XAdapterPipeline(*tiny_models, progress=False)("a cat", **kwargs).images
+    fused_pipe = XAdapterPipeline(*tiny_models, progress=False, runtime=RuntimeConfig(triton_kernels=True))
+    assert fused_pipe.runtime.kernels_active(fused_pipe.device)
+    fused = fused_pipe("a cat", **kwargs).images
+    torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
