@@ -80,12 +80,70 @@ def test_dispatch_falls_back_to_reference_without_triton_device(monkeypatch):
     torch.testing.assert_close(out, want, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("fusion", [None, 0.5])
-def test_pipeline_with_kernels_equals_without(tiny_models, fusion):
+@pytest.mark.parametrize("fusion, scheduler, guidance", [(None, "dpmpp-2m", 7.5), (0.5, "euler", 7.5), (None, "euler", 1.0)])
+def test_pipeline_with_kernels_equals_without(tiny_models, fusion, scheduler, guidance):
     kwargs = dict(num_inference_steps=4, adapter_guidance_start=0.5, seed=2, output_type="latent",
-                  adapter_condition_scale=1.2, fusion_guidance_scale=fusion)
+                  adapter_condition_scale=1.2, fusion_guidance_scale=fusion, scheduler=scheduler,
+                  guidance_scale=guidance)
     plain = XAdapterPipeline(*tiny_models, progress=False)("a cat", **kwargs).images
     fused_pipe = XAdapterPipeline(*tiny_models, progress=False, runtime=RuntimeConfig(triton_kernels=True))
     assert fused_pipe.runtime.kernels_active(fused_pipe.device)
     fused = fused_pipe("a cat", **kwargs).images
     torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- guided step (CFG + update)
+from xa_runtime.kernels.guided_step import (  # noqa: E402
+    GuidedSampler,
+    StepCoefficients,
+    guided_step_reference,
+    guided_step_triton,
+)
+from xa_runtime.models import get_preset  # noqa: E402
+from xa_runtime.pipeline.schedulers import make_scheduler  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("cfg", [True, False], ids=["cfg", "nocfg"])
+@pytest.mark.parametrize("with_prev", [True, False], ids=["order2", "order1"])
+def test_guided_step_kernel_matches_reference(dtype, cfg, with_prev):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 9, 7, generator=g).to(dtype)  # 504 elements: a tail for block 128
+    eps = torch.randn(4 if cfg else 2, 4, 9, 7, generator=g).to(dtype)
+    prev = torch.randn(2, 4, 9, 7, generator=g) if with_prev else None
+    k = StepCoefficients(sig=0.7, inv_alpha=1.3, a=0.9, b=0.2, p=-0.1 if with_prev else 0.0)
+    guidance = 6.0 if cfg else None
+    want_x, want_x0 = guided_step_reference(eps, x, prev, guidance, k)
+    got_x, got_x0 = guided_step_triton(eps, x, prev, guidance, k, block=128)
+    assert got_x.dtype == dtype and got_x0.dtype == torch.float32
+    torch.testing.assert_close(got_x0, want_x0, rtol=1e-6, atol=1e-6)  # same fp32 math
+    torch.testing.assert_close(got_x.float(), want_x.float(), **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("name", ["euler", "dpmpp-2m"])
+@pytest.mark.parametrize("steps, begin", [(10, 0), (20, 0), (20, 9), (30, 3)])
+@pytest.mark.parametrize("use_triton", [False, True], ids=["torch", "triton"])
+def test_guided_sampler_replays_diffusers_schedule(name, steps, begin, use_triton):
+    config = get_preset("sdxl").scheduler
+    ref, ours = make_scheduler(name, config), make_scheduler(name, config)
+    for s in (ref, ours):
+        s.set_timesteps(steps)
+        s.set_begin_index(begin)
+    fused = GuidedSampler(ours, use_triton=use_triton)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g) * ref.init_noise_sigma
+    y = x.clone()
+    for t in ref.timesteps[begin:]:
+        torch.testing.assert_close(fused.scale_model_input(y), ref.scale_model_input(x, t), rtol=1e-4, atol=1e-4)
+        eps = torch.randn(4, 4, 8, 8, generator=g)
+        u, c = eps.chunk(2)
+        x = ref.step(u + 5.0 * (c - u), t, x).prev_sample
+        y = fused.step(eps, y, 5.0)
+        torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-4)
+
+
+def test_guided_sampler_refuses_unsupported_configs():
+    config = get_preset("sdxl").scheduler
+    assert not GuidedSampler.supports(make_scheduler("ddim", config))
+    assert not GuidedSampler.supports(make_scheduler("dpmpp-2m", config, prediction_type="v_prediction"))
+    assert not GuidedSampler.supports(make_scheduler("dpmpp-2m", config, solver_order=3))

@@ -10,7 +10,6 @@ own fresh scheduler. Finally SDXL VAE decode.
 from __future__ import annotations
 
 import functools
-import inspect
 import random
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -30,7 +29,7 @@ from ..runtime.timing import StageTimer
 from ..errors import ParameterError
 from .images import image_to_tensor
 from .params import GenerationParams, SizeRules, validate
-from .schedulers import make_scheduler, schedule_mismatch
+from .schedulers import Sampler, make_scheduler, schedule_mismatch
 from .text import encode_sd15, encode_sdxl, sdxl_time_ids
 
 StepCallback = Callable[[str, int, int], None]  # (stage name, step index, steps in stage)
@@ -212,6 +211,7 @@ class XAdapterPipeline:
         timer = StageTimer(self.device)
         dev, dt = self.device, self.dtype
         cfg = p.guidance_scale > 1.0
+        guidance = p.guidance_scale if cfg else None
         prompts = p.prompts
         n_prompts, repeat = len(prompts), p.num_images_per_prompt
         batch = n_prompts * repeat
@@ -267,9 +267,10 @@ class XAdapterPipeline:
                     sched1.set_begin_index(start)
                 pixels = image_to_tensor(init_image, p.height_sd15, p.width_sd15, batch).to(dev, dt) * 2 - 1
                 lat15 = sched1.add_noise(self._vae_sample(self.sd15.vae, pixels, generator).to(dt), noise(shape15), steps1[:1].repeat(batch))
+            sampler1 = self._sampler(sched1, generator)
             for i, t in enumerate(self._bar(steps1, "stage 1 (SD1.5)")):
-                eps, _ = sd15("stage1", i, len(steps1), t, sched1.scale_model_input(self._cfg_batch(lat15, cfg), t))
-                lat15 = self._step(sched1, self._combine(eps, p.guidance_scale, cfg), t, lat15, generator)
+                eps, _ = sd15("stage1", i, len(steps1), t, sampler1.scale_model_input(self._cfg_batch(lat15, cfg), t))
+                lat15 = sampler1.step(eps, t, lat15, guidance)
                 if step_callback:
                     step_callback("stage1", i, len(steps1))
 
@@ -285,14 +286,15 @@ class XAdapterPipeline:
             lat15 = sched15.add_noise(lat15, noise(shape15), t0)
 
         with timer.stage("stage2"):
+            sampler15, samplerxl = self._sampler(sched15, generator), self._sampler(schedxl, generator)
             for i, t in enumerate(self._bar(schedxl.timesteps[-k:], "stage 2 (SD1.5 + SDXL)")):
-                eps15, feats = sd15("stage2", i, k, t, sched15.scale_model_input(self._cfg_batch(lat15, cfg), t))
-                lat15 = self._step(sched15, self._combine(eps15, p.guidance_scale, cfg), t, lat15, generator)
+                eps15, feats = sd15("stage2", i, k, t, sampler15.scale_model_input(self._cfg_batch(lat15, cfg), t))
+                lat15 = sampler15.step(eps15, t, lat15, guidance)
                 injections = self._injections(self._fit_features(feats, shapexl[-2:]), p)
                 epsxl = self.sdxl_branch(
-                    schedxl.scale_model_input(self._cfg_batch(latxl, cfg), t), t, embxl, xl_cond, injections=injections
+                    samplerxl.scale_model_input(self._cfg_batch(latxl, cfg), t), t, embxl, xl_cond, injections=injections
                 )
-                latxl = self._step(schedxl, self._combine(epsxl, p.guidance_scale, cfg), t, latxl, generator)
+                latxl = samplerxl.step(epsxl, t, latxl, guidance)
                 if step_callback:
                     step_callback("stage2", i, k)
 
@@ -308,17 +310,10 @@ class XAdapterPipeline:
     def _cfg_batch(latents: torch.Tensor, cfg: bool) -> torch.Tensor:
         return torch.cat([latents, latents]) if cfg else latents
 
-    @staticmethod
-    def _combine(eps: torch.Tensor, scale: float, cfg: bool) -> torch.Tensor:
-        if not cfg:
-            return eps
-        uncond, cond = eps.chunk(2)
-        return uncond + scale * (cond - uncond)
-
-    @staticmethod
-    def _step(scheduler: Any, eps: torch.Tensor, t: torch.Tensor, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
-        return scheduler.step(eps, t, latents, return_dict=False, **kwargs)[0]
+    def _sampler(self, scheduler: Any, generator: torch.Generator) -> Sampler:
+        """A prepared scheduler, stepped by the fused CFG + update kernel when it is on."""
+        fused = self.runtime.kernels_active(self.device)
+        return Sampler(scheduler, generator, fused=fused, use_triton=fused)
 
     def _stage2_schedulers(self, name: str, steps: int, k: int) -> tuple[Any, Any]:
         """Fresh stage-2 schedulers for SD1.5 and SDXL on SDXL's schedule, starting at index N - k.
