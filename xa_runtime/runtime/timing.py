@@ -39,3 +39,29 @@ class StageTimer:
     @property
     def total(self) -> float:
         return sum(self.seconds.values())
+
+
+def time_callable(fn, device: torch.device | str, warmup: int = 10, iters: int = 100) -> list[float]:
+    """Seconds per call of `fn()`, `iters` samples after `warmup` calls.
+
+    CUDA: each sample is bracketed by CUDA events (no host sync inside the timed region);
+    CPU: perf_counter around each call."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    samples = []
+    if device.type == "cuda":
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(device)
+        samples = [start.elapsed_time(end) / 1e3 for start, end in events]
+    else:
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t0)
+    return samples

@@ -1,0 +1,103 @@
+"""Each Triton kernel against the torch ops it replaces, at the full-size shapes.
+
+SDXL 1024 px, batch 2 (CFG rows): the three zero_out + inject sites, and the CFG +
+sampler update on 1 x 4 x 128 x 128 latents. Reports the median of many runs, achieved
+bandwidth and TFLOP/s, and shares of the peaks measured in the same run (a large matrix
+product for compute, a large device copy for bandwidth). Needs a CUDA GPU.
+
+    python benchmarks/bench_kernels.py --output benchmarks/results/kernels-<gpu>-<date>.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+
+import torch
+
+from xa_runtime.kernels import remap_inject_reference, remap_inject_triton
+from xa_runtime.kernels.guided_step import StepCoefficients, guided_step_reference, guided_step_triton
+from xa_runtime.runtime.timing import time_callable
+
+SITES = [  # (name, C, H, W): zero_out.k input/output channels and grid at SDXL 1024 px
+    ("r0 mid", 1280, 32, 32),
+    ("r1 up0", 1280, 64, 64),
+    ("r2 up1", 640, 128, 128),
+]
+
+
+def peaks(dtype: torch.dtype, iters: int) -> dict[str, float]:
+    a = torch.randn(8192, 8192, device="cuda", dtype=dtype)
+    mm = statistics.median(time_callable(lambda: a @ a, "cuda", 5, iters))
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    cp = statistics.median(time_callable(lambda: dst.copy_(src), "cuda", 5, iters))
+    return {"tflops": 2 * 8192**3 / mm / 1e12, "gbps": 2 * src.numel() / cp / 1e9}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--output", default=None, help="JSON file to write")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("error: bench_kernels needs a CUDA GPU (the kernels run compiled there)", file=sys.stderr)
+        return 2
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    elt = torch.finfo(dtype).bits // 8
+    peak = peaks(dtype, 20)
+    rows = []
+    for layout in ("nchw", "nhwc"):
+        fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+        for name, c, h, w in SITES:
+            x = torch.randn(args.batch, c, h, w, device="cuda", dtype=dtype).contiguous(memory_format=fmt)
+            weight = (torch.randn(c, c, 1, 1, device="cuda", dtype=dtype) / c**0.5).contiguous(memory_format=fmt)
+            bias = torch.randn(c, device="cuda", dtype=dtype)
+            hidden = torch.randn(args.batch, c, h, w, device="cuda", dtype=dtype).contiguous(memory_format=fmt)
+            torch_s = statistics.median(time_callable(lambda: remap_inject_reference(x, weight, bias, hidden, 1.0), "cuda", 10, args.iters))
+            triton_s = statistics.median(time_callable(lambda: remap_inject_triton(x, weight, bias, hidden, 1.0), "cuda", 10, args.iters))
+            flops = 2 * args.batch * c * c * h * w
+            bytes_ = elt * (args.batch * c * h * w * 3 + c * c)  # x read, hidden read + write, W
+            rows.append({
+                "kernel": "remap_inject", "site": name, "layout": layout, "torch_ms": torch_s * 1e3,
+                "triton_ms": triton_s * 1e3, "speedup": torch_s / triton_s,
+                "triton_tflops": flops / triton_s / 1e12, "triton_gbps": bytes_ / triton_s / 1e9,
+                "share_of_peak_compute": flops / triton_s / 1e12 / peak["tflops"],
+                "share_of_peak_bandwidth": bytes_ / triton_s / 1e9 / peak["gbps"],
+            })
+    latents = torch.randn(1, 4, 128, 128, device="cuda", dtype=dtype)
+    eps = torch.randn(2, 4, 128, 128, device="cuda", dtype=dtype)
+    prev = torch.randn(1, 4, 128, 128, device="cuda")
+    k = StepCoefficients(sig=0.5, inv_alpha=1.1, a=0.9, b=0.1, p=0.05)
+    torch_s = statistics.median(time_callable(lambda: guided_step_reference(eps, latents, prev, 7.5, k), "cuda", 10, args.iters))
+    triton_s = statistics.median(time_callable(lambda: guided_step_triton(eps, latents, prev, 7.5, k), "cuda", 10, args.iters))
+    bytes_ = latents.numel() * (elt * 4 + 4 * 2)  # eps (2x), x, out; prev and x0 in fp32
+    rows.append({"kernel": "guided_step", "site": "dpmpp-2m order 2", "layout": "nchw", "torch_ms": torch_s * 1e3,
+                 "triton_ms": triton_s * 1e3, "speedup": torch_s / triton_s, "triton_gbps": bytes_ / triton_s / 1e9,
+                 "share_of_peak_bandwidth": bytes_ / triton_s / 1e9 / peak["gbps"]})
+
+    print(f"{'kernel':<13} {'site':<17} {'layout':<6} {'torch ms':>9} {'triton ms':>9} {'x':>6} {'TFLOP/s':>8} {'GB/s':>8}")
+    for r in rows:
+        print(f"{r['kernel']:<13} {r['site']:<17} {r['layout']:<6} {r['torch_ms']:9.4f} {r['triton_ms']:9.4f} "
+              f"{r['speedup']:6.2f} {r.get('triton_tflops', 0):8.1f} {r['triton_gbps']:8.1f}")
+    print(f"measured peaks: {peak['tflops']:.0f} TFLOP/s ({args.dtype} matmul), {peak['gbps']:.0f} GB/s (copy)")
+    result = {
+        "benchmark": "kernels", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
+        "command": " ".join(sys.argv), "dtype": args.dtype, "batch": args.batch, "iters": args.iters,
+        "peaks": peak, "rows": rows,
+    }
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
