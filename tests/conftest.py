@@ -1,0 +1,26 @@
+"""Session fixtures: the tiny random models, in memory and saved in every on-disk format."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run on the CPU interpreter here. Set before anything imports triton
+    # (diffusers may), since triton.jit picks interpreter mode at decoration time.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from xa_runtime.models.tiny import build_tiny_models, save_tiny_models  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    """(SD15Components, SDXLComponents, MappingLayers) of build_tiny_models(0)."""
+    return build_tiny_models(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_paths(tmp_path_factory):
+    """TinyModelPaths of save_tiny_models(seed 0): diffusers folders, single files, VAE, adapter."""
+    return save_tiny_models(tmp_path_factory.mktemp("tiny"))

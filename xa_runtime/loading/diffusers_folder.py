@@ -1,0 +1,84 @@
+"""SD1.5 / SDXL from a local diffusers folder, one component at a time from its subfolder
+(the safety checker and feature extractor of official SD1.5 folders are not needed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, PreTrainedModel
+
+from ..errors import CheckpointError
+from ..models.components import SD15Components, SDXLComponents
+
+
+def _check_loading_info(info: dict[str, Any], what: str) -> None:
+    # Both libraries fill missing weights with random values and only log it; a model with
+    # random layers must not pass silently.
+    missing = list(info.get("missing_keys") or [])
+    mismatched = [str(m) for m in info.get("mismatched_keys") or []]
+    if missing or mismatched:
+        raise CheckpointError(
+            f"{what} does not match its config: missing keys {missing[:20]}, shape mismatches {mismatched[:20]}"
+        )
+
+
+def load_pretrained(
+    cls: Any, folder: Path, subfolder: str | None, dtype: torch.dtype, device: str | torch.device
+) -> Any:
+    """One diffusers/transformers model from `folder`/`subfolder`, local files only, checked
+    for missing weights; eval mode, no gradients, on `device` in `dtype`."""
+    what = f"{cls.__name__} in {folder / (subfolder or '')}"
+    kwargs: dict[str, Any] = {"local_files_only": True, "output_loading_info": True}
+    if subfolder:
+        kwargs["subfolder"] = subfolder
+    # transformers 5 calls the argument dtype, diffusers still torch_dtype.
+    kwargs["dtype" if issubclass(cls, PreTrainedModel) else "torch_dtype"] = dtype
+    try:
+        model, info = cls.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"cannot load {what}: {e}") from e
+    _check_loading_info(info, what)
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def _tokenizer(folder: Path, subfolder: str) -> CLIPTokenizer:
+    try:
+        return CLIPTokenizer.from_pretrained(folder, subfolder=subfolder, local_files_only=True)
+    except (OSError, ValueError, TypeError) as e:
+        raise CheckpointError(f"cannot load the tokenizer in {folder / subfolder}: {e}") from e
+
+
+def _scheduler_config(folder: Path) -> dict[str, Any]:
+    path = folder / "scheduler" / "scheduler_config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from e
+
+
+def load_sd15_folder(folder: Path, *, dtype: torch.dtype, device: str | torch.device) -> SD15Components:
+    """SD1.5 components from a diffusers folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
+    return SD15Components(
+        unet=load_pretrained(UNet2DConditionModel, folder, "unet", dtype, device),
+        vae=load_pretrained(AutoencoderKL, folder, "vae", dtype, device),
+        text_encoder=load_pretrained(CLIPTextModel, folder, "text_encoder", dtype, device),
+        tokenizer=_tokenizer(folder, "tokenizer"),
+        scheduler_config=_scheduler_config(folder),
+    )
+
+
+def load_sdxl_folder(folder: Path, *, dtype: torch.dtype, device: str | torch.device) -> SDXLComponents:
+    """SDXL components from a diffusers folder (adds text_encoder_2/ and tokenizer_2/)."""
+    return SDXLComponents(
+        unet=load_pretrained(UNet2DConditionModel, folder, "unet", dtype, device),
+        vae=load_pretrained(AutoencoderKL, folder, "vae", dtype, device),
+        text_encoder=load_pretrained(CLIPTextModel, folder, "text_encoder", dtype, device),
+        text_encoder_2=load_pretrained(CLIPTextModelWithProjection, folder, "text_encoder_2", dtype, device),
+        tokenizer=_tokenizer(folder, "tokenizer"),
+        tokenizer_2=_tokenizer(folder, "tokenizer_2"),
+        scheduler_config=_scheduler_config(folder),
+    )
