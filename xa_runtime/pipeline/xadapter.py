@@ -116,6 +116,9 @@ class XAdapterPipeline:
 
         check_model_path(sd15, "sd15", "sd15")
         check_model_path(sdxl, "sdxl", "sdxl")
+        check_model_path(adapter, "adapter", "adapter")
+        if sdxl_vae is not None:
+            check_model_path(sdxl_vae, "vae", "sdxl_vae")
         sd15_c = load_sd15(sd15, dtype=dtype, device=device)
         sdxl_c = load_sdxl(sdxl, dtype=dtype, device=device, vae_path=sdxl_vae)
         config = MappingConfig.from_unet_configs(sd15_c.unet.config, sdxl_c.unet.config)
@@ -205,6 +208,13 @@ class XAdapterPipeline:
         p = validate(params, self.size_rules)
         if init_image is None and p.strength != 1.0:
             raise ParameterError("strength", p.strength, "1.0 unless an init image is given")
+        if getattr(self.sd15.unet.config, "encoder_hid_dim_type", None) == "ip_image_proj" and not any(
+            type(pl).__name__ == "IPAdapterPlugin" for pl in plugins
+        ):
+            raise ParameterError(
+                "plugins", [getattr(pl, "name", type(pl).__name__) for pl in plugins],
+                "an IPAdapterPlugin (an IP-Adapter is installed on the SD1.5 UNet: give an image, or unload it)",
+            )
         if p.seed is None:
             p.seed = random.SystemRandom().randrange(2**63)
         generator = torch.Generator("cpu").manual_seed(p.seed)
