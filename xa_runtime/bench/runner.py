@@ -1,0 +1,124 @@
+"""Latency runs of the pipeline in several variants, interleaved, with per-stage medians,
+FLOP-based efficiency and the device's measured peak (a large matmul in the same run)."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import torch
+
+from ..pipeline import GenerationParams, XAdapterPipeline
+from ..runtime import RuntimeConfig
+from ..runtime.timing import synchronize, time_callable
+from .flops import workload_flops
+
+# Variants that exist now; the others are named so that asking for them says where they come from.
+VARIANTS: dict[str, RuntimeConfig] = {
+    "eager": RuntimeConfig(),
+    "kernels": RuntimeConfig(triton_kernels=True),
+}
+PLANNED = {"compiled": "issue 7 (lean GPU runtime)", "onnxruntime": "issue 4 (export)", "tensorrt": "issue 5 (engines)"}
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The standard workload of xadapter.md by default (sizes None: the models' defaults)."""
+
+    steps: int = 30
+    adapter_guidance_start: float = 0.9
+    guidance_scale: float = 7.5
+    batch: int = 1
+    height: int | None = None
+    width: int | None = None
+    height_sd15: int | None = None
+    width_sd15: int | None = None
+    scheduler: str = "dpmpp-2m"
+
+    def params(self, seed: int) -> GenerationParams:
+        return GenerationParams(
+            prompt="a photo of a cat", num_inference_steps=self.steps, guidance_scale=self.guidance_scale,
+            adapter_guidance_start=self.adapter_guidance_start, num_images_per_prompt=self.batch, height=self.height,
+            width=self.width, height_sd15=self.height_sd15, width_sd15=self.width_sd15, scheduler=self.scheduler,
+            seed=seed, output_type="np",  # the whole job, VAE decode included
+        )
+
+
+def summarize(samples: list[float]) -> dict[str, float]:
+    """median, p90, p99, min, max, mean of seconds (nearest-rank percentiles)."""
+    s = sorted(samples)
+
+    def pct(q: float) -> float:
+        return s[min(len(s) - 1, max(0, round(q * len(s) + 0.5) - 1))]
+
+    return {"median": statistics.median(s), "p90": pct(0.9), "p99": pct(0.99), "min": s[0], "max": s[-1],
+            "mean": statistics.fmean(s), "n": len(s)}
+
+
+def peak_tflops(device: torch.device, dtype: torch.dtype, n: int = 4096, iters: int = 20) -> float:
+    """Dense matmul throughput measured now on this device (TFLOP/s)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    seconds = statistics.median(time_callable(lambda: a @ a, device, warmup=3, iters=iters))
+    return 2 * n**3 / seconds / 1e12
+
+
+def run_latency(
+    pipes: dict[str, XAdapterPipeline], workload: Workload, warmup: int, runs: int,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Warm-up each variant, then `runs` rounds visiting the variants in turn (so drift
+    hits all alike). Returns per-variant totals and per-stage summaries, and ratios to the
+    first variant."""
+    names = list(pipes)
+    for name in names:
+        for i in range(warmup):
+            pipes[name].generate(workload.params(seed=i))
+    totals: dict[str, list[float]] = {n: [] for n in names}
+    stages: dict[str, dict[str, list[float]]] = {n: {} for n in names}
+    for r in range(runs):
+        for name in names:
+            out = pipes[name].generate(workload.params(seed=1000 + r))
+            synchronize(pipes[name].device)
+            totals[name].append(sum(out.timings.values()))
+            for stage, sec in out.timings.items():
+                stages[name].setdefault(stage, []).append(sec)
+        if progress:
+            progress(f"round {r + 1}/{runs}")
+    first = statistics.median(totals[names[0]])
+    result = {}
+    for name in names:
+        med = statistics.median(totals[name])
+        result[name] = {
+            "total": summarize(totals[name]),
+            "stages": {k: summarize(v) for k, v in stages[name].items()},
+            "ratio_to_first": med / first,
+            "raw_seconds": totals[name],
+        }
+    return result
+
+
+def efficiency(pipe: XAdapterPipeline, workload: Workload, seconds: dict[str, float], peak: float | None) -> dict[str, Any]:
+    """Model FLOPs of the workload and achieved TFLOP/s per stage (and share of `peak`)."""
+    p = workload.params(seed=0)
+    from ..pipeline.params import validate
+
+    p = validate(p, pipe.size_rules)
+    f15 = 2 ** (len(pipe.sd15.vae.config.block_out_channels) - 1)
+    fxl = 2 ** (len(pipe.sdxl.vae.config.block_out_channels) - 1)
+    flops = workload_flops(
+        pipe.sd15.unet.config, pipe.sdxl.unet.config, batch=workload.batch, cfg=workload.guidance_scale > 1,
+        steps=workload.steps, stage2_steps=p.stage2_steps,
+        sd15_latent=(p.height_sd15 // f15, p.width_sd15 // f15), sdxl_latent=(p.height // fxl, p.width // fxl),
+    )
+    out: dict[str, Any] = {"flops": flops.as_dict(), "peak_tflops": peak}
+    for stage, count in (("stage1", flops.stage1), ("stage2", flops.stage2)):
+        if stage in seconds and seconds[stage] > 0:
+            achieved = count / seconds[stage] / 1e12
+            out[f"{stage}_tflops"] = achieved
+            out[f"{stage}_share_of_peak"] = achieved / peak if peak else None
+    return out
+
+
+def workload_dict(w: Workload) -> dict[str, Any]:
+    return asdict(w)
