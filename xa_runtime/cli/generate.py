@@ -1,0 +1,401 @@
+"""`xa-generate`: one X-Adapter generation from the command line.
+
+Every input is checked before any model is loaded (parameters, output path, model paths,
+device); a bad one exits with code 2 and a one-line `error:` naming the flag, and
+writes nothing. Without --sd15/--sdxl/--adapter it runs the built-in tiny random models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.metadata
+import logging
+import os
+import platform
+import re
+import sys
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import xa_runtime
+
+from ..errors import CheckpointError, ParameterError
+from ..models.presets import get_preset
+from ..pipeline.params import MAX_SEED, GenerationParams, SizeRules, validate
+from ..pipeline.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
+from .output_files import write_outputs
+
+PROG = "xa-generate"
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+MODEL_FLAGS = ("--sd15", "--sdxl", "--adapter")
+# GenerationParams field -> the flag that sets it, so errors name what the user typed.
+FLAGS = {
+    "prompt": "--prompt",
+    "prompt_sd15": "--prompt-sd15",
+    "negative_prompt": "--negative-prompt",
+    "num_inference_steps": "--steps",
+    "guidance_scale": "--guidance-scale",
+    "adapter_guidance_start": "--adapter-guidance-start",
+    "adapter_condition_scale": "--adapter-condition-scale",
+    "fusion_guidance_scale": "--fusion-guidance-scale",
+    "height": "--height",
+    "width": "--width",
+    "height_sd15": "--height-sd15",
+    "width_sd15": "--width-sd15",
+    "scheduler": "--scheduler",
+    "seed": "--seed",
+    "num_images_per_prompt": "--batch",
+}
+# Versions recorded with every output.
+VERSIONED = ("torch", "diffusers", "transformers", "safetensors", "numpy", "pillow")
+
+EPILOG = """\
+Without --sd15, --sdxl and --adapter the built-in tiny random models run (offline, CPU,
+seconds): a smoke run whose images are noise-like. Give all three for real weights:
+diffusers folders or single .safetensors files for SD1.5 and SDXL, and the X-Adapter
+checkpoint (X_Adapter_v1.bin or a .safetensors copy). Nothing is ever fetched from a hub.
+
+Outputs: with several images (--batch > 1 or several --prompt) the files are out.png,
+out-1.png, out-2.png, ... in prompt-major order; each PNG carries its parameters as JSON
+in a text chunk "parameters", and out.json (one per run) records every parameter, the
+resolved seed and sizes, model paths, versions, device, dtype and seconds per stage.
+"""
+
+
+class UsageError(Exception):
+    """A bad command line; the message names the flag."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line instead of argparse's usage dump
+        raise UsageError(f"{message} (see {PROG} --help)")
+
+
+def _seed(text: str) -> int | None:
+    if text == "random":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid seed {text!r}: an integer or 'random'") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = GenerationParams(prompt="")
+    ap = _Parser(
+        prog=PROG,
+        description="Generate images with X-Adapter: an SD1.5 branch guiding SDXL through mapping layers.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    models = ap.add_argument_group("models (all three, or none for the built-in tiny models)")
+    models.add_argument("--sd15", metavar="PATH", help="SD1.5 diffusers folder or single .safetensors file")
+    models.add_argument("--sdxl", metavar="PATH", help="SDXL base diffusers folder or single .safetensors file")
+    models.add_argument("--adapter", metavar="PATH", help="X-Adapter checkpoint (X_Adapter_v1.bin or .safetensors)")
+    models.add_argument("--sdxl-vae", metavar="PATH", help="replacement SDXL VAE (e.g. the fp16-fix VAE): folder or file")
+    models.add_argument("--tiny-seed", type=int, metavar="N", help="seed of the built-in tiny random models (default 0)")
+
+    gen = ap.add_argument_group("generation")
+    gen.add_argument("--prompt", action="append", required=True, metavar="TEXT",
+                     help="prompt of the SDXL branch (repeat the flag for several prompts)")
+    gen.add_argument("--prompt-sd15", action="append", metavar="TEXT",
+                     help="prompt of the SD1.5 branch (default: --prompt); one per --prompt")
+    gen.add_argument("--negative-prompt", action="append", metavar="TEXT",
+                     help="negative prompt of both branches; one per --prompt")
+    gen.add_argument("--steps", type=int, default=defaults.num_inference_steps, metavar="N",
+                     help="denoising steps N, 1..1000 (default %(default)s)")
+    gen.add_argument("--guidance-scale", type=float, default=defaults.guidance_scale, metavar="F",
+                     help="classifier-free guidance of both branches, 0..100; <= 1 turns CFG off (default %(default)s)")
+    gen.add_argument("--adapter-guidance-start", type=float, default=defaults.adapter_guidance_start, metavar="F",
+                     help="fraction of the steps run with the adapter, (0, 1], int(N * F) >= 1 (default %(default)s)")
+    gen.add_argument("--adapter-condition-scale", type=float, default=defaults.adapter_condition_scale, metavar="F",
+                     help="scale of the mapped residuals, 0..10 (default %(default)s)")
+    gen.add_argument("--fusion-guidance-scale", type=float, default=None, metavar="F",
+                     help="inject as a lerp h + F * (r - h), 0..1 (default: plain add h + r)")
+    gen.add_argument("--height", type=int, metavar="PX", help="SDXL image height, multiple of 32 (default: model's, 1024)")
+    gen.add_argument("--width", type=int, metavar="PX", help="SDXL image width, multiple of 32 (default: model's, 1024)")
+    gen.add_argument("--height-sd15", type=int, metavar="PX", help="SD1.5 height, multiple of 64 (default: model's, 512)")
+    gen.add_argument("--width-sd15", type=int, metavar="PX", help="SD1.5 width, multiple of 64 (default: model's, 512)")
+    gen.add_argument("--scheduler", choices=list(SCHEDULERS), default=DEFAULT_SCHEDULER,
+                     help="sampler of both branches (default %(default)s)")
+    gen.add_argument("--seed", type=_seed, default=0, metavar="N",
+                     help=f"0..{MAX_SEED}, or 'random' (recorded in the outputs) (default %(default)s)")
+    gen.add_argument("--batch", type=int, default=defaults.num_images_per_prompt, metavar="B",
+                     help="images per prompt, 1..64 in all (default %(default)s)")
+
+    run = ap.add_argument_group("run")
+    run.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="(default %(default)s)")
+    run.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="(default %(default)s)")
+    run.add_argument("--output", required=True, metavar="OUT.png",
+                     help="PNG to write (+ OUT-1.png ... for several images, OUT.json sidecar)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    run.add_argument("--version", action="version", version=f"%(prog)s {xa_runtime.__version__}")
+    return ap
+
+
+def _one_or_list(values: list[str] | None) -> str | list[str] | None:
+    return values[0] if values and len(values) == 1 else values
+
+
+def params_from_args(args: argparse.Namespace) -> GenerationParams:
+    return GenerationParams(
+        prompt=_one_or_list(args.prompt),  # type: ignore[arg-type]
+        prompt_sd15=_one_or_list(args.prompt_sd15),
+        negative_prompt=_one_or_list(args.negative_prompt),
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        adapter_guidance_start=args.adapter_guidance_start,
+        adapter_condition_scale=args.adapter_condition_scale,
+        fusion_guidance_scale=args.fusion_guidance_scale,
+        height=args.height,
+        width=args.width,
+        height_sd15=args.height_sd15,
+        width_sd15=args.width_sd15,
+        scheduler=args.scheduler,
+        seed=args.seed,
+        num_images_per_prompt=args.batch,
+    )
+
+
+def _flag(name: str) -> str:
+    return name if name.startswith("-") else FLAGS.get(name, name)
+
+
+def _with_flags(text: str) -> str:
+    # Accepted-range texts mention other parameters by field name (e.g. num_inference_steps).
+    names = [n for n in FLAGS if "_" in n]
+    return re.sub(r"\b(" + "|".join(sorted(names, key=len, reverse=True)) + r")\b", lambda m: FLAGS[m.group(1)], text)
+
+
+def describe(error: ParameterError) -> str:
+    """One line naming the flag, the value and what is accepted."""
+    return f"invalid {_flag(error.name)} {error.value!r}: expected {_with_flags(error.accepted)}"
+
+
+def uses_tiny_models(args: argparse.Namespace) -> bool:
+    """True without model paths; UsageError when only some of the three are given."""
+    given = {flag: getattr(args, flag[2:]) for flag in MODEL_FLAGS}
+    if all(value is None for value in given.values()):
+        if args.sdxl_vae is not None:
+            raise UsageError("--sdxl-vae needs --sd15, --sdxl and --adapter (the tiny models bring their own VAE)")
+        return True
+    missing = [flag for flag, value in given.items() if value is None]
+    if missing:
+        raise UsageError(
+            f"{' and '.join(missing)} missing: give all of --sd15, --sdxl and --adapter (real weights), "
+            "or none of them (the built-in tiny models)"
+        )
+    if args.tiny_seed is not None:
+        raise UsageError("--tiny-seed only applies to the built-in tiny models (no --sd15/--sdxl/--adapter)")
+    return False
+
+
+def size_rules(tiny: bool) -> SizeRules:
+    if not tiny:
+        return SizeRules()
+    return SizeRules(sd15_default=get_preset("tiny-sd15").default_size, sdxl_default=get_preset("tiny-sdxl").default_size)
+
+
+def check_output(output: str) -> Path:
+    path = Path(output)
+    if path.suffix.lower() != ".png":
+        raise ParameterError("--output", output, "a file name ending in .png")
+    folder = path.parent
+    if not folder.is_dir():
+        raise ParameterError("--output", output, f"a .png path in an existing folder; {str(folder)!r} is not a folder")
+    if path.is_dir():
+        raise ParameterError("--output", output, "a .png file path; this is a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ParameterError("--output", output, f"a .png path in a writable folder; {str(folder)!r} is not writable")
+    return path
+
+
+def check_models(args: argparse.Namespace) -> None:
+    from ..loading import check_model_path
+
+    check_model_path(args.sd15, "sd15", "--sd15")
+    check_model_path(args.sdxl, "sdxl", "--sdxl")
+    check_model_path(args.adapter, "adapter", "--adapter")
+    if args.sdxl_vae is not None:
+        check_model_path(args.sdxl_vae, "vae", "--sdxl-vae")
+
+
+def check_device(device: str) -> None:
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        why = "this torch is a CPU build" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ParameterError("--device", device, f"cpu here: CUDA is not available ({why}, torch {torch.__version__})")
+
+
+def _blame(error: Exception, args: argparse.Namespace) -> str:
+    """Prefix a loading error with the flag whose path it mentions (the longest match)."""
+    text = str(error)
+    paths = {flag: getattr(args, flag[2:].replace("-", "_")) for flag in (*MODEL_FLAGS, "--sdxl-vae")}
+    hits = {flag: len(str(p)) for flag, p in paths.items() if p and str(p) in text}
+    if not hits:
+        return text
+    longest = max(hits.values())
+    return f"{'/'.join(f for f, n in hits.items() if n == longest)}: {text}"
+
+
+def versions() -> dict[str, str]:
+    found = {"xa_runtime": xa_runtime.__version__, "python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:  # Linux: the CPU model; elsewhere (or unreadable) the architecture
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def _warning_line(message: Warning | str, *args: Any, **kwargs: Any) -> None:
+    # Library warnings (e.g. a prompt cut at the token limit) as one `warning: ...` line.
+    print(f"warning: {message}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _library_output(progress: bool) -> Iterator[None]:
+    """Library warnings as `warning:` lines; without progress, the loaders' bars off too
+    (restored afterwards, so that main() can be called in-process)."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    bars = [(m, m.is_progress_bar_enabled()) for m in (diffusers_logging, transformers_logging)]
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
+    try:
+        with warnings.catch_warnings():  # restores showwarning on exit
+            warnings.simplefilter("default", UserWarning)
+            warnings.showwarning = _warning_line
+            if not progress:
+                for module, _ in bars:
+                    module.disable_progress_bar()
+            yield
+    finally:
+        for module, enabled in bars:
+            if enabled:
+                module.enable_progress_bar()
+            else:
+                module.disable_progress_bar()
+
+
+def check_inputs(args: argparse.Namespace) -> tuple[bool, GenerationParams, Path]:
+    """Everything that can be checked without loading a model, cheapest first:
+    (tiny models?, parameters with sizes left as given, output path)."""
+    tiny = uses_tiny_models(args)
+    if args.tiny_seed is not None and args.tiny_seed < 0:
+        raise ParameterError("--tiny-seed", args.tiny_seed, "an integer >= 0")
+    params = params_from_args(args)
+    # A check only: sizes left unset resolve to the loaded models' own defaults in generate.
+    validate(params, size_rules(tiny))
+    output = check_output(args.output)
+    if not tiny:
+        check_models(args)
+    check_device(args.device)
+    return tiny, params, output
+
+
+def load_pipeline(args: argparse.Namespace, tiny: bool) -> Any:
+    import torch
+
+    from ..pipeline import XAdapterPipeline
+
+    dtype = getattr(torch, DTYPES[args.dtype])
+    progress = not args.no_progress
+    if tiny:
+        print(f"{PROG}: tiny random model: the image is noise-like (built-in random weights, seed "
+              f"{args.tiny_seed or 0}; give --sd15, --sdxl and --adapter for real weights)", file=sys.stderr)
+        return XAdapterPipeline.from_tiny(args.tiny_seed or 0, device=args.device, dtype=dtype, progress=progress)
+    return XAdapterPipeline.from_pretrained(
+        args.sd15, args.sdxl, args.adapter, sdxl_vae=args.sdxl_vae, device=args.device, dtype=dtype, progress=progress
+    )
+
+
+def records(args: argparse.Namespace, tiny: bool, result: Any, seconds: dict[str, float], command: list[str]):
+    """(the sidecar's record, one PNG text record per image)."""
+    p = result.params  # resolved: sizes and the seed as used
+    parameters = {k: v for k, v in p.to_dict().items() if k not in ("extra", "output_type")}
+    models = (
+        {"kind": "tiny", "tiny_seed": args.tiny_seed or 0}
+        if tiny
+        else {"kind": "pretrained", "sd15": args.sd15, "sdxl": args.sdxl, "adapter": args.adapter, "sdxl_vae": args.sdxl_vae}
+    )
+    run = {"device": args.device, "device_name": device_name(args.device), "dtype": args.dtype}
+    record = {
+        "parameters": parameters,
+        "models": models,
+        **run,
+        "versions": versions(),
+        "timings": dict(result.timings),
+        **seconds,
+        "command": command,
+    }
+    per_image = [
+        {**parameters, "image_index": i, "prompt_index": i // p.num_images_per_prompt, "models": models, **run,
+         "xa_runtime": xa_runtime.__version__}
+        for i in range(len(result.images))
+    ]
+    return record, per_image
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `xa-generate`; returns the exit code (0 ok, 2 bad input, nothing written)."""
+    started = time.perf_counter()
+    command = [PROG, *(sys.argv[1:] if argv is None else argv)]
+    try:
+        args = build_parser().parse_args(argv)
+        tiny, params, output = check_inputs(args)
+    except SystemExit as e:  # --help, --version
+        return int(e.code or 0)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ParameterError as e:
+        print(f"error: {describe(e)}", file=sys.stderr)
+        return 2
+
+    with _library_output(progress=not args.no_progress):
+        try:
+            t0 = time.perf_counter()
+            pipe = load_pipeline(args, tiny)
+            t1 = time.perf_counter()
+            result = pipe.generate(params)
+            t2 = time.perf_counter()
+        except ParameterError as e:
+            print(f"error: {describe(e)}", file=sys.stderr)
+            return 2
+        except CheckpointError as e:
+            print(f"error: {_blame(e, args)}", file=sys.stderr)
+            return 2
+
+    seconds = {"load_seconds": t1 - t0, "generate_seconds": t2 - t1, "total_seconds": t2 - started}
+    record, per_image = records(args, tiny, result, seconds, command)
+    written = write_outputs(output, result.images, record, per_image)
+    stages = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
+    print(f"{PROG}: wrote {', '.join(str(w) for w in written)} (seed {result.params.seed}; "
+          f"load {t1 - t0:.2f}s, {stages})", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
