@@ -28,6 +28,7 @@ from ..models.presets import get_preset
 from ..pipeline.params import MAX_SEED, GenerationParams, SizeRules, validate
 from ..pipeline.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 from .output_files import write_outputs
+from .plugin_args import add_plugin_arguments, build_plugins, check_plugin_arguments, load_init_image
 
 PROG = "xa-generate"
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -49,6 +50,7 @@ FLAGS = {
     "scheduler": "--scheduler",
     "seed": "--seed",
     "num_images_per_prompt": "--batch",
+    "strength": "--strength",
 }
 # Versions recorded with every output.
 VERSIONED = ("torch", "diffusers", "transformers", "safetensors", "numpy", "pillow")
@@ -134,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="PNG to write (+ OUT-1.png ... for several images, OUT.json sidecar)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     run.add_argument("--version", action="version", version=f"%(prog)s {xa_runtime.__version__}")
+    add_plugin_arguments(ap)
     return ap
 
 
@@ -158,6 +161,7 @@ def params_from_args(args: argparse.Namespace) -> GenerationParams:
         scheduler=args.scheduler,
         seed=args.seed,
         num_images_per_prompt=args.batch,
+        strength=args.strength,
     )
 
 
@@ -312,6 +316,7 @@ def check_inputs(args: argparse.Namespace) -> tuple[bool, GenerationParams, Path
     if not tiny:
         check_models(args)
     check_device(args.device)
+    args.plugin_specs = check_plugin_arguments(args)
     return tiny, params, output
 
 
@@ -346,6 +351,8 @@ def records(args: argparse.Namespace, tiny: bool, result: Any, seconds: dict[str
         "models": models,
         **run,
         "versions": versions(),
+        "plugins": getattr(args, "plugin_specs", {}),
+        "init_image": args.init_image,
         "timings": dict(result.timings),
         **seconds,
         "command": command,
@@ -379,7 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             t0 = time.perf_counter()
             pipe = load_pipeline(args, tiny)
             t1 = time.perf_counter()
-            result = pipe.generate(params)
+            plugins = build_plugins(args.plugin_specs, pipe.sd15.unet)
+            result = pipe.generate(params, plugins=plugins, init_image=load_init_image(args.init_image))
             t2 = time.perf_counter()
         except ParameterError as e:
             print(f"error: {describe(e)}", file=sys.stderr)

@@ -1,0 +1,156 @@
+"""`xa-generate` flags for SD1.5 plugins and the stage-1 init image: parsed, checked before
+any model is loaded (paths exist, flag groups pair up, scales in range), then turned into
+plugin objects once the pipeline is loaded."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any
+
+from ..errors import ParameterError
+
+CONTROL_TYPES = ("none", "canny")
+
+
+def add_plugin_arguments(ap: argparse.ArgumentParser) -> None:
+    g = ap.add_argument_group("SD1.5 plugins (repeat a group for several; per-plugin flags pair up by position)")
+    g.add_argument("--controlnet", action="append", default=[], metavar="PATH", help="ControlNet folder or single file")
+    g.add_argument("--control-image", action="append", default=[], metavar="IMG", help="its control image")
+    g.add_argument("--control-type", action="append", default=[], choices=CONTROL_TYPES,
+                   help="canny: edge map made from the image; none: the image is the map (default)")
+    g.add_argument("--controlnet-scale", action="append", default=[], type=float, metavar="F", help="default 1.0")
+    g.add_argument("--control-start", action="append", default=[], type=float, metavar="F", help="default 0.0")
+    g.add_argument("--control-end", action="append", default=[], type=float, metavar="F", help="default 1.0")
+    g.add_argument("--guess-mode", action="store_true", help="ControlNet guess mode (all ControlNets)")
+    g.add_argument("--t2i-adapter", action="append", default=[], metavar="PATH", help="T2I-Adapter diffusers folder")
+    g.add_argument("--t2i-image", action="append", default=[], metavar="IMG")
+    g.add_argument("--t2i-scale", action="append", default=[], type=float, metavar="F", help="default 1.0")
+    g.add_argument("--t2i-factor", action="append", default=[], type=float, metavar="F",
+                   help="fraction of each stage's steps with the adapter (default 1.0)")
+    g.add_argument("--nexus-adapter", action="append", default=[], metavar="PATH", help="Nexus Adapter folder")
+    g.add_argument("--adapter-image", action="append", default=[], metavar="IMG", help="its control image")
+    g.add_argument("--nexus-scale", action="append", default=[], type=float, metavar="F", help="default 1.0")
+    g.add_argument("--ip-adapter", metavar="PATH", help="IP-Adapter (ip-adapter_sd15 layout, plain or plus)")
+    g.add_argument("--ip-image", action="append", default=[], metavar="IMG", help="its image(s)")
+    g.add_argument("--ip-scale", type=float, default=1.0, metavar="F", help="default 1.0")
+    g.add_argument("--image-encoder", metavar="DIR",
+                   help="CLIP vision encoder folder (default: image_encoder/ beside the IP-Adapter or one level up)")
+    g.add_argument("--init-image", metavar="IMG", help="stage 1 starts from this image (img2img / ControlNet-tile)")
+    g.add_argument("--strength", type=float, default=1.0, metavar="F",
+                   help="with --init-image: fraction of stage 1 that runs, (0, 1] (default 1.0)")
+
+
+def _exists(flag: str, path: str | None) -> None:
+    if path is not None and not Path(path).exists():
+        raise ParameterError(flag, path, "an existing file or folder")
+
+
+def _paired(args: argparse.Namespace, main: str, flag: str, default: Any) -> list[Any]:
+    """Values of `flag` for each `main` plugin: none given (default), one (for all) or one each."""
+    n = len(getattr(args, main.lstrip("-").replace("-", "_")))
+    values = getattr(args, flag.lstrip("-").replace("-", "_"))
+    if values and not n:
+        raise ParameterError(flag, values[0], f"only together with {main}")
+    if len(values) in (0, 1):
+        return [values[0] if values else default] * n
+    if len(values) != n:
+        raise ParameterError(flag, values, f"one value, or one per {main} ({n})")
+    return list(values)
+
+
+def _scale(flag: str, value: float, lo: float, hi: float) -> None:
+    if not (math.isfinite(value) and lo <= value <= hi):
+        raise ParameterError(flag, value, f"a finite number in [{lo}, {hi}]")
+
+
+def check_plugin_arguments(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
+    """Plugin specs from the flags, every path and value checked; nothing loaded."""
+    specs: dict[str, list[dict[str, Any]]] = {"controlnet": [], "t2i": [], "nexus": [], "ip": []}
+    for main, image_flag, kind in (("--controlnet", "--control-image", "controlnet"),
+                                   ("--t2i-adapter", "--t2i-image", "t2i"),
+                                   ("--nexus-adapter", "--adapter-image", "nexus")):
+        paths = getattr(args, main.lstrip("-").replace("-", "_"))
+        images = getattr(args, image_flag.lstrip("-").replace("-", "_"))
+        if paths and len(images) != len(paths):
+            raise ParameterError(image_flag, images, f"one image per {main} ({len(paths)})")
+        if images and not paths:
+            raise ParameterError(image_flag, images[0], f"only together with {main}")
+        for p, im in zip(paths, images):
+            _exists(main, p)
+            _exists(image_flag, im)
+        if kind == "controlnet":
+            rows = zip(paths, images, _paired(args, main, "--control-type", "none"),
+                       _paired(args, main, "--controlnet-scale", 1.0), _paired(args, main, "--control-start", 0.0),
+                       _paired(args, main, "--control-end", 1.0))
+            for p, im, ctype, scale, start, end in rows:
+                _scale("--controlnet-scale", scale, 0.0, 10.0)
+                _scale("--control-start", start, 0.0, 1.0)
+                _scale("--control-end", end, 0.0, 1.0)
+                if start >= end:
+                    raise ParameterError("--control-start", start, f"less than --control-end ({end})")
+                specs[kind].append(dict(path=p, image=im, control_type=ctype, conditioning_scale=scale,
+                                        guidance_start=start, guidance_end=end, guess_mode=args.guess_mode))
+        elif kind == "t2i":
+            for p, im, scale, factor in zip(paths, images, _paired(args, main, "--t2i-scale", 1.0),
+                                            _paired(args, main, "--t2i-factor", 1.0)):
+                _scale("--t2i-scale", scale, 0.0, 10.0)
+                _scale("--t2i-factor", factor, 0.0, 1.0)
+                specs[kind].append(dict(path=p, image=im, scale=scale, conditioning_factor=factor))
+        else:
+            for p, im, scale in zip(paths, images, _paired(args, main, "--nexus-scale", 1.0)):
+                _scale("--nexus-scale", scale, 0.0, 10.0)
+                specs[kind].append(dict(path=p, image=im, scale=scale))
+    if args.ip_adapter:
+        _exists("--ip-adapter", args.ip_adapter)
+        if not args.ip_image:
+            raise ParameterError("--ip-image", None, "at least one image with --ip-adapter")
+        for im in args.ip_image:
+            _exists("--ip-image", im)
+        _exists("--image-encoder", args.image_encoder)
+        _scale("--ip-scale", args.ip_scale, 0.0, 10.0)
+        specs["ip"].append(dict(path=args.ip_adapter, images=list(args.ip_image), scale=args.ip_scale,
+                                image_encoder=args.image_encoder))
+    elif args.ip_image or args.image_encoder:
+        raise ParameterError("--ip-image" if args.ip_image else "--image-encoder", None, "only together with --ip-adapter")
+    if args.init_image is not None:
+        _exists("--init-image", args.init_image)
+    elif args.strength != 1.0:
+        raise ParameterError("--strength", args.strength, "1.0 unless --init-image is given")
+    return specs
+
+
+def build_plugins(specs: dict[str, list[dict[str, Any]]], sd15_unet: Any) -> list[Any]:
+    """Load the plugins the specs name, fitted to the SD1.5 UNet (its device and dtype)."""
+    from ..plugins import (
+        load_controlnet_plugin,
+        load_ip_adapter_plugin,
+        load_nexus_adapter_plugin,
+        load_t2i_adapter_plugin,
+    )
+
+    plugins: list[Any] = []
+    for s in specs["controlnet"]:
+        plugins.append(load_controlnet_plugin(
+            s["path"], s["image"], unet=sd15_unet, control_type=s["control_type"],
+            conditioning_scale=s["conditioning_scale"], guidance_start=s["guidance_start"],
+            guidance_end=s["guidance_end"], guess_mode=s["guess_mode"]))
+    for s in specs["t2i"]:
+        plugins.append(load_t2i_adapter_plugin(s["path"], s["image"], unet=sd15_unet, scale=s["scale"],
+                                               conditioning_factor=s["conditioning_factor"]))
+    for s in specs["nexus"]:
+        plugins.append(load_nexus_adapter_plugin(s["path"], s["image"], unet=sd15_unet, scale=s["scale"]))
+    for s in specs["ip"]:
+        images = s["images"] if len(s["images"]) > 1 else s["images"][0]
+        plugins.append(load_ip_adapter_plugin(sd15_unet, s["path"], images, s["scale"], s["image_encoder"]))
+    return plugins
+
+
+def load_init_image(path: str | None) -> Any:
+    if path is None:
+        return None
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.convert("RGB")
