@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ParameterError
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
@@ -107,3 +107,20 @@ def read_shapes(path: str | Path) -> Shapes:
             obj = _load_pickle(path, mmap=False)
         return {k: tuple(v.shape) for k, v in obj.items() if isinstance(v, torch.Tensor)}
     return read_state_dict(path)  # raises the "unknown format" error
+
+
+def read_folder_config(
+    folder: str | Path, param: str, accepted: str, class_name: str | None = None
+) -> dict[str, Any]:
+    """The `config.json` of a model folder. ParameterError (naming `param`) when there is
+    none or it describes another class; CheckpointError when it cannot be read."""
+    config_file = Path(folder) / "config.json"
+    if not config_file.is_file():
+        raise ParameterError(param, str(folder), f"{accepted}; no config.json at this path")
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"cannot read {config_file}: {e}") from e
+    if class_name is not None and config.get("_class_name") != class_name:
+        raise ParameterError(param, str(folder), f"{accepted}; its config is a {config.get('_class_name')!r}")
+    return config

@@ -23,7 +23,6 @@ hint-block shapes, converted by diffusers' own `convert_controlnet_checkpoint`.
 from __future__ import annotations
 
 import inspect
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from ..errors import CheckpointError, ParameterError
 from ..loading.checkpoint_files import (
     PICKLE_SUFFIXES,
     SAFETENSORS_SUFFIXES,
+    read_folder_config,
     read_state_dict,
 )
 from ..loading.exact_state import assign_exact, build_empty
@@ -217,15 +217,7 @@ def load_controlnet(
     if not p.exists():
         raise ParameterError("controlnet", str(path), f"{accepted}; nothing exists at this path")
     if p.is_dir():
-        config_file = p / "config.json"
-        if not config_file.is_file():
-            raise ParameterError("controlnet", str(path), f"{accepted}; this folder has no config.json")
-        try:
-            config = json.loads(config_file.read_text())
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"cannot read {config_file}: {e}") from e
-        if config.get("_class_name") != "ControlNetModel":
-            raise ParameterError("controlnet", str(path), f"{accepted}; its config is a {config.get('_class_name')!r}")
+        config = read_folder_config(p, "controlnet", accepted, "ControlNetModel")
         _check_sd15_config(config, str(p))
         model = ControlNetModel.from_pretrained(p, local_files_only=True, torch_dtype=dtype)
         return model.to(device=device).eval().requires_grad_(False)

@@ -30,7 +30,7 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from ..errors import CheckpointError, ParameterError
-from ..loading.checkpoint_files import read_state_dict
+from ..loading.checkpoint_files import read_folder_config, read_state_dict
 from ..loading.exact_state import assign_exact, build_empty
 from .base import PluginContext
 from .t2i_adapter import AdapterFeaturePlugin, check_adapter_fits
@@ -210,12 +210,7 @@ def load_nexus_adapter(
     """A Nexus Adapter from a local folder: config.json + one weights file (.safetensors, or
     .bin read with weights_only=True). Every tensor must match the module."""
     p = Path(path)
-    if not (p / "config.json").is_file():
-        raise ParameterError("nexus_adapter", str(path), "a local Nexus Adapter folder (config.json + weights)")
-    try:
-        raw = json.loads((p / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {p / 'config.json'}: {e}") from e
+    raw = read_folder_config(p, "nexus_adapter", "a local Nexus Adapter folder (config.json + weights)")
     weights = _weights_file(p)
     state = read_state_dict(weights)
     if state and all(k.startswith("adapter.") for k in state):

@@ -11,7 +11,6 @@ Nexus Adapter reuses.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import torch
 from diffusers import T2IAdapter
 
 from ..errors import CheckpointError, ParameterError
+from ..loading.checkpoint_files import read_folder_config
 from .base import PluginContext, StepInfo
 from .control_images import CONTROL_TYPES, control_image_tensor, to_grey
 from .controlnet import check_plugin_number
@@ -112,15 +112,7 @@ def load_t2i_adapter(
     """An SD1.5 T2I-Adapter (full_adapter or light_adapter) from a local diffusers folder."""
     p = Path(path)
     accepted = "a local diffusers T2IAdapter folder (config.json + weights) for SD1.5"
-    config_file = p / "config.json"
-    if not config_file.is_file():
-        raise ParameterError("t2i_adapter", str(path), f"{accepted}; no config.json at this path")
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {config_file}: {e}") from e
-    if config.get("_class_name") != "T2IAdapter":
-        raise ParameterError("t2i_adapter", str(path), f"{accepted}; its config is a {config.get('_class_name')!r}")
+    config = read_folder_config(p, "t2i_adapter", accepted, "T2IAdapter")
     kind = config.get("adapter_type", "full_adapter")
     if kind not in SD15_ADAPTER_TYPES:
         raise CheckpointError(
