@@ -400,3 +400,12 @@ def test_from_pretrained_matches_in_memory_models(tiny_paths, reference_latents,
     # addresses, and oneDNN's vectorised paths may then sum in another order (seen at one
     # thread: 2e-5 after the whole generation). Hence a tight tolerance, not equality.
     torch.testing.assert_close(latents, reference_latents, rtol=1e-4, atol=1e-4)
+
+
+def test_check_model_path_reads_adapter_key_names_before_loading(tiny_paths, tmp_path):
+    check_model_path(tiny_paths.adapter_bin, "adapter", "adapter")
+    check_model_path(tiny_paths.adapter_safetensors, "adapter", "adapter")
+    wrong = tmp_path / "other.safetensors"
+    save_file({"body.0.block1.weight": torch.zeros(1), "something.else": torch.zeros(1)}, wrong)
+    with pytest.raises(ParameterError, match=r"adapter.*missing keys.*unexpected keys \(1\): something.else"):
+        check_model_path(wrong, "adapter", "adapter")

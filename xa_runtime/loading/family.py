@@ -3,6 +3,8 @@ headers only, so that a wrong path fails before gigabytes of weights are read.""
 
 from __future__ import annotations
 
+import functools
+
 import json
 import os
 from pathlib import Path
@@ -18,7 +20,7 @@ from ..models.original_layout import (
 )
 from ..models.presets import PRESETS, ModelPreset
 from .adapter_checkpoint import ADAPTER_SUFFIXES
-from .checkpoint_files import SAFETENSORS_SUFFIXES, Shapes, read_safetensors_shapes, read_shapes
+from .checkpoint_files import Shapes, read_shapes
 
 FAMILY_NAMES = {"sd15": "an SD1.5 model", "sdxl": "an SDXL base model"}
 _CONV_IN = UNET_PREFIX + "input_blocks.0.0.weight"
@@ -142,8 +144,28 @@ def _check_adapter(path: Path) -> None:
         raise CheckpointError("this is a folder, not a checkpoint file")
     if path.suffix.lower() not in ADAPTER_SUFFIXES:
         raise CheckpointError(f"unknown suffix {path.suffix!r}")
-    if path.suffix.lower() in SAFETENSORS_SUFFIXES:
-        read_safetensors_shapes(path)
+    # Names only (widths follow the UNets, known after loading them); a memory-mapped,
+    # weights-only read for pickles. in_conv exists only where a stage changes width.
+    names = set(read_shapes(path))
+    allowed = _released_adapter_names()
+    missing = sorted(n for n in allowed - names if ".in_conv." not in n)
+    unexpected = sorted(names - allowed)
+    if missing or unexpected:
+        raise CheckpointError(
+            "not an X-Adapter checkpoint: "
+            + "; ".join(f"{what} ({len(v)}): {', '.join(v[:5])}{', ...' if len(v) > 5 else ''}"
+                        for what, v in (("missing keys", missing), ("unexpected keys", unexpected)) if v)
+        )
+
+
+@functools.lru_cache(maxsize=1)
+def _released_adapter_names() -> frozenset[str]:
+    import torch
+
+    from ..models.mapping import MappingLayers
+
+    with torch.device("meta"):
+        return frozenset(MappingLayers().state_dict())
 
 
 def check_model_path(path: str | os.PathLike | None, family: str, param: str) -> None:
