@@ -11,6 +11,7 @@ from xa_runtime.cli.generate import main
 from xa_runtime.pipeline import XAdapterPipeline
 from xa_runtime.plugins.controlnet import write_tiny_controlnet
 from xa_runtime.plugins.ip_adapter_loading import write_tiny_image_encoder, write_tiny_ip_adapter
+from xa_runtime.plugins.lora import write_random_lora
 from xa_runtime.plugins.nexus import write_tiny_nexus
 from xa_runtime.plugins.t2i_adapter import write_tiny_t2i_adapter
 
@@ -29,7 +30,12 @@ def plugin_files(tmp_path_factory, tiny_models):
     nexus = write_tiny_nexus(root / "nexus", unet)
     ip = write_tiny_ip_adapter(root / "ip", unet)
     write_tiny_image_encoder(root / "ip" / "image_encoder")
-    return {"image": image, "cn": folder, "cn_file": single, "t2i": t2i, "nexus": nexus, "ip": ip["safetensors"]}
+    sd15, sdxl = tiny_models[0], tiny_models[1]
+    lora = write_random_lora(root / "lora.safetensors", unet, sd15.text_encoder, std=0.2)
+    sdxl_lora = write_random_lora(root / "xl_lora.safetensors", sdxl.unet, sdxl.text_encoder,
+                                  text_encoder_2=sdxl.text_encoder_2, std=0.2)
+    return {"image": image, "cn": folder, "cn_file": single, "t2i": t2i, "nexus": nexus, "ip": ip["safetensors"],
+            "lora": lora, "sdxl_lora": sdxl_lora}
 
 
 def _latents_of(tmp_path, capsys, name, *args):
@@ -50,12 +56,18 @@ def test_each_plugin_runs_and_changes_the_image(plugin_files, tmp_path, capsys):
         "nexus": ["--nexus-adapter", f["nexus"], "--adapter-image", f["image"], "--nexus-scale", "3"],
         "ip": ["--ip-adapter", f["ip"], "--ip-image", f["image"], "--ip-scale", "3"],
         "init": ["--init-image", f["image"], "--strength", "0.6"],
+        "lora": ["--lora", f"{f['lora']}:0.8"],
+        "sdxl-lora": ["--sdxl-lora", f["sdxl_lora"], "--lora-mode", "unfused"],
+        "lora+controlnet": ["--lora", f["lora"], "--sdxl-lora", f["sdxl_lora"], "--controlnet", f["cn"],
+                            "--control-image", f["image"]],
     }
     for name, args in runs.items():
         image, sidecar = _latents_of(tmp_path, capsys, name, *args)
         assert image.shape == base.shape
         assert np.abs(image.astype(int) - base.astype(int)).max() > 0, name
-        if name == "init":
+        if name.startswith(("lora", "sdxl-lora")):
+            assert sidecar["plugins"]["lora" if name != "sdxl-lora" else "sdxl_lora"][0]["scale"] in (0.8, 1.0)
+        elif name == "init":
             assert sidecar["parameters"]["strength"] == 0.6 and sidecar["init_image"] == str(f["image"])
         else:
             assert any(sidecar["plugins"].values()), name
@@ -89,6 +101,9 @@ BAD = {
     "strength without init image": (["--strength", "0.5"], "--strength"),
     "strength 0": (["--init-image", "{image}", "--strength", "0"], "--strength"),
     "init image missing": (["--init-image", "{tmp}/nope.png"], "--init-image"),
+    "lora missing": (["--lora", "{tmp}/nope.safetensors:0.5"], "--lora"),
+    "lora scale nan": (["--lora", "{lora}:nan"], "--lora"),
+    "lora mode": (["--lora", "{lora}", "--lora-mode", "merged"], "--lora-mode"),
 }
 
 
@@ -106,3 +121,11 @@ def test_bad_plugin_input_exits_2_before_loading(case, plugin_files, tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and flag in err[0], err
     assert list(out.iterdir()) == []
+
+
+def test_sdxl_lora_given_as_sd15_lora_exits_2(plugin_files, tmp_path, capsys):
+    out = tmp_path / "o.png"
+    code = main(["--prompt", "a cat", *FAST, "--output", str(out), "--lora", str(plugin_files["sdxl_lora"])])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "--lora" in err[-1] and "sdxl" in err[-1], err
+    assert not out.exists()

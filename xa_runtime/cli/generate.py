@@ -28,7 +28,7 @@ from ..models.presets import get_preset
 from ..pipeline.params import MAX_SEED, GenerationParams, SizeRules, validate
 from ..pipeline.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 from .output_files import write_outputs
-from .plugin_args import add_plugin_arguments, build_plugins, check_plugin_arguments, load_init_image
+from .plugin_args import add_plugin_arguments, apply_loras, build_plugins, check_plugin_arguments, load_init_image
 
 PROG = "xa-generate"
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -51,6 +51,7 @@ FLAGS = {
     "seed": "--seed",
     "num_images_per_prompt": "--batch",
     "strength": "--strength",
+    "lora": "--lora/--sdxl-lora",
 }
 # Versions recorded with every output.
 VERSIONED = ("torch", "diffusers", "transformers", "safetensors", "numpy", "pillow")
@@ -386,6 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             t0 = time.perf_counter()
             pipe = load_pipeline(args, tiny)
             t1 = time.perf_counter()
+            apply_loras(args.plugin_specs, pipe)
             plugins = build_plugins(args.plugin_specs, pipe.sd15.unet)
             result = pipe.generate(params, plugins=plugins, init_image=load_init_image(args.init_image))
             t2 = time.perf_counter()

@@ -15,6 +15,13 @@ CONTROL_TYPES = ("none", "canny")
 
 
 def add_plugin_arguments(ap: argparse.ArgumentParser) -> None:
+    lora = ap.add_argument_group("LoRA")
+    lora.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                      help="an SD1.5 LoRA (kohya or diffusers/PEFT) on the SD1.5 branch; repeatable")
+    lora.add_argument("--sdxl-lora", action="append", default=[], metavar="PATH[:SCALE]",
+                      help="an SDXL LoRA on the SDXL branch, alongside; repeatable")
+    lora.add_argument("--lora-mode", choices=["fused", "unfused"], default="fused",
+                      help="fused into the weights (fastest per step, default) or unfused (fastest to switch)")
     g = ap.add_argument_group("SD1.5 plugins (repeat a group for several; per-plugin flags pair up by position)")
     g.add_argument("--controlnet", action="append", default=[], metavar="PATH", help="ControlNet folder or single file")
     g.add_argument("--control-image", action="append", default=[], metavar="IMG", help="its control image")
@@ -67,7 +74,15 @@ def _scale(flag: str, value: float, lo: float, hi: float) -> None:
 
 def check_plugin_arguments(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
     """Plugin specs from the flags, every path and value checked; nothing loaded."""
-    specs: dict[str, list[dict[str, Any]]] = {"controlnet": [], "t2i": [], "nexus": [], "ip": []}
+    specs: dict[str, list[dict[str, Any]]] = {"controlnet": [], "t2i": [], "nexus": [], "ip": [], "lora": [], "sdxl_lora": []}
+    from ..plugins.lora import parse_lora_argument
+
+    for flag, kind in (("--lora", "lora"), ("--sdxl-lora", "sdxl_lora")):
+        for text in getattr(args, kind):
+            path, scale = parse_lora_argument(text)
+            _exists(flag, path)
+            _scale(flag, scale, -10.0, 10.0)
+            specs[kind].append(dict(path=path, scale=scale, mode=args.lora_mode))
     for main, image_flag, kind in (("--controlnet", "--control-image", "controlnet"),
                                    ("--t2i-adapter", "--t2i-image", "t2i"),
                                    ("--nexus-adapter", "--adapter-image", "nexus")):
@@ -154,3 +169,18 @@ def load_init_image(path: str | None) -> Any:
 
     with Image.open(path) as im:
         return im.convert("RGB")
+
+
+def apply_loras(specs: dict[str, list[dict[str, Any]]], pipe: Any) -> list[Any]:
+    """Load the LoRAs onto their branches (SD1.5 UNet + text encoder; SDXL UNet + both
+    text encoders); returns the managers (keep them to change scales or unload)."""
+    from ..plugins.lora import LoraManager, load_lora
+
+    managers = []
+    for kind, components in (("lora", pipe.sd15), ("sdxl_lora", pipe.sdxl)):
+        if specs[kind]:
+            manager = LoraManager.for_branch(components, specs[kind][0]["mode"])
+            for i, s in enumerate(specs[kind]):
+                manager.add(f"{kind}{i}:{s['path']}", load_lora(s["path"]), s["scale"])
+            managers.append(manager)
+    return managers

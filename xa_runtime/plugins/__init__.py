@@ -5,6 +5,7 @@ from .control_images import CONTROL_TYPES, canny
 from .controlnet import ControlNetPlugin, load_controlnet, load_controlnet_plugin
 from .ip_adapter import IPAdapter, IPAdapterPlugin, load_ip_adapter, load_ip_adapter_plugin
 from .ip_adapter_image import load_image_encoder
+from .lora import LoraManager, load_lora, lora_delta
 from .nexus import NexusAdapter, NexusAdapterPlugin, NexusConfig, load_nexus_adapter, load_nexus_adapter_plugin
 from .t2i_adapter import T2IAdapterPlugin, load_t2i_adapter, load_t2i_adapter_plugin
 
@@ -13,6 +14,7 @@ __all__ = [
     "ControlNetPlugin",
     "IPAdapter",
     "IPAdapterPlugin",
+    "LoraManager",
     "NexusAdapter",
     "NexusAdapterPlugin",
     "NexusConfig",
@@ -26,6 +28,8 @@ __all__ = [
     "load_image_encoder",
     "load_ip_adapter",
     "load_ip_adapter_plugin",
+    "load_lora",
+    "lora_delta",
     "load_nexus_adapter",
     "load_nexus_adapter_plugin",
     "load_t2i_adapter",
