@@ -24,6 +24,7 @@ from ..models.branches import Injection, SD15Branch, SDXLBranch, inject_residual
 from ..models.components import SD15Components, SDXLComponents
 from ..models.mapping import MappingConfig, MappingLayers
 from ..plugins.base import PluginContext, SD15StepPlugin, StepInfo, merge_unet_kwargs
+from ..plugins.ip_adapter import IPAdapterPlugin
 from ..runtime.config import RuntimeConfig
 from ..runtime.timing import StageTimer
 from ..errors import ParameterError
@@ -209,7 +210,7 @@ class XAdapterPipeline:
         if init_image is None and p.strength != 1.0:
             raise ParameterError("strength", p.strength, "1.0 unless an init image is given")
         if getattr(self.sd15.unet.config, "encoder_hid_dim_type", None) == "ip_image_proj" and not any(
-            type(pl).__name__ == "IPAdapterPlugin" for pl in plugins
+            isinstance(pl, IPAdapterPlugin) for pl in plugins
         ):
             raise ParameterError(
                 "plugins", [getattr(pl, "name", type(pl).__name__) for pl in plugins],
@@ -275,7 +276,7 @@ class XAdapterPipeline:
                 steps1 = sched1.timesteps[start:]
                 if hasattr(sched1, "set_begin_index"):
                     sched1.set_begin_index(start)
-                pixels = image_to_tensor(init_image, p.height_sd15, p.width_sd15, batch).to(dev, dt) * 2 - 1
+                pixels = image_to_tensor(init_image, p.height_sd15, p.width_sd15, batch, "init_image").to(dev, dt) * 2 - 1
                 lat15 = sched1.add_noise(self._vae_sample(self.sd15.vae, pixels, generator).to(dt), noise(shape15), steps1[:1].repeat(batch))
             sampler1 = self._sampler(sched1, generator)
             for i, t in enumerate(self._bar(steps1, "stage 1 (SD1.5)")):
