@@ -8,6 +8,9 @@ if not torch.cuda.is_available():
     # Triton kernels run on the CPU interpreter here. Set before anything imports triton
     # (diffusers may), since triton.jit picks interpreter mode at decoration time.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # Random tiny weights leave denormal floats in some activations, which make CPU math
+    # intermittently 10-50x slower; flushing them keeps the suite's time steady.
+    torch.set_flush_denormal(True)
 
 import pytest  # noqa: E402
 

@@ -28,8 +28,8 @@ from xa_runtime.loading import (
     load_vae,
     single_file_config_folder,
 )
-from xa_runtime.models import MappingConfig, MappingLayers, get_preset
 from xa_runtime.loading.family import family_of_checkpoint, preset_for_checkpoint
+from xa_runtime.models import MappingConfig, MappingLayers, get_preset
 from xa_runtime.models.components import SD15Components, SDXLComponents
 from xa_runtime.models.original_layout import sd15_to_original, sdxl_to_original, vae_to_original
 from xa_runtime.models.tiny import TinyModelPaths, build_tiny_models
@@ -131,6 +131,18 @@ def test_tiny_paths_are_complete(tiny_paths):
     assert index["_class_name"] == "StableDiffusionXLPipeline"
 
 
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_tiny_folders_load_in_diffusers_itself(tiny_paths, originals, family):
+    # The folders are real diffusers folders, not just readable by our loader.
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    pipe = cls.from_pretrained(_path(tiny_paths, family, "folder"), local_files_only=True)
+    reference = originals[0] if family == "sd15" else originals[1]
+    for name in MODULES[family]:
+        assert_same_weights(getattr(reference, name), getattr(pipe, name), f"diffusers {family} {name}")
+
+
 def test_single_file_has_original_layout(tiny_paths):
     sdxl = load_file(tiny_paths.sdxl_file)
     assert "model.diffusion_model.label_emb.0.0.weight" in sdxl
@@ -215,6 +227,15 @@ def test_full_size_mapping_has_the_released_names_and_shapes():
     assert len(RELEASED_MAPPING_SHAPES) == 48
     assert shapes == RELEASED_MAPPING_SHAPES
     assert 212e6 < sum(v.numel() for v in mapping.state_dict().values()) < 214e6  # "~213M params"
+
+
+def test_tiny_mapping_is_seeded_and_does_something(originals):
+    # zero_out is zero-initialised for training; the tiny adapter must add a residual.
+    mapping = originals[2]
+    assert all(p.abs().sum() > 0 for p in mapping.zero_out.parameters())
+    again, other = build_tiny_models(0)[2], build_tiny_models(1)[2]
+    assert_same_weights(mapping, again, "same seed")
+    assert not torch.equal(mapping.zero_out[0].weight, other.zero_out[0].weight)
 
 
 @pytest.mark.parametrize("which", ["adapter_bin", "adapter_safetensors"])

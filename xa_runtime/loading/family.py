@@ -4,7 +4,6 @@ headers only, so that a wrong path fails before gigabytes of weights are read.""
 from __future__ import annotations
 
 import functools
-
 import json
 import os
 from pathlib import Path
@@ -197,4 +196,3 @@ def check_model_path(path: str | os.PathLike | None, family: str, param: str) ->
                 raise CheckpointError(f"found {FAMILY_NAMES[found]} instead")
     except CheckpointError as e:
         raise ParameterError(param, str(path), f"{accepted}; {e}") from e
-
