@@ -178,3 +178,54 @@ def test_checkpoint_with_wrong_keys_exits_2_and_writes_nothing(tiny_paths, tmp_p
     assert err.strip().splitlines()[-1].startswith("error: ") and "--adapter" in err and "missing keys" in err
     assert list(tmp_path.iterdir()) == []
 
+
+
+def _files_for_bad_plugin_inputs(root):
+    """Plugin paths that pass or fail only the cheap checks (config.json, suffix, image header)."""
+    good = root / "good.png"
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(good)
+    (root / "text.png").write_text("not an image\n")
+    (root / "truncated.png").write_bytes(good.read_bytes()[:60])
+    for name, class_name in (("cn", "ControlNetModel"), ("t2i", "T2IAdapter")):
+        (root / name).mkdir()
+        (root / name / "config.json").write_text(json.dumps({"_class_name": class_name}))
+    (root / "empty").mkdir()
+    (root / "ip.bin").write_bytes(b"")
+    (root / "ip.txt").write_bytes(b"")
+
+
+# Images and plugin model paths are checked from headers and configs before loading.
+BAD_FILES = {
+    "init image not an image": (["--init-image", "{f}/text.png", "--strength", "0.5"], "--init-image"),
+    "init image truncated": (["--init-image", "{f}/truncated.png", "--strength", "0.5"], "--init-image"),
+    "init image is a folder": (["--init-image", "{f}", "--strength", "0.5"], "--init-image"),
+    "control image not an image": (["--controlnet", "{f}/cn", "--control-image", "{f}/text.png"], "--control-image"),
+    "controlnet folder without config": (["--controlnet", "{f}/empty", "--control-image", "{f}/good.png"],
+                                         "--controlnet"),
+    "T2I-Adapter given as --controlnet": (["--controlnet", "{f}/t2i", "--control-image", "{f}/good.png"],
+                                          "--controlnet"),
+    "controlnet file of unknown kind": (["--controlnet", "{f}/ip.txt", "--control-image", "{f}/good.png"],
+                                        "--controlnet"),
+    "ControlNet given as --t2i-adapter": (["--t2i-adapter", "{f}/cn", "--t2i-image", "{f}/good.png"], "--t2i-adapter"),
+    "t2i image is a folder": (["--t2i-adapter", "{f}/t2i", "--t2i-image", "{f}"], "--t2i-image"),
+    "nexus folder without config": (["--nexus-adapter", "{f}/empty", "--adapter-image", "{f}/good.png"],
+                                    "--nexus-adapter"),
+    "ip-adapter of unknown suffix": (["--ip-adapter", "{f}/ip.txt", "--ip-image", "{f}/good.png"], "--ip-adapter"),
+    "ip image not an image": (["--ip-adapter", "{f}/ip.bin", "--ip-image", "{f}/text.png"], "--ip-image"),
+    "image encoder without config": (["--ip-adapter", "{f}/ip.bin", "--ip-image", "{f}/good.png",
+                                      "--image-encoder", "{f}/empty"], "--image-encoder"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_bad_image_or_plugin_file_exits_2_before_loading(case, tmp_path, capsys, no_model_loading):
+    files, out_dir = tmp_path / "files", tmp_path / "out"
+    files.mkdir()
+    out_dir.mkdir()
+    _files_for_bad_plugin_inputs(files)
+    args, flag = BAD_FILES[case]
+    code, err = run(capsys, "--prompt", "a cat", *FAST, "--output", out_dir / "o.png", *(a.format(f=files) for a in args))
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and flag in lines[0], err
+    assert list(out_dir.iterdir()) == []

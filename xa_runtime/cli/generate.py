@@ -53,6 +53,25 @@ FLAGS = {
     "strength": "--strength",
     "lora": "--lora/--sdxl-lora",
 }
+# Parameter names the plugin loaders and the pipeline use in errors raised after loading
+# -> their flags (only for naming the error; accepted texts are not rewritten with these).
+PLUGIN_FLAGS = {
+    "init_image": "--init-image",
+    "controlnet": "--controlnet",
+    "control_image": "--control-image",
+    "control_type": "--control-type",
+    "t2i_adapter": "--t2i-adapter",
+    "nexus_adapter": "--nexus-adapter",
+    "ip_adapter": "--ip-adapter",
+    "ip_image": "--ip-image",
+    "ip_scale": "--ip-scale",
+    "image_encoder": "--image-encoder",
+    "lora_mode": "--lora-mode",
+}
+# Flags whose values are paths, for naming the flag of a loading error that quotes one.
+PATH_FLAGS = (*MODEL_FLAGS, "--sdxl-vae", "--lora", "--sdxl-lora", "--controlnet", "--control-image", "--t2i-adapter",
+              "--t2i-image", "--nexus-adapter", "--adapter-image", "--ip-adapter", "--ip-image", "--image-encoder",
+              "--init-image")
 # Versions recorded with every output.
 VERSIONED = ("torch", "diffusers", "transformers", "safetensors", "numpy", "pillow")
 
@@ -167,7 +186,7 @@ def params_from_args(args: argparse.Namespace) -> GenerationParams:
 
 
 def _flag(name: str) -> str:
-    return name if name.startswith("-") else FLAGS.get(name, name)
+    return name if name.startswith("-") else FLAGS.get(name) or PLUGIN_FLAGS.get(name, name)
 
 
 def _with_flags(text: str) -> str:
@@ -239,9 +258,16 @@ def check_device(device: str) -> None:
 
 def _blame(error: Exception, args: argparse.Namespace) -> str:
     """Prefix a loading error with the flag whose path it mentions (the longest match)."""
+    from ..plugins.lora import parse_lora_argument
+
     text = str(error)
-    paths = {flag: getattr(args, flag[2:].replace("-", "_")) for flag in (*MODEL_FLAGS, "--sdxl-vae")}
-    hits = {flag: len(str(p)) for flag, p in paths.items() if p and str(p) in text}
+    hits: dict[str, int] = {}
+    for flag in PATH_FLAGS:
+        values = getattr(args, flag[2:].replace("-", "_"), None)
+        for value in values if isinstance(values, list) else [values]:
+            path = parse_lora_argument(value)[0] if value and flag.endswith("lora") else value
+            if path and str(path) in text:
+                hits[flag] = max(hits.get(flag, 0), len(str(path)))
     if not hits:
         return text
     longest = max(hits.values())
@@ -381,6 +407,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ParameterError as e:
         print(f"error: {describe(e)}", file=sys.stderr)
         return 2
+    except CheckpointError as e:  # a plugin folder's config.json that cannot be read
+        print(f"error: {_blame(e, args)}", file=sys.stderr)
+        return 2
 
     with _library_output(progress=not args.no_progress):
         try:
@@ -394,7 +423,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ParameterError as e:
             print(f"error: {describe(e)}", file=sys.stderr)
             return 2
-        except CheckpointError as e:
+        except (CheckpointError, OSError) as e:  # a file that passed the cheap checks but does not load
             print(f"error: {_blame(e, args)}", file=sys.stderr)
             return 2
 

@@ -54,6 +54,44 @@ def _exists(flag: str, path: str | None) -> None:
         raise ParameterError(flag, path, "an existing file or folder")
 
 
+def _image(flag: str, path: str) -> None:
+    """An image file PIL can read: its header (and a PNG's chunk checksums); pixels are decoded after loading."""
+    from PIL import Image
+
+    if not Path(path).is_file():
+        raise ParameterError(flag, path, "an existing image file (PNG, JPEG, ...)")
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as e:  # noqa: BLE001 -- PIL raises OSError, SyntaxError, DecompressionBombError, ...
+        raise ParameterError(flag, path, f"an image file PIL can read ({type(e).__name__}: {e})") from None
+
+
+def _plugin_model(flag: str, path: str) -> None:
+    """The plugin model path is of the kind its flag loads, from config.json / the file name only."""
+    from ..loading.checkpoint_files import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, read_folder_config
+
+    _exists(flag, path)
+    p = Path(path)
+    if flag == "--controlnet":
+        accepted = "a local SD1.5 ControlNet: a diffusers folder or a control_*.safetensors/.pth file"
+        if p.is_dir():
+            read_folder_config(p, flag, accepted, "ControlNetModel")
+        elif p.suffix.lower() not in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES:
+            raise ParameterError(flag, path, f"{accepted}; unknown suffix {p.suffix!r}")
+    elif flag == "--t2i-adapter":
+        read_folder_config(p, flag, "a local diffusers T2IAdapter folder (config.json + weights)", "T2IAdapter")
+    elif flag == "--nexus-adapter":
+        read_folder_config(p, flag, "a local Nexus Adapter folder (config.json + weights)")
+    elif flag == "--ip-adapter":
+        from ..plugins.ip_adapter_loading import IP_ADAPTER_SUFFIXES
+
+        if not p.is_file() or p.suffix not in IP_ADAPTER_SUFFIXES:
+            raise ParameterError(flag, path, f"an IP-Adapter file ending in {', '.join(IP_ADAPTER_SUFFIXES)}")
+    elif flag == "--image-encoder":
+        read_folder_config(p, flag, "a CLIP vision encoder folder (config.json + weights)")
+
+
 def _paired(args: argparse.Namespace, main: str, flag: str, default: Any) -> list[Any]:
     """Values of `flag` for each `main` plugin: none given (default), one (for all) or one each."""
     n = len(getattr(args, main.lstrip("-").replace("-", "_")))
@@ -93,8 +131,8 @@ def check_plugin_arguments(args: argparse.Namespace) -> dict[str, list[dict[str,
         if images and not paths:
             raise ParameterError(image_flag, images[0], f"only together with {main}")
         for p, im in zip(paths, images):
-            _exists(main, p)
-            _exists(image_flag, im)
+            _plugin_model(main, p)
+            _image(image_flag, im)
         if kind == "controlnet":
             rows = zip(paths, images, _paired(args, main, "--control-type", "none"),
                        _paired(args, main, "--controlnet-scale", 1.0), _paired(args, main, "--control-start", 0.0),
@@ -118,19 +156,20 @@ def check_plugin_arguments(args: argparse.Namespace) -> dict[str, list[dict[str,
                 _scale("--nexus-scale", scale, 0.0, 10.0)
                 specs[kind].append(dict(path=p, image=im, scale=scale))
     if args.ip_adapter:
-        _exists("--ip-adapter", args.ip_adapter)
+        _plugin_model("--ip-adapter", args.ip_adapter)
         if not args.ip_image:
             raise ParameterError("--ip-image", None, "at least one image with --ip-adapter")
         for im in args.ip_image:
-            _exists("--ip-image", im)
-        _exists("--image-encoder", args.image_encoder)
+            _image("--ip-image", im)
+        if args.image_encoder is not None:
+            _plugin_model("--image-encoder", args.image_encoder)
         _scale("--ip-scale", args.ip_scale, 0.0, 10.0)
         specs["ip"].append(dict(path=args.ip_adapter, images=list(args.ip_image), scale=args.ip_scale,
                                 image_encoder=args.image_encoder))
     elif args.ip_image or args.image_encoder:
         raise ParameterError("--ip-image" if args.ip_image else "--image-encoder", None, "only together with --ip-adapter")
     if args.init_image is not None:
-        _exists("--init-image", args.init_image)
+        _image("--init-image", args.init_image)
     elif args.strength != 1.0:
         raise ParameterError("--strength", args.strength, "1.0 unless --init-image is given")
     return specs
