@@ -13,6 +13,7 @@ from diffusers import T2IAdapter
 from xa_runtime.errors import CheckpointError, ParameterError
 from xa_runtime.pipeline import XAdapterPipeline
 from xa_runtime.plugins import PluginContext, StepInfo
+from xa_runtime.plugins.controlnet import ControlNetPlugin, build_tiny_controlnet
 from xa_runtime.plugins.nexus import (
     NexusAdapterPlugin,
     build_tiny_nexus,
@@ -52,6 +53,24 @@ def _run(pipe, plugins):
 @pytest.fixture(scope="module")
 def plain(pipe):
     return _run(pipe, [])
+
+
+def test_controlnet_t2i_and_nexus_together(pipe, plain, tiny_models):
+    # ControlNet residuals (down_block_additional_residuals + mid) and adapter features
+    # (down_intrablock_additional_residuals, summed over T2I and Nexus) reach one UNet call.
+    unet = tiny_models[0].unet
+    controlnet, t2i, nexus = build_tiny_controlnet(unet), build_tiny_t2i_adapter(unet), build_tiny_nexus(unet)
+
+    def plugins(scale):
+        return [ControlNetPlugin(controlnet, IMAGE, conditioning_scale=scale), T2IAdapterPlugin(t2i, IMAGE, scale),
+                NexusAdapterPlugin(nexus, IMAGE, scale)]
+
+    images, f2 = _run(pipe, plugins(0.0))
+    torch.testing.assert_close(images, plain[0], **EXACT)
+    torch.testing.assert_close(f2, plain[1], **EXACT)
+    together = _run(pipe, plugins(1.0))[0]
+    for alone in plugins(1.0):
+        assert (together - _run(pipe, [alone])[0]).abs().max() > 1e-3
 
 
 def _adapters(unet):
@@ -185,19 +204,40 @@ def test_t2i_loaders_round_trip(tmp_path, tiny_models, pipe):
         load_t2i_adapter(tmp_path / "missing")
 
 
-@pytest.mark.parametrize("hetconv, fmt", [(True, "safetensors"), (False, "bin")])
-def test_nexus_loader_round_trip_and_layout_by_keys(tmp_path, tiny_models, pipe, hetconv, fmt):
+@pytest.mark.parametrize("hetconv, bias, fmt", [(True, False, "safetensors"), (True, True, "bin"), (False, False, "bin")])
+def test_nexus_loader_round_trip_and_layout_by_keys(tmp_path, tiny_models, pipe, hetconv, bias, fmt):
     unet = tiny_models[0].unet
-    folder = write_tiny_nexus(tmp_path / "nexus", unet, hetconv=hetconv, groups=4, seed=3, weights_format=fmt)
+    folder = write_tiny_nexus(tmp_path / "nexus", unet, hetconv=hetconv, groups=4, seed=3, weights_format=fmt,
+                              hetconv_bias=bias)
     loaded = load_nexus_adapter(folder)
-    ref = build_tiny_nexus(unet, hetconv=hetconv, groups=4, seed=3)
-    assert loaded.config == ref.config and loaded.config.hetconv is hetconv
+    ref = build_tiny_nexus(unet, hetconv=hetconv, groups=4, seed=3, hetconv_bias=bias)
+    assert loaded.config == ref.config and loaded.config.hetconv is hetconv and loaded.config.hetconv_bias is bias
     assert loaded.state_dict().keys() == ref.state_dict().keys()
+    assert ("body.0.resnets.0.block1.gwc.bias" in ref.state_dict()) is bias
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in ref.state_dict().items())
     # the plain layout's config still says groups=4 (HetConv configured, plain convs saved)
     assert json.loads((folder / "config.json").read_text())["groups"] == 4
     plugin = load_nexus_adapter_plugin(folder, IMAGE, unet=pipe.sd15.unet, scale=0.3)
     assert plugin.scale == 0.3 and plugin.adapter.config.hetconv is hetconv
+
+
+def test_nexus_attention_sizes_from_weights(tmp_path, tiny_models):
+    folder = write_tiny_nexus(tmp_path / "n", tiny_models[0].unet)
+    config = json.loads((folder / "config.json").read_text())
+    want = load_nexus_adapter(folder).config
+
+    def load_with(**changes):
+        raw = {k: v for k, v in {**config, **changes}.items() if v is not None}
+        (folder / "config.json").write_text(json.dumps(raw))
+        return load_nexus_adapter(folder).config
+
+    # text width read from to_k, head size (or count) from to_q and the other
+    assert load_with(cross_attention_dim=None, attention_head_dim=None) == want
+    assert load_with(attention_heads=None) == want
+    with pytest.raises(CheckpointError, match="multiple of 64"):  # 2 x 16 = 32 wide: the head size is ambiguous
+        load_with(attention_heads=None, attention_head_dim=None)
+    with pytest.raises(CheckpointError, match="attention_heads=4"):
+        load_with(attention_heads=4)
 
 
 def test_nexus_loader_errors(tmp_path, tiny_models):

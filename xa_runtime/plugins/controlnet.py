@@ -240,7 +240,7 @@ def load_controlnet_plugin(
     """What `--controlnet PATH --control-image IMG [--control-type] [--controlnet-scale]
     [--control-start --control-end] [--guess-mode]` means; with `unet` (the SD1.5 UNet) the
     ControlNet is loaded on its device and dtype and checked to fit it."""
-    where = dict(dtype=unet.dtype, device=unet.device) if unet is not None else {}
+    where = {"dtype": unet.dtype, "device": unet.device} if unet is not None else {}
     controlnet = load_controlnet(path, **where)
     if unet is not None:
         check_controlnet_fits(controlnet, unet, str(path))

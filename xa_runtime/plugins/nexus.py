@@ -6,14 +6,18 @@ changes, residual blocks x + conv1x1(relu(conv3x3(x)))), and every stage ends wi
 LayerNorm over channels and a cross-attention from the feature map to the prompt's text
 embeddings (diffusers `Attention`, no bias on q/k/v, bias on the output projection,
 upcast attention). The first conv of a residual block is either a plain 3x3 conv or a
-HetConv (groupwise 3x3 + pointwise 1x1, summed); the weights' keys decide. Prime and Slim
-are configurations of this one module (widths, blocks, groups).
+HetConv (groupwise 3x3 + pointwise 1x1, summed; with or without biases); the weights' keys
+decide. Prime and Slim are configurations of this one module (widths, blocks, groups).
 
 The authors' code was not found in the reference index, so parameter names are ours and
 mirror diffusers' T2IAdapter (`conv_in`, `body.{i}.in_conv`, `body.{i}.resnets.{j}.block1`
 / `.block1.gwc` + `.block1.pwc`, `.block2`) plus `body.{i}.norm` and `body.{i}.attn.{to_q,
 to_k,to_v,to_out.0}`; an `adapter.` prefix (diffusers' wrapper) is accepted. The attention is
 read as a pre-norm residual, x + attn(LayerNorm(x), text), per position of the feature map.
+The widely used HetConv code (Singh et al., CVPR 2019) has no conv biases, so that is the
+default here; weights that carry `block1.gwc.bias` / `block1.pwc.bias` load as well. The
+attention sizes may be left out of config.json: the text width is read from `to_k`, and the
+heads from `to_q` (64-wide heads) unless the config names them.
 """
 
 from __future__ import annotations
@@ -45,7 +49,9 @@ WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "dif
 class NexusConfig:
     """in_channels: control image channels; channels: width per stage (= the SD1.5 UNet's down
     widths); groups: HetConv groups; hetconv: HetConv (True) or plain 3x3 (False) first convs;
-    attention_heads x attention_head_dim: the cross-attention; cross_attention_dim: text width."""
+    hetconv_bias: HetConv convs with biases; attention_heads x attention_head_dim: the
+    cross-attention; cross_attention_dim: text width. `hetconv` and `hetconv_bias` are told by
+    the weights' keys, not written to config.json."""
 
     in_channels: int = 3
     channels: tuple[int, ...] = (320, 640, 1280, 1280)
@@ -54,6 +60,7 @@ class NexusConfig:
     adapter_type: str = "full_adapter"
     groups: int = 1
     hetconv: bool = False
+    hetconv_bias: bool = False
     attention_heads: int = 10
     attention_head_dim: int = 64
     cross_attention_dim: int = 768
@@ -69,10 +76,12 @@ NEXUS_PRESETS = {
 class HetConv(nn.Module):
     """Groupwise 3x3 conv + pointwise 1x1 conv of the same input, summed (C -> C)."""
 
-    def __init__(self, channels: int, groups: int):
+    def __init__(self, channels: int, groups: int, bias: bool = False):
         super().__init__()
-        self.gwc = nn.Conv2d(channels, channels, kernel_size=3, padding=1, groups=groups)
-        self.pwc = nn.Conv2d(channels, channels, kernel_size=1)
+        if channels % groups:
+            raise ValueError(f"HetConv groups={groups} must divide the {channels} channels")
+        self.gwc = nn.Conv2d(channels, channels, kernel_size=3, padding=1, groups=groups, bias=bias)
+        self.pwc = nn.Conv2d(channels, channels, kernel_size=1, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.gwc(x) + self.pwc(x)
@@ -82,7 +91,7 @@ class NexusResBlock(nn.Module):
     def __init__(self, channels: int, config: NexusConfig):
         super().__init__()
         if config.hetconv:
-            self.block1: nn.Module = HetConv(channels, config.groups)
+            self.block1: nn.Module = HetConv(channels, config.groups, config.hetconv_bias)
         else:
             self.block1 = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
         self.act = nn.ReLU()
@@ -176,8 +185,33 @@ def _weights_file(folder: Path) -> Path:
     return other[0]
 
 
+def _attention_sizes(values: dict[str, Any], state: dict[str, torch.Tensor], source: str) -> None:
+    """Fill the attention sizes config.json leaves out from the first stage's projections."""
+    q, k = state.get("body.0.attn.to_q.weight"), state.get("body.0.attn.to_k.weight")
+    if k is not None:
+        values.setdefault("cross_attention_dim", int(k.shape[1]))
+    if q is None:
+        return  # assign_exact names what is missing
+    inner = int(q.shape[0])
+    heads, dim = values.get("attention_heads"), values.get("attention_head_dim")
+    if heads is None and dim is None:
+        if inner % 64:
+            raise CheckpointError(f"{source}: attention width {inner} is not a multiple of 64; give attention_heads "
+                                  "and attention_head_dim in config.json")
+        heads, dim = inner // 64, 64
+    elif heads is None:
+        heads = inner // int(dim)
+    elif dim is None:
+        dim = inner // int(heads)
+    if int(heads) * int(dim) != inner:
+        raise CheckpointError(f"{source}: config attention_heads={heads} x attention_head_dim={dim}, but "
+                              f"body.0.attn.to_q.weight projects to {inner}")
+    values["attention_heads"], values["attention_head_dim"] = int(heads), int(dim)
+
+
 def nexus_config_for(raw: dict[str, Any], state: dict[str, torch.Tensor], source: str) -> NexusConfig:
-    """The NexusConfig of a config.json dict, with the first-conv layout told by the weights."""
+    """The NexusConfig of a config.json dict, with the first-conv layout (HetConv or plain,
+    HetConv biases) and any attention sizes the config leaves out told by the weights."""
     unknown = sorted(k for k in raw if k not in _CONFIG_KEYS and not k.startswith("_"))
     if unknown:
         log.warning("%s: ignoring config keys %s", source, unknown)
@@ -191,17 +225,20 @@ def nexus_config_for(raw: dict[str, Any], state: dict[str, torch.Tensor], source
     if het and plain:
         raise CheckpointError(f"{source}: mixes HetConv ({het[0]}) and plain ({plain[0]}) first convs")
     groups = int(values.get("groups", 1))
+    bias = False
     if het:
         weight = state[het[0]]
         found = weight.shape[0] // weight.shape[1]
         if "groups" in values and groups != found:
             raise CheckpointError(f"{source}: config groups={groups}, but {het[0]} has {found} groups")
         values["groups"] = found
+        bias = het[0][: -len("weight")] + "bias" in state  # one layout for all blocks: assign_exact checks the rest
     else:
         if groups > 1:  # the public code configures a HetConv, then overwrites it with a plain 3x3 conv
             log.info("%s: config groups=%d but the weights hold plain 3x3 first convs; loading those", source, groups)
         values["groups"] = 1
-    return NexusConfig(**values, hetconv=bool(het))
+    _attention_sizes(values, state, source)
+    return NexusConfig(**values, hetconv=bool(het), hetconv_bias=bias)
 
 
 def load_nexus_adapter(
@@ -226,7 +263,7 @@ def load_nexus_adapter_plugin(
 ) -> NexusAdapterPlugin:
     """What `--nexus-adapter PATH --adapter-image IMG --nexus-scale F` means; with `unet` (the
     SD1.5 UNet) the adapter is loaded on its device and dtype and checked to fit it."""
-    where = dict(dtype=unet.dtype, device=unet.device) if unet is not None else {}
+    where = {"dtype": unet.dtype, "device": unet.device} if unet is not None else {}
     adapter = load_nexus_adapter(path, **where)
     if unet is not None:
         check_adapter_fits(adapter, unet, str(path))
@@ -237,18 +274,21 @@ def load_nexus_adapter_plugin(
     return NexusAdapterPlugin(adapter, image, scale, control_type=control_type)
 
 
-def build_tiny_nexus(sd15_unet: torch.nn.Module, hetconv: bool = True, groups: int = 4, seed: int = 0) -> NexusAdapter:
+def build_tiny_nexus(
+    sd15_unet: torch.nn.Module, hetconv: bool = True, groups: int = 4, seed: int = 0, hetconv_bias: bool = False
+) -> NexusAdapter:
     """A random Nexus Adapter fitting `sd15_unet` (its widths and text width, 2 heads of 16)."""
     cfg = sd15_unet.config
     config = NexusConfig(channels=tuple(cfg.block_out_channels), attention_heads=2, attention_head_dim=16,
-                         cross_attention_dim=cfg.cross_attention_dim, hetconv=hetconv, groups=groups if hetconv else 1)
+                         cross_attention_dim=cfg.cross_attention_dim, hetconv=hetconv, groups=groups if hetconv else 1,
+                         hetconv_bias=hetconv and hetconv_bias)
     torch.manual_seed(seed)
     return NexusAdapter(config).eval().requires_grad_(False)
 
 
 def write_tiny_nexus(
     folder: str | Path, sd15_unet: torch.nn.Module, hetconv: bool = True, groups: int = 4, seed: int = 0,
-    weights_format: str = "safetensors",
+    weights_format: str = "safetensors", hetconv_bias: bool = False,
 ) -> Path:
     """Write `build_tiny_nexus` as config.json + diffusion_pytorch_model.{safetensors,bin}."""
     from safetensors.torch import save_file
@@ -257,7 +297,7 @@ def write_tiny_nexus(
         raise ParameterError("weights_format", weights_format, "'safetensors' or 'bin'")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    adapter = build_tiny_nexus(sd15_unet, hetconv, groups, seed)
+    adapter = build_tiny_nexus(sd15_unet, hetconv, groups, seed, hetconv_bias)
     raw = config_to_json(adapter.config)
     if not hetconv:
         raw["groups"] = groups  # as the public code: HetConv configured, plain convs saved

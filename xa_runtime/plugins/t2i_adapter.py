@@ -129,7 +129,7 @@ def load_t2i_adapter_plugin(
 ) -> T2IAdapterPlugin:
     """What `--t2i-adapter PATH --t2i-image IMG --t2i-scale F` means; with `unet` (the SD1.5
     UNet) the adapter is loaded on its device and dtype and checked to fit it."""
-    where = dict(dtype=unet.dtype, device=unet.device) if unet is not None else {}
+    where = {"dtype": unet.dtype, "device": unet.device} if unet is not None else {}
     adapter = load_t2i_adapter(path, **where)
     if unet is not None:
         check_adapter_fits(adapter, unet, str(path))
