@@ -59,6 +59,20 @@ def test_default_block_sizes_cover_tails():
     torch.testing.assert_close(remap_inject_triton(x, weight, bias, hidden.clone(), 0.8), want, **TOLERANCE[torch.float32])
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_autotuned_kernel_matches_reference_on_gpu(dtype, channels_last):
+    # The autotuner times several block configs on the in-place output: restore_value must
+    # hand each trial (and the final run) the original hidden state.
+    x, weight, bias, hidden = _inputs((2, 320, 640, 24, 20), dtype, channels_last, "cuda", seed=3)
+    want = remap_inject_reference(x.float(), weight.float(), bias.float(), hidden.float(), 0.9, None)
+    got = remap_inject_triton(x, weight, bias, hidden, 0.9)
+    assert got.data_ptr() == hidden.data_ptr()
+    torch.testing.assert_close(got.float(), want, **TOLERANCE[dtype])
+
+
 def test_launcher_rejects_bad_arguments():
     x, weight, bias, hidden = _inputs(SHAPES[0], torch.float32, False, "cpu")
     with pytest.raises(ValueError, match="hidden"):

@@ -43,7 +43,8 @@ if triton is not None:
         C_OUT, C_IN, P,
         sx_b, sx_c, sx_p, sh_b, sh_c, sh_p, sw_o, sw_i,
         scale, fusion,
-        USE_LERP: tl.constexpr, UPCAST_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        USE_LERP: tl.constexpr, UPCAST_DOT: tl.constexpr, IEEE_DOT: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         pid_m, pid_n, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # output channels
@@ -59,7 +60,10 @@ if triton is not None:
                          mask=(k[:, None] < C_IN) & (offs_n[None, :] < P), other=0.0)
             if UPCAST_DOT:  # the CPU interpreter mis-multiplies bf16 operands (numpy has no bf16)
                 w, xv = w.to(tl.float32), xv.to(tl.float32)
-            acc += tl.dot(w, xv, out_dtype=tl.float32)
+            if IEEE_DOT:  # fp32 inputs: true fp32 products, not tf32 (which errs ~1e-3)
+                acc += tl.dot(w, xv, input_precision="ieee", out_dtype=tl.float32)
+            else:
+                acc += tl.dot(w, xv, out_dtype=tl.float32)
         bias = tl.load(b_ptr + offs_m, mask=offs_m < C_OUT, other=0.0).to(tl.float32)
         r = (acc + bias[:, None]) * scale
         mask = (offs_m[:, None] < C_OUT) & (offs_n[None, :] < P)
@@ -105,9 +109,13 @@ def check_remap_inject_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
 
 def remap_inject_triton(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, hidden: torch.Tensor, scale: float,
-    fusion_guidance_scale: float | None = None, *, block_m: int = 64, block_n: int = 64, block_k: int = 32,
+    fusion_guidance_scale: float | None = None, *, block_m: int | None = None, block_n: int | None = None,
+    block_k: int | None = None,
 ) -> torch.Tensor:
-    """The Triton kernel; updates `hidden` in place and returns it."""
+    """The Triton kernel; updates `hidden` in place and returns it.
+
+    Block sizes: given, or autotuned per (C_out, C_in, pixels, dtype) on a GPU; the
+    interpreter uses 64 x 64 x 32 (autotuning there would only cost time)."""
     if triton is None:
         raise RuntimeError("triton is not installed")
     check_remap_inject_args(x, weight, bias, hidden)
@@ -115,13 +123,46 @@ def remap_inject_triton(
     c_out = hidden.shape[1]
     w2 = weight.reshape(c_out, c_in)
     p = hgt * wid
-    grid = (triton.cdiv(c_out, block_m), triton.cdiv(p, block_n), b)
-    _remap_inject_kernel[grid](
+    args = (
         x, w2, bias, hidden, c_out, c_in, p,
         x.stride(0), x.stride(1), _spatial_stride(x, "x"),
         hidden.stride(0), hidden.stride(1), _spatial_stride(hidden, "hidden"),
         w2.stride(0), w2.stride(1),
         float(scale), float(fusion_guidance_scale or 0.0),
-        USE_LERP=fusion_guidance_scale is not None, UPCAST_DOT=interpreted() and x.dtype == torch.bfloat16, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
     )
+    flags = dict(
+        USE_LERP=fusion_guidance_scale is not None, UPCAST_DOT=interpreted() and x.dtype == torch.bfloat16,
+        IEEE_DOT=x.dtype == torch.float32,
+    )
+    fixed = (block_m, block_n, block_k)
+    if any(v is not None for v in fixed) or interpreted():
+        bm, bn, bk = (v if v is not None else d for v, d in zip(fixed, (64, 64, 32)))
+        grid = (triton.cdiv(c_out, bm), triton.cdiv(p, bn), b)
+        _remap_inject_kernel[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    else:
+        def grid(meta):
+            return (triton.cdiv(c_out, meta["BLOCK_M"]), triton.cdiv(p, meta["BLOCK_N"]), b)
+
+        _remap_inject_tuned()[grid](*args, **flags)
     return hidden
+
+
+_TUNED = None
+
+
+def _remap_inject_tuned():
+    """The kernel under triton.autotune (built on first GPU use). `restore_value` puts
+    `hidden` back between timing trials, since the kernel updates it in place."""
+    global _TUNED
+    if _TUNED is None:
+        configs = [
+            triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
+            for m, n, k, w, st in (
+                (128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+                (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (64, 64, 64, 4, 4), (128, 128, 64, 4, 3),
+            )
+        ]
+        _TUNED = triton.autotune(configs=configs, key=["C_OUT", "C_IN", "P", "sx_p", "sh_p"], restore_value=["h_ptr"])(
+            _remap_inject_kernel
+        )
+    return _TUNED

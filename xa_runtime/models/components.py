@@ -57,9 +57,12 @@ def build_random_components(
     """
     p = get_preset(preset) if isinstance(preset, str) else preset
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**_strip_class(p.unet))
-    vae = AutoencoderKL(**_strip_class(p.vae))
-    text_encoder = CLIPTextModel(CLIPTextConfig(**p.text_encoder))
+    # Parameters are created on `device` directly: initialising SDXL's 2.6 B weights on the
+    # CPU and copying them over takes far longer than on a GPU.
+    with torch.device(device):
+        unet = UNet2DConditionModel(**_strip_class(p.unet))
+        vae = AutoencoderKL(**_strip_class(p.vae))
+        text_encoder = CLIPTextModel(CLIPTextConfig(**p.text_encoder))
     modules: list[torch.nn.Module] = [unet, vae, text_encoder]
     if p.family == "sd15":
         out: SD15Components | SDXLComponents = SD15Components(
@@ -68,7 +71,8 @@ def build_random_components(
         )
     else:
         assert p.text_encoder_2 is not None
-        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**p.text_encoder_2))
+        with torch.device(device):
+            text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**p.text_encoder_2))
         modules.append(text_encoder_2)
         out = SDXLComponents(
             unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,

@@ -1,0 +1,183 @@
+"""Where a full-size stage-2 step spends its time: SD1.5 UNet, mapping (residual blocks and
+zero_out + injection), SDXL UNet, per op, on a CUDA GPU with random weights.
+
+One step of stage 2 at the standard workload (SDXL 1024 px, SD1.5 512 px, CFG: batch 2),
+timed with CUDA events per region (median of --iters), in NCHW and channels-last, with the
+fused remap-inject kernel off and on; then torch.profiler over a few steps, grouped by op.
+This is the profile issue 6 asks for ("anything else a profile shows is worth it").
+
+    python benchmarks/profile_stage2.py --output benchmarks/results/stage2-profile-<gpu>-<date>.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import platform
+import statistics
+import sys
+
+import torch
+
+from xa_runtime.kernels import remap_inject
+from xa_runtime.models import MappingConfig, MappingLayers, build_random_components, get_preset
+from xa_runtime.models.branches import SD15Branch, SDXLBranch, inject_residual
+from xa_runtime.runtime.timing import synchronize, time_callable
+
+
+def build(dtype: torch.dtype, device: str, prefix: str):
+    sd15 = build_random_components(prefix + "sd15", 0, device=device, dtype=dtype)
+    sdxl = build_random_components(prefix + "sdxl", 1, device=device, dtype=dtype)
+    mapping = MappingLayers(MappingConfig.from_unet_configs(sd15.unet.config, sdxl.unet.config))
+    for conv in mapping.zero_out:  # the released init is zero; random values for honest timing
+        torch.nn.init.normal_(conv.weight, std=0.02)
+    mapping.to(device, dtype).eval().requires_grad_(False)
+    return SD15Branch(sd15.unet), SDXLBranch(sdxl.unet), mapping
+
+
+def inputs(dtype: torch.dtype, batch: int, device: str, prefix: str):
+    """Random step inputs at the presets' default sizes (SD1.5 512 / SDXL 1024 for the full ones)."""
+    g = torch.Generator(device).manual_seed(0)
+    p15, pxl = get_preset(prefix + "sd15"), get_preset(prefix + "sdxl")
+    s15, sxl = p15.default_size // 8, pxl.default_size // 8
+    text_dim = pxl.unet["projection_class_embeddings_input_dim"] - 6 * pxl.unet["addition_time_embed_dim"]
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, device=device, dtype=dtype)
+
+    size = float(pxl.default_size)
+    t = torch.tensor(500.0, device=device)
+    cond = {"text_embeds": r(batch, text_dim),
+            "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * batch, device=device, dtype=dtype)}
+    return {"x15": r(batch, 4, s15, s15), "emb15": r(batch, 77, p15.unet["cross_attention_dim"]),
+            "xxl": r(batch, 4, sxl, sxl), "embxl": r(batch, 77, pxl.unet["cross_attention_dim"]), "cond": cond, "t": t}
+
+
+def to_layout(module: torch.nn.Module, channels_last: bool) -> None:
+    module.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@torch.no_grad()
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16")
+    ap.add_argument("--batch", type=int, default=2, help="UNet rows (2 = one image with CFG)")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--profile-steps", type=int, default=3)
+    ap.add_argument("--output")
+    ap.add_argument("--tiny", action="store_true", help="tiny models on the CPU in fp32: a smoke run of this script")
+    args = ap.parse_args(argv)
+    if not args.tiny and not torch.cuda.is_available():
+        print("error: profile_stage2 needs a CUDA GPU (or --tiny for a CPU smoke run)", file=sys.stderr)
+        return 2
+    device, prefix = ("cpu", "tiny-") if args.tiny else ("cuda", "")
+    dtype = torch.float32 if args.tiny else {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    sd15, sdxl, mapping = build(dtype, device, prefix)
+    inp = inputs(dtype, args.batch, device, prefix)
+    acs = 1.0
+    rows = []
+
+    for channels_last in (False, True):
+        for m in (sd15, sdxl, mapping):
+            to_layout(m, channels_last)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        x15, xxl = inp["x15"].contiguous(memory_format=fmt), inp["xxl"].contiguous(memory_format=fmt)
+        _, feats = sd15(x15, inp["t"], inp["emb15"])
+        pre = mapping.features(*feats)
+        res = mapping(*feats)
+
+        def sd15_step():
+            return sd15(x15, inp["t"], inp["emb15"])
+
+        def mapping_blocks():
+            return mapping.features(*feats)
+
+        def mapping_all():
+            return mapping(*feats)
+
+        def sdxl_plain():
+            inj = [functools.partial(inject_residual, residual=r, scale=acs, fusion_guidance_scale=None) for r in res]
+            return sdxl(xxl, inp["t"], inp["embxl"], inp["cond"], injections=inj)
+
+        def sdxl_alone():
+            return sdxl(xxl, inp["t"], inp["embxl"], inp["cond"])
+
+        def fused_injections():
+            return [functools.partial(lambda h, x, conv: remap_inject(x, conv.weight, conv.bias, h, acs), x=x, conv=c)
+                    for x, c in zip(pre, mapping.zero_out)]
+
+        def sdxl_fused():
+            return sdxl(xxl, inp["t"], inp["embxl"], inp["cond"], injections=fused_injections())
+
+        def step_plain():
+            _, f = sd15_step()
+            r = mapping(*f)
+            inj = [functools.partial(inject_residual, residual=x, scale=acs, fusion_guidance_scale=None) for x in r]
+            return sdxl(xxl, inp["t"], inp["embxl"], inp["cond"], injections=inj)
+
+        def step_fused():
+            _, f = sd15_step()
+            p = mapping.features(*f)
+            inj = [functools.partial(lambda h, x, conv: remap_inject(x, conv.weight, conv.bias, h, acs), x=x, conv=c)
+                   for x, c in zip(p, mapping.zero_out)]
+            return sdxl(xxl, inp["t"], inp["embxl"], inp["cond"], injections=inj)
+
+        layout = "channels_last" if channels_last else "nchw"
+        for name, fn in (("sd15_unet", sd15_step), ("mapping_blocks", mapping_blocks), ("mapping_all", mapping_all),
+                         ("sdxl_unet_alone", sdxl_alone), ("sdxl_unet+inject", sdxl_plain),
+                         ("sdxl_unet+fused_inject", sdxl_fused), ("stage2_step_plain", step_plain),
+                         ("stage2_step_fused", step_fused)):
+            samples = time_callable(fn, device, warmup=3, iters=args.iters)
+            rows.append({"layout": layout, "region": name, "median_ms": statistics.median(samples) * 1e3,
+                         "min_ms": min(samples) * 1e3})
+            print(f"{layout:<13} {name:<24} {rows[-1]['median_ms']:8.2f} ms", flush=True)
+
+    # torch.profiler over a few plain NCHW steps, grouped by op.
+    for m in (sd15, sdxl, mapping):
+        to_layout(m, False)
+    x15, xxl = inp["x15"], inp["xxl"]
+
+    def region_step():
+        with torch.profiler.record_function("sd15_unet"):
+            _, f = sd15(x15, inp["t"], inp["emb15"])
+        with torch.profiler.record_function("mapping"):
+            r = mapping(*f)
+        inj = [functools.partial(inject_residual, residual=x, scale=acs, fusion_guidance_scale=None) for x in r]
+        with torch.profiler.record_function("sdxl_unet"):
+            return sdxl(xxl, inp["t"], inp["embxl"], inp["cond"], injections=inj)
+
+    for _ in range(2):
+        region_step()
+    synchronize(device)
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(args.profile_steps):
+            region_step()
+        synchronize(device)
+    events = prof.key_averages()
+    attr = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+    if device == "cpu":
+        attr = "self_cpu_time_total"
+    total = sum(getattr(e, attr) for e in events) or 1.0
+    ops = sorted(({"op": e.key, "self_cuda_ms_per_step": getattr(e, attr) / 1e3 / args.profile_steps,
+                   "share": getattr(e, attr) / total, "calls_per_step": e.count / args.profile_steps}
+                  for e in events if getattr(e, attr) > 0), key=lambda d: -d["self_cuda_ms_per_step"])
+    print("\ntop ops by self CUDA time per stage-2 step (NCHW, plain torch):")
+    for o in ops[:25]:
+        print(f"  {o['self_cuda_ms_per_step']:8.3f} ms  {o['share']:6.1%}  x{o['calls_per_step']:<6.0f} {o['op'][:90]}")
+    launches = sum(e.count for e in events if e.key.startswith(("cudaLaunchKernel", "cuLaunchKernel"))) / args.profile_steps
+    print(f"kernel launches per step: {launches:.0f}")
+    result = {"benchmark": "stage2-profile", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+              "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (tiny smoke run)", "torch": torch.__version__, "python": platform.python_version(),
+              "command": " ".join(sys.argv), "dtype": args.dtype, "batch": args.batch, "regions": rows,
+              "top_ops": ops[:60], "kernel_launches_per_step": launches}
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
