@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# GPU validation in one device call (see README "What ran where"): the GPU-marked tests,
+# the kernel benchmark, the stage-2 profile and xa-bench at full size with random weights.
+# Run from the repository root on a CUDA machine; results go to $OUT (default ./out/gpu).
+set -uo pipefail
+OUT="${OUT:-out/gpu}"; mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then  # packages the GPU image lacks, carried as wheels
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv
+python3 -c "import torch, triton, diffusers, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
+steps="${STEPS:-tests kernels profile latency}"
+for s in $steps; do
+  echo "=== $s"; start=$(date +%s)
+  case $s in
+    tests) timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tee "$OUT/pytest_gpu.log" | tail -25 ;;
+    kernels) timeout 120 python3 benchmarks/bench_kernels.py --output "$OUT/kernels.json" 2>&1 | tail -12 ;;
+    profile) timeout 150 python3 benchmarks/profile_stage2.py --output "$OUT/profile.json" > "$OUT/profile.log" 2>&1; tail -48 "$OUT/profile.log" ;;
+    latency) timeout 220 python3 -m xa_runtime.cli.bench --models random --device cuda --dtype fp16 \
+               --compare eager,kernels --warmup 1 --runs 3 --output "$OUT/latency.json" 2>&1 | grep -v "round" | tail -12 ;;
+  esac
+  echo "=== $s took $(( $(date +%s) - start )) s"
+done
