@@ -24,7 +24,7 @@ import torch
 from xa_runtime.kernels import remap_inject
 from xa_runtime.models import MappingConfig, MappingLayers, build_random_components, get_preset
 from xa_runtime.models.branches import SD15Branch, SDXLBranch, inject_residual
-from xa_runtime.runtime.timing import synchronize, time_callable
+from xa_runtime.runtime.timing import synchronize, time_callable, time_cuda_graph
 
 
 def build(dtype: torch.dtype, device: str, prefix: str):
@@ -34,7 +34,7 @@ def build(dtype: torch.dtype, device: str, prefix: str):
     for conv in mapping.zero_out:  # the released init is zero; random values for honest timing
         torch.nn.init.normal_(conv.weight, std=0.02)
     mapping.to(device, dtype).eval().requires_grad_(False)
-    return SD15Branch(sd15.unet), SDXLBranch(sdxl.unet), mapping
+    return SD15Branch(sd15.unet), SDXLBranch(sdxl.unet), mapping, (sd15, sdxl)
 
 
 def inputs(dtype: torch.dtype, batch: int, device: str, prefix: str):
@@ -59,6 +59,35 @@ def to_layout(module: torch.nn.Module, channels_last: bool) -> None:
     module.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
+SYNC_OPS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync", "aten::_local_scalar_dense",
+            "aten::item", "cudaEventSynchronize")
+
+
+def profile_pipeline(components, mapping, device: str, dtype: torch.dtype, steps: int) -> dict:
+    """Host time of one whole generate() and where it goes: the top ops by self CPU time and
+    every host synchronisation (they stall the launch queue)."""
+    from xa_runtime.pipeline import GenerationParams, XAdapterPipeline
+
+    pipe = XAdapterPipeline(*components, mapping, device=device, dtype=dtype, progress=False)
+    params = GenerationParams(prompt="a cat", num_inference_steps=steps, adapter_guidance_start=0.5, seed=0,
+                              output_type="latent")
+    pipe.generate(params)
+    synchronize(device)
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        out = pipe.generate(params)
+        synchronize(device)
+    events = prof.key_averages()
+    cpu = sorted(events, key=lambda e: -e.self_cpu_time_total)[:25]
+    syncs = {e.key: e.count for e in events if e.key.startswith(SYNC_OPS)}
+    print(f"\nwhole generate(), {steps} steps ({params.stage2_steps} in stage 2): timings {out.timings}")
+    print("host synchronisations:", syncs)
+    for e in cpu:
+        print(f"  cpu {e.self_cpu_time_total / 1e3:9.2f} ms  x{e.count:<6} {e.key[:80]}")
+    return {"steps": steps, "timings": out.timings, "syncs": syncs,
+            "top_cpu_ops": [{"op": e.key, "self_cpu_ms": e.self_cpu_time_total / 1e3, "calls": e.count} for e in cpu]}
+
+
 @torch.no_grad()
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -66,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=2, help="UNet rows (2 = one image with CFG)")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--profile-steps", type=int, default=3)
+    ap.add_argument("--pipeline-steps", type=int, default=10,
+                    help="also profile one whole generate() of this many steps (half in stage 2); 0: skip")
     ap.add_argument("--output")
     ap.add_argument("--tiny", action="store_true", help="tiny models on the CPU in fp32: a smoke run of this script")
     args = ap.parse_args(argv)
@@ -74,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device, prefix = ("cpu", "tiny-") if args.tiny else ("cuda", "")
     dtype = torch.float32 if args.tiny else {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    sd15, sdxl, mapping = build(dtype, device, prefix)
+    sd15, sdxl, mapping, components = build(dtype, device, prefix)
     inp = inputs(dtype, args.batch, device, prefix)
     acs = 1.0
     rows = []
@@ -130,9 +161,13 @@ def main(argv: list[str] | None = None) -> int:
                          ("sdxl_unet+fused_inject", sdxl_fused), ("stage2_step_plain", step_plain),
                          ("stage2_step_fused", step_fused)):
             samples = time_callable(fn, device, warmup=3, iters=args.iters)
-            rows.append({"layout": layout, "region": name, "median_ms": statistics.median(samples) * 1e3,
-                         "min_ms": min(samples) * 1e3})
-            print(f"{layout:<13} {name:<24} {rows[-1]['median_ms']:8.2f} ms", flush=True)
+            row = {"layout": layout, "region": name, "median_ms": statistics.median(samples) * 1e3,
+                   "min_ms": min(samples) * 1e3}
+            if device == "cuda":  # GPU time alone: the region captured as a CUDA graph
+                row["gpu_ms"] = statistics.median(time_cuda_graph(fn, reps=2, iters=5)) * 1e3
+            rows.append(row)
+            print(f"{layout:<13} {name:<24} eager {row['median_ms']:8.2f} ms  gpu {row.get('gpu_ms', float('nan')):8.2f} ms",
+                  flush=True)
 
     # torch.profiler over a few plain NCHW steps, grouped by op.
     for m in (sd15, sdxl, mapping):
@@ -169,10 +204,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {o['self_cuda_ms_per_step']:8.3f} ms  {o['share']:6.1%}  x{o['calls_per_step']:<6.0f} {o['op'][:90]}")
     launches = sum(e.count for e in events if e.key.startswith(("cudaLaunchKernel", "cuLaunchKernel"))) / args.profile_steps
     print(f"kernel launches per step: {launches:.0f}")
+    pipeline = profile_pipeline(components, mapping, device, dtype, args.pipeline_steps) if args.pipeline_steps else None
     result = {"benchmark": "stage2-profile", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (tiny smoke run)", "torch": torch.__version__, "python": platform.python_version(),
               "command": " ".join(sys.argv), "dtype": args.dtype, "batch": args.batch, "regions": rows,
-              "top_ops": ops[:60], "kernel_launches_per_step": launches}
+              "top_ops": ops[:60], "kernel_launches_per_step": launches,
+              "pipeline": pipeline}
     if args.output:
         with open(args.output, "w") as f:
             json.dump(result, f, indent=2)
