@@ -160,6 +160,8 @@ def _remap_inject_tuned():
             for m, n, k, w, st in (
                 (128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
                 (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (64, 64, 64, 4, 4), (128, 128, 64, 4, 3),
+                # long K (1280 channels) and few pixels (the mid block's 32 x 32): deeper K tiles
+                (128, 128, 128, 8, 3), (128, 64, 128, 4, 3), (64, 128, 128, 4, 3), (64, 256, 64, 8, 3),
             )
         ]
         _TUNED = triton.autotune(configs=configs, key=["C_OUT", "C_IN", "P", "sx_p", "sh_p"], restore_value=["h_ptr"])(
