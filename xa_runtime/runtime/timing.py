@@ -65,3 +65,27 @@ def time_callable(fn, device: torch.device | str, warmup: int = 10, iters: int =
             fn()
             samples.append(time.perf_counter() - t0)
     return samples
+
+
+def now() -> float:
+    """The host clock in seconds; benchmarks read wall time through here (tests fake `time`)."""
+    return time.perf_counter()
+
+
+class EventClock:
+    """Time marks that never wait for the device: on CUDA a timing event recorded on the
+    current stream, on CPU `now()`. Resolve marks with `seconds(start, end)` after
+    `synchronize(device)` (CUDA events are only complete then)."""
+
+    def __init__(self, device: torch.device | str):
+        self.cuda = torch.device(device).type == "cuda"
+
+    def mark(self):
+        if not self.cuda:
+            return now()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self, start, end) -> float:
+        return start.elapsed_time(end) / 1e3 if self.cuda else end - start
