@@ -51,8 +51,6 @@ def run_suite(
         "threads": torch.get_num_threads(), "versions": versions(),
         "options": dataclasses.asdict(options), "baselines": {},
     }
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     if options.mode == "throughput":
         variants: dict[str, Any] = {n: {} for n in names}
         for name, r in run_batches(pipes, workload, options.batches, options.warmup, options.runs, progress).items():
@@ -76,17 +74,28 @@ def run_suite(
             result["baselines"]["sdxl-alone"] = base
     if "mapping" in options.baselines:
         result["baselines"]["mapping"] = mapping_alone(first, workload.params(seed=0), options.warmup, options.runs)
-    result["memory"] = _memory(device)
+    result["memory"] = _memory(device, result)
     result["efficiency"] = _efficiency(first, workload, result, options) if options.mode != "throughput" else None
     return result
 
 
-def _memory(device: torch.device) -> dict[str, Any]:
+def _memory(device: torch.device, result: dict[str, Any]) -> dict[str, Any]:
+    """The largest peak of all measured calls (each variant, batch, concurrency level, baseline)."""
     if device.type != "cuda":
-        return {"peak_allocated_bytes": None, "peak_reserved_bytes": None,
-                "reason": f"not measured on {device.type} (CUDA allocator statistics only)"}
-    return {"peak_allocated_bytes": torch.cuda.max_memory_allocated(device),
-            "peak_reserved_bytes": torch.cuda.max_memory_reserved(device), "reason": None}
+        return {"peak_allocated_bytes": None, "reason": f"not measured on {device.type} (CUDA allocator statistics only)"}
+    peaks: list[int] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            mem = node.get("memory")
+            if isinstance(mem, dict) and mem.get("peak_allocated_bytes") is not None:
+                peaks.append(mem["peak_allocated_bytes"])
+            for value in node.values():
+                walk(value)
+
+    walk({"v": result["variants"], "b": result["baselines"]})
+    return {"peak_allocated_bytes": max(peaks) if peaks else None,
+            "reason": None if peaks else "no measured call", "device_total_bytes": result["device_info"].get("memory_bytes")}
 
 
 def _efficiency(first: Any, workload: Workload, result: dict[str, Any], options: SuiteOptions) -> dict[str, Any]:
