@@ -66,16 +66,19 @@ def test_components_mode_splits_stage2_and_plots_a_breakdown(tmp_path):
         assert split == pytest.approx(stage2)
     comp = data["efficiency"]["components"]["eager"]
     assert comp["stage2/sdxl_unet"]["flops"] == 2 * data["efficiency"]["flops"]["sdxl_unet"]
-    for png in ("comp-latency.png", "comp-components.png"):
+    for png in ("comp-components-latency.png", "comp-components.png"):
         _assert_png(tmp_path / png)
 
 
-def test_throughput_mode_batches_and_concurrency(tmp_path):
+def test_throughput_mode_batches_and_concurrency_in_a_multi_mode_run(tmp_path):
     out = tmp_path / "tp.json"
-    assert main([*FAST, "--mode", "throughput", "--batches", "1,2", "--concurrency", "1,2", "--output", str(out),
-                 "--plots", str(tmp_path)]) == 0
-    data = json.loads(out.read_text())
-    assert validation_errors(data) == []
+    assert main([*FAST, "--mode", "throughput,latency", "--batches", "1,2", "--concurrency", "1,2",
+                 "--baseline", "sdxl-alone,mapping", "--output", str(out), "--plots", str(tmp_path)]) == 0
+    latency = json.loads((tmp_path / "tp-latency.json").read_text())
+    assert validation_errors(latency) == [] and set(latency["baselines"]) == {"sdxl-alone"}
+    data = json.loads((tmp_path / "tp-throughput.json").read_text())
+    assert validation_errors(data) == [] and set(data["baselines"]) == {"mapping"}  # each baseline once
+    assert (tmp_path / "tp-throughput.md").exists() and (tmp_path / "tp-latency.md").exists()
     v = data["variants"]["eager"]
     assert set(v["batches"]) == {"1", "2"} and set(v["concurrency"]) == {"1", "2"}
     b2 = v["batches"]["2"]
@@ -85,6 +88,7 @@ def test_throughput_mode_batches_and_concurrency(tmp_path):
     assert c2["images_per_s"] == pytest.approx(4 / c2["wall_seconds"])
     assert "thread" in data["concurrency_note"] and data["efficiency"] is None
     _assert_png(tmp_path / "tp-throughput.png")
+    _assert_png(tmp_path / "tp-latency.png")
 
 
 def test_random_weights_is_models_random(monkeypatch, capsys):
@@ -108,6 +112,7 @@ def test_random_weights_is_models_random(monkeypatch, capsys):
     (["--compare", "onnxruntime"], "--compare"),
     (["--compare", "eager,eager"], "--compare"),
     (["--mode", "fast"], "--mode"),
+    (["--mode", "latency,latency"], "--mode"),
     (["--steps", "0"], "--steps"),
     (["--steps", "5000"], "--steps"),
     (["--adapter-guidance-start", "0"], "--adapter-guidance-start"),

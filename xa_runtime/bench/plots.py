@@ -106,11 +106,13 @@ def throughput_plot(result: dict[str, Any], path: Path) -> Path:
 
 
 def write_plots(result: dict[str, Any], folder: Path, stem: str = "xa-bench") -> list[Path]:
-    """The plots that this result's mode has data for, as `folder/stem-<kind>.png`."""
+    """The plots that this result's mode has data for: `stem-latency.png`, `stem-throughput.png`,
+    or `stem-components.png` and `stem-components-latency.png` (so modes never share a name)."""
     folder.mkdir(parents=True, exist_ok=True)
-    if result["mode"] == "throughput":
+    mode = result["mode"]
+    if mode == "throughput":
         return [throughput_plot(result, folder / f"{stem}-throughput.png")]
-    out = [latency_plot(result, folder / f"{stem}-latency.png")]
-    if result["mode"] == "components":
-        out.append(components_plot(result, folder / f"{stem}-components.png"))
-    return out
+    if mode == "components":
+        return [components_plot(result, folder / f"{stem}-components.png"),
+                latency_plot(result, folder / f"{stem}-components-latency.png")]
+    return [latency_plot(result, folder / f"{stem}-latency.png")]

@@ -37,7 +37,8 @@ VARIANT_PACKAGES = {"kernels": "triton", "onnxruntime": "onnxruntime", "tensorrt
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="xa-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mode", default="latency", help=f"one of {', '.join(MODES)}")
+    ap.add_argument("--mode", default="latency", help=f"one of {', '.join(MODES)}, or several comma-separated "
+                    "(one build of the models; one output file per mode)")
     ap.add_argument("--models", choices=["tiny", "random", "paths"], default=None,
                     help="tiny random models (default without CUDA), full-size random weights (default with CUDA), "
                          "or --sd15/--sdxl/--adapter paths")
@@ -108,12 +109,17 @@ def _check_variants(args: argparse.Namespace) -> list[str]:
 
 
 def _check(args: argparse.Namespace):
-    """Every argument checked before anything is loaded; returns (variants, workload, device, dtype, options)."""
+    """Every argument checked before anything is loaded; returns (variants, workload, device, dtype,
+    options per mode)."""
     from ..bench import Workload
     from ..bench.suite import SuiteOptions
 
-    if args.mode not in MODES:
-        raise ParameterError("--mode", args.mode, f"one of {', '.join(MODES)}")
+    modes = _names("--mode", args.mode)
+    for m in modes:
+        if m not in MODES:
+            raise ParameterError("--mode", m, f"one of {', '.join(MODES)}, or several comma-separated")
+    if not modes:
+        raise ParameterError("--mode", args.mode, f"one of {', '.join(MODES)}, or several comma-separated")
     cuda = torch.cuda.is_available()
     args.device = args.device or ("cuda" if cuda else "cpu")
     if args.device == "cuda" and not cuda:
@@ -134,14 +140,14 @@ def _check(args: argparse.Namespace):
     for b in baselines:
         if b not in BASELINE_NAMES:
             raise ParameterError("--baseline", b, f"one of {', '.join(BASELINE_NAMES)}")
-    if "sdxl-alone" in baselines and args.mode == "throughput":
+    if "sdxl-alone" in baselines and modes == ["throughput"]:
         raise ParameterError("--baseline", "sdxl-alone", "--mode latency or components (it is a latency baseline)")
     if args.scheduler not in SCHEDULERS:
         raise ParameterError("--scheduler", args.scheduler, f"one of {', '.join(SCHEDULERS)}")
     for flag, value, lo in (("--warmup", args.warmup, 0), ("--runs", args.runs, 1)):
         if not lo <= value <= 1000:
             raise ParameterError(flag, value, f"an integer in [{lo}, 1000]")
-    if args.mode != "throughput":
+    if "throughput" not in modes:
         for flag in ("batches", "concurrency"):
             if getattr(args, flag) is not None:
                 raise ParameterError(f"--{flag}", getattr(args, flag), "only with --mode throughput")
@@ -170,8 +176,12 @@ def _check(args: argparse.Namespace):
     except ParameterError as e:
         flag = {"num_inference_steps": "--steps", "num_images_per_prompt": "--batch"}.get(e.name, "--" + e.name.replace("_", "-"))
         raise ParameterError(flag, e.value, e.accepted) from None
-    options = SuiteOptions(mode=args.mode, warmup=args.warmup, runs=args.runs, batches=batches,
-                           concurrency=concurrency, baselines=baselines, flops=not args.no_flops)
+    options = []
+    for m in modes:  # each baseline runs once, in the first mode that takes it
+        taken = [b for b in baselines if not (b == "sdxl-alone" and m == "throughput")
+                 and not any(b in o.baselines for o in options)]
+        options.append(SuiteOptions(mode=m, warmup=args.warmup, runs=args.runs, batches=batches,
+                                    concurrency=concurrency, baselines=taken, flops=not args.no_flops))
     return variants, workload, torch.device(args.device), DTYPES[args.dtype], options
 
 
@@ -185,9 +195,15 @@ def _build(args: argparse.Namespace, variants: list[str], device: torch.device, 
     if args.models == "tiny":
         models = build_tiny_models(0)
     elif args.models == "random":
-        sd15 = build_random_components("sd15", 0, device=device, dtype=dtype)
-        sdxl = build_random_components("sdxl", 1, device=device, dtype=dtype)
-        models = (sd15, sdxl, MappingLayers(MappingConfig.from_unet_configs(sd15.unet.config, sdxl.unet.config)))
+        # Built on the target device: random init of ~4.6 G parameters is seconds on a GPU, a
+        # minute or more on the host (the values do not matter for speed).
+        with torch.device(device):
+            sd15 = build_random_components("sd15", 0, device=device, dtype=dtype)
+            sdxl = build_random_components("sdxl", 1, device=device, dtype=dtype)
+            mapping = MappingLayers(MappingConfig.from_unet_configs(sd15.unet.config, sdxl.unet.config))
+        models = (sd15, sdxl, mapping)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the fp32 copies made before the cast
     else:
         first = XAdapterPipeline.from_pretrained(args.sd15, args.sdxl, args.adapter, device=device, dtype=dtype, progress=False)
         models = (first.sd15, first.sdxl, first.mapping)
@@ -214,23 +230,26 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # random tiny weights leave denormals that make CPU math erratic
     pipes = _build(args, variants, device, dtype)
-    print(f"xa-bench {options.mode}: {args.models} models, {device} {args.dtype}, variants {', '.join(variants)}",
-          file=sys.stderr)
     command = " ".join([Path(sys.argv[0]).name if argv is None else "xa-bench"] + (argv if argv is not None else sys.argv[1:]))
-    result = run_suite(pipes, workload, options, models=args.models, dtype_name=args.dtype, command=command,
-                       progress=lambda m: print(m, file=sys.stderr))
-    text = table(result)
-    print(text)
-    plots = []
-    if args.plots:
-        stem = Path(args.output).stem if args.output else f"xa-bench-{options.mode}"
-        plots = write_plots(result, Path(args.plots), stem)
-        result["plots"] = [str(p) for p in plots]
-        print("plots: " + ", ".join(str(p) for p in plots), file=sys.stderr)
-    if args.output:
-        out = Path(args.output)
-        _write_atomic(out, json.dumps(result, indent=2))
-        _write_atomic(out.with_suffix(".md"), markdown(result, text, plots, out.resolve().parent))
+    for opts in options:
+        print(f"xa-bench {opts.mode}: {args.models} models, {device} {args.dtype}, variants {', '.join(variants)}",
+              file=sys.stderr)
+        result = run_suite(pipes, workload, opts, models=args.models, dtype_name=args.dtype, command=command,
+                           progress=lambda m: print(m, file=sys.stderr))
+        text = table(result)
+        print(text)
+        out = Path(args.output) if args.output else None
+        if out is not None and len(options) > 1:
+            out = out.with_name(f"{out.stem}-{opts.mode}{out.suffix or '.json'}")
+        plots = []
+        if args.plots:
+            plots = write_plots(result, Path(args.plots), Path(args.output).stem if args.output else "xa-bench")
+            result["plots"] = [str(p) for p in plots]
+            print("plots: " + ", ".join(str(p) for p in plots), file=sys.stderr)
+        if out is not None:
+            _write_atomic(out, json.dumps(result, indent=2))
+            _write_atomic(out.with_suffix(".md"), markdown(result, text, plots, out.resolve().parent))
+            print(f"wrote {out} and {out.with_suffix('.md')}", file=sys.stderr)
     return 0
 
 
