@@ -24,7 +24,8 @@ def _unet(config_json: str) -> UNet2DConditionModel:
     return UNet2DConditionModel(**config)
 
 
-def _count(fn) -> int:
+def count_flops(fn) -> int:
+    """FLOPs of `fn()` run on the meta device (build the modules inside `fn`)."""
     with torch.device("meta"), FlopCounterMode(display=False) as counter:
         fn()
     return int(counter.get_total_flops())
@@ -42,7 +43,7 @@ def _unet_flops(config_json: str, batch: int, latent_hw: tuple[int, int], text_t
             extra = {"added_cond_kwargs": {"text_embeds": torch.empty(batch, pooled), "time_ids": torch.empty(batch, 6)}}
         unet(x, torch.empty(batch), ctx, **extra)
 
-    return _count(run)
+    return count_flops(run)
 
 
 @functools.lru_cache(maxsize=64)
@@ -54,7 +55,7 @@ def _mapping_flops(config: MappingConfig, batch: int, f0_hw: tuple[int, int]) ->
         c0, c1, c2 = config.in_channels
         m(torch.empty(batch, c0, h, w), torch.empty(batch, c1, 2 * h, 2 * w), torch.empty(batch, c2, 2 * h, 2 * w))
 
-    return _count(run)
+    return count_flops(run)
 
 
 def unet_flops(config: dict[str, Any], batch: int, latent_hw: tuple[int, int], text_tokens: int = 77) -> int:

@@ -4,8 +4,9 @@ FLOP-based efficiency and the device's measured peak (a large matmul in the same
 from __future__ import annotations
 
 import statistics
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager, Iterator
 
 import torch
 
@@ -63,26 +64,59 @@ def peak_tflops(device: torch.device, dtype: torch.dtype, n: int = 4096, iters: 
     return 2 * n**3 / seconds / 1e12
 
 
+class PeakMemory:
+    """Peak device memory of the calls made inside `with memory.measure():` (bytes, max over
+    all of them). CUDA: torch.cuda.max_memory_allocated; elsewhere None, with a reason."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.bytes = device, None
+        self.reason = None if device.type == "cuda" else f"not measured on {device.type} (CUDA allocator statistics only)"
+
+    @contextmanager
+    def measure(self) -> Iterator[None]:
+        if self.device.type != "cuda":
+            yield
+            return
+        torch.cuda.reset_peak_memory_stats(self.device)
+        yield
+        self.bytes = max(self.bytes or 0, torch.cuda.max_memory_allocated(self.device))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"peak_allocated_bytes": self.bytes, "reason": self.reason}
+
+
+# observe(name, pipe) wraps one timed run and yields finish(stage timings) -> {part: seconds},
+# called after the wrapper has exited (CUDA events are resolved there).
+Observer = Callable[[str, Any], ContextManager[Callable[[dict[str, float]], dict[str, float]]]]
+
+
 def run_latency(
-    pipes: dict[str, XAdapterPipeline], workload: Workload, warmup: int, runs: int,
-    progress: Callable[[str], None] | None = None,
+    pipes: dict[str, Any], workload: Workload, warmup: int, runs: int,
+    progress: Callable[[str], None] | None = None, observe: Observer | None = None,
 ) -> dict[str, Any]:
     """Warm-up each variant, then `runs` rounds visiting the variants in turn (so drift
     hits all alike). Returns per-variant totals and per-stage summaries, and ratios to the
-    first variant."""
+    first variant. A "pipe" is anything with `.device` and `.generate(params)` returning
+    per-stage `.timings` (baselines too). `observe` (see Observer) adds per-run numbers such
+    as component times, summarised under "parts". Peak memory per variant on CUDA."""
     names = list(pipes)
     for name in names:
         for i in range(warmup):
             pipes[name].generate(workload.params(seed=i))
     totals: dict[str, list[float]] = {n: [] for n in names}
     stages: dict[str, dict[str, list[float]]] = {n: {} for n in names}
+    parts: dict[str, dict[str, list[float]]] = {n: {} for n in names}
+    memory = {n: PeakMemory(torch.device(pipes[n].device)) for n in names}
     for r in range(runs):
         for name in names:
-            out = pipes[name].generate(workload.params(seed=1000 + r))
-            synchronize(pipes[name].device)
+            with memory[name].measure(), (observe(name, pipes[name]) if observe else nullcontext(None)) as finish:
+                out = pipes[name].generate(workload.params(seed=1000 + r))
+                synchronize(pipes[name].device)
             totals[name].append(sum(out.timings.values()))
             for stage, sec in out.timings.items():
                 stages[name].setdefault(stage, []).append(sec)
+            for key, value in (finish(out.timings) if finish else {}).items():
+                parts[name].setdefault(key, []).append(value)
         if progress:
             progress(f"round {r + 1}/{runs}")
     first = statistics.median(totals[names[0]])
@@ -94,7 +128,12 @@ def run_latency(
             "stages": {k: summarize(v) for k, v in stages[name].items()},
             "ratio_to_first": med / first,
             "raw_seconds": totals[name],
+            "raw_stage_seconds": stages[name],
+            "memory": memory[name].as_dict(),
         }
+        if parts[name]:
+            result[name]["parts"] = {k: summarize(v) for k, v in parts[name].items()}
+            result[name]["raw_part_seconds"] = parts[name]
     return result
 
 

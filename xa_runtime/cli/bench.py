@@ -1,101 +1,166 @@
-"""`xa-bench`: latency of the X-Adapter pipeline, per stage, in several variants in one run.
+"""`xa-bench`: latency, throughput and per-component time of the X-Adapter pipeline, in
+several variants in one run (interleaved), with baselines, FLOPs and efficiency.
 
     xa-bench                                   # tiny models on CPU (runs anywhere)
-    xa-bench --models random --device cuda --dtype fp16 --compare eager,kernels \\
-        --output benchmarks/results/latency-h100.json      # full-size random weights
+    xa-bench --random-weights --device cuda --dtype fp16 --compare eager,kernels \\
+        --baseline sdxl-alone,mapping --output benchmarks/results/latency-h100.json --plots benchmarks/results
+    xa-bench --mode components ...             # text encoders, stage 1, hand-over, stage 2 split, VAE decode
+    xa-bench --mode throughput --batches 1,2,4 --concurrency 1,2 ...
 
 Writes a table to the terminal and, with --output, a JSON file with everything (device,
-versions, command line, git commit, raw samples) and a Markdown summary beside it.
+driver, versions, command line, git commit, raw samples) and a Markdown summary beside
+it; with --plots DIR, PNG plots (needs matplotlib: the `bench` extra).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
+import importlib.util
 import json
-import os
-import platform
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 from ..errors import ParameterError
 from ..models.presets import get_preset
-from ..pipeline.params import SizeRules, validate
+from ..pipeline.params import MAX_BATCH, SizeRules, validate
 from ..pipeline.schedulers import SCHEDULERS
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+MODES = ("latency", "throughput", "components")
+BASELINE_NAMES = ("sdxl-alone", "mapping")
+MAX_CONCURRENCY = 16
+# The package each variant needs (checked before loading; named in the error).
+VARIANT_PACKAGES = {"kernels": "triton", "onnxruntime": "onnxruntime", "tensorrt": "tensorrt"}
 
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="xa-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mode", default="latency", help=f"one of {', '.join(MODES)}, or several comma-separated "
+                    "(one build of the models; one output file per mode)")
     ap.add_argument("--models", choices=["tiny", "random", "paths"], default=None,
                     help="tiny random models (default without CUDA), full-size random weights (default with CUDA), "
                          "or --sd15/--sdxl/--adapter paths")
+    ap.add_argument("--random-weights", action="store_true", help="the real architectures with random weights "
+                    "(= --models random)")
     ap.add_argument("--sd15"), ap.add_argument("--sdxl"), ap.add_argument("--adapter")
-    ap.add_argument("--compare", default="eager", help="comma-separated variants; first is the baseline")
+    ap.add_argument("--compare", default="eager", help="comma-separated variants; first is the reference")
+    ap.add_argument("--baseline", default="", help="comma-separated: sdxl-alone (latency/components), mapping")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--adapter-guidance-start", type=float, default=0.9)
     ap.add_argument("--guidance-scale", type=float, default=7.5)
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--batches", default=None, help="throughput: comma-separated batch sizes (default: --batch)")
+    ap.add_argument("--concurrency", default=None, help="throughput: comma-separated numbers of concurrent requests")
     ap.add_argument("--height", type=int), ap.add_argument("--width", type=int)
     ap.add_argument("--height-sd15", type=int), ap.add_argument("--width-sd15", type=int)
     ap.add_argument("--scheduler", default="dpmpp-2m")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--no-flops", action="store_true", help="skip the FLOP-counter run (analytic FLOPs only)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default=None)
     ap.add_argument("--dtype", choices=list(DTYPES), default=None, help="default fp16 on CUDA, fp32 on CPU")
     ap.add_argument("--output", help="JSON file to write (a .md summary is written beside it)")
+    ap.add_argument("--plots", help="folder for PNG plots (created if missing; needs matplotlib)")
     return ap
 
 
-def _git_commit() -> str | None:
+def _int_list(flag: str, text: str, lo: int, hi: int) -> list[int]:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(not lo <= v <= hi for v in values) or len(set(values)) != len(values):
+        raise ParameterError(flag, text, f"distinct comma-separated integers in [{lo}, {hi}]")
+    return values
+
+
+def _names(flag: str, text: str) -> list[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    if len(set(names)) != len(names):
+        raise ParameterError(flag, text, "distinct names, comma-separated")
+    return names
+
+
+def _check_variants(args: argparse.Namespace) -> list[str]:
+    from ..bench import PLANNED, VARIANTS
+
+    variants = _names("--compare", args.compare)
+    if not variants:
+        raise ParameterError("--compare", args.compare, "distinct variant names, comma-separated")
+    for v in variants:
+        package = VARIANT_PACKAGES.get(v)
+        missing = package is not None and importlib.util.find_spec(package) is None
+        if v in PLANNED:
+            need = f"; it will need the package {package}, which is not installed" if missing else ""
+            raise ParameterError("--compare", v, f"a variant that exists now ({', '.join(VARIANTS)}); {v} comes with "
+                                 f"{PLANNED[v]}{need}")
+        if v not in VARIANTS:
+            raise ParameterError("--compare", v, f"one of {', '.join(VARIANTS)}")
+        if missing:
+            raise ParameterError("--compare", v, f"the package {package} installed (pip install {package})")
+        if v == "kernels":
+            from ..kernels import triton_usable
+
+            if not triton_usable(args.device):
+                raise ParameterError("--compare", v, "a CUDA device with triton installed (or TRITON_INTERPRET=1 on CPU)")
+    return variants
 
 
 def _check(args: argparse.Namespace):
-    """Every argument checked before anything is loaded; returns (variants, workload, device, dtype)."""
-    from ..bench import PLANNED, VARIANTS, Workload
+    """Every argument checked before anything is loaded; returns (variants, workload, device, dtype,
+    options per mode)."""
+    from ..bench import Workload
+    from ..bench.suite import SuiteOptions
 
+    modes = _names("--mode", args.mode)
+    for m in modes:
+        if m not in MODES:
+            raise ParameterError("--mode", m, f"one of {', '.join(MODES)}, or several comma-separated")
+    if not modes:
+        raise ParameterError("--mode", args.mode, f"one of {', '.join(MODES)}, or several comma-separated")
     cuda = torch.cuda.is_available()
     args.device = args.device or ("cuda" if cuda else "cpu")
     if args.device == "cuda" and not cuda:
         raise ParameterError("--device", "cuda", "cpu on this machine (no CUDA device is visible)")
     args.dtype = args.dtype or ("fp16" if args.device == "cuda" else "fp32")
     paths = [args.sd15, args.sdxl, args.adapter]
+    if args.random_weights:
+        if args.models not in (None, "random"):
+            raise ParameterError("--random-weights", True, f"no --models {args.models} with it (it means --models random)")
+        args.models = "random"
     if args.models is None:
         args.models = "paths" if any(paths) else ("random" if args.device == "cuda" else "tiny")
     if args.models == "paths" and not all(paths):
         missing = [f for f, v in zip(("--sd15", "--sdxl", "--adapter"), paths) if not v]
         raise ParameterError(missing[0], None, "all of --sd15, --sdxl and --adapter with --models paths")
-    variants = [v.strip() for v in args.compare.split(",") if v.strip()]
-    for v in variants:
-        if v in PLANNED:
-            raise ParameterError("--compare", v, f"a variant that exists now ({', '.join(VARIANTS)}); {v} comes with {PLANNED[v]}")
-        if v not in VARIANTS:
-            raise ParameterError("--compare", v, f"one of {', '.join(VARIANTS)}")
-        if v == "kernels":
-            from ..kernels import triton_usable
-
-            if not triton_usable(args.device):
-                raise ParameterError("--compare", v, "a CUDA device with triton installed (or TRITON_INTERPRET=1 on CPU)")
-    if not variants or len(set(variants)) != len(variants):
-        raise ParameterError("--compare", args.compare, "distinct variant names, comma-separated")
+    variants = _check_variants(args)
+    baselines = _names("--baseline", args.baseline)
+    for b in baselines:
+        if b not in BASELINE_NAMES:
+            raise ParameterError("--baseline", b, f"one of {', '.join(BASELINE_NAMES)}")
+    if "sdxl-alone" in baselines and modes == ["throughput"]:
+        raise ParameterError("--baseline", "sdxl-alone", "--mode latency or components (it is a latency baseline)")
     if args.scheduler not in SCHEDULERS:
         raise ParameterError("--scheduler", args.scheduler, f"one of {', '.join(SCHEDULERS)}")
     for flag, value, lo in (("--warmup", args.warmup, 0), ("--runs", args.runs, 1)):
         if not lo <= value <= 1000:
             raise ParameterError(flag, value, f"an integer in [{lo}, 1000]")
+    if "throughput" not in modes:
+        for flag in ("batches", "concurrency"):
+            if getattr(args, flag) is not None:
+                raise ParameterError(f"--{flag}", getattr(args, flag), "only with --mode throughput")
+    batches = _int_list("--batches", args.batches, 1, MAX_BATCH) if args.batches else [args.batch]
+    concurrency = _int_list("--concurrency", args.concurrency, 1, MAX_CONCURRENCY) if args.concurrency else []
     if args.output and not Path(args.output).resolve().parent.is_dir():
         raise ParameterError("--output", args.output, "a path in an existing folder")
+    if args.plots:
+        folder = Path(args.plots).resolve()
+        if folder.exists() and not folder.is_dir() or not folder.exists() and not folder.parent.is_dir():
+            raise ParameterError("--plots", args.plots, "a folder, or a new folder in an existing one")
+        if importlib.util.find_spec("matplotlib") is None:
+            raise ParameterError("--plots", args.plots, "the package matplotlib installed (pip install 'xa-runtime[bench]')")
     workload = Workload(
         steps=args.steps, adapter_guidance_start=args.adapter_guidance_start, guidance_scale=args.guidance_scale,
         batch=args.batch, height=args.height, width=args.width, height_sd15=args.height_sd15,
@@ -111,7 +176,13 @@ def _check(args: argparse.Namespace):
     except ParameterError as e:
         flag = {"num_inference_steps": "--steps", "num_images_per_prompt": "--batch"}.get(e.name, "--" + e.name.replace("_", "-"))
         raise ParameterError(flag, e.value, e.accepted) from None
-    return variants, workload, torch.device(args.device), DTYPES[args.dtype]
+    options = []
+    for m in modes:  # each baseline runs once, in the first mode that takes it
+        taken = [b for b in baselines if not (b == "sdxl-alone" and m == "throughput")
+                 and not any(b in o.baselines for o in options)]
+        options.append(SuiteOptions(mode=m, warmup=args.warmup, runs=args.runs, batches=batches,
+                                    concurrency=concurrency, baselines=taken, flops=not args.no_flops))
+    return variants, workload, torch.device(args.device), DTYPES[args.dtype], options
 
 
 def _build(args: argparse.Namespace, variants: list[str], device: torch.device, dtype: torch.dtype):
@@ -124,79 +195,61 @@ def _build(args: argparse.Namespace, variants: list[str], device: torch.device, 
     if args.models == "tiny":
         models = build_tiny_models(0)
     elif args.models == "random":
-        sd15 = build_random_components("sd15", 0, device=device, dtype=dtype)
-        sdxl = build_random_components("sdxl", 1, device=device, dtype=dtype)
-        models = (sd15, sdxl, MappingLayers(MappingConfig.from_unet_configs(sd15.unet.config, sdxl.unet.config)))
+        # Built on the target device: random init of ~4.6 G parameters is seconds on a GPU, a
+        # minute or more on the host (the values do not matter for speed).
+        with torch.device(device):
+            sd15 = build_random_components("sd15", 0, device=device, dtype=dtype)
+            sdxl = build_random_components("sdxl", 1, device=device, dtype=dtype)
+            mapping = MappingLayers(MappingConfig.from_unet_configs(sd15.unet.config, sdxl.unet.config))
+        models = (sd15, sdxl, mapping)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the fp32 copies made before the cast
     else:
         first = XAdapterPipeline.from_pretrained(args.sd15, args.sdxl, args.adapter, device=device, dtype=dtype, progress=False)
         models = (first.sd15, first.sdxl, first.mapping)
     return {v: XAdapterPipeline(*models, device=device, dtype=dtype, progress=False, runtime=VARIANTS[v]) for v in variants}
 
 
-def _table(result: dict) -> str:
-    lines = [f"{'variant':<10} {'median s':>9} {'p90 s':>8} {'min s':>8} {'x first':>8}  stage medians (s)"]
-    for name, r in result["variants"].items():
-        stages = "  ".join(f"{k}={v['median']:.3f}" for k, v in r["stages"].items())
-        t = r["total"]
-        lines.append(f"{name:<10} {t['median']:9.3f} {t['p90']:8.3f} {t['min']:8.3f} {r['ratio_to_first']:8.3f}  {stages}")
-    eff = result.get("efficiency", {})
-    if eff:
-        lines.append(f"UNet+mapping work per image: {eff['flops']['total'] / 1e12:.3f} TFLOP; "
-                     f"peak measured: {eff['peak_tflops']:.1f} TFLOP/s" if eff.get("peak_tflops") else
-                     f"UNet+mapping work per image: {eff['flops']['total'] / 1e12:.4f} TFLOP")
-        for s in ("stage1", "stage2"):
-            if f"{s}_tflops" in eff:
-                share = eff.get(f"{s}_share_of_peak")
-                lines.append(f"  {s}: {eff[f'{s}_tflops']:.2f} TFLOP/s" + (f" ({share:.0%} of peak)" if share else ""))
-    return "\n".join(lines)
+def _write_atomic(path: Path, text: str | bytes) -> None:
+    from ..bench.report import write_atomic
 
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_atomic(path, text)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        variants, workload, device, dtype = _check(args)
+        variants, workload, device, dtype, options = _check(args)
     except ParameterError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from ..bench import efficiency, peak_tflops, run_latency
-    from ..bench.runner import workload_dict
+    from ..bench.plots import write_plots
+    from ..bench.report import markdown, table
+    from ..bench.suite import run_suite
 
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)  # random tiny weights leave denormals that make CPU math erratic
     pipes = _build(args, variants, device, dtype)
-    print(f"xa-bench: {args.models} models, {device} {args.dtype}, variants {', '.join(variants)}", file=sys.stderr)
-    runs = run_latency(pipes, workload, args.warmup, args.runs, progress=lambda m: print(m, file=sys.stderr))
-    first = pipes[variants[0]]
-    peak = peak_tflops(device, dtype) if device.type == "cuda" else None
-    medians = {k: v["median"] for k, v in runs[variants[0]]["stages"].items()}
-    import diffusers
-    import transformers
-
-    from .. import __version__
-
-    result = {
-        "benchmark": "latency", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
-        "git_commit": _git_commit(), "models": args.models, "workload": workload_dict(workload),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "dtype": args.dtype, "threads": torch.get_num_threads(),
-        "versions": {"xa_runtime": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-                     "transformers": transformers.__version__, "python": platform.python_version()},
-        "variants": runs, "efficiency": efficiency(first, workload, medians, peak),
-    }
-    table = _table(result)
-    print(table)
-    if args.output:
-        out = Path(args.output)
-        _write_atomic(out, json.dumps(result, indent=2))
-        _write_atomic(out.with_suffix(".md"), f"# xa-bench latency, {result['date'][:10]}\n\n"
-                      f"`{result['command']}` on {result['device']} ({args.dtype}), commit {result['git_commit']}\n\n"
-                      f"```\n{table}\n```\n")
+    command = " ".join([Path(sys.argv[0]).name if argv is None else "xa-bench"] + (argv if argv is not None else sys.argv[1:]))
+    for opts in options:
+        print(f"xa-bench {opts.mode}: {args.models} models, {device} {args.dtype}, variants {', '.join(variants)}",
+              file=sys.stderr)
+        result = run_suite(pipes, workload, opts, models=args.models, dtype_name=args.dtype, command=command,
+                           progress=lambda m: print(m, file=sys.stderr))
+        text = table(result)
+        print(text)
+        out = Path(args.output) if args.output else None
+        if out is not None and len(options) > 1:
+            out = out.with_name(f"{out.stem}-{opts.mode}{out.suffix or '.json'}")
+        plots = []
+        if args.plots:
+            plots = write_plots(result, Path(args.plots), Path(args.output).stem if args.output else "xa-bench")
+            result["plots"] = [str(p) for p in plots]
+            print("plots: " + ", ".join(str(p) for p in plots), file=sys.stderr)
+        if out is not None:
+            _write_atomic(out, json.dumps(result, indent=2))
+            _write_atomic(out.with_suffix(".md"), markdown(result, text, plots, out.resolve().parent))
+            print(f"wrote {out} and {out.with_suffix('.md')}", file=sys.stderr)
     return 0
 
 

@@ -92,3 +92,27 @@ def time_cuda_graph(fn, reps: int = 10, iters: int = 20, warmup: int = 3) -> lis
     torch.cuda.synchronize()
     del graph
     return [start.elapsed_time(end) / 1e3 / reps for start, end in events]
+
+
+def now() -> float:
+    """The host clock in seconds; benchmarks read wall time through here (tests fake `time`)."""
+    return time.perf_counter()
+
+
+class EventClock:
+    """Time marks that never wait for the device: on CUDA a timing event recorded on the
+    current stream, on CPU `now()`. Resolve marks with `seconds(start, end)` after
+    `synchronize(device)` (CUDA events are only complete then)."""
+
+    def __init__(self, device: torch.device | str):
+        self.cuda = torch.device(device).type == "cuda"
+
+    def mark(self):
+        if not self.cuda:
+            return now()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self, start, end) -> float:
+        return start.elapsed_time(end) / 1e3 if self.cuda else end - start
