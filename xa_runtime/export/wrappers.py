@@ -135,7 +135,15 @@ class TextEncoderGraph(nn.Module):
         self.text_encoder, self.penultimate, self.pooled = text_encoder, penultimate, pooled
 
     def forward(self, input_ids):
-        out = self.text_encoder(input_ids, output_hidden_states=self.penultimate)
+        # Eager attention: the exporter's SDPA symbolic builds CLIP's causal mask in fp32,
+        # which makes fp16 graphs mix types (onnxruntime refuses them); eager builds it in
+        # the model dtype. The module's own setting is restored.
+        config = self.text_encoder.config
+        saved, config._attn_implementation = config._attn_implementation, "eager"
+        try:
+            out = self.text_encoder(input_ids, output_hidden_states=self.penultimate)
+        finally:
+            config._attn_implementation = saved
         hidden = out.hidden_states[-2] if self.penultimate else out[0]
         return (hidden, out[0]) if self.pooled else hidden
 
