@@ -25,7 +25,7 @@ import torch
 import xa_runtime
 
 from ..errors import ParameterError
-from ..runtime.graphs_table import GRAPHS, SDXL_LATENT, GraphSpec, get_graph
+from ..runtime.graphs_table import GRAPHS, SDXL_LATENT, GraphSpec, get_graph, resolve_dim
 from .wrappers import ModuleBundle, build_graph_module, example_inputs, model_dims
 
 MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 17, 20, 17  # 17: LayerNormalization; 20: TorchScript exporter's last
@@ -129,7 +129,7 @@ def export_graph(
                 # (behind a Transpose) instead of anonymous pre-transposed copies: refit maps by name.
                 do_constant_folding=False,
             )
-        _write_checked(raw, staging / path.name, path, spec, dtype, opset, external_data)
+        _write_checked(raw, staging / path.name, path, spec, model_dims(spec, bundle), dtype, opset, external_data)
     finally:
         release = getattr(module, "release", None)
         if release:
@@ -153,11 +153,25 @@ def _convert(bundle: ModuleBundle, spec: GraphSpec, dtype: torch.dtype, copy_fn)
     return ModuleBundle(**parts)
 
 
-def _write_checked(raw: Path, staged: Path, path: Path, spec: GraphSpec, dtype: torch.dtype, opset: int,
-                   external_data: bool | None) -> None:
+def _declare_io(model, spec: GraphSpec, dims: dict[str, int]) -> None:
+    """Write the table's shapes into the graph's inputs and outputs: dynamic axes by their
+    table names, the rest as numbers (the exporter leaves some, e.g. after a chunk, unnamed)."""
+    for declared, values in ((spec.inputs, model.graph.input), (spec.outputs, model.graph.output)):
+        for t, v in zip(declared, values):
+            dynamic = set(t.dynamic_axes().values())
+            for want, dim in zip(t.shape, v.type.tensor_type.shape.dim):
+                if isinstance(want, str) and want in dynamic:
+                    dim.dim_param = want
+                else:
+                    dim.dim_value = resolve_dim(want, dims)
+
+
+def _write_checked(raw: Path, staged: Path, path: Path, spec: GraphSpec, dims: dict[str, int], dtype: torch.dtype,
+                   opset: int, external_data: bool | None) -> None:
     import onnx
 
     model = onnx.load(str(raw))  # with its external tensors, if torch wrote any
+    _declare_io(model, spec, dims)
     size = sum(_tensor_bytes(t) for t in model.graph.initializer)
     external = size > EXTERNAL_DATA_BYTES if external_data is None else bool(external_data)
     meta = {"xa_runtime.graph": spec.name, "xa_runtime.dtype": str(dtype).removeprefix("torch."),

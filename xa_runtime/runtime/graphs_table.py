@@ -186,7 +186,7 @@ _GRAPHS = (
          _t("f2", "float", "B", "c_f2", "H/2", "W/2")),
         (_t("r0", "float", "B", "c_r0", "H/4", "W/4"), _t("r1", "float", "B", "c_r1", "H/2", "W/2"),
          _t("r2", "float", "B", "c_r2", "H", "W")),
-        _SDXL, (), "X-Adapter mapping layers, H/W the SDXL latent grid; r not yet scaled", ("mapping",),
+        {d: r for d, r in _SDXL.items() if d != "T"}, (), "X-Adapter mapping layers, H/W the SDXL latent grid; r not yet scaled", ("mapping",),
     ),
     GraphSpec(
         "sdxl_unet",
