@@ -13,6 +13,7 @@ file (`NAME.onnx.data`, used above ~1.8 GB, e.g. SDXL in fp32) first and the .on
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import tempfile
@@ -107,12 +108,8 @@ def export_graph(
     check_bundle(spec, bundle)
     module = build_graph_module(spec, bundle)
     if _module_dtype(module) != dtype:
-        release = getattr(module, "release", None)
-        if release:
-            release()
-        import copy
-
-        module = build_graph_module(spec, _convert(bundle, spec, dtype, copy.deepcopy))
+        getattr(module, "release", lambda: None)()
+        module = build_graph_module(spec, bundle, convert=lambda m: copy.deepcopy(m).to(dtype))
     device = next(module.parameters()).device
     args = example_inputs(spec, trace_dims(spec, bundle), dtype, device)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.stem}-", dir=path.parent))
@@ -131,26 +128,9 @@ def export_graph(
             )
         _write_checked(raw, staging / path.name, path, spec, model_dims(spec, bundle), dtype, opset, external_data)
     finally:
-        release = getattr(module, "release", None)
-        if release:
-            release()
+        getattr(module, "release", lambda: None)()
         shutil.rmtree(staging, ignore_errors=True)
     return path
-
-
-def _convert(bundle: ModuleBundle, spec: GraphSpec, dtype: torch.dtype, copy_fn) -> ModuleBundle:
-    parts = {}
-    for part in ("sd15", "sdxl", "mapping", "controlnet"):
-        value = getattr(bundle, part)
-        if part in spec.needs and value is not None:
-            value = copy_fn(value)
-            modules = [value] if isinstance(value, torch.nn.Module) else [
-                m for m in vars(value).values() if isinstance(m, torch.nn.Module)
-            ]
-            for m in modules:
-                m.to(dtype)
-        parts[part] = value
-    return ModuleBundle(**parts)
 
 
 def _declare_io(model, spec: GraphSpec, dims: dict[str, int]) -> None:

@@ -148,26 +148,29 @@ class TextEncoderGraph(nn.Module):
         return (hidden, out[0]) if self.pooled else hidden
 
 
-def build_graph_module(spec: GraphSpec, bundle: ModuleBundle) -> nn.Module:
-    """The wrapper of `spec` around the bundle's modules (call .release() if it has one)."""
+def build_graph_module(spec: GraphSpec, bundle: ModuleBundle,
+                       convert: Callable[[nn.Module], nn.Module] | None = None) -> nn.Module:
+    """The wrapper of `spec` around the bundle's module (call .release() if it has one);
+    `convert` maps that module first (e.g. to a converted copy)."""
     n, b = spec.name, bundle
+    c = convert or (lambda m: m)
     if n in ("sd15_unet", "sd15_unet_control"):
-        return SD15UNetGraph(b.sd15.unet, control=n.endswith("control"))
+        return SD15UNetGraph(c(b.sd15.unet), control=n.endswith("control"))
     if n == "sdxl_unet":
-        return SDXLUNetGraph(b.sdxl.unet)
+        return SDXLUNetGraph(c(b.sdxl.unet))
     if n == "mapping":
-        return MappingGraph(b.mapping)
+        return MappingGraph(c(b.mapping))
     if n == "controlnet":
-        return ControlNetGraph(b.controlnet)
+        return ControlNetGraph(c(b.controlnet))
     if n.endswith(("_vae_decoder", "_vae_encoder")):
-        vae = (b.sd15 if n.startswith("sd15") else b.sdxl).vae
+        vae = c((b.sd15 if n.startswith("sd15") else b.sdxl).vae)
         return VAEDecoderGraph(vae) if n.endswith("decoder") else VAEEncoderGraph(vae)
     if n == "sd15_text_encoder":
-        return TextEncoderGraph(b.sd15.text_encoder, penultimate=False, pooled=False)
+        return TextEncoderGraph(c(b.sd15.text_encoder), penultimate=False, pooled=False)
     if n == "sdxl_text_encoder":
-        return TextEncoderGraph(b.sdxl.text_encoder, penultimate=True, pooled=False)
+        return TextEncoderGraph(c(b.sdxl.text_encoder), penultimate=True, pooled=False)
     if n == "sdxl_text_encoder_2":
-        return TextEncoderGraph(b.sdxl.text_encoder_2, penultimate=True, pooled=True)
+        return TextEncoderGraph(c(b.sdxl.text_encoder_2), penultimate=True, pooled=True)
     raise KeyError(n)
 
 
