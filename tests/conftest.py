@@ -27,3 +27,15 @@ def tiny_models():
 def tiny_paths(tmp_path_factory):
     """TinyModelPaths of save_tiny_models(seed 0): diffusers folders, single files, VAE, adapter."""
     return save_tiny_models(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tmp_path_factory):
+    """(ModuleBundle.tiny(0), folder): every graph of the table exported once, fp32, opset 17."""
+    from xa_runtime.export import ModuleBundle, export_graphs
+    from xa_runtime.runtime.graphs_table import GRAPHS
+
+    bundle = ModuleBundle.tiny(0)
+    folder = tmp_path_factory.mktemp("onnx")
+    export_graphs(list(GRAPHS), bundle, folder, progress=False)
+    return bundle, folder

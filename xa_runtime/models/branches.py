@@ -8,7 +8,7 @@ branch call the hooks are inert, so the wrapped UNet behaves exactly like the st
 
 from __future__ import annotations
 
-import functools
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -40,8 +40,17 @@ def inject_residual(
     return hidden + fusion_guidance_scale * (r - hidden)
 
 
-def _add(hidden: torch.Tensor, *, residual: torch.Tensor, scale: float, fusion: float | None) -> torch.Tensor:
-    return inject_residual(hidden, residual, scale, fusion)
+@dataclass(frozen=True)
+class ResidualInjection:
+    """The plain injection at one SDXL site as data (residual, scale, fusion), so that a
+    backend that cannot call Python inside its UNet (onnxruntime, TensorRT) can read it."""
+
+    residual: torch.Tensor
+    scale: float = 1.0
+    fusion_guidance_scale: float | None = None
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        return inject_residual(hidden, self.residual, self.scale, self.fusion_guidance_scale)
 
 
 class SD15Branch(nn.Module):
@@ -130,10 +139,7 @@ class SDXLBranch(nn.Module):
         if residuals is not None:
             if len(residuals) != 3:
                 raise ValueError(f"expected 3 residuals (r0, r1, r2), got {len(residuals)}")
-            injections = [
-                functools.partial(_add, residual=r, scale=adapter_condition_scale, fusion=fusion_guidance_scale)
-                for r in residuals
-            ]
+            injections = [ResidualInjection(r, adapter_condition_scale, fusion_guidance_scale) for r in residuals]
         if injections is not None and len(injections) != 3:
             raise ValueError(f"expected 3 injections, got {len(injections)}")
         self._pending = tuple(injections) if injections is not None else None

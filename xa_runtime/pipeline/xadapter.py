@@ -9,6 +9,8 @@ own fresh scheduler. Finally SDXL VAE decode.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 import random
 from dataclasses import dataclass, field
@@ -20,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..models.branches import Injection, SD15Branch, SDXLBranch, inject_residual
+from ..models.branches import Injection, ResidualInjection, SD15Branch, SDXLBranch
 from ..models.components import SD15Components, SDXLComponents
 from ..models.mapping import MappingConfig, MappingLayers
 from ..plugins.base import PluginContext, SD15StepPlugin, StepInfo, merge_unet_kwargs
@@ -167,6 +169,18 @@ class XAdapterPipeline:
 
         sd15, sdxl, mapping = build_tiny_models(seed)
         return cls(sd15, sdxl, mapping, device=device, dtype=dtype, progress=progress)
+
+    def with_backend(self, backend: Any) -> "XAdapterPipeline":
+        """A copy of this pipeline whose SD1.5 UNet, mapping layers and SDXL UNet run on
+        `backend`: an object with `sd15_branch`, `sdxl_branch` and `mapping` callable like
+        SD15Branch, SDXLBranch and MappingLayers (e.g. runtime.onnxruntime_backend's
+        OnnxRuntimeBackend). Text encoders, VAEs, schedulers and plugins stay in PyTorch;
+        the fused kernels are off (they act inside the torch SDXL UNet). This pipeline is
+        left as it was; the modules are shared."""
+        pipe = copy.copy(self)
+        pipe.sd15_branch, pipe.sdxl_branch, pipe.mapping = backend.sd15_branch, backend.sdxl_branch, backend.mapping
+        pipe.runtime = dataclasses.replace(self.runtime, triton_kernels=False)
+        return pipe
 
     @property
     def size_rules(self) -> SizeRules:
@@ -352,8 +366,7 @@ class XAdapterPipeline:
                 functools.partial(_fused, x=x, conv=conv, scale=acs, fusion=fusion)
                 for x, conv in zip(pre, self.mapping.zero_out)
             ]
-        residuals = self.mapping(*feats)
-        return [functools.partial(inject_residual, residual=r, scale=acs, fusion_guidance_scale=fusion) for r in residuals]
+        return [ResidualInjection(r, acs, fusion) for r in self.mapping(*feats)]
 
     @staticmethod
     def _vae_sample(vae: torch.nn.Module, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

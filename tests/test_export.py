@@ -1,0 +1,200 @@
+"""ONNX export of every graph of the table, checked with onnxruntime (CPU) against the torch
+module, at two batch sizes and two spatial sizes; the exported IO against the table.
+
+Tolerances (fp32, tiny random models): onnxruntime vs torch agree to about 1e-6 of the
+output's largest magnitude (VAE decoders 2e-5, more ops in a row); the tests allow
+rtol 1e-4 and atol 1e-4 x max|torch output|. fp16 graphs: 1e-2 of the largest magnitude.
+"""
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from xa_runtime.errors import ParameterError
+from xa_runtime.export import ModuleBundle, build_graph_module, example_inputs, export_graph, model_dims
+from xa_runtime.runtime.graphs_table import (
+    GRAPHS, SD15_LATENT, SDXL_LATENT, DimRange, TensorSpec, get_graph, resolve_dim,
+)
+from xa_runtime.runtime.onnxruntime_backend import GraphSession
+
+RTOL, ATOL_REL = 1e-4, 1e-4
+ONNX_TYPES = {"float": onnx.TensorProto.FLOAT, "float32": onnx.TensorProto.FLOAT, "int64": onnx.TensorProto.INT64}
+
+
+def _sizes(name):
+    """Two sets of dynamic-dim values unlike the trace's (B=2, 16x24 latents, 77 tokens)."""
+    if "text_encoder" in name:
+        return [{"B": 1, "T": 77}, {"B": 3, "T": 20}]
+    if name.endswith(("vae_decoder", "vae_encoder")):
+        return [{"B": 1, "H": 8, "W": 16}, {"B": 3, "H": 16, "W": 8}]
+    return [{"B": 1, "H": 16, "W": 16, "T": 77}, {"B": 3, "H": 32, "W": 16, "T": 9}]
+
+
+def _compare(out, ref, rtol=RTOL, atol_rel=ATOL_REL):
+    ref = (ref,) if isinstance(ref, torch.Tensor) else ref
+    assert len(out) == len(ref)
+    for o, r in zip(out, ref):
+        assert o.shape == r.shape
+        torch.testing.assert_close(o.float(), r.float(), rtol=rtol, atol=atol_rel * float(r.abs().max()))
+
+
+@pytest.mark.parametrize("name", list(GRAPHS))
+def test_graph_matches_torch_at_two_sizes(tiny_onnx, name):
+    bundle, folder = tiny_onnx
+    spec = GRAPHS[name]
+    session = GraphSession(spec, folder / f"{name}.onnx")
+    module = build_graph_module(spec, bundle)
+    try:
+        for i, dims in enumerate(_sizes(name)):
+            x = example_inputs(spec, {**model_dims(spec, bundle), **dims}, torch.float32, torch.device("cpu"), seed=i)
+            with torch.no_grad():
+                ref = module(*x)
+            _compare(session(*x), ref)
+    finally:
+        getattr(module, "release", lambda: None)()
+
+
+@pytest.mark.parametrize("name", list(GRAPHS))
+def test_onnx_io_is_the_table(tiny_onnx, name):
+    """Names, order, ranks, element types, dynamic dim names and static sizes as declared."""
+    bundle, folder = tiny_onnx
+    spec = GRAPHS[name]
+    model = onnx.load(str(folder / f"{name}.onnx"), load_external_data=False)
+    dims = model_dims(spec, bundle)
+    for declared, actual in ((spec.inputs, model.graph.input), (spec.outputs, model.graph.output)):
+        assert [v.name for v in actual] == [t.name for t in declared]
+        for t, v in zip(declared, actual):
+            ttype = v.type.tensor_type
+            assert ttype.elem_type == ONNX_TYPES[t.dtype], t.name
+            shape = [d.dim_param or d.dim_value for d in ttype.shape.dim]
+            assert len(shape) == len(t.shape), t.name
+            for want, got in zip(t.shape, shape):
+                if isinstance(want, str) and want in t.dynamic_axes().values():
+                    assert got == want, (t.name, shape)
+                else:
+                    assert got == resolve_dim(want, dims), (t.name, shape)
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["xa_runtime.graph"] == name and meta["xa_runtime.dtype"] == "float32"
+    assert meta["xa_runtime.opset"] == "17"
+
+
+@pytest.mark.parametrize("name", ["sd15_unet", "sdxl_unet", "controlnet", "sdxl_text_encoder_2"])
+def test_refittable_weights_are_named_initializers(tiny_onnx, name):
+    """Every LoRA-targeted weight is an ONNX initializer under its torch name, with its values
+    (what refit maps by); norms and biases are not refittable."""
+    bundle, folder = tiny_onnx
+    spec = GRAPHS[name]
+    model = onnx.load(str(folder / f"{name}.onnx"))
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    module = build_graph_module(spec, bundle)
+    getattr(module, "release", lambda: None)()
+    refit = {n: p for n, p in module.named_parameters() if spec.is_refittable(n)}
+    assert len(refit) > 10
+    for n, p in refit.items():
+        assert n in inits, n
+        np.testing.assert_array_equal(inits[n], p.numpy())
+    kinds = ("to_q", "to_out.0", "proj_in", "ff.net.2", "conv1", "time_emb_proj") if "text" not in name else (
+        "q_proj", "out_proj", "fc1")
+    for kind in kinds:
+        assert any(f".{kind}.weight" in n for n in refit), kind
+    assert not any(n.endswith(".bias") or "norm" in n for n in refit)
+
+
+def test_table_profiles_and_shapes():
+    sd15 = get_graph("sd15_unet").profile_shapes({"ctx": 768})
+    assert sd15["sample"] == ((1, 4, 32, 32), (2, 4, 64, 64), (8, 4, 128, 128))  # 256-1024 px, batch 1-8
+    assert sd15["encoder_hidden_states"][1] == (2, 77, 768)
+    xl = get_graph("sdxl_unet").profile_shapes({"ctx": 2048, "pooled": 1280, "c_r0": 1280, "c_r1": 1280, "c_r2": 640})
+    assert xl["sample"][0] == (1, 4, 64, 64) and xl["sample"][2] == (8, 4, 192, 192)  # 512-1536 px
+    assert xl["r0"][1] == (2, 1280, 32, 32) and xl["r2"][1] == (2, 640, 128, 128)  # xadapter.md shapes at 1024 px
+    assert get_graph("sdxl_vae_encoder").profile_shapes({})["image"][2] == (4, 3, 1536, 1536)
+    assert get_graph("sd15_unet").profiles["H"] is SD15_LATENT and get_graph("mapping").profiles["H"] is SDXL_LATENT
+    assert isinstance(SD15_LATENT, DimRange)
+    assert resolve_dim("8*H", {"H": 3}) == 24 and resolve_dim("W/4", {"W": 8}) == 2 and resolve_dim(4, {}) == 4
+    with pytest.raises(ValueError):
+        resolve_dim("H/8", {"H": 12})
+    with pytest.raises(KeyError):
+        TensorSpec("x", "float", ("B", "ctx")).resolve({"B": 1})
+    for spec in GRAPHS.values():
+        assert len(set(spec.input_names)) == len(spec.inputs) and len(set(spec.output_names)) == len(spec.outputs)
+        assert all(t.dtype in ("float", "float32", "int64") for t in spec.inputs + spec.outputs)
+        assert set(spec.profiles) == {d for t in spec.inputs for d in "BHWT" if any(d in str(s) for s in t.shape)}
+
+
+def test_external_data_pair_is_written_and_replaced(tiny_onnx, tmp_path):
+    bundle, _ = tiny_onnx
+    path = tmp_path / "mapping.onnx"
+    export_graph("mapping", bundle, path, external_data=True)
+    data = tmp_path / "mapping.onnx.data"
+    assert data.is_file() and data.stat().st_size > path.stat().st_size
+    onnx.checker.check_model(str(path))
+    spec = GRAPHS["mapping"]
+    x = example_inputs(spec, {**model_dims(spec, bundle), "B": 1, "H": 16, "W": 8}, torch.float32, torch.device("cpu"))
+    with torch.no_grad():
+        _compare(GraphSession(spec, path)(*x), bundle.mapping(*x))
+    export_graph("mapping", bundle, path)  # one file again: the stale data file goes
+    assert path.is_file() and not data.exists()
+    assert sorted(os.listdir(tmp_path)) == ["mapping.onnx"]  # no staging leftovers
+
+
+def test_fp16_export(tmp_path):
+    """fp16 graphs from fp32 modules (converted copies; the originals stay fp32), run on CPU."""
+    bundle = ModuleBundle.tiny(1)
+    for name in ("mapping", "sdxl_text_encoder_2"):
+        spec = GRAPHS[name]
+        path = export_graph(name, bundle, tmp_path / f"{name}.onnx", dtype="fp16")
+        model = onnx.load(str(path))
+        assert model.graph.input[0].type.tensor_type.elem_type == (
+            onnx.TensorProto.FLOAT16 if spec.inputs[0].dtype == "float" else onnx.TensorProto.INT64)
+        x = example_inputs(spec, {**model_dims(spec, bundle), "B": 2, "H": 16, "W": 16, "T": 77}, torch.float32,
+                           torch.device("cpu"))
+        module = build_graph_module(spec, bundle)
+        assert next(module.parameters()).dtype == torch.float32
+        with torch.no_grad():
+            _compare(GraphSession(spec, path)(*x), module(*x), rtol=1e-2, atol_rel=1e-2)
+
+
+def test_bad_inputs_are_named(tiny_onnx, tmp_path):
+    bundle, _ = tiny_onnx
+    target = tmp_path / "g.onnx"
+    cases = [
+        (dict(name="unet"), "graph"),
+        (dict(opset=13), "opset"), (dict(opset=21), "opset"), (dict(opset="17"), "opset"),
+        (dict(dtype="bf16"), "dtype"), (dict(dtype=torch.bfloat16), "dtype"),
+        (dict(path=tmp_path / "g.pt"), "path"), (dict(path=tmp_path / "nope" / "g.onnx"), "path"),
+        (dict(bundle=ModuleBundle(sd15=bundle.sd15)), "graphs"),
+    ]
+    for overrides, param in cases:
+        kwargs = {**dict(name="mapping", bundle=bundle, path=target, dtype="fp32", opset=17), **overrides}
+        with pytest.raises(ParameterError) as e:
+            export_graph(kwargs["name"], kwargs["bundle"], kwargs["path"], kwargs["dtype"], kwargs["opset"])
+        assert e.value.name == param, overrides
+    assert list(tmp_path.iterdir()) == []  # nothing written, not even staging folders
+
+
+def test_cli_exports_and_refuses_before_work(tmp_path, capsys):
+    from xa_runtime.cli.export import main
+
+    out = tmp_path / "graphs"
+    assert main(["--tiny", "--output", str(out), "--graphs", "mapping,sd15_text_encoder", "--no-progress"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["mapping.onnx", "sd15_text_encoder.onnx"]
+    bad = [
+        ["--tiny", "--output", str(tmp_path / "a"), "--graphs", "bogus"],
+        ["--tiny", "--output", str(tmp_path / "a"), "--dtype", "bf16"],
+        ["--tiny", "--output", str(tmp_path / "a"), "--opset", "12"],
+        ["--tiny", "--output", str(tmp_path / "a"), "--device", "tpu"],
+        ["--tiny", "--output", str(tmp_path / "x" / "y")],
+        ["--tiny", "--sd15", str(tmp_path), "--output", str(tmp_path / "a")],
+        ["--output", str(tmp_path / "a")],
+        ["--sd15", str(tmp_path / "missing"), "--output", str(tmp_path / "a"), "--graphs", "sd15_unet"],
+        ["--sd15", str(tmp_path / "missing"), "--output", str(tmp_path / "a"), "--graphs", "mapping"],
+    ]
+    capsys.readouterr()
+    for argv in bad:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: "), (argv, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["graphs"]

@@ -1,0 +1,112 @@
+"""The pipeline with its SD1.5 UNet, mapping layers and SDXL UNet on onnxruntime (CPU)
+against the same pipeline in PyTorch, on the tiny models; the branch objects; errors.
+
+Tolerance: fp32 latents after 4 steps (2 in stage 2, CFG) agree to ~3e-6 of their largest
+magnitude; the tests allow atol 1e-4 x max|torch latents| (rtol 1e-4).
+"""
+
+import copy
+import shutil
+
+import pytest
+import torch
+
+from xa_runtime.errors import CheckpointError, ParameterError
+from xa_runtime.models.branches import SDXLBranch
+from xa_runtime.pipeline import XAdapterPipeline
+from xa_runtime.plugins.controlnet import ControlNetPlugin
+from xa_runtime.runtime.config import RuntimeConfig
+from xa_runtime.runtime.onnxruntime_backend import (
+    OnnxRuntimeBackend, OrtMapping, OrtSD15Branch, OrtSDXLBranch, resolve_providers,
+)
+
+GEN = dict(num_inference_steps=4, adapter_guidance_start=0.5, seed=3, output_type="latent")
+
+
+def _close(a, b):
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
+
+
+@pytest.fixture(scope="module")
+def pipes(tiny_onnx):
+    bundle, folder = tiny_onnx
+    pipe = XAdapterPipeline(bundle.sd15, bundle.sdxl, bundle.mapping, progress=False)
+    return pipe, pipe.with_backend(OnnxRuntimeBackend(folder))
+
+
+@pytest.mark.parametrize("fusion", [None, 0.5])
+def test_pipeline_on_onnxruntime_equals_torch(pipes, fusion):
+    pipe, ort_pipe = pipes
+    kw = dict(GEN, fusion_guidance_scale=fusion, adapter_condition_scale=0.8)
+    ref = pipe("a cat", **kw).images
+    _close(ort_pipe("a cat", **kw).images, ref)
+    assert ref.abs().max() > 0.1
+
+
+def test_controlnet_residuals_reach_the_control_graph(pipes, tiny_onnx):
+    pipe, ort_pipe = pipes
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    plugin = ControlNetPlugin(tiny_onnx[0].controlnet, image, conditioning_scale=1.5)
+    gen = dict(GEN, num_inference_steps=2)  # one step per stage
+    ref = pipe("a cat", plugins=[plugin], **gen).images
+    _close(ort_pipe("a cat", plugins=[plugin], **gen).images, ref)
+    assert (ref - pipe("a cat", **gen).images).abs().max() > 1e-3  # the ControlNet acts
+
+
+def test_sdxl_branch_residuals_and_stock(tiny_onnx):
+    bundle, folder = tiny_onnx
+    ort_branch = OnnxRuntimeBackend(folder).sdxl_branch
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(2, 4, 16, 24, generator=g), torch.tensor(421.0)
+    text, pooled = torch.randn(2, 77, 64, generator=g), torch.randn(2, 32, generator=g)
+    cond = {"text_embeds": pooled, "time_ids": torch.tensor([[128.0, 192, 0, 0, 128, 192]] * 2)}
+    res = [torch.randn(2, 128, 4, 6, generator=g), torch.randn(2, 128, 8, 12, generator=g),
+           torch.randn(2, 64, 16, 24, generator=g)]
+    torch_branch = SDXLBranch(bundle.sdxl.unet)
+    try:
+        with torch.no_grad():
+            for acs, fusion in ((0.7, None), (1.2, 0.3)):
+                kw = dict(residuals=res, adapter_condition_scale=acs, fusion_guidance_scale=fusion)
+                _close(ort_branch(x, t, text, cond, **kw), torch_branch(x, t, text, cond, **kw))
+            stock = bundle.sdxl.unet(x, t, text, added_cond_kwargs=cond).sample
+            _close(ort_branch(x, t, text, cond), stock)
+    finally:
+        torch_branch.remove_hooks()
+
+
+def test_with_backend_copies_and_turns_kernels_off(pipes):
+    pipe, ort_pipe = pipes
+    assert isinstance(pipe.sdxl_branch, SDXLBranch) and isinstance(ort_pipe.sdxl_branch, OrtSDXLBranch)
+    assert isinstance(ort_pipe.sd15_branch, OrtSD15Branch) and isinstance(ort_pipe.mapping, OrtMapping)
+    assert ort_pipe.sd15 is pipe.sd15  # text encoders, VAEs: shared, still torch
+    with_kernels = copy.copy(pipe)
+    with_kernels.runtime = RuntimeConfig(triton_kernels=True)
+    swapped = with_kernels.with_backend(_Backend(ort_pipe))
+    assert swapped.runtime.triton_kernels is False and with_kernels.runtime.triton_kernels is True
+
+
+class _Backend:
+    def __init__(self, pipe):
+        self.sd15_branch, self.sdxl_branch, self.mapping = pipe.sd15_branch, pipe.sdxl_branch, pipe.mapping
+
+
+def test_backend_refuses_what_it_cannot_run(tiny_onnx, tmp_path):
+    bundle, folder = tiny_onnx
+    backend = OnnxRuntimeBackend(folder)
+    x, text = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
+    with pytest.raises(ValueError, match="down_intrablock_additional_residuals"):
+        backend.sd15_branch(x, 1.0, text, down_intrablock_additional_residuals=[x])
+    with pytest.raises(ValueError, match="ResidualInjection"):
+        backend.sdxl_branch(x, 1.0, text, {}, injections=[lambda h: h] * 3)
+    with pytest.raises(ParameterError) as e:
+        OnnxRuntimeBackend(tmp_path)
+    assert e.value.name == "folder" and "sd15_unet.onnx" in e.value.accepted
+    with pytest.raises(ParameterError) as e:
+        OnnxRuntimeBackend(folder, providers=["NoSuchExecutionProvider"])
+    assert e.value.name == "providers" and "CPUExecutionProvider" in e.value.accepted
+    assert resolve_providers(["cpu"]) == ["CPUExecutionProvider"]
+    for name in ("sd15_unet", "mapping"):
+        shutil.copy(folder / f"{name}.onnx", tmp_path / f"{name}.onnx")
+    shutil.copy(folder / "mapping.onnx", tmp_path / "sdxl_unet.onnx")  # the wrong graph under the name
+    with pytest.raises(CheckpointError, match="sdxl_unet"):
+        OnnxRuntimeBackend(tmp_path)

@@ -1,0 +1,168 @@
+"""`xa-export`: the graphs of the table as ONNX files, from local models or the tiny ones.
+
+Every input is checked before any model is loaded (graph names, dtype, opset, device,
+output folder, model paths, which models the chosen graphs need); a bad one exits with
+code 2 and a one-line `error:` naming the flag, and writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import NoReturn, Sequence
+
+from ..errors import CheckpointError, ParameterError
+from ..runtime.graphs_table import GRAPHS
+
+PROG = "xa-export"
+# what a graph needs -> the flags that give it
+NEEDS_FLAGS = {"sd15": ("--sd15",), "sdxl": ("--sdxl",), "mapping": ("--sd15", "--sdxl", "--adapter"),
+               "controlnet": ("--sd15", "--controlnet")}
+PARAM_FLAGS = {"graphs": "--graphs", "dtype": "--dtype", "opset": "--opset", "output_dir": "--output"}
+
+
+class UsageError(Exception):
+    """A bad command line; the message names the flag."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see {PROG} --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Export X-Adapter graphs to ONNX (one NAME.onnx per graph, NAME.onnx.data "
+                "beside it when over ~1.8 GB). Graphs: " + ", ".join(GRAPHS))
+    p.add_argument("--sd15", help="SD1.5 diffusers folder or single file")
+    p.add_argument("--sdxl", help="SDXL base diffusers folder or single file")
+    p.add_argument("--adapter", help="X-Adapter checkpoint (X_Adapter_v1.bin or .safetensors)")
+    p.add_argument("--controlnet", help="SD1.5 ControlNet folder or file (for the controlnet graph)")
+    p.add_argument("--tiny", action="store_true", help="the built-in tiny random models (and a tiny ControlNet)")
+    p.add_argument("--tiny-seed", type=int, default=0)
+    p.add_argument("--output", required=True, help="output folder (created if its parent exists)")
+    p.add_argument("--graphs", help="comma-separated graph names (default: all the given models allow)")
+    p.add_argument("--dtype", default="fp32", help="fp32 (default) or fp16")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda: where the modules trace")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _given(args: argparse.Namespace) -> set[str]:
+    return {f for f in ("--sd15", "--sdxl", "--adapter", "--controlnet") if getattr(args, f[2:]) is not None}
+
+
+def check_inputs(args: argparse.Namespace) -> tuple[list[str], Path]:
+    """Validated graph names and output folder; raises ParameterError / UsageError."""
+    from ..export.onnx_export import DEFAULT_OPSET, check_dtype, check_graph_names, check_opset
+
+    given = _given(args)
+    if args.tiny and given:
+        raise UsageError(f"--tiny takes no model paths (got {', '.join(sorted(given))})")
+    if not args.tiny and not given:
+        raise UsageError("give model paths (--sd15, --sdxl, --adapter, --controlnet) or --tiny")
+    check_dtype(args.dtype)
+    args.opset = check_opset(DEFAULT_OPSET if args.opset is None else args.opset)
+    if args.device not in ("cpu", "cuda"):
+        raise ParameterError("--device", args.device, "cpu or cuda")
+    if args.device == "cuda":
+        from .generate import check_device
+
+        check_device("cuda")
+    have = set(NEEDS_FLAGS) if args.tiny else {k for k, flags in NEEDS_FLAGS.items() if set(flags) <= given}
+    if args.graphs is None:
+        names = [n for n, s in GRAPHS.items() if set(s.needs) <= have]
+        if not names:
+            raise UsageError("these model paths allow no graph: --sd15 or --sdxl, and --adapter with both for mapping")
+    else:
+        names = check_graph_names([n.strip() for n in args.graphs.split(",") if n.strip()])
+        for n in names:
+            lacking = sorted({f for part in GRAPHS[n].needs if part not in have for f in NEEDS_FLAGS[part]} - given)
+            if lacking:
+                raise UsageError(f"graph {n} needs {', '.join(lacking)}")
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise ParameterError("--output", args.output, "a folder; this is a file")
+    if not out.exists() and not out.parent.is_dir():
+        raise ParameterError("--output", args.output, f"a folder whose parent exists; {str(out.parent)!r} does not")
+    if not args.tiny:
+        from ..loading import check_model_path
+
+        for flag, family in (("--sd15", "sd15"), ("--sdxl", "sdxl"), ("--adapter", "adapter")):
+            if flag in given:
+                check_model_path(getattr(args, flag[2:]), family, flag)
+        if "--controlnet" in given and not Path(args.controlnet).exists():
+            raise ParameterError("--controlnet", args.controlnet, "an SD1.5 ControlNet folder or file; nothing is there")
+    return names, out
+
+
+def load_bundle(args: argparse.Namespace, names: list[str]):
+    import torch
+
+    from ..export.onnx_export import check_dtype
+    from ..export.wrappers import ModuleBundle
+
+    dtype, device = check_dtype(args.dtype), torch.device(args.device)
+    needed = {part for n in names for part in GRAPHS[n].needs}
+    if args.tiny:
+        bundle = ModuleBundle.tiny(args.tiny_seed)
+        for part in ("sd15", "sdxl"):
+            comps = getattr(bundle, part)
+            for m in (v for v in vars(comps).values() if isinstance(v, torch.nn.Module)):
+                m.to(device, dtype)
+        for m in (bundle.mapping, bundle.controlnet):
+            m.to(device, dtype)
+        return bundle
+    from ..loading import load_mapping, load_sd15, load_sdxl
+    from ..models.mapping import MappingConfig
+    from ..plugins.controlnet import load_controlnet
+
+    sd15 = load_sd15(args.sd15, dtype=dtype, device=device) if args.sd15 and needed & {"sd15", "mapping", "controlnet"} else None
+    sdxl = load_sdxl(args.sdxl, dtype=dtype, device=device) if args.sdxl and needed & {"sdxl", "mapping"} else None
+    mapping = None
+    if "mapping" in needed:
+        config = MappingConfig.from_unet_configs(sd15.unet.config, sdxl.unet.config)
+        mapping = load_mapping(args.adapter, config, dtype=dtype, device=device)
+    controlnet = load_controlnet(args.controlnet, dtype=dtype, device=device) if "controlnet" in needed else None
+    return ModuleBundle(sd15, sdxl, mapping, controlnet)
+
+
+def describe(error: ParameterError) -> str:
+    return f"invalid {PARAM_FLAGS.get(error.name, error.name)} {error.value!r}: expected {error.accepted}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `xa-export`; returns the exit code (0 ok, 2 bad input, nothing written)."""
+    try:
+        args = build_parser().parse_args(argv)
+        names, out = check_inputs(args)
+    except SystemExit as e:
+        return int(e.code or 0)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ParameterError as e:
+        print(f"error: {describe(e)}", file=sys.stderr)
+        return 2
+    from ..export.onnx_export import export_graphs
+
+    started = time.perf_counter()
+    try:
+        bundle = load_bundle(args, names)
+        out.mkdir(exist_ok=True)
+        paths = export_graphs(names, bundle, out, args.dtype, args.opset, progress=not args.no_progress)
+    except ParameterError as e:
+        print(f"error: {describe(e)}", file=sys.stderr)
+        return 2
+    except (CheckpointError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{PROG}: wrote {len(paths)} graphs to {out} ({args.dtype}, opset {args.opset}) in "
+          f"{time.perf_counter() - started:.1f}s: {', '.join(paths)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,203 @@
+"""PyTorch -> ONNX for each graph of the table (runtime/graphs_table.py).
+
+Exporter: the TorchScript-based one (`dynamo=False`). The dynamo exporter (torch 2.13,
+onnxscript 0.7) fails on the diffusers UNet with dynamic height/width: torch.export
+specialises the latent size through diffusers' `dim % default_overall_up_factor` check
+("Constraints violated (8*h, 8*w)"), so the graph would be fixed-size. The TorchScript
+trace keeps H/W/B/T symbolic and exports the tiny SD1.5 UNet in ~3 s.
+
+Files are written atomically: a staging folder beside the target, the .onnx checked by
+onnx.checker (by path, so > 2 GB models work), then moved into place, its external data
+file (`NAME.onnx.data`, used above ~1.8 GB, e.g. SDXL in fp32) first and the .onnx last.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+import xa_runtime
+
+from ..errors import ParameterError
+from ..runtime.graphs_table import GRAPHS, SDXL_LATENT, GraphSpec, get_graph, resolve_dim
+from .wrappers import ModuleBundle, build_graph_module, example_inputs, model_dims
+
+MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 17, 20, 17  # 17: LayerNormalization; 20: TorchScript exporter's last
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+# protobuf cannot serialise a message over 2 GiB; stay well below it.
+EXTERNAL_DATA_BYTES = 1_800_000_000
+# Trace sizes: small (fast), not square (a swapped H/W would show), divisible by every
+# downsampling factor (SD1.5 latent by 8, SDXL by 4).
+EXAMPLE_DIMS = {"B": 2, "T": 77, "sd15": (16, 24), "sdxl": (16, 24)}
+
+
+def check_opset(opset: object) -> int:
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ParameterError("opset", opset, f"an integer {MIN_OPSET}..{MAX_OPSET} (the TorchScript exporter's range)")
+    return opset
+
+
+def check_dtype(dtype: object) -> torch.dtype:
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    if dtype in DTYPES.values():
+        return dtype  # type: ignore[return-value]
+    raise ParameterError("dtype", dtype, "fp32 or fp16 (torch.float32 / torch.float16)")
+
+
+def check_graph_names(names: Iterable[str]) -> list[str]:
+    names = list(names)
+    bad = [n for n in names if n not in GRAPHS]
+    if bad or not names:
+        raise ParameterError("graphs", ",".join(bad) if bad else "", f"graph names among {', '.join(GRAPHS)}")
+    return names
+
+
+def check_bundle(spec: GraphSpec, bundle: ModuleBundle) -> None:
+    missing = [part for part in spec.needs if getattr(bundle, part) is None]
+    if missing:
+        raise ParameterError("graphs", spec.name, f"graphs whose models are given; {spec.name} needs {', '.join(missing)}")
+
+
+def available_graphs(bundle: ModuleBundle) -> list[str]:
+    """The graphs of the table that `bundle` has the modules for."""
+    return [n for n, s in GRAPHS.items() if all(getattr(bundle, part) is not None for part in s.needs)]
+
+
+def trace_dims(spec: GraphSpec, bundle: ModuleBundle) -> dict[str, int]:
+    """Model dimensions plus the small trace values of the dynamic ones."""
+    h, w = EXAMPLE_DIMS["sdxl" if spec.profiles.get("H") is SDXL_LATENT else "sd15"]
+    return {**model_dims(spec, bundle), "B": EXAMPLE_DIMS["B"], "T": EXAMPLE_DIMS["T"], "H": h, "W": w}
+
+
+def _module_dtype(module: torch.nn.Module) -> torch.dtype | None:
+    p = next(module.parameters(), None)
+    return None if p is None else p.dtype
+
+
+def export_graph(
+    name: str,
+    bundle: ModuleBundle,
+    path: str | os.PathLike,
+    dtype: str | torch.dtype = torch.float32,
+    opset: int = DEFAULT_OPSET,
+    *,
+    external_data: bool | None = None,
+) -> Path:
+    """Export graph `name` of the table from `bundle` to `path` (.onnx); returns the path.
+
+    dtype: fp32 or fp16; modules in another dtype are exported from a converted copy
+    (memory: one more model), so load them in the target dtype for big models. The
+    export runs on the device the modules are on (fp16 wants a GPU). external_data:
+    None decides by size; True / False force `NAME.onnx.data` or one file.
+    """
+    spec = get_graph(name)
+    opset, dtype = check_opset(opset), check_dtype(dtype)
+    path = Path(path)
+    if path.suffix != ".onnx":
+        raise ParameterError("path", str(path), "a file name ending in .onnx")
+    if not path.parent.is_dir():
+        raise ParameterError("path", str(path), f"a path in an existing folder; {str(path.parent)!r} is not one")
+    check_bundle(spec, bundle)
+    module = build_graph_module(spec, bundle)
+    if _module_dtype(module) != dtype:
+        getattr(module, "release", lambda: None)()
+        module = build_graph_module(spec, bundle, convert=lambda m: copy.deepcopy(m).to(dtype))
+    device = next(module.parameters()).device
+    args = example_inputs(spec, trace_dims(spec, bundle), dtype, device)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.stem}-", dir=path.parent))
+    try:
+        raw = staging / "raw" / path.name  # torch may write one external file per tensor beside it
+        raw.parent.mkdir()
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings on diffusers' shape checks (constant for our profiles)
+            torch.onnx.export(
+                module.eval(), args, str(raw), dynamo=False, opset_version=opset,
+                input_names=list(spec.input_names), output_names=list(spec.output_names),
+                dynamic_axes=spec.dynamic_axes(),
+                # Without constant folding, Linear weights stay initializers named as in torch
+                # (behind a Transpose) instead of anonymous pre-transposed copies: refit maps by name.
+                do_constant_folding=False,
+            )
+        _write_checked(raw, staging / path.name, path, spec, model_dims(spec, bundle), dtype, opset, external_data)
+    finally:
+        getattr(module, "release", lambda: None)()
+        shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+def _declare_io(model, spec: GraphSpec, dims: dict[str, int]) -> None:
+    """Write the table's shapes into the graph's inputs and outputs: dynamic axes by their
+    table names, the rest as numbers (the exporter leaves some, e.g. after a chunk, unnamed)."""
+    for declared, values in ((spec.inputs, model.graph.input), (spec.outputs, model.graph.output)):
+        for t, v in zip(declared, values):
+            dynamic = set(t.dynamic_axes().values())
+            for want, dim in zip(t.shape, v.type.tensor_type.shape.dim):
+                if isinstance(want, str) and want in dynamic:
+                    dim.dim_param = want
+                else:
+                    dim.dim_value = resolve_dim(want, dims)
+
+
+def _write_checked(raw: Path, staged: Path, path: Path, spec: GraphSpec, dims: dict[str, int], dtype: torch.dtype,
+                   opset: int, external_data: bool | None) -> None:
+    import onnx
+
+    model = onnx.load(str(raw))  # with its external tensors, if torch wrote any
+    _declare_io(model, spec, dims)
+    size = sum(_tensor_bytes(t) for t in model.graph.initializer)
+    external = size > EXTERNAL_DATA_BYTES if external_data is None else bool(external_data)
+    meta = {"xa_runtime.graph": spec.name, "xa_runtime.dtype": str(dtype).removeprefix("torch."),
+            "xa_runtime.opset": str(opset), "xa_runtime.version": xa_runtime.__version__}
+    for key, value in meta.items():
+        model.metadata_props.add(key=key, value=value)
+    data = path.with_name(path.name + ".data")
+    if external:
+        onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=0)
+    else:
+        onnx.save_model(model, str(staged))
+    del model
+    onnx.checker.check_model(str(staged))
+    if external:
+        os.replace(staged.with_name(data.name), data)
+    os.replace(staged, path)  # last: a present .onnx always has its complete data
+    if not external and data.exists():
+        data.unlink()  # left by an earlier export of the same name with external data
+
+
+def _tensor_bytes(t) -> int:
+    import onnx
+
+    n = 1
+    for d in t.dims:
+        n *= d
+    return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+
+
+def export_graphs(
+    names: Sequence[str], bundle: ModuleBundle, output_dir: str | os.PathLike, dtype: str | torch.dtype = torch.float32,
+    opset: int = DEFAULT_OPSET, *, progress: bool = True,
+) -> dict[str, Path]:
+    """Export several graphs to `output_dir/NAME.onnx` with a progress bar; all inputs are
+    checked before the first export."""
+    from tqdm.auto import tqdm
+
+    names = check_graph_names(names)
+    opset, dtype = check_opset(opset), check_dtype(dtype)
+    for n in names:
+        check_bundle(GRAPHS[n], bundle)
+    out = Path(output_dir)
+    if not out.is_dir():
+        raise ParameterError("output_dir", str(out), "an existing folder")
+    paths = {}
+    for n in tqdm(names, desc="export", unit="graph", disable=not progress):
+        paths[n] = export_graph(n, bundle, out / f"{n}.onnx", dtype, opset)
+    return paths

@@ -1,0 +1,224 @@
+"""Flat-tensor wrappers around the models, one per graph of the table, for tracing.
+
+The models package stays pure; these adapt its branches (hooks, kwargs, tuples) to the
+positional tensor inputs and tuple outputs of runtime/graphs_table.py. Each wrapper
+registers the wrapped model as `unet` / `vae` / `text_encoder` / ..., so exported weight
+names read as the diffusers pipeline's (`unet.down_blocks.0...`), which the refit name
+mapping relies on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..models.branches import SD15Branch, SDXLBranch
+from ..models.components import SD15Components, SDXLComponents
+from ..models.mapping import MappingLayers
+from ..runtime.graphs_table import CONTROL_RESIDUALS, GraphSpec
+
+
+@dataclass
+class ModuleBundle:
+    """The modules graphs are exported from; parts a graph does not need may be None."""
+
+    sd15: SD15Components | None = None
+    sdxl: SDXLComponents | None = None
+    mapping: MappingLayers | None = None
+    controlnet: nn.Module | None = None
+
+    @classmethod
+    def tiny(cls, seed: int = 0) -> "ModuleBundle":
+        """The built-in tiny random models and a tiny ControlNet (real topology)."""
+        from ..models.tiny import build_tiny_models
+        from ..plugins.controlnet import build_tiny_controlnet
+
+        sd15, sdxl, mapping = build_tiny_models(seed)
+        return cls(sd15, sdxl, mapping, build_tiny_controlnet(sd15.unet, seed + 3))
+
+
+class SD15UNetGraph(nn.Module):
+    """sd15_unet / sd15_unet_control: (sample, timestep, text[, 12 down + mid residuals]) -> (eps, f0, f1, f2)."""
+
+    def __init__(self, unet: nn.Module, control: bool = False):
+        super().__init__()
+        self.unet, self.control = unet, control
+        self.__dict__["branch"] = SD15Branch(unet)  # not a submodule: weights stay named unet.*
+
+    def forward(self, sample, timestep, encoder_hidden_states, *residuals):
+        kwargs: dict[str, Any] = {}
+        if self.control:
+            kwargs = {"down_block_additional_residuals": residuals[:-1], "mid_block_additional_residual": residuals[-1]}
+        eps, (f0, f1, f2) = self.branch(sample, timestep, encoder_hidden_states, **kwargs)
+        return eps, f0, f1, f2
+
+    def release(self) -> None:
+        self.branch.remove_hooks()
+
+
+def _inject(h: torch.Tensor, r: torch.Tensor, acs: torch.Tensor, fusion: torch.Tensor) -> torch.Tensor:
+    # inject_residual with tensor scales; fusion < 0 selects the plain add (fusion None).
+    r = r.to(h.dtype) * acs.to(h.dtype)
+    return torch.where(fusion < 0, h + r, h + fusion.to(h.dtype) * (r - h))
+
+
+class SDXLUNetGraph(nn.Module):
+    """sdxl_unet: (sample, timestep, text, pooled, time_ids, r0, r1, r2, acs, fusion) -> eps."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+        self.__dict__["branch"] = SDXLBranch(unet)
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, r0, r1, r2, acs, fusion):
+        injections: list[Callable[[torch.Tensor], torch.Tensor]] = [
+            lambda h, r=r: _inject(h, r, acs, fusion) for r in (r0, r1, r2)
+        ]
+        cond = {"text_embeds": text_embeds, "time_ids": time_ids}
+        return self.branch(sample, timestep, encoder_hidden_states, cond, injections=injections)
+
+    def release(self) -> None:
+        self.branch.remove_hooks()
+
+
+class MappingGraph(nn.Module):
+    def __init__(self, mapping: MappingLayers):
+        super().__init__()
+        self.mapping = mapping
+
+    def forward(self, f0, f1, f2):
+        return self.mapping(f0, f1, f2)
+
+
+class ControlNetGraph(nn.Module):
+    """controlnet: (sample, timestep, text, cond image, scale) -> 12 down residuals + mid."""
+
+    def __init__(self, controlnet: nn.Module):
+        super().__init__()
+        self.controlnet = controlnet
+
+    def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale):
+        down, mid = self.controlnet(
+            sample, timestep, encoder_hidden_states=encoder_hidden_states, controlnet_cond=controlnet_cond,
+            conditioning_scale=conditioning_scale.to(sample.dtype), guess_mode=False, return_dict=False,
+        )
+        return (*down, mid)
+
+
+class VAEDecoderGraph(nn.Module):
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent):
+        return self.vae.decode(latent).sample
+
+
+class VAEEncoderGraph(nn.Module):
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, image):
+        posterior = self.vae.encode(image).latent_dist
+        return posterior.mean, posterior.std
+
+
+class TextEncoderGraph(nn.Module):
+    """input_ids -> hidden states (last, or penultimate as SDXL uses) [, projected pooled]."""
+
+    def __init__(self, text_encoder: nn.Module, penultimate: bool, pooled: bool):
+        super().__init__()
+        self.text_encoder, self.penultimate, self.pooled = text_encoder, penultimate, pooled
+
+    def forward(self, input_ids):
+        # Eager attention: the exporter's SDPA symbolic builds CLIP's causal mask in fp32,
+        # which makes fp16 graphs mix types (onnxruntime refuses them); eager builds it in
+        # the model dtype. The module's own setting is restored.
+        config = self.text_encoder.config
+        saved, config._attn_implementation = config._attn_implementation, "eager"
+        try:
+            out = self.text_encoder(input_ids, output_hidden_states=self.penultimate)
+        finally:
+            config._attn_implementation = saved
+        hidden = out.hidden_states[-2] if self.penultimate else out[0]
+        return (hidden, out[0]) if self.pooled else hidden
+
+
+def build_graph_module(spec: GraphSpec, bundle: ModuleBundle,
+                       convert: Callable[[nn.Module], nn.Module] | None = None) -> nn.Module:
+    """The wrapper of `spec` around the bundle's module (call .release() if it has one);
+    `convert` maps that module first (e.g. to a converted copy)."""
+    n, b = spec.name, bundle
+    c = convert or (lambda m: m)
+    if n in ("sd15_unet", "sd15_unet_control"):
+        return SD15UNetGraph(c(b.sd15.unet), control=n.endswith("control"))
+    if n == "sdxl_unet":
+        return SDXLUNetGraph(c(b.sdxl.unet))
+    if n == "mapping":
+        return MappingGraph(c(b.mapping))
+    if n == "controlnet":
+        return ControlNetGraph(c(b.controlnet))
+    if n.endswith(("_vae_decoder", "_vae_encoder")):
+        vae = c((b.sd15 if n.startswith("sd15") else b.sdxl).vae)
+        return VAEDecoderGraph(vae) if n.endswith("decoder") else VAEEncoderGraph(vae)
+    if n == "sd15_text_encoder":
+        return TextEncoderGraph(c(b.sd15.text_encoder), penultimate=False, pooled=False)
+    if n == "sdxl_text_encoder":
+        return TextEncoderGraph(c(b.sdxl.text_encoder), penultimate=True, pooled=False)
+    if n == "sdxl_text_encoder_2":
+        return TextEncoderGraph(c(b.sdxl.text_encoder_2), penultimate=True, pooled=True)
+    raise KeyError(n)
+
+
+def model_dims(spec: GraphSpec, bundle: ModuleBundle) -> dict[str, int]:
+    """Values of the graph's model dimensions (channels, text widths), read from the configs."""
+    dims: dict[str, int] = {}
+    if spec.name.startswith("sd15_text"):
+        dims["ctx"] = bundle.sd15.text_encoder.config.hidden_size
+    elif spec.name.startswith("sdxl_text"):
+        enc = bundle.sdxl.text_encoder_2 if spec.name.endswith("_2") else bundle.sdxl.text_encoder
+        dims.update(ctx=enc.config.hidden_size, pooled=getattr(enc.config, "projection_dim", 0))
+    if bundle.sd15 is not None:
+        c = list(bundle.sd15.unet.config.block_out_channels)
+        rev = c[::-1]
+        dims.update(c_f0=rev[1], c_f1=rev[2], c_f2=rev[3], c_mid=c[-1])
+        down = [c[0]] + [c[s] for s in range(len(c)) for _ in range(3)][: len(CONTROL_RESIDUALS) - 2]
+        dims.update({f"c_down{i}": ch for i, ch in enumerate(down)})
+        if spec.name in ("sd15_unet", "sd15_unet_control", "controlnet"):
+            dims["ctx"] = bundle.sd15.unet.config.cross_attention_dim
+    if bundle.mapping is not None:
+        dims.update({f"c_f{i}": ch for i, ch in enumerate(bundle.mapping.config.in_channels)})
+        dims.update({f"c_r{i}": ch for i, ch in enumerate(bundle.mapping.config.out_channels)})
+    if bundle.sdxl is not None and spec.name == "sdxl_unet":
+        cfg = bundle.sdxl.unet.config
+        rev = list(cfg.block_out_channels)[::-1]
+        dims.update(ctx=cfg.cross_attention_dim, c_r0=rev[0], c_r1=rev[0], c_r2=rev[1],
+                    pooled=cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim)
+    return dims
+
+
+def example_inputs(spec: GraphSpec, dims: dict[str, int], dtype: torch.dtype, device: torch.device,
+                   seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Seeded inputs of the declared shapes: floats ~N(0,1), timesteps in [0, 1000), token
+    ids below 49406 then the end-of-text id, scales 1.0 (fusion -1: plain add)."""
+    g = torch.Generator("cpu").manual_seed(seed)
+    out = []
+    for t in spec.inputs:
+        shape = t.resolve(dims)
+        if t.dtype == "int64":
+            x = torch.randint(0, 49406, shape, generator=g)
+            x[:, -1] = 49407
+        elif t.name == "timestep":
+            x = torch.rand(shape, generator=g) * 999
+        elif t.name in ("adapter_condition_scale", "conditioning_scale"):
+            x = torch.ones(shape)
+        elif t.name == "fusion_guidance_scale":
+            x = -torch.ones(shape)
+        else:
+            x = torch.randn(shape, generator=g)
+        out.append(x.to(device, dtype if t.dtype == "float" else x.dtype))
+    return tuple(out)

@@ -1,0 +1,199 @@
+"""onnxruntime backend: one InferenceSession per exported graph (xa-export's folder).
+
+`OnnxRuntimeBackend(folder)` gives `sd15_branch`, `sdxl_branch` and `mapping`, callable as
+SD15Branch, SDXLBranch and MappingLayers are, so `XAdapterPipeline.with_backend(backend)`
+runs stage 1 and stage 2 on onnxruntime. Inputs and outputs are checked against the graph
+table. Tensors cross to the host as numpy arrays (CPU provider); a CUDA provider is
+accepted where onnxruntime-gpu is installed, still through host copies for now.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import CheckpointError, ParameterError
+from ..models.branches import ResidualInjection
+from .graphs_table import GraphSpec, get_graph
+
+PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+PIPELINE_GRAPHS = ("sd15_unet", "mapping", "sdxl_unet")  # required by the branches
+OPTIONAL_GRAPHS = ("sd15_unet_control",)  # SD1.5 ControlNet residuals, when exported
+_ORT_FLOATS = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def resolve_providers(providers: Sequence[str]) -> list[str]:
+    """"cpu" / "cuda" or onnxruntime's names -> onnxruntime's names, each available here."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    names = [PROVIDER_NAMES.get(p, p) for p in providers]
+    bad = [p for p, n in zip(providers, names) if n not in available]
+    if bad or not names:
+        raise ParameterError("providers", list(providers), f"among those available here: {', '.join(available)} "
+                             "(cuda needs the onnxruntime-gpu package)")
+    return names
+
+
+class GraphSession:
+    """One exported graph: positional torch tensors in the table's order -> tuple of CPU torch tensors."""
+
+    def __init__(self, spec: GraphSpec, path: str | os.PathLike, providers: Sequence[str] = ("cpu",),
+                 threads: int | None = None):
+        import onnxruntime as ort
+
+        self.spec, self.path = spec, Path(path)
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), options, providers=resolve_providers(providers))
+        ins, outs = self.session.get_inputs(), self.session.get_outputs()
+        got = ([i.name for i in ins], [o.name for o in outs])
+        if got != (list(spec.input_names), list(spec.output_names)):
+            raise CheckpointError(
+                f"{path}: inputs {got[0]} / outputs {got[1]} are not those of graph {spec.name} "
+                f"({list(spec.input_names)} / {list(spec.output_names)}); export it again with xa-export"
+            )
+        floats = {_ORT_FLOATS.get(i.type) for i, t in zip(ins, spec.inputs) if t.dtype == "float"}
+        self.float_dtype = floats.pop() if len(floats) == 1 else np.float32
+        # model dimensions (channels, widths) are static in the graph: read them back
+        self.model_dims = {
+            d: v for i, t in zip(ins, spec.inputs) for d, v in zip(t.shape, i.shape)
+            if isinstance(d, str) and d.islower() and isinstance(v, int)
+        }
+
+    def _array(self, kind: str, x: Any) -> np.ndarray:
+        dtype = {"float": self.float_dtype, "float32": np.float32, "int64": np.int64}[kind]
+        if isinstance(x, torch.Tensor):
+            x = x.detach().to("cpu").numpy() if x.dtype != torch.bfloat16 else x.detach().float().cpu().numpy()
+        return np.ascontiguousarray(np.asarray(x, dtype=dtype))
+
+    def __call__(self, *tensors: Any) -> tuple[torch.Tensor, ...]:
+        if len(tensors) != len(self.spec.inputs):
+            raise ValueError(f"graph {self.spec.name} takes {len(self.spec.inputs)} inputs, got {len(tensors)}")
+        feeds = {t.name: self._array(t.dtype, x) for t, x in zip(self.spec.inputs, tensors)}
+        return tuple(torch.from_numpy(o) for o in self.session.run(None, feeds))
+
+
+def _rows(timestep: Any, batch: int) -> torch.Tensor:
+    t = torch.as_tensor(timestep).detach().to("cpu", torch.float32).reshape(-1)
+    return t.expand(batch) if t.numel() == 1 else t
+
+
+def _like(outputs: Sequence[torch.Tensor], ref: torch.Tensor) -> list[torch.Tensor]:
+    return [o.to(ref.device, ref.dtype) for o in outputs]
+
+
+class OrtSD15Branch:
+    """SD15Branch on onnxruntime: (sample, timestep, text, **unet_kwargs) -> (eps, (f0, f1, f2)).
+
+    unet_kwargs: ControlNet residuals only (the sd15_unet_control graph); other plugins'
+    kwargs (T2I-Adapter, IP-Adapter, unfused LoRA scales) need the PyTorch backend.
+    """
+
+    CONTROL_KEYS = ("down_block_additional_residuals", "mid_block_additional_residual")
+
+    def __init__(self, plain: GraphSession, control: GraphSession | None = None):
+        self.plain, self.control = plain, control
+
+    def __call__(self, sample: torch.Tensor, timestep: Any, encoder_hidden_states: torch.Tensor, **unet_kwargs: Any):
+        other = sorted(k for k in unet_kwargs if k not in self.CONTROL_KEYS)
+        if other:
+            raise ValueError(f"the onnxruntime SD1.5 UNet takes ControlNet residuals only, not {other}; "
+                             "run these plugins on the PyTorch backend")
+        t = _rows(timestep, sample.shape[0])
+        if unet_kwargs:
+            if self.control is None:
+                raise ValueError("ControlNet residuals given, but no sd15_unet_control graph was exported to this folder")
+            n_down = len(self.control.spec.inputs) - 4
+            down = unet_kwargs.get("down_block_additional_residuals")
+            mid = unet_kwargs.get("mid_block_additional_residual")
+            if down is None or mid is None or len(down) != n_down:
+                raise ValueError(f"the sd15_unet_control graph takes {n_down} down residuals and a mid residual")
+            out = self.control(sample, t, encoder_hidden_states, *down, mid)
+        else:
+            out = self.plain(sample, t, encoder_hidden_states)
+        eps, f0, f1, f2 = _like(out, sample)
+        return eps, (f0, f1, f2)
+
+
+class OrtSDXLBranch:
+    """SDXLBranch on onnxruntime: residuals= or ResidualInjection injections (what the
+    pipeline passes); without either, zero residuals (the stock UNet)."""
+
+    def __init__(self, session: GraphSession):
+        self.session = session
+
+    def __call__(self, sample: torch.Tensor, timestep: Any, encoder_hidden_states: torch.Tensor,
+                 added_cond_kwargs: dict[str, torch.Tensor], residuals: Sequence[torch.Tensor] | None = None,
+                 adapter_condition_scale: float = 1.0, fusion_guidance_scale: float | None = None,
+                 injections: Sequence[Any] | None = None, **unet_kwargs: Any) -> torch.Tensor:
+        if unet_kwargs:
+            raise ValueError(f"the onnxruntime SDXL UNet takes no extra UNet arguments, got {sorted(unet_kwargs)}")
+        if residuals is not None and injections is not None:
+            raise ValueError("pass residuals or injections, not both")
+        if injections is not None:
+            residuals, adapter_condition_scale, fusion_guidance_scale = _read_injections(injections)
+        b, _, h, w = sample.shape
+        if residuals is None:
+            dims = {**self.session.model_dims, "B": b, "H": h, "W": w}
+            residuals = [torch.zeros(s.resolve(dims)) for s in self.session.spec.inputs[5:8]]
+            adapter_condition_scale = 0.0
+        if len(residuals) != 3:
+            raise ValueError(f"expected 3 residuals (r0, r1, r2), got {len(residuals)}")
+        fusion = -1.0 if fusion_guidance_scale is None else float(fusion_guidance_scale)
+        (eps,) = self.session(
+            sample, _rows(timestep, b), encoder_hidden_states, added_cond_kwargs["text_embeds"],
+            added_cond_kwargs["time_ids"], *residuals, [float(adapter_condition_scale)], [fusion],
+        )
+        return eps.to(sample.device, sample.dtype)
+
+
+def _read_injections(injections: Sequence[Any]) -> tuple[list[torch.Tensor], float, float | None]:
+    if len(injections) != 3 or not all(isinstance(i, ResidualInjection) for i in injections):
+        raise ValueError("the onnxruntime SDXL UNet takes 3 ResidualInjection injections (plain residuals), not "
+                         "kernel callables; turn RuntimeConfig.triton_kernels off")
+    settings = {(i.scale, i.fusion_guidance_scale) for i in injections}
+    if len(settings) != 1:
+        raise ValueError(f"the sdxl_unet graph takes one scale and fusion for all three sites, got {sorted(settings)}")
+    scale, fusion = settings.pop()
+    return [i.residual for i in injections], scale, fusion
+
+
+class OrtMapping:
+    """MappingLayers on onnxruntime: (f0, f1, f2) -> (r0, r1, r2)."""
+
+    def __init__(self, session: GraphSession):
+        self.session = session
+
+    def __call__(self, f0: torch.Tensor, f1: torch.Tensor, f2: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(_like(self.session(f0, f1, f2), f0))
+
+
+class OnnxRuntimeBackend:
+    """The exported graphs of one folder (NAME.onnx as xa-export writes them) on onnxruntime.
+
+    providers: "cpu", "cuda" or onnxruntime provider names, in order of preference.
+    Needs sd15_unet, mapping and sdxl_unet; loads sd15_unet_control if present.
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, folder: str | os.PathLike, providers: Sequence[str] = ("cpu",), threads: int | None = None):
+        folder = Path(folder)
+        missing = [g for g in PIPELINE_GRAPHS if not (folder / f"{g}.onnx").is_file()]
+        if not folder.is_dir() or missing:
+            raise ParameterError("folder", str(folder), f"a folder with {', '.join(g + '.onnx' for g in PIPELINE_GRAPHS)} "
+                                 f"(xa-export writes them){'; missing ' + ', '.join(missing) if folder.is_dir() else ''}")
+        resolve_providers(providers)  # named before any session is built
+        self.sessions = {
+            g: GraphSession(get_graph(g), folder / f"{g}.onnx", providers, threads)
+            for g in PIPELINE_GRAPHS + OPTIONAL_GRAPHS if (folder / f"{g}.onnx").is_file()
+        }
+        self.sd15_branch = OrtSD15Branch(self.sessions["sd15_unet"], self.sessions.get("sd15_unet_control"))
+        self.sdxl_branch = OrtSDXLBranch(self.sessions["sdxl_unet"])
+        self.mapping = OrtMapping(self.sessions["mapping"])
