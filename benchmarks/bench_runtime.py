@@ -172,14 +172,21 @@ def main(argv: list[str] | None = None) -> int:
     plan = [v for v in ["sdxl-alone", "eager", "+compile", "+graphs", "+streams", "+kernels", "sdxl-alone-lean"]
             if v in args.variants]  # eager rows first: compile changes the models in place
     results = {}
+    lean = None  # one pipeline for the cumulative rows: set_runtime keeps its compiled steps
     for name in plan:
         runtime = RuntimeConfig() if name == "sdxl-alone" else lean_cfg if name == "sdxl-alone-lean" else cfgs[name]
-        pipe = XAdapterPipeline(*models, device=dev, dtype=dt, progress=False, runtime=runtime)
         print(f"{name}: {runtime}", file=sys.stderr)
+        if name in ("sdxl-alone", "eager"):
+            pipe = XAdapterPipeline(*models, device=dev, dtype=dt, progress=False, runtime=runtime)
+        elif lean is None:
+            pipe = lean = XAdapterPipeline(*models, device=dev, dtype=dt, progress=False, runtime=runtime)
+        else:
+            lean.set_runtime(runtime)  # drops the previous row's graphs
+            pipe = lean
+        torch.cuda.empty_cache()
         results[name] = measure(_runner(pipe, name, args.steps), args.warmup, args.runs) | {"runtime": repr(runtime)}
         print(f"  median {results[name]['total_median_s']:.3f} s", file=sys.stderr)
-        del pipe  # its graphs and buffers go before the next variant's
-        torch.cuda.empty_cache()
+        del pipe
 
     base = results.get("eager", {}).get("total_median_s")
     lines = [f"{'variant':<16} {'median s':>9} {'x eager':>8} {'peak GiB':>9}  overheads (s)  stage medians (s)"]

@@ -174,6 +174,24 @@ def test_model_fingerprint_sees_hooks_processors_and_hook_owner_scales(tiny_mode
     assert model_fingerprint([unet]) == before
 
 
+def test_channels_last_and_fused_qkv_within_tolerance(reference):
+    from xa_runtime.models.tiny import build_tiny_models
+
+    pipe = XAdapterPipeline(*build_tiny_models(0), progress=False,  # own models: both switches edit them
+                            runtime=RuntimeConfig(channels_last=True, fuse_qkv=True))
+    assert pipe.sdxl.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert any(type(p).__name__.startswith("Fused") for p in pipe.sd15.unet.attn_processors.values())
+    kwargs = GEN | dict(num_inference_steps=3)
+    torch.testing.assert_close(pipe("a cat", **kwargs).images, reference("a cat", **kwargs).images, **COMPILED_TOL)
+
+    with pytest.raises(ParameterError, match="fuse_qkv"):
+        pipe.set_runtime(RuntimeConfig(channels_last=True))
+    with pytest.raises(ParameterError, match="offload"):
+        pipe.set_runtime(RuntimeConfig(channels_last=True, fuse_qkv=True, offload="encoders_vaes"))
+    pipe.set_runtime(RuntimeConfig(channels_last=True, fuse_qkv=True, streams=True))
+    assert pipe.runtime.streams and not pipe.stage2_scheduler.overlap  # CPU: sequential
+
+
 @pytest.mark.slow
 def test_compiled_aot_eager_within_tolerance_and_compile_time_reported(tiny_models, reference):
     pipe = XAdapterPipeline(
@@ -186,6 +204,8 @@ def test_compiled_aot_eager_within_tolerance_and_compile_time_reported(tiny_mode
     again = pipe("a dog", **(kwargs | dict(seed=4)))  # same shapes: nothing compiled again
     assert again.overheads["compile"] == 0.0
     torch.testing.assert_close(again.images, reference("a dog", **(kwargs | dict(seed=4))).images, **COMPILED_TOL)
+    pipe.set_runtime(RuntimeConfig(compile=True, compile_backend="aot_eager", streams=True))
+    assert pipe("a dog", **(kwargs | dict(seed=4))).overheads["compile"] == 0.0  # compiled steps kept
     # the branch hooks still work inside the compiled region: the adapter changes the result
     no_adapter = reference("a dog", **(kwargs | dict(seed=4, adapter_condition_scale=0.0))).images
     assert (again.images - no_adapter).abs().max() > 1e-3

@@ -139,6 +139,26 @@ class XAdapterPipeline:
         self.executor = StepExecutor(runtime, self.device)
         self.stage2_scheduler = Stage2Scheduler(self.device, runtime.streams)
 
+    def set_runtime(self, runtime: RuntimeConfig) -> None:
+        """Switch how this pipeline executes without rebuilding it. Compiled steps are kept
+        when the compile settings are unchanged (so a benchmark adding graphs or streams on
+        top of compile does not compile again); captured graphs are dropped. channels_last
+        and fuse_qkv can only be turned on (they changed the models); offload cannot change."""
+        runtime.check_device(self.device)
+        old = self.runtime
+        if runtime.offload != old.offload:
+            raise ParameterError("offload", runtime.offload, f"{old.offload!r} (fixed when the pipeline was built)")
+        for name in ("channels_last", "fuse_qkv"):
+            if getattr(old, name) and not getattr(runtime, name):
+                raise ParameterError(name, False, "True: it changed the models when it was turned on; build a new pipeline")
+        added = RuntimeConfig(channels_last=runtime.channels_last and not old.channels_last,
+                              fuse_qkv=runtime.fuse_qkv and not old.fuse_qkv)
+        prepare_models(added, (self.sd15.unet, self.sdxl.unet), (self.mapping,))
+        self.runtime = runtime
+        self.executor = self.executor.reconfigured(runtime)
+        if runtime.streams != old.streams:
+            self.stage2_scheduler = Stage2Scheduler(self.device, runtime.streams)
+
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(

@@ -76,6 +76,18 @@ class StepExecutor:
         self._fingerprint: Hashable | None = None
         self._request_overheads = {"compile": 0.0, "graph_capture": 0.0}
 
+    def reconfigured(self, config: RuntimeConfig) -> "StepExecutor":
+        """A new executor for `config` that keeps this one's compiled steps when the compile
+        settings are the same (dynamo re-checks its guards, e.g. on triton_kernels, anyway);
+        graphs are never carried over."""
+        new = StepExecutor(config, self.device)
+        same = (config.compile, config.compile_backend, config.compile_mode) == (
+            self.config.compile, self.config.compile_backend, self.config.compile_mode)
+        if config.compile and same:
+            new._compiled, new._compiled_keys = self._compiled, self._compiled_keys
+            new.compile_seconds = self.compile_seconds
+        return new
+
     def begin_request(self, models: Iterable[nn.Module]) -> None:
         """Call at the start of each request: graphs captured against other weights, hooks
         or attention processors are dropped (and recaptured on first use)."""
@@ -126,7 +138,9 @@ class StepExecutor:
         return compiled
 
     def _timed_first_call(self, name: str, fn: Callable[..., Any], args: tuple) -> Callable[..., Any]:
-        key = graph_key(name, args)[0]
+        # what the traced code reads besides its arguments (a change recompiles)
+        traced = (self.config.triton_kernels, self.config.channels_last, self.config.fuse_qkv)
+        key = graph_key(name, args, traced)[0]
         if key in self._compiled_keys:
             return fn
 
