@@ -19,8 +19,12 @@ from .flops import workload_flops
 VARIANTS: dict[str, RuntimeConfig] = {
     "eager": RuntimeConfig(),
     "kernels": RuntimeConfig(triton_kernels=True),
+    "compiled": RuntimeConfig(compile=True, channels_last=True, fuse_qkv=True),
+    "graphs": RuntimeConfig(cuda_graphs=True),
+    "streams": RuntimeConfig(streams=True),
+    "lean": RuntimeConfig(compile=True, channels_last=True, fuse_qkv=True, cuda_graphs=True, streams=True, triton_kernels=True),
 }
-PLANNED = {"compiled": "issue 7 (lean GPU runtime)", "onnxruntime": "issue 4 (export)", "tensorrt": "issue 5 (engines)"}
+PLANNED = {"onnxruntime": "issue 4 (export)", "tensorrt": "issue 5 (engines)"}
 
 
 @dataclass(frozen=True)

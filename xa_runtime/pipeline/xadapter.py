@@ -5,6 +5,10 @@ SD1.5 VAE decode -> resize -> SDXL VAE encode -> noise to t0; the SD1.5 result i
 re-noised to t0 too. Stage 2: k steps where SD1.5's decoder features go through the
 mapping layers into SDXL's decoder, both branches at the same timestep, each with its
 own fresh scheduler. Finally SDXL VAE decode.
+
+How the steps execute (eager, compiled, CUDA graphs, two streams in stage 2, offload)
+is the runtime's business (xa_runtime.runtime): the branch steps are named functions of
+tensors handed to a StepExecutor, and stage 2's loop is a Stage2Scheduler.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ from ..models.mapping import MappingConfig, MappingLayers
 from ..plugins.base import PluginContext, SD15StepPlugin, StepInfo, merge_unet_kwargs
 from ..plugins.ip_adapter import IPAdapterPlugin
 from ..runtime.config import RuntimeConfig
+from ..runtime.executor import StepExecutor, prepare_models
+from ..runtime.memory import Residency, peak_memory_bytes, reset_peak_memory
+from ..runtime.stage2 import Stage2Scheduler
 from ..runtime.timing import StageTimer
 from ..errors import ParameterError
 from .images import image_to_tensor
@@ -40,11 +47,38 @@ StepCallback = Callable[[str, int, int], None]  # (stage name, step index, steps
 
 @dataclass
 class XAdapterOutput:
-    """images: list of PIL images, N x H x W x 3 float array in [0, 1], or SDXL latents."""
+    """images: list of PIL images, N x H x W x 3 float array in [0, 1], or SDXL latents.
+
+    timings: seconds per stage. overheads: seconds of one-off work inside those stage
+    times (torch.compile "compile", CUDA "graph_capture"; nonzero on the first request of
+    a shape). peak_memory: bytes, torch.cuda.max_memory_allocated over the request (None
+    off CUDA).
+    """
 
     images: Any
     params: GenerationParams
     timings: dict[str, float] = field(default_factory=dict)
+    overheads: dict[str, float] = field(default_factory=dict)
+    peak_memory: int | None = None
+
+
+@dataclass
+class _Stage2:
+    """What stage 2 starts from (one request)."""
+
+    timesteps: torch.Tensor
+    lat15: torch.Tensor
+    latxl: torch.Tensor
+    sampler15: Sampler
+    samplerxl: Sampler
+    emb15: torch.Tensor
+    embxl: torch.Tensor
+    xl_cond: dict[str, torch.Tensor]
+    guidance: float | None
+    cfg: bool
+    latent_hw: tuple[int, int]
+    unet_kwargs: Callable[[str, int, int, torch.Tensor, torch.Tensor], dict[str, Any]]
+    step_callback: StepCallback | None
 
 
 def _vae_factor(vae: torch.nn.Module) -> int:
@@ -82,6 +116,7 @@ class XAdapterPipeline:
         runtime: RuntimeConfig = RuntimeConfig(),
     ):
         self.device, self.dtype, self.progress, self.runtime = torch.device(device), dtype, progress, runtime
+        runtime.check_device(self.device)
         self.sd15, self.sdxl = sd15, sdxl
         mismatch = schedule_mismatch(sd15.scheduler_config, sdxl.scheduler_config)
         if mismatch:
@@ -92,13 +127,39 @@ class XAdapterPipeline:
         expected = MappingConfig.from_unet_configs(sd15.unet.config, sdxl.unet.config)
         if mapping.config != expected:
             raise ValueError(f"mapping layers are built for {mapping.config}, but these UNets need {expected}")
-        for module in (sd15.unet, sd15.vae, sd15.text_encoder, sdxl.unet, sdxl.text_encoder, sdxl.text_encoder_2, mapping):
+        self.residency = Residency(self.device, runtime.offload_active(self.device))
+        for module in (sd15.unet, sdxl.unet, mapping):
             module.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
+        for module in (sd15.vae, sd15.text_encoder, sdxl.text_encoder, sdxl.text_encoder_2):
+            module.to(device=self.residency.home(module), dtype=dtype).eval().requires_grad_(False)
         self.vae_xl_dtype = torch.float32 if _upcast_vae(sdxl.vae, dtype) else dtype
-        sdxl.vae.to(device=self.device, dtype=self.vae_xl_dtype).eval().requires_grad_(False)
+        sdxl.vae.to(device=self.residency.home(sdxl.vae), dtype=self.vae_xl_dtype).eval().requires_grad_(False)
         self.mapping = mapping
+        prepare_models(runtime, (sd15.unet, sdxl.unet), (mapping,))
         self.sd15_branch = SD15Branch(sd15.unet)
         self.sdxl_branch = SDXLBranch(sdxl.unet)
+        self.executor = StepExecutor(runtime, self.device)
+        self.stage2_scheduler = Stage2Scheduler(self.device, runtime.streams)
+
+    def set_runtime(self, runtime: RuntimeConfig) -> None:
+        """Switch how this pipeline executes without rebuilding it. Compiled steps are kept
+        when the compile settings are unchanged (so a benchmark adding graphs or streams on
+        top of compile does not compile again); captured graphs are dropped. channels_last
+        and fuse_qkv can only be turned on (they changed the models); offload cannot change."""
+        runtime.check_device(self.device)
+        old = self.runtime
+        if runtime.offload != old.offload:
+            raise ParameterError("offload", runtime.offload, f"{old.offload!r} (fixed when the pipeline was built)")
+        for name in ("channels_last", "fuse_qkv"):
+            if getattr(old, name) and not getattr(runtime, name):
+                raise ParameterError(name, False, "True: it changed the models when it was turned on; build a new pipeline")
+        added = RuntimeConfig(channels_last=runtime.channels_last and not old.channels_last,
+                              fuse_qkv=runtime.fuse_qkv and not old.fuse_qkv)
+        prepare_models(added, (self.sd15.unet, self.sdxl.unet), (self.mapping,))
+        self.runtime = runtime
+        self.executor = self.executor.reconfigured(runtime)
+        if runtime.streams != old.streams:
+            self.stage2_scheduler = Stage2Scheduler(self.device, runtime.streams)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -233,6 +294,8 @@ class XAdapterPipeline:
         if p.seed is None:
             p.seed = random.SystemRandom().randrange(2**63)
         generator = torch.Generator("cpu").manual_seed(p.seed)
+        reset_peak_memory(self.device)
+        self.executor.begin_request((self.sd15.unet, self.sdxl.unet, self.mapping))
         timer = StageTimer(self.device)
         dev, dt = self.device, self.dtype
         cfg = p.guidance_scale > 1.0
@@ -254,7 +317,9 @@ class XAdapterPipeline:
             # Drawn on a CPU generator: the same seed gives the same noise on any device.
             return torch.randn(shape, generator=generator, dtype=torch.float32).to(dev, dt)
 
-        with timer.stage("text_encoders"):
+        with timer.stage("text_encoders"), self.residency.use(
+            self.sd15.text_encoder, self.sdxl.text_encoder, self.sdxl.text_encoder_2
+        ):
             emb15 = encode_sd15(self.sd15, prompts15, negatives or [""] * n_prompts, repeat, cfg, dev).to(dt)
             embxl, pooled = encode_sdxl(self.sdxl, prompts, negatives, repeat, cfg, dev)
             rows = embxl.shape[0]
@@ -270,9 +335,12 @@ class XAdapterPipeline:
                 for plugin in plugins:
                     plugin.prepare(ctx)
 
+        def unet_kwargs(stage: str, i: int, steps: int, t: torch.Tensor, x: torch.Tensor) -> dict[str, Any]:
+            return merge_unet_kwargs([pl.unet_kwargs(ctx, StepInfo(stage, i, steps, t), x) for pl in plugins])
+
         def sd15(stage: str, i: int, steps: int, t: torch.Tensor, x: torch.Tensor):
-            extra = merge_unet_kwargs([pl.unet_kwargs(ctx, StepInfo(stage, i, steps, t), x) for pl in plugins])
-            return self.sd15_branch(x, t, emb15, **extra)
+            eps, *feats = self.executor.run("sd15", self._sd15_forward, (x, t, emb15, unet_kwargs(stage, i, steps, t, x)))
+            return eps, tuple(feats)
 
         f15, fxl = _vae_factor(self.sd15.vae), _vae_factor(self.sdxl.vae)
         shape15 = (batch, self.sd15.unet.config.in_channels, p.height_sd15 // f15, p.width_sd15 // f15)
@@ -291,7 +359,9 @@ class XAdapterPipeline:
                 if hasattr(sched1, "set_begin_index"):
                     sched1.set_begin_index(start)
                 pixels = image_to_tensor(init_image, p.height_sd15, p.width_sd15, batch, "init_image").to(dev, dt) * 2 - 1
-                lat15 = sched1.add_noise(self._vae_sample(self.sd15.vae, pixels, generator).to(dt), noise(shape15), steps1[:1].repeat(batch))
+                with self.residency.use(self.sd15.vae):
+                    init15 = self._vae_sample(self.sd15.vae, pixels, generator).to(dt)
+                lat15 = sched1.add_noise(init15, noise(shape15), steps1[:1].repeat(batch))
             sampler1 = self._sampler(sched1, generator)
             for i, t in enumerate(self._bar(steps1, "stage 1 (SD1.5)")):
                 eps, _ = sd15("stage1", i, len(steps1), t, sampler1.scale_model_input(self._cfg_batch(lat15, cfg), t))
@@ -300,7 +370,7 @@ class XAdapterPipeline:
                     step_callback("stage1", i, len(steps1))
 
         k = p.stage2_steps
-        with timer.stage("handover"):
+        with timer.stage("handover"), self.residency.use(self.sd15.vae, self.sdxl.vae):
             sched15, schedxl = self._stage2_schedulers(p.scheduler, p.num_inference_steps, k)
             t0 = schedxl.timesteps[-k:][:1].repeat(batch)
             image = self.sd15.vae.decode(lat15 / self.sd15.vae.config.scaling_factor).sample
@@ -311,21 +381,67 @@ class XAdapterPipeline:
             lat15 = sched15.add_noise(lat15, noise(shape15), t0)
 
         with timer.stage("stage2"):
-            sampler15, samplerxl = self._sampler(sched15, generator), self._sampler(schedxl, generator)
-            for i, t in enumerate(self._bar(schedxl.timesteps[-k:], "stage 2 (SD1.5 + SDXL)")):
-                eps15, feats = sd15("stage2", i, k, t, sampler15.scale_model_input(self._cfg_batch(lat15, cfg), t))
-                lat15 = sampler15.step(eps15, t, lat15, guidance)
-                injections = self._injections(self._fit_features(feats, shapexl[-2:]), p)
-                epsxl = self.sdxl_branch(
-                    samplerxl.scale_model_input(self._cfg_batch(latxl, cfg), t), t, embxl, xl_cond, injections=injections
-                )
-                latxl = samplerxl.step(epsxl, t, latxl, guidance)
-                if step_callback:
-                    step_callback("stage2", i, k)
+            st = _Stage2(
+                timesteps=schedxl.timesteps[-k:], lat15=lat15, latxl=latxl,
+                sampler15=self._sampler(sched15, generator), samplerxl=self._sampler(schedxl, generator),
+                emb15=emb15, embxl=embxl, xl_cond=xl_cond, guidance=guidance, cfg=cfg, latent_hw=shapexl[-2:],
+                unet_kwargs=unet_kwargs, step_callback=step_callback,
+            )
+            latxl = self._stage2(st, p)
 
-        with timer.stage("vae_decode"):
+        with timer.stage("vae_decode"), self.residency.use(self.sdxl.vae):
             images = self._decode(latxl, p.output_type)
-        return XAdapterOutput(images=images, params=p, timings=dict(timer.seconds))
+        return XAdapterOutput(
+            images=images, params=p, timings=dict(timer.seconds), overheads=self.executor.request_overheads(),
+            peak_memory=peak_memory_bytes(self.device),
+        )
+
+    def _stage2(self, st: _Stage2, p: GenerationParams) -> torch.Tensor:
+        """k steps of both branches; the Stage2Scheduler decides the order on the device.
+        Returns SDXL's final latents."""
+        k, cfg, guidance = len(st.timesteps), st.cfg, st.guidance
+        lat = {"sd15": st.lat15, "sdxl": st.latxl}
+        bar = tqdm(total=k, desc="stage 2 (SD1.5 + SDXL)", disable=not self.progress, leave=False)
+
+        def sd15_step(i: int, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            x = st.sampler15.scale_model_input(self._cfg_batch(lat["sd15"], cfg), t)
+            extra = st.unet_kwargs("stage2", i, k, t, x)
+            eps, *feats = self.executor.run("sd15", self._sd15_forward, (x, t, st.emb15, extra))
+            lat["sd15"] = st.sampler15.step(eps, t, lat["sd15"], guidance)
+            return tuple(feats)
+
+        def sdxl_step(i: int, t: torch.Tensor, feats: tuple[torch.Tensor, ...]) -> None:
+            x = st.samplerxl.scale_model_input(self._cfg_batch(lat["sdxl"], cfg), t)
+            args = (x, t, st.embxl, st.xl_cond["text_embeds"], st.xl_cond["time_ids"], tuple(feats),
+                    p.adapter_condition_scale, p.fusion_guidance_scale)
+            eps = self.executor.run("sdxl", self._sdxl_forward, args)
+            lat["sdxl"] = st.samplerxl.step(eps, t, lat["sdxl"], guidance)
+
+        def step_done(i: int) -> None:
+            bar.update(1)
+            if st.step_callback:
+                st.step_callback("stage2", i, k)
+
+        try:
+            self.stage2_scheduler.run(st.timesteps, sd15_step, sdxl_step, step_done)
+        finally:
+            bar.close()
+        return lat["sdxl"]
+
+    # ------------------------------------------------------------------ branch steps
+    # Functions of tensors (and baked constants) only, so that the runtime can compile
+    # them or capture them as CUDA graphs; outputs are flat tuples of tensors.
+    def _sd15_forward(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, extra: dict[str, Any]):
+        """-> (eps, f0, f1, f2)."""
+        eps, feats = self.sd15_branch(x, t, emb, **extra)
+        return (eps.contiguous(), *feats)
+
+    def _sdxl_forward(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, text_embeds: torch.Tensor,
+                      time_ids: torch.Tensor, feats: tuple[torch.Tensor, ...], acs: float, fusion: float | None):
+        """Mapping + SDXL with the residuals injected -> eps."""
+        injections = self._injections(self._fit_features(feats, x.shape[-2:]), acs, fusion)
+        cond = {"text_embeds": text_embeds, "time_ids": time_ids}
+        return self.sdxl_branch(x, t, emb, cond, injections=injections).contiguous()
 
     # ------------------------------------------------------------------ pieces
     def _bar(self, timesteps: torch.Tensor, desc: str):
@@ -356,10 +472,9 @@ class XAdapterPipeline:
             out.append(s)
         return out[0], out[1]
 
-    def _injections(self, feats: tuple[torch.Tensor, ...], p: GenerationParams) -> list[Injection]:
+    def _injections(self, feats: tuple[torch.Tensor, ...], acs: float, fusion: float | None) -> list[Injection]:
         """One callable per SDXL injection site: mapping -> r -> h + acs*r (or the lerp), or
         the fused Triton remap-inject on the stage outputs before their zero_out conv."""
-        acs, fusion = p.adapter_condition_scale, p.fusion_guidance_scale
         if self.runtime.kernels_active(self.device):
             pre = self.mapping.features(*feats)
             return [

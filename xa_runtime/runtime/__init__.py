@@ -1,8 +1,16 @@
-"""Execution of the graphs: runtime switches, timing per stage, the graph table
-(`graphs_table`, pure data) and backends (`onnxruntime_backend`, imported on demand so that
-onnxruntime stays optional); later streams and buffers."""
+"""Execution of the graphs: runtime switches, the step executor (eager, compiled, CUDA
+graphs), the stage-2 step scheduler (two CUDA streams), memory residency, stage timing,
+the graph table (`graphs_table`, pure data) and backends (`onnxruntime_backend`, imported
+on demand so that onnxruntime stays optional)."""
 
 from .config import RuntimeConfig
+from .executor import StepExecutor, model_fingerprint, prepare_models
+from .graphs import GraphCache
+from .memory import Residency, peak_memory_bytes, reset_peak_memory
+from .stage2 import Stage2Scheduler
 from .timing import StageTimer
 
-__all__ = ["RuntimeConfig", "StageTimer"]
+__all__ = [
+    "GraphCache", "Residency", "RuntimeConfig", "Stage2Scheduler", "StageTimer", "StepExecutor", "model_fingerprint",
+    "peak_memory_bytes", "prepare_models", "reset_peak_memory",
+]

@@ -1,4 +1,9 @@
-"""Runtime switches that change how, not what, the pipeline computes."""
+"""Runtime switches that change how, not what, the pipeline computes.
+
+CPU-tested: validation, the sequential fallback of `streams`, `compile` (dynamo with the
+"eager"/"aot_eager" backends), `offload` as a no-op. GPU-untested-yet at the time of
+writing: `streams`, `cuda_graphs`, inductor, channels-last and fused QKV on CUDA.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +11,66 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import ParameterError
+
+OFFLOAD_MODES = ("none", "encoders_vaes")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")  # the last two only for tests and debugging
+COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs")
+
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    """triton_kernels: use the fused Triton kernels (xa_runtime.kernels) where Triton can run.
+    """How the pipeline executes; every switch keeps the result of the plain eager run
+    (bit-identical for streams and graphs, within a tolerance for compile, channels-last
+    and fused QKV, which reorder floating-point math).
 
-    Off by default until a GPU benchmark in benchmarks/results/ shows the win (issue 6);
-    on CPU the kernels only run under TRITON_INTERPRET=1 (tests).
+    triton_kernels: the fused Triton kernels (xa_runtime.kernels) where Triton can run.
+    streams: stage 2 overlaps SD1.5 step i+1 with mapping + SDXL step i on two CUDA
+        streams; on CPU the scheduler runs the plain sequential order (same result).
+    cuda_graphs: capture each branch's step as a CUDA graph (per shape), replay per step.
+        CUDA only: a pipeline on another device refuses it (ParameterError), rather than
+        silently running something else than what was asked for.
+    compile: torch.compile the branch steps (`compile_backend`, `compile_mode`); compiled
+        once per shape, the time it took reported in XAdapterOutput.overheads["compile"].
+    channels_last: UNets and mapping layers in channels-last memory format.
+    fuse_qkv: diffusers' fuse_qkv_projections() on both UNets (one QKV matmul). The fused
+        weights are copies: LoRA applied to to_q/to_k/to_v afterwards is not seen, so do
+        not combine it with LoRA on the UNets (no check can see a LoRA fused later).
+    offload: "encoders_vaes" keeps the text encoders and VAEs on the CPU and moves each to
+        the device only while it runs (smaller GPUs); the UNets and mapping stay resident.
     """
 
     triton_kernels: bool = False
+    streams: bool = False
+    cuda_graphs: bool = False
+    compile: bool = False
+    compile_backend: str = "inductor"
+    compile_mode: str | None = None
+    channels_last: bool = False
+    fuse_qkv: bool = False
+    offload: str = "none"
+
+    def __post_init__(self) -> None:
+        for name in ("triton_kernels", "streams", "cuda_graphs", "compile", "channels_last", "fuse_qkv"):
+            if not isinstance(getattr(self, name), bool):
+                raise ParameterError(name, getattr(self, name), "True or False")
+        if self.offload not in OFFLOAD_MODES:
+            raise ParameterError("offload", self.offload, f"one of {', '.join(OFFLOAD_MODES)}")
+        if self.compile_backend not in COMPILE_BACKENDS:
+            raise ParameterError("compile_backend", self.compile_backend, f"one of {', '.join(COMPILE_BACKENDS)}")
+        if self.compile_mode not in COMPILE_MODES:
+            # "reduce-overhead" / "max-autotune" capture CUDA graphs of their own, which
+            # would nest inside (or fight with) the runtime's graphs and stream scheduling.
+            accepted = ", ".join(repr(m) for m in COMPILE_MODES)
+            raise ParameterError("compile_mode", self.compile_mode, f"one of {accepted} (CUDA graphs come from cuda_graphs=True)")
+        if self.compile_mode is not None and not self.compile:
+            raise ParameterError("compile_mode", self.compile_mode, "None unless compile=True")
+
+    def check_device(self, device: torch.device | str) -> None:
+        """Raise ParameterError for switches that cannot run on `device`."""
+        device = torch.device(device)
+        if self.cuda_graphs and device.type != "cuda":
+            raise ParameterError("cuda_graphs", True, f"False on a {device.type} device (CUDA graphs need CUDA)")
 
     def kernels_active(self, device: torch.device) -> bool:
         if not self.triton_kernels:
@@ -23,3 +78,12 @@ class RuntimeConfig:
         from ..kernels import triton_usable
 
         return triton_usable(device)
+
+    def streams_active(self, device: torch.device | str) -> bool:
+        return self.streams and torch.device(device).type == "cuda"
+
+    def graphs_active(self, device: torch.device | str) -> bool:
+        return self.cuda_graphs and torch.device(device).type == "cuda"
+
+    def offload_active(self, device: torch.device | str) -> bool:
+        return self.offload != "none" and torch.device(device).type != "cpu"
