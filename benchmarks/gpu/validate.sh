@@ -20,8 +20,17 @@ for s in $steps; do
     tests) timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tee "$OUT/pytest_gpu.log" | tail -25 ;;
     kernels) timeout 120 python3 benchmarks/bench_kernels.py --output "$OUT/kernels.json" 2>&1 | tail -12 ;;
     profile) timeout 150 python3 benchmarks/profile_stage2.py --output "$OUT/profile.json" > "$OUT/profile.log" 2>&1; tail -48 "$OUT/profile.log" ;;
+    runtime-tests) timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_runtime_lean.py \
+               "tests/test_kernels.py::test_autotuned_kernel_matches_reference_on_gpu" 2>&1 | tee "$OUT/pytest_runtime_gpu.log" | tail -30 ;;
+    runtime) timeout "${RUNTIME_TIMEOUT:-300}" python3 benchmarks/bench_runtime.py ${RUNTIME_ARGS:---skip-compile --runs 2} \
+               --output "$OUT/runtime.json" 2>&1 | tail -25 ;;
+    components) timeout 200 python3 -m xa_runtime.cli.bench --random-weights --device cuda --dtype fp16 \
+               --mode latency,components --compare eager,lean --baseline sdxl-alone,mapping --warmup 1 --runs 2 \
+               --output "$OUT/xabench.json" --plots "$OUT" 2>&1 | grep -v "round" | tail -30 ;;
     latency) timeout 220 python3 -m xa_runtime.cli.bench --models random --device cuda --dtype fp16 \
                --compare eager,kernels --warmup 1 --runs 3 --output "$OUT/latency.json" 2>&1 | grep -v "round" | tail -12 ;;
   esac
   echo "=== $s took $(( $(date +%s) - start )) s"
 done
+# The device tool brings back at most 8 files: pack everything into one archive.
+if [ -n "${PACK:-}" ]; then (cd "$OUT" && tar czf /tmp/results.tgz . && rm -rf ./* && mv /tmp/results.tgz .); fi

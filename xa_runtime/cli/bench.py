@@ -15,6 +15,7 @@ it; with --plots DIR, PNG plots (needs matplotlib: the `bench` extra).
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import json
 import sys
@@ -100,6 +101,8 @@ def _check_variants(args: argparse.Namespace) -> list[str]:
             raise ParameterError("--compare", v, f"one of {', '.join(VARIANTS)}")
         if missing:
             raise ParameterError("--compare", v, f"the package {package} installed (pip install {package})")
+        if VARIANTS[v].cuda_graphs and args.device != "cuda":
+            raise ParameterError("--compare", v, "a CUDA device (it captures CUDA graphs); on CPU: eager, kernels, compiled, streams")
         if v == "kernels":
             from ..kernels import triton_usable
 
@@ -207,7 +210,15 @@ def _build(args: argparse.Namespace, variants: list[str], device: torch.device, 
     else:
         first = XAdapterPipeline.from_pretrained(args.sd15, args.sdxl, args.adapter, device=device, dtype=dtype, progress=False)
         models = (first.sd15, first.sdxl, first.mapping)
-    return {v: XAdapterPipeline(*models, device=device, dtype=dtype, progress=False, runtime=VARIANTS[v]) for v in variants}
+    pipes = {}
+    for v in variants:
+        config = VARIANTS[v]
+        # channels-last and fused QKV change the modules in place: such a variant gets its own
+        # copy, so that the variants beside it still run the models they name.
+        own = (config.channels_last or config.fuse_qkv) and len(variants) > 1
+        pipes[v] = XAdapterPipeline(*(copy.deepcopy(models) if own else models), device=device, dtype=dtype,
+                                    progress=False, runtime=config)
+    return pipes
 
 
 def _write_atomic(path: Path, text: str | bytes) -> None:
