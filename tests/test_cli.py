@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -71,6 +72,15 @@ def test_same_seed_same_image_and_random_seed_is_recorded(tmp_path, capsys):
     assert isinstance(seed, int) and 0 <= seed < 2**63
 
 
+def test_runtime_streams_on_cpu_gives_the_same_image_and_is_recorded(tmp_path, capsys):
+    # On CPU the two-stream scheduler runs the plain sequential order: the same PNG bytes.
+    for name, extra in (("plain.png", []), ("streams.png", ["--runtime", "streams"])):
+        assert run(capsys, "--prompt", "a cat", "--seed", 3, "--output", tmp_path / name, *FAST, *extra)[0] == 0
+    pixels = [np.asarray(Image.open(tmp_path / name)) for name in ("plain.png", "streams.png")]
+    assert np.array_equal(*pixels)  # the files differ only in their recorded parameters
+    assert json.loads((tmp_path / "streams.json").read_text())["runtime"] == "streams"
+
+
 def test_model_paths_run_with_the_models_default_sizes(tiny_paths, tmp_path, capsys):
     out = tmp_path / "o.png"
     code, err = run(
@@ -132,6 +142,10 @@ BAD = {
         "--sdxl-vae",
     ),
     "--device cuda without CUDA": (["--device", "cuda"], "--device"),
+    "unknown --runtime name": (["--runtime", "kernels,turbo"], "--runtime"),
+    "--runtime cuda-graphs on CPU": (["--runtime", "cuda-graphs"], "--runtime"),
+    "--runtime lean on CPU": (["--runtime", "lean"], "--runtime"),
+    "unknown --offload": (["--offload", "gpu"], "--offload"),
 }
 
 

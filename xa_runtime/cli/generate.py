@@ -154,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="(default %(default)s)")
     run.add_argument("--output", required=True, metavar="OUT.png",
                      help="PNG to write (+ OUT-1.png ... for several images, OUT.json sidecar)")
+    run.add_argument("--runtime", default="", metavar="LIST",
+                     help="comma-separated optimisations: " + ", ".join(RUNTIME_SWITCHES) + ", or lean for all "
+                          "(default: plain eager PyTorch)")
+    run.add_argument("--offload", choices=["none", "encoders-vaes"], default="none",
+                     help="keep text encoders and VAEs on the CPU between uses (default %(default)s)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     run.add_argument("--version", action="version", version=f"%(prog)s {xa_runtime.__version__}")
     add_plugin_arguments(ap)
@@ -246,6 +251,29 @@ def check_models(args: argparse.Namespace) -> None:
     check_model_path(args.adapter, "adapter", "--adapter")
     if args.sdxl_vae is not None:
         check_model_path(args.sdxl_vae, "vae", "--sdxl-vae")
+
+
+RUNTIME_SWITCHES = {  # --runtime names -> RuntimeConfig fields
+    "kernels": "triton_kernels", "streams": "streams", "cuda-graphs": "cuda_graphs", "compile": "compile",
+    "channels-last": "channels_last", "fuse-qkv": "fuse_qkv",
+}
+
+
+def runtime_config(args: argparse.Namespace) -> Any:
+    """The RuntimeConfig that --runtime and --offload name, checked against --device."""
+    from ..runtime import RuntimeConfig
+
+    names = [n.strip() for n in args.runtime.split(",") if n.strip()]
+    if "lean" in names:
+        names = [n for n in names if n != "lean"] + list(RUNTIME_SWITCHES)
+    unknown = [n for n in names if n not in RUNTIME_SWITCHES]
+    if unknown:
+        raise ParameterError("--runtime", unknown[0], f"comma-separated names from {', '.join(RUNTIME_SWITCHES)}, lean")
+    if args.device != "cuda" and "cuda-graphs" in names:
+        raise ParameterError("--runtime", "cuda-graphs", "names without cuda-graphs (or lean) unless --device cuda")
+    config = RuntimeConfig(**{RUNTIME_SWITCHES[n]: True for n in names}, offload=args.offload.replace("-", "_"))
+    config.check_device(args.device)
+    return config
 
 
 def check_device(device: str) -> None:
@@ -343,6 +371,7 @@ def check_inputs(args: argparse.Namespace) -> tuple[bool, GenerationParams, Path
     if not tiny:
         check_models(args)
     check_device(args.device)
+    args.runtime_config = runtime_config(args)
     args.plugin_specs = check_plugin_arguments(args)
     return tiny, params, output
 
@@ -357,9 +386,11 @@ def load_pipeline(args: argparse.Namespace, tiny: bool) -> Any:
     if tiny:
         print(f"{PROG}: tiny random model: the image is noise-like (built-in random weights, seed "
               f"{args.tiny_seed or 0}; give --sd15, --sdxl and --adapter for real weights)", file=sys.stderr)
-        return XAdapterPipeline.from_tiny(args.tiny_seed or 0, device=args.device, dtype=dtype, progress=progress)
+        return XAdapterPipeline.from_tiny(args.tiny_seed or 0, device=args.device, dtype=dtype, progress=progress,
+                                          runtime=args.runtime_config)
     return XAdapterPipeline.from_pretrained(
-        args.sd15, args.sdxl, args.adapter, sdxl_vae=args.sdxl_vae, device=args.device, dtype=dtype, progress=progress
+        args.sd15, args.sdxl, args.adapter, sdxl_vae=args.sdxl_vae, device=args.device, dtype=dtype, progress=progress,
+        runtime=args.runtime_config,
     )
 
 
@@ -372,7 +403,8 @@ def records(args: argparse.Namespace, tiny: bool, result: Any, seconds: dict[str
         if tiny
         else {"kind": "pretrained", "sd15": args.sd15, "sdxl": args.sdxl, "adapter": args.adapter, "sdxl_vae": args.sdxl_vae}
     )
-    run = {"device": args.device, "device_name": device_name(args.device), "dtype": args.dtype}
+    run = {"device": args.device, "device_name": device_name(args.device), "dtype": args.dtype,
+           "runtime": args.runtime, "offload": args.offload}
     record = {
         "parameters": parameters,
         "models": models,
@@ -381,6 +413,8 @@ def records(args: argparse.Namespace, tiny: bool, result: Any, seconds: dict[str
         "plugins": getattr(args, "plugin_specs", {}),
         "init_image": args.init_image,
         "timings": dict(result.timings),
+        "overheads": dict(getattr(result, "overheads", {})),  # compile / graph capture, inside the timings
+        "peak_memory_bytes": getattr(result, "peak_memory", None),
         **seconds,
         "command": command,
     }

@@ -173,6 +173,7 @@ class XAdapterPipeline:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         progress: bool = True,
+        runtime: RuntimeConfig = RuntimeConfig(),
     ) -> "XAdapterPipeline":
         """Load SD1.5 and SDXL (diffusers folders or single .safetensors files) and the
         X-Adapter checkpoint (.bin or .safetensors) from local paths; never from a hub."""
@@ -187,7 +188,7 @@ class XAdapterPipeline:
         sdxl_c = load_sdxl(sdxl, dtype=dtype, device=device, vae_path=sdxl_vae)
         config = MappingConfig.from_unet_configs(sd15_c.unet.config, sdxl_c.unet.config)
         mapping = load_mapping(adapter, config, dtype=dtype, device=device)
-        return cls(sd15_c, sdxl_c, mapping, device=device, dtype=dtype, progress=progress)
+        return cls(sd15_c, sdxl_c, mapping, device=device, dtype=dtype, progress=progress, runtime=runtime)
 
     @classmethod
     def from_diffusers(
@@ -223,13 +224,14 @@ class XAdapterPipeline:
 
     @classmethod
     def from_tiny(
-        cls, seed: int = 0, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, progress: bool = True
+        cls, seed: int = 0, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, progress: bool = True,
+        runtime: RuntimeConfig = RuntimeConfig(),
     ) -> "XAdapterPipeline":
         """The built-in tiny random models (real topology, noise-like images): a smoke run."""
         from ..models.tiny import build_tiny_models
 
         sd15, sdxl, mapping = build_tiny_models(seed)
-        return cls(sd15, sdxl, mapping, device=device, dtype=dtype, progress=progress)
+        return cls(sd15, sdxl, mapping, device=device, dtype=dtype, progress=progress, runtime=runtime)
 
     def with_backend(self, backend: Any) -> "XAdapterPipeline":
         """A copy of this pipeline whose SD1.5 UNet, mapping layers and SDXL UNet run on
