@@ -191,11 +191,19 @@ def _tensor_bytes(t) -> int:
 
 def export_graphs(
     names: Sequence[str], bundle: ModuleBundle, output_dir: str | os.PathLike, dtype: str | torch.dtype = torch.float32,
-    opset: int = DEFAULT_OPSET, *, progress: bool = True,
+    opset: int = DEFAULT_OPSET, *, progress: bool = True, source: dict | None = None, force: bool = False,
 ) -> dict[str, Path]:
-    """Export several graphs to `output_dir/NAME.onnx` with a progress bar; all inputs are
-    checked before the first export."""
+    """Export several graphs to `output_dir/NAME.onnx` with a progress bar, then write
+    `manifest.json` (export/manifest.py); all inputs are checked before the first export.
+
+    source: the source models' record (manifest.source_from_paths for model files); by
+    default the fingerprint of the bundle's tensors. A folder whose manifest names another
+    source is refused (ParameterError "output_dir") unless force; graphs of an earlier export
+    of the same source stay listed.
+    """
     from tqdm.auto import tqdm
+
+    from . import manifest as mf
 
     names = check_graph_names(names)
     opset, dtype = check_opset(opset), check_dtype(dtype)
@@ -204,7 +212,15 @@ def export_graphs(
     out = Path(output_dir)
     if not out.is_dir():
         raise ParameterError("output_dir", str(out), "an existing folder")
+    source = source or mf.source_from_bundle(bundle)
+    previous = mf.check_source(out, source, force)
+    (out / mf.MANIFEST).unlink(missing_ok=True)  # until the export is complete, the folder is not trusted
     paths = {}
     for n in tqdm(names, desc="export", unit="graph", disable=not progress):
         paths[n] = export_graph(n, bundle, out / f"{n}.onnx", dtype, opset)
+    entries = {g: e for g, e in (previous or {}).get("graphs", {}).items()
+               if g not in paths and (out / f"{g}.onnx").is_file()}
+    dtype_name = str(dtype).removeprefix("torch.")
+    entries.update({n: mf.graph_entry(out, n, dtype_name, opset) for n in paths})
+    mf.write_manifest(out, entries, source)
     return paths
