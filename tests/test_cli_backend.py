@@ -70,3 +70,12 @@ def test_model_paths_need_onnx_dir(tiny_paths, tmp_path, capsys):
     code, err = _run(capsys, *FAST, "--backend", "onnxruntime", "--sd15", p.sd15_dir, "--sdxl", p.sdxl_dir,
                      "--adapter", p.adapter_bin, "--output", tmp_path / "o.png")
     assert code == 2 and "needs --onnx-dir" in err
+
+
+def test_onnx_dir_of_other_weights_is_refused(tiny_onnx, tmp_path, capsys):
+    _, folder = tiny_onnx  # seed 0
+    code, err = _run(capsys, *FAST, "--backend", "onnxruntime", "--onnx-dir", folder, "--tiny-seed", "1",
+                     "--output", tmp_path / "o.png")
+    errors = [line for line in err.strip().splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(errors) == 1 and "--onnx-dir" in errors[0] and "other weights" in errors[0], err
+    assert not (tmp_path / "o.png").exists()

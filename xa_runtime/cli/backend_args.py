@@ -2,7 +2,8 @@
 pipeline moved onto onnxruntime after loading (export/ and runtime/onnxruntime_backend.py).
 
 onnxruntime runs the SD1.5 UNet, the mapping layers and the SDXL UNet from an xa-export
-folder (--onnx-dir, verified against its manifest.json); with the tiny models and no
+folder (--onnx-dir, verified against its manifest.json, whose source fingerprints must be
+those of the models loaded here); with the tiny models and no
 --onnx-dir, the tiny graphs are exported to a temporary folder first (seconds). Plugins:
 ControlNet only (its residuals feed sd15_unet_control); LoRAs, T2I-Adapter, Nexus and
 IP-Adapter need --backend torch.
@@ -68,7 +69,25 @@ def to_backend(args: argparse.Namespace, pipe: Any, tiny: bool) -> Any:
         folder = args._onnx_tmp.name
         bundle = ModuleBundle(sd15=pipe.sd15, sdxl=pipe.sdxl, mapping=pipe.mapping)
         export_graphs(list(ORT_GRAPHS), bundle, folder, progress=False)
+    else:
+        check_models_match(args, pipe, tiny)
     return pipe.with_backend(OnnxRuntimeBackend(folder, providers=[args.device]))
+
+
+def check_models_match(args: argparse.Namespace, pipe: Any, tiny: bool) -> None:
+    """The --onnx-dir graphs must come from the models loaded here (manifest fingerprints):
+    tiny models by their tensors, model paths by their files' bytes (reads them once more)."""
+    from ..export import ModuleBundle
+    from ..export import manifest as mf
+
+    if tiny:
+        bundle = ModuleBundle(sd15=pipe.sd15, sdxl=pipe.sdxl, mapping=pipe.mapping)
+        current = {k: v for k, v in mf.source_from_bundle(bundle)["parts"].items() if k != "controlnet"}
+        what = f"the tiny models of seed {args.tiny_seed or 0}"
+    else:
+        current = {f: mf.path_fingerprint(getattr(args, f[2:])) for f in ("--sd15", "--sdxl", "--adapter")}
+        what = "--sd15/--sdxl/--adapter"
+    mf.check_same_models(args.onnx_dir, current, what)
 
 
 def cleanup(args: argparse.Namespace) -> None:

@@ -83,7 +83,28 @@ def bundle_modules(bundle: Any) -> dict[str, Any]:
 def source_from_bundle(bundle: Any) -> dict[str, Any]:
     """Source record of in-memory models: the fingerprint of all the bundle's tensors (every
     part, not only those the exported graphs read, so later exports into the folder match)."""
-    return {"kind": "modules", "fingerprint": modules_fingerprint(bundle_modules(bundle))}
+    modules = bundle_modules(bundle)
+    parts = {}
+    for part in ("sd15", "sdxl", "mapping", "controlnet"):
+        mine = {k: m for k, m in modules.items() if k.split(".")[0] == part}
+        if mine:
+            parts[part] = modules_fingerprint(mine)
+    return {"kind": "modules", "fingerprint": modules_fingerprint(modules), "parts": parts}
+
+
+def check_same_models(folder: str | os.PathLike, current: Mapping[str, str], what: str) -> None:
+    """CheckpointError unless the folder's manifest records the same fingerprints for the keys
+    of `current` ("sd15" / "sdxl" / "mapping" parts of in-memory models, or "--sd15" ... files)."""
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise CheckpointError(f"{folder}: no {MANIFEST}; export again")
+    source = manifest.get("source", {})
+    recorded = source.get("parts", {}) if source.get("kind") == "modules" else {
+        k: v["sha256"] for k, v in source.get("files", {}).items()}
+    differ = sorted(k for k, v in current.items() if recorded.get(k) != v)
+    if differ:
+        raise CheckpointError(f"{folder}: its graphs were exported from other weights than {what} "
+                              f"({', '.join(differ)} differ, or another dtype); export these models with xa-export")
 
 
 def source_from_paths(paths: Mapping[str, str]) -> dict[str, Any]:
