@@ -116,3 +116,27 @@ def test_layout_dtype_shared_and_errors():
     assert e.value.name == "name_map"
     with pytest.raises(ParameterError):
         apply_weight_deltas("missing.onnx", {})
+
+
+def test_external_data_graph_refit_to_a_new_file(tiny_onnx, tmp_path):
+    """A graph with NAME.onnx.data: the changed copy keeps that layout; the source is untouched;
+    a weight outside the refittable ones is applied and reported."""
+    from xa_runtime.export import export_graph
+
+    bundle, _ = tiny_onnx
+    src = tmp_path / "src"
+    src.mkdir()
+    export_graph("mapping", bundle, src / "mapping.onnx", external_data=True)
+    name_map = read_name_map(names_path(src / "mapping.onnx"))
+    key = next(t for e in name_map["initializers"].values() for t in e["torch"] if t.endswith("weight"))
+    init = next(i for i, e in name_map["initializers"].items() if key in e["torch"])
+    shape = name_map["initializers"][init]["shape"]
+    before = (src / "mapping.onnx.data").read_bytes()
+    report = apply_weight_deltas(src / "mapping.onnx", {key: torch.ones(shape)}, output=tmp_path / "mapping.onnx")
+    assert report.applied == [key] and report.not_refittable == [key]
+    assert (src / "mapping.onnx.data").read_bytes() == before
+    assert (tmp_path / "mapping.onnx.data").is_file() and names_path(tmp_path / "mapping.onnx").is_file()
+    old = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(src / "mapping.onnx")).graph.initializer}
+    new = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "mapping.onnx")).graph.initializer}
+    np.testing.assert_allclose(new[init], old[init] + 1, rtol=0, atol=1e-6)
+    assert all(np.array_equal(new[n], old[n]) for n in old if n != init)
