@@ -146,6 +146,7 @@ BAD = {
     "--runtime cuda-graphs on CPU": (["--runtime", "cuda-graphs"], "--runtime"),
     "--runtime lean on CPU": (["--runtime", "lean"], "--runtime"),
     "unknown --offload": (["--offload", "gpu"], "--offload"),
+    "--runtime with onnxruntime": (["--runtime", "streams", "--backend", "onnxruntime"], "--runtime"),
 }
 
 

@@ -1,5 +1,8 @@
 """`xa-export`: the graphs of the table as ONNX files, from local models or the tiny ones.
 
+The folder gets a manifest.json (export/manifest.py), written last; a folder whose manifest
+names other source weights is refused unless --force.
+
 Every input is checked before any model is loaded (graph names, dtype, opset, device,
 output folder, model paths, which models the chosen graphs need); a bad one exits with
 code 2 and a one-line `error:` naming the flag, and writes nothing.
@@ -46,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp32", help="fp32 (default) or fp16")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda: where the modules trace")
+    p.add_argument("--force", action="store_true",
+                   help="export into a folder whose manifest.json names other source weights (replacing it)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -148,11 +153,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from ..export.onnx_export import export_graphs
 
+    from ..export import manifest as mf
+
     started = time.perf_counter()
     try:
+        source = None
+        if not args.tiny:  # hash the model files and check the folder before loading anything
+            source = mf.source_from_paths({f: getattr(args, f[2:]) for f in sorted(_given(args))})
+            if out.is_dir():
+                mf.check_source(out, source, args.force)
         bundle = load_bundle(args, names)
+        if args.tiny:
+            source = {**mf.source_from_bundle(bundle), "tiny_seed": args.tiny_seed}
         out.mkdir(exist_ok=True)
-        paths = export_graphs(names, bundle, out, args.dtype, args.opset, progress=not args.no_progress)
+        paths = export_graphs(names, bundle, out, args.dtype, args.opset, progress=not args.no_progress,
+                              source=source, force=args.force)
     except ParameterError as e:
         print(f"error: {describe(e)}", file=sys.stderr)
         return 2

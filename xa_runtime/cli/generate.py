@@ -27,6 +27,7 @@ from ..errors import CheckpointError, ParameterError
 from ..models.presets import get_preset
 from ..pipeline.params import MAX_SEED, GenerationParams, SizeRules, validate
 from ..pipeline.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
+from .backend_args import add_backend_arguments, check_backend, cleanup, to_backend
 from .output_files import write_outputs
 from .plugin_args import add_plugin_arguments, apply_loras, build_plugins, check_plugin_arguments, load_init_image
 
@@ -71,7 +72,7 @@ PLUGIN_FLAGS = {
 # Flags whose values are paths, for naming the flag of a loading error that quotes one.
 PATH_FLAGS = (*MODEL_FLAGS, "--sdxl-vae", "--lora", "--sdxl-lora", "--controlnet", "--control-image", "--t2i-adapter",
               "--t2i-image", "--nexus-adapter", "--adapter-image", "--ip-adapter", "--ip-image", "--image-encoder",
-              "--init-image")
+              "--init-image", "--onnx-dir")
 # Versions recorded with every output.
 VERSIONED = ("torch", "diffusers", "transformers", "safetensors", "numpy", "pillow")
 
@@ -159,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: plain eager PyTorch)")
     run.add_argument("--offload", choices=["none", "encoders-vaes"], default="none",
                      help="keep text encoders and VAEs on the CPU between uses (default %(default)s)")
+    add_backend_arguments(run)
     run.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     run.add_argument("--version", action="version", version=f"%(prog)s {xa_runtime.__version__}")
     add_plugin_arguments(ap)
@@ -269,6 +271,8 @@ def runtime_config(args: argparse.Namespace) -> Any:
     unknown = [n for n in names if n not in RUNTIME_SWITCHES]
     if unknown:
         raise ParameterError("--runtime", unknown[0], f"comma-separated names from {', '.join(RUNTIME_SWITCHES)}, lean")
+    if names and getattr(args, "backend", "torch") != "torch":
+        raise ParameterError("--runtime", args.runtime, "nothing with --backend " + args.backend + " (it optimises the torch backend)")
     if args.device != "cuda" and "cuda-graphs" in names:
         raise ParameterError("--runtime", "cuda-graphs", "names without cuda-graphs (or lean) unless --device cuda")
     config = RuntimeConfig(**{RUNTIME_SWITCHES[n]: True for n in names}, offload=args.offload.replace("-", "_"))
@@ -373,6 +377,7 @@ def check_inputs(args: argparse.Namespace) -> tuple[bool, GenerationParams, Path
     check_device(args.device)
     args.runtime_config = runtime_config(args)
     args.plugin_specs = check_plugin_arguments(args)
+    check_backend(args, tiny, args.plugin_specs, UsageError)
     return tiny, params, output
 
 
@@ -404,7 +409,7 @@ def records(args: argparse.Namespace, tiny: bool, result: Any, seconds: dict[str
         else {"kind": "pretrained", "sd15": args.sd15, "sdxl": args.sdxl, "adapter": args.adapter, "sdxl_vae": args.sdxl_vae}
     )
     run = {"device": args.device, "device_name": device_name(args.device), "dtype": args.dtype,
-           "runtime": args.runtime, "offload": args.offload}
+           "runtime": args.runtime, "offload": args.offload, "backend": getattr(args, "backend", "torch")}
     record = {
         "parameters": parameters,
         "models": models,
@@ -451,6 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             pipe = load_pipeline(args, tiny)
             t1 = time.perf_counter()
             apply_loras(args.plugin_specs, pipe)
+            pipe = to_backend(args, pipe, tiny)
             plugins = build_plugins(args.plugin_specs, pipe.sd15.unet)
             result = pipe.generate(params, plugins=plugins, init_image=load_init_image(args.init_image))
             t2 = time.perf_counter()
@@ -460,6 +466,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (CheckpointError, OSError) as e:  # a file that passed the cheap checks but does not load
             print(f"error: {_blame(e, args)}", file=sys.stderr)
             return 2
+        finally:
+            cleanup(args)
 
     seconds = {"load_seconds": t1 - t0, "generate_seconds": t2 - t1, "total_seconds": t2 - started}
     record, per_image = records(args, tiny, result, seconds, command)

@@ -112,6 +112,7 @@ def export_graph(
         module = build_graph_module(spec, bundle, convert=lambda m: copy.deepcopy(m).to(dtype))
     device = next(module.parameters()).device
     args = example_inputs(spec, trace_dims(spec, bundle), dtype, device)
+    parameter_names = [n for n, _ in module.named_parameters()]
     staging = Path(tempfile.mkdtemp(prefix=f".{path.stem}-", dir=path.parent))
     try:
         raw = staging / "raw" / path.name  # torch may write one external file per tensor beside it
@@ -126,7 +127,8 @@ def export_graph(
                 # (behind a Transpose) instead of anonymous pre-transposed copies: refit maps by name.
                 do_constant_folding=False,
             )
-        _write_checked(raw, staging / path.name, path, spec, model_dims(spec, bundle), dtype, opset, external_data)
+        _write_checked(raw, staging / path.name, path, spec, model_dims(spec, bundle), dtype, opset, external_data,
+                       parameter_names)
     finally:
         getattr(module, "release", lambda: None)()
         shutil.rmtree(staging, ignore_errors=True)
@@ -147,8 +149,10 @@ def _declare_io(model, spec: GraphSpec, dims: dict[str, int]) -> None:
 
 
 def _write_checked(raw: Path, staged: Path, path: Path, spec: GraphSpec, dims: dict[str, int], dtype: torch.dtype,
-                   opset: int, external_data: bool | None) -> None:
+                   opset: int, external_data: bool | None, parameter_names: list[str]) -> None:
     import onnx
+
+    from .refit import build_name_map, names_path, write_name_map
 
     model = onnx.load(str(raw))  # with its external tensors, if torch wrote any
     _declare_io(model, spec, dims)
@@ -159,6 +163,7 @@ def _write_checked(raw: Path, staged: Path, path: Path, spec: GraphSpec, dims: d
     for key, value in meta.items():
         model.metadata_props.add(key=key, value=value)
     data = path.with_name(path.name + ".data")
+    name_map = build_name_map(spec, model, parameter_names)
     if external:
         onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data.name, size_threshold=0)
@@ -168,6 +173,8 @@ def _write_checked(raw: Path, staged: Path, path: Path, spec: GraphSpec, dims: d
     onnx.checker.check_model(str(staged))
     if external:
         os.replace(staged.with_name(data.name), data)
+    write_name_map(name_map, staged.with_name(names_path(path).name))
+    os.replace(staged.with_name(names_path(path).name), names_path(path))
     os.replace(staged, path)  # last: a present .onnx always has its complete data
     if not external and data.exists():
         data.unlink()  # left by an earlier export of the same name with external data
@@ -184,11 +191,19 @@ def _tensor_bytes(t) -> int:
 
 def export_graphs(
     names: Sequence[str], bundle: ModuleBundle, output_dir: str | os.PathLike, dtype: str | torch.dtype = torch.float32,
-    opset: int = DEFAULT_OPSET, *, progress: bool = True,
+    opset: int = DEFAULT_OPSET, *, progress: bool = True, source: dict | None = None, force: bool = False,
 ) -> dict[str, Path]:
-    """Export several graphs to `output_dir/NAME.onnx` with a progress bar; all inputs are
-    checked before the first export."""
+    """Export several graphs to `output_dir/NAME.onnx` with a progress bar, then write
+    `manifest.json` (export/manifest.py); all inputs are checked before the first export.
+
+    source: the source models' record (manifest.source_from_paths for model files); by
+    default the fingerprint of the bundle's tensors. A folder whose manifest names another
+    source is refused (ParameterError "output_dir") unless force; graphs of an earlier export
+    of the same source stay listed.
+    """
     from tqdm.auto import tqdm
+
+    from . import manifest as mf
 
     names = check_graph_names(names)
     opset, dtype = check_opset(opset), check_dtype(dtype)
@@ -197,7 +212,15 @@ def export_graphs(
     out = Path(output_dir)
     if not out.is_dir():
         raise ParameterError("output_dir", str(out), "an existing folder")
+    source = source or mf.source_from_bundle(bundle)
+    previous = mf.check_source(out, source, force)
+    (out / mf.MANIFEST).unlink(missing_ok=True)  # until the export is complete, the folder is not trusted
     paths = {}
     for n in tqdm(names, desc="export", unit="graph", disable=not progress):
         paths[n] = export_graph(n, bundle, out / f"{n}.onnx", dtype, opset)
+    entries = {g: e for g, e in (previous or {}).get("graphs", {}).items()
+               if g not in paths and (out / f"{g}.onnx").is_file()}
+    dtype_name = str(dtype).removeprefix("torch.")
+    entries.update({n: mf.graph_entry(out, n, dtype_name, opset) for n in paths})
+    mf.write_manifest(out, entries, source)
     return paths

@@ -178,22 +178,27 @@ class OnnxRuntimeBackend:
     """The exported graphs of one folder (NAME.onnx as xa-export writes them) on onnxruntime.
 
     providers: "cpu", "cuda" or onnxruntime provider names, in order of preference.
-    Needs sd15_unet, mapping and sdxl_unet; loads sd15_unet_control if present.
+    Needs sd15_unet, mapping and sdxl_unet; loads sd15_unet_control if present. verify: check
+    the graphs' files against the folder's manifest.json first (sha256 of each; CheckpointError
+    for a missing manifest or a changed file); False skips it (no hashing).
     """
 
     name = "onnxruntime"
 
-    def __init__(self, folder: str | os.PathLike, providers: Sequence[str] = ("cpu",), threads: int | None = None):
+    def __init__(self, folder: str | os.PathLike, providers: Sequence[str] = ("cpu",), threads: int | None = None,
+                 verify: bool = True):
         folder = Path(folder)
         missing = [g for g in PIPELINE_GRAPHS if not (folder / f"{g}.onnx").is_file()]
         if not folder.is_dir() or missing:
             raise ParameterError("folder", str(folder), f"a folder with {', '.join(g + '.onnx' for g in PIPELINE_GRAPHS)} "
                                  f"(xa-export writes them){'; missing ' + ', '.join(missing) if folder.is_dir() else ''}")
         resolve_providers(providers)  # named before any session is built
-        self.sessions = {
-            g: GraphSession(get_graph(g), folder / f"{g}.onnx", providers, threads)
-            for g in PIPELINE_GRAPHS + OPTIONAL_GRAPHS if (folder / f"{g}.onnx").is_file()
-        }
+        names = [g for g in PIPELINE_GRAPHS + OPTIONAL_GRAPHS if (folder / f"{g}.onnx").is_file()]
+        if verify:
+            from ..export.manifest import verify_graphs
+
+            verify_graphs(folder, names)
+        self.sessions = {g: GraphSession(get_graph(g), folder / f"{g}.onnx", providers, threads) for g in names}
         self.sd15_branch = OrtSD15Branch(self.sessions["sd15_unet"], self.sessions.get("sd15_unet_control"))
         self.sdxl_branch = OrtSDXLBranch(self.sessions["sdxl_unet"])
         self.mapping = OrtMapping(self.sessions["mapping"])

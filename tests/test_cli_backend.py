@@ -1,0 +1,81 @@
+"""xa-generate --backend onnxruntime: the tiny models' image equals the torch backend's (the
+graphs exported on the fly, or an xa-export folder via --onnx-dir); bad combinations exit 2."""
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from xa_runtime.cli.generate import main
+
+FAST = ["--steps", "4", "--no-progress", "--prompt", "a cat", "--height", "64", "--width", "96"]
+
+
+def _run(capsys, *args):
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+def _pixels(path):
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.int16)
+
+
+def test_onnxruntime_image_equals_torch(tiny_onnx, tmp_path, capsys):
+    _, folder = tiny_onnx
+    code, err = _run(capsys, *FAST, "--output", tmp_path / "torch.png")
+    assert code == 0, err
+    code, err = _run(capsys, *FAST, "--backend", "onnxruntime", "--output", tmp_path / "ort.png")
+    assert code == 0, err
+    code, err = _run(capsys, *FAST, "--backend", "onnxruntime", "--onnx-dir", folder, "--output", tmp_path / "dir.png")
+    assert code == 0, err
+    ref = _pixels(tmp_path / "torch.png")
+    assert ref.std() > 1  # not a flat image
+    for name in ("ort", "dir"):
+        # fp32 latents agree to ~1e-6 relative (tests/test_onnxruntime_backend.py); 8-bit pixels to at most 1 step
+        assert np.abs(_pixels(tmp_path / f"{name}.png") - ref).max() <= 1, name
+        assert json.loads((tmp_path / f"{name}.json").read_text())["backend"] == "onnxruntime"
+    assert json.loads((tmp_path / "torch.json").read_text())["backend"] == "torch"
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--onnx-dir", "{tmp}"], "--onnx-dir only applies"),
+    (["--backend", "tensorrt"], "--backend"),
+    (["--backend", "onnxruntime", "--onnx-dir", "{tmp}/nope"], "--onnx-dir"),
+    (["--backend", "onnxruntime", "--onnx-dir", "{tmp}"], "manifest.json"),
+    (["--backend", "onnxruntime", "--lora", "{lora}"], "--lora need --backend torch"),
+])
+def test_bad_backend_arguments(args, needle, tmp_path, capsys):
+    lora = tmp_path / "l.safetensors"
+    lora.write_bytes(b"x")
+    args = [a.format(tmp=tmp_path, lora=lora) for a in args]
+    code, err = _run(capsys, *FAST, *args, "--output", tmp_path / "o.png")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert needle in lines[0], lines[0]
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_missing_onnxruntime_is_named(tmp_path, capsys, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    code, err = _run(capsys, *FAST, "--backend", "onnxruntime", "--output", tmp_path / "o.png")
+    assert code == 2 and "--backend" in err and "pip install onnxruntime" in err
+
+
+def test_model_paths_need_onnx_dir(tiny_paths, tmp_path, capsys):
+    p = tiny_paths
+    code, err = _run(capsys, *FAST, "--backend", "onnxruntime", "--sd15", p.sd15_dir, "--sdxl", p.sdxl_dir,
+                     "--adapter", p.adapter_bin, "--output", tmp_path / "o.png")
+    assert code == 2 and "needs --onnx-dir" in err
+
+
+def test_onnx_dir_of_other_weights_is_refused(tiny_onnx, tmp_path, capsys):
+    _, folder = tiny_onnx  # seed 0
+    code, err = _run(capsys, *FAST, "--backend", "onnxruntime", "--onnx-dir", folder, "--tiny-seed", "1",
+                     "--output", tmp_path / "o.png")
+    errors = [line for line in err.strip().splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(errors) == 1 and "--onnx-dir" in errors[0] and "other weights" in errors[0], err
+    assert not (tmp_path / "o.png").exists()

@@ -1,0 +1,96 @@
+"""xa-generate's --backend torch|onnxruntime and --onnx-dir: checks before loading, and the
+pipeline moved onto onnxruntime after loading (export/ and runtime/onnxruntime_backend.py).
+
+onnxruntime runs the SD1.5 UNet, the mapping layers and the SDXL UNet from an xa-export
+folder (--onnx-dir, verified against its manifest.json, whose source fingerprints must be
+those of the models loaded here); with the tiny models and no
+--onnx-dir, the tiny graphs are exported to a temporary folder first (seconds). Plugins:
+ControlNet only (its residuals feed sd15_unet_control); LoRAs, T2I-Adapter, Nexus and
+IP-Adapter need --backend torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..errors import ParameterError
+
+BACKENDS = ("torch", "onnxruntime")
+ORT_GRAPHS = ("sd15_unet", "sd15_unet_control", "mapping", "sdxl_unet")
+_TORCH_ONLY_PLUGINS = {"lora": "--lora", "sdxl_lora": "--sdxl-lora", "t2i": "--t2i-adapter",
+                       "nexus": "--nexus-adapter", "ip": "--ip-adapter"}
+
+
+def add_backend_arguments(group: Any) -> None:
+    group.add_argument("--backend", choices=list(BACKENDS), default="torch",
+                       help="where the UNets and mapping layers run (default %(default)s); onnxruntime needs the "
+                            "onnxruntime package and --onnx-dir (xa-export's folder; tiny models: exported on the fly)")
+    group.add_argument("--onnx-dir", metavar="DIR", help="xa-export output folder of these models (--backend onnxruntime)")
+
+
+def check_backend(args: argparse.Namespace, tiny: bool, plugin_specs: dict[str, list[Any]], usage_error: type) -> None:
+    """Cheap checks of --backend / --onnx-dir (nothing loaded)."""
+    if args.backend == "torch":
+        if args.onnx_dir is not None:
+            raise usage_error("--onnx-dir only applies to --backend onnxruntime")
+        return
+    if importlib.util.find_spec("onnxruntime") is None:
+        raise ParameterError("--backend", args.backend, "torch: onnxruntime is not installed here (pip install "
+                             "onnxruntime, or onnxruntime-gpu for CUDA; both in the [export] extra)")
+    if args.onnx_dir is None and not tiny:
+        raise usage_error("--backend onnxruntime with --sd15/--sdxl/--adapter needs --onnx-dir (xa-export's folder "
+                          "of these models)")
+    if args.onnx_dir is not None:
+        folder = Path(args.onnx_dir)
+        missing = [g for g in ("sd15_unet", "mapping", "sdxl_unet") if not (folder / f"{g}.onnx").is_file()]
+        if not folder.is_dir() or missing or not (folder / "manifest.json").is_file():
+            raise ParameterError("--onnx-dir", args.onnx_dir, "an xa-export folder with manifest.json, sd15_unet.onnx, "
+                                 "mapping.onnx and sdxl_unet.onnx")
+    used = [flag for kind, flag in _TORCH_ONLY_PLUGINS.items() if plugin_specs.get(kind)]
+    if used:
+        raise usage_error(f"{', '.join(used)} need --backend torch (onnxruntime takes ControlNet plugins only)")
+
+
+def to_backend(args: argparse.Namespace, pipe: Any, tiny: bool) -> Any:
+    """The pipeline with its UNets and mapping layers on onnxruntime, or `pipe` for torch."""
+    if args.backend == "torch":
+        return pipe
+    from ..runtime.onnxruntime_backend import OnnxRuntimeBackend
+
+    folder = args.onnx_dir
+    if folder is None:  # tiny models: export the graphs the pipeline runs
+        from ..export import ModuleBundle, export_graphs
+
+        args._onnx_tmp = tempfile.TemporaryDirectory(prefix="xa-onnx-")
+        folder = args._onnx_tmp.name
+        bundle = ModuleBundle(sd15=pipe.sd15, sdxl=pipe.sdxl, mapping=pipe.mapping)
+        export_graphs(list(ORT_GRAPHS), bundle, folder, progress=False)
+    else:
+        check_models_match(args, pipe, tiny)
+    return pipe.with_backend(OnnxRuntimeBackend(folder, providers=[args.device]))
+
+
+def check_models_match(args: argparse.Namespace, pipe: Any, tiny: bool) -> None:
+    """The --onnx-dir graphs must come from the models loaded here (manifest fingerprints):
+    tiny models by their tensors, model paths by their files' bytes (reads them once more)."""
+    from ..export import ModuleBundle
+    from ..export import manifest as mf
+
+    if tiny:
+        bundle = ModuleBundle(sd15=pipe.sd15, sdxl=pipe.sdxl, mapping=pipe.mapping)
+        current = {k: v for k, v in mf.source_from_bundle(bundle)["parts"].items() if k != "controlnet"}
+        what = f"the tiny models of seed {args.tiny_seed or 0}"
+    else:
+        current = {f: mf.path_fingerprint(getattr(args, f[2:])) for f in ("--sd15", "--sdxl", "--adapter")}
+        what = "--sd15/--sdxl/--adapter"
+    mf.check_same_models(args.onnx_dir, current, what)
+
+
+def cleanup(args: argparse.Namespace) -> None:
+    tmp = getattr(args, "_onnx_tmp", None)
+    if tmp is not None:
+        tmp.cleanup()
