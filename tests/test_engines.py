@@ -260,3 +260,17 @@ def test_require_tensorrt_refuses_the_stub_namespace():
 
     with pytest.raises(ImportError, match="pip install tensorrt"):
         mf.require_tensorrt(Namespace())
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--backend", "tensorrt"], mf.NOT_INSTALLED),
+    (["--engine-dir", "{tmp}"], "--engine-dir only applies to --backend tensorrt"),
+])
+def test_generate_tensorrt_backend_checked_first(tmp_path, capsys, extra, needle):
+    from xa_runtime.cli.generate import main
+
+    if extra[-1] == "tensorrt" and hasattr(__import__("tensorrt"), "Builder"):
+        pytest.skip("TensorRT is installed here")
+    args = ["--steps", "4", "--no-progress", "--prompt", "a cat", "--output", str(tmp_path / "o.png")]
+    assert main(args + [a.format(tmp=tmp_path) for a in extra]) == 2
+    assert needle in capsys.readouterr().err and not (tmp_path / "o.png").exists()
