@@ -1,4 +1,4 @@
-"""xa-generate's --backend torch|onnxruntime and --onnx-dir: checks before loading, and the
+"""xa-generate's --backend torch|onnxruntime|tensorrt, --onnx-dir and --engine-dir: checks before loading, and the
 pipeline moved onto onnxruntime after loading (export/ and runtime/onnxruntime_backend.py).
 
 onnxruntime runs the SD1.5 UNet, the mapping layers and the SDXL UNet from an xa-export
@@ -19,7 +19,7 @@ from typing import Any
 
 from ..errors import ParameterError
 
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
 ORT_GRAPHS = ("sd15_unet", "sd15_unet_control", "mapping", "sdxl_unet")
 _TORCH_ONLY_PLUGINS = {"lora": "--lora", "sdxl_lora": "--sdxl-lora", "t2i": "--t2i-adapter",
                        "nexus": "--nexus-adapter", "ip": "--ip-adapter"}
@@ -29,19 +29,45 @@ def add_backend_arguments(group: Any) -> None:
     group.add_argument("--backend", choices=list(BACKENDS), default="torch",
                        help="where the UNets and mapping layers run (default %(default)s); onnxruntime needs the "
                             "onnxruntime package and --onnx-dir (xa-export's folder; tiny models: exported on the fly)")
-    group.add_argument("--onnx-dir", metavar="DIR", help="xa-export output folder of these models (--backend onnxruntime)")
+    group.add_argument("--onnx-dir", metavar="DIR", help="xa-export output folder of these models (--backend onnxruntime; "
+                       "with tensorrt: the engines' source, checked, and LoRA refit weights)")
+    group.add_argument("--engine-dir", metavar="DIR", help="xa-build-engines output folder (--backend tensorrt, --device cuda)")
+
+
+def _check_tensorrt(args: argparse.Namespace, usage_error: type) -> None:
+    """--backend tensorrt: the real TensorRT (not only tensorrt-stubs), CUDA, an engine folder."""
+    from ..engines.manifest import NOT_INSTALLED
+
+    try:
+        import tensorrt
+    except ImportError:
+        tensorrt = None
+    if not hasattr(tensorrt, "Builder"):
+        raise ParameterError("--backend", args.backend, f"torch or onnxruntime: {NOT_INSTALLED}")
+    if getattr(args, "device", "cuda") != "cuda":
+        raise usage_error("--backend tensorrt needs --device cuda")
+    if args.engine_dir is None:
+        raise usage_error("--backend tensorrt needs --engine-dir (xa-build-engines' folder)")
+    folder = Path(args.engine_dir)
+    if not all((folder / f"{g}.engine.json").is_file() for g in ("sd15_unet", "mapping", "sdxl_unet")):
+        raise ParameterError("--engine-dir", args.engine_dir, "an xa-build-engines folder with sd15_unet, mapping and "
+                             "sdxl_unet engines (NAME.plan + NAME.engine.json)")
 
 
 def check_backend(args: argparse.Namespace, tiny: bool, plugin_specs: dict[str, list[Any]], usage_error: type) -> None:
     """Cheap checks of --backend / --onnx-dir (nothing loaded)."""
+    if args.engine_dir is not None and args.backend != "tensorrt":
+        raise usage_error("--engine-dir only applies to --backend tensorrt")
     if args.backend == "torch":
         if args.onnx_dir is not None:
-            raise usage_error("--onnx-dir only applies to --backend onnxruntime")
+            raise usage_error("--onnx-dir only applies to --backend onnxruntime or tensorrt")
         return
-    if importlib.util.find_spec("onnxruntime") is None:
+    if args.backend == "tensorrt":
+        _check_tensorrt(args, usage_error)
+    elif importlib.util.find_spec("onnxruntime") is None:
         raise ParameterError("--backend", args.backend, "torch: onnxruntime is not installed here (pip install "
                              "onnxruntime, or onnxruntime-gpu for CUDA; both in the [export] extra)")
-    if args.onnx_dir is None and not tiny:
+    if args.onnx_dir is None and not tiny and args.backend == "onnxruntime":
         raise usage_error("--backend onnxruntime with --sd15/--sdxl/--adapter needs --onnx-dir (xa-export's folder "
                           "of these models)")
     if args.onnx_dir is not None:
@@ -52,13 +78,18 @@ def check_backend(args: argparse.Namespace, tiny: bool, plugin_specs: dict[str, 
                                  "mapping.onnx and sdxl_unet.onnx")
     used = [flag for kind, flag in _TORCH_ONLY_PLUGINS.items() if plugin_specs.get(kind)]
     if used:
-        raise usage_error(f"{', '.join(used)} need --backend torch (onnxruntime takes ControlNet plugins only)")
+        raise usage_error(f"{', '.join(used)} need --backend torch ({args.backend} takes ControlNet plugins only; "
+                          "TensorRT LoRAs: TensorRTBackend.set_lora_deltas)")
 
 
 def to_backend(args: argparse.Namespace, pipe: Any, tiny: bool) -> Any:
     """The pipeline with its UNets and mapping layers on onnxruntime, or `pipe` for torch."""
     if args.backend == "torch":
         return pipe
+    if args.backend == "tensorrt":  # the only place the TensorRT layer is imported from xa-generate
+        from ..engines.run import TensorRTBackend
+
+        return pipe.with_backend(TensorRTBackend(args.engine_dir, args.onnx_dir))
     from ..runtime.onnxruntime_backend import OnnxRuntimeBackend
 
     folder = args.onnx_dir

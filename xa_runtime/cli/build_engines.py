@@ -1,0 +1,136 @@
+"""`xa-build-engines`: TensorRT engines from exported ONNX (xa-export's folder), or from model
+paths (exported first into --onnx-dir). Every flag is checked before any work (no export,
+no TensorRT import): a bad one exits with code 2 and an `error:` line naming the flag and
+what it accepts. Without TensorRT, exit 2 saying how to install it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import NoReturn, Sequence
+
+from ..errors import CheckpointError, ParameterError
+from ..runtime.graphs_table import GRAPHS, DimRange
+
+PROG = "xa-build-engines"
+DEFAULT_GRAPHS = ("sd15_unet", "mapping", "sdxl_unet")
+MODEL_FLAGS = ("--sd15", "--sdxl", "--adapter", "--controlnet")
+
+
+class UsageError(Exception):
+    """A bad command line; the message names the flag."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see {PROG} --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..engines.manifest import PRECISIONS, PRESETS, REFIT_MODES
+
+    p = _Parser(prog=PROG, description="Build TensorRT engines (NAME.plan + NAME.engine.json) from exported ONNX graphs")
+    p.add_argument("--onnx-dir", required=True, help="xa-export folder to read (or, with model paths, to export into)")
+    p.add_argument("--output", required=True, help="engine cache folder (created if its parent exists)")
+    for flag in MODEL_FLAGS:
+        p.add_argument(flag, help=f"model path: export {flag[2:]} into --onnx-dir first (as xa-export {flag})")
+    p.add_argument("--tiny", action="store_true", help="export the built-in tiny random models first")
+    p.add_argument("--graphs", help=f"comma-separated graph names (default {','.join(DEFAULT_GRAPHS)}, plus "
+                   "sd15_unet_control when exported)")
+    p.add_argument("--precision", default="fp16", help=f"{', '.join(PRECISIONS)} (default fp16)")
+    p.add_argument("--preset", help=f"profile preset in pixels: {', '.join(PRESETS)} ('1024 only', '512-1536')")
+    for which in ("min", "opt", "max"):
+        p.add_argument(f"--{which}", help=f"{which} profile shape ROWS,HEIGHT,WIDTH in pixels (e.g. 2,1024,1024)")
+    p.add_argument("--static", action="store_true", help="static shapes: min = max = opt")
+    p.add_argument("--refit", default="refit", help=f"{' / '.join(REFIT_MODES)}: refit (default): LoRA target "
+                   "weights refittable; strip: also left out of the plan, refitted from the ONNX weights at load")
+    p.add_argument("--timing-cache", help="timing cache file, read and updated (default OUTPUT/timing.cache)")
+    p.add_argument("--no-timing-cache", action="store_true", help="use no persistent timing cache")
+    p.add_argument("--no-progress", action="store_true", help="no builder progress on stderr")
+    return p
+
+
+def check_inputs(args: argparse.Namespace) -> tuple[list[str], Path, Path, dict[str, dict[str, DimRange]]]:
+    """Graph names, ONNX folder, engine folder and per-graph profiles; raises ParameterError / UsageError."""
+    from ..engines import manifest as mf
+
+    mf.check_choice("--precision", args.precision, mf.PRECISIONS)
+    mf.check_choice("--refit", args.refit, mf.REFIT_MODES)
+    if args.static and args.min is not None or args.static and args.max is not None:
+        raise UsageError("--static takes --opt only (min = max = opt)")
+    if args.no_timing_cache and args.timing_cache:
+        raise UsageError("--timing-cache and --no-timing-cache exclude each other")
+    given = [f for f in MODEL_FLAGS if getattr(args, f[2:]) is not None]
+    if args.tiny and given:
+        raise UsageError(f"--tiny takes no model paths (got {', '.join(given)})")
+    exporting = args.tiny or bool(given)
+    onnx_dir, out = Path(args.onnx_dir), Path(args.output)
+    if args.graphs is None:
+        names = list(DEFAULT_GRAPHS)
+        if not exporting and (onnx_dir / "sd15_unet_control.onnx").is_file():
+            names.append("sd15_unet_control")
+    else:
+        names = [n.strip() for n in args.graphs.split(",") if n.strip()]
+        bad = [n for n in names if n not in GRAPHS]
+        if bad or not names:
+            raise ParameterError("--graphs", args.graphs, f"comma-separated names among {', '.join(GRAPHS)}")
+    profiles = {n: mf.resolve_profiles(GRAPHS[n], args.preset, args.min, args.opt, args.max, args.static) for n in names}
+    for flag, folder in (("--output", out), ("--onnx-dir", onnx_dir)):
+        if folder.exists() and not folder.is_dir():
+            raise ParameterError(flag, str(folder), "a folder; this is a file")
+        if not folder.exists() and not (exporting or flag == "--output") or not folder.parent.is_dir():
+            raise ParameterError(flag, str(folder), "an existing folder" if flag == "--onnx-dir" and not exporting
+                                 else "a folder whose parent exists")
+    if not exporting:
+        missing = [n for n in names if not (onnx_dir / f"{n}.onnx").is_file() or not (onnx_dir / f"{n}.names.json").is_file()]
+        if missing:
+            raise ParameterError("--onnx-dir", str(onnx_dir), f"an xa-export folder with {', '.join(missing)} "
+                                 "(.onnx and .names.json); export them, or give model paths")
+    return names, onnx_dir, out, profiles
+
+
+def _export_argv(args: argparse.Namespace, names: list[str]) -> list[str]:
+    argv = ["--output", args.onnx_dir, "--graphs", ",".join(names)]
+    argv += ["--tiny"] if args.tiny else [x for f in MODEL_FLAGS if getattr(args, f[2:]) for x in (f, getattr(args, f[2:]))]
+    return argv + (["--no-progress"] if args.no_progress else [])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `xa-build-engines`; returns the exit code (0 ok, 2 bad input or no TensorRT)."""
+    try:
+        args = build_parser().parse_args(argv)
+        names, onnx_dir, out, profiles = check_inputs(args)
+    except SystemExit as e:
+        return int(e.code or 0)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ParameterError as e:
+        print(f"error: invalid {e.name} {e.value!r}: expected {e.accepted}", file=sys.stderr)
+        return 2
+    try:
+        from ..engines import build
+    except ImportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.tiny or any(getattr(args, f[2:]) for f in MODEL_FLAGS):
+        from .export import main as export_main
+
+        code = export_main(_export_argv(args, names))
+        if code:
+            return code
+    cache = None if args.no_timing_cache else Path(args.timing_cache or out / build.TIMING_CACHE)
+    try:
+        paths = build.build_engines(names, onnx_dir, out, args.precision, profiles, args.refit, cache,
+                                    progress=not args.no_progress)
+    except (CheckpointError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{PROG}: wrote {len(paths)} engines to {out} ({args.precision}, refit {args.refit})", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
