@@ -106,10 +106,20 @@ def test_random_weights_is_models_random(monkeypatch, capsys):
     assert seen["models"] == "random"
 
 
+def test_onnxruntime_variant_runs_the_exported_graphs(tmp_path):
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "ort.json"
+    assert main([*FAST, "--compare", "eager,onnxruntime", "--no-flops", "--output", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert validation_errors(data) == [] and list(data["variants"]) == ["eager", "onnxruntime"]
+    ort = data["variants"]["onnxruntime"]
+    assert ort["ratio_to_first"] == pytest.approx(ort["total"]["median"] / data["variants"]["eager"]["total"]["median"])
+
+
 @pytest.mark.parametrize("argv, flag", [
     (["--compare", "eager,warp"], "--compare"),
     (["--compare", "tensorrt"], "--compare"),
-    (["--compare", "onnxruntime"], "--compare"),
+    (["--compare", "eager,onnxruntime", "--mode", "components"], "--mode"),
     (["--compare", "eager,eager"], "--compare"),
     (["--mode", "fast"], "--mode"),
     (["--mode", "latency,latency"], "--mode"),

@@ -23,8 +23,10 @@ VARIANTS: dict[str, RuntimeConfig] = {
     "graphs": RuntimeConfig(cuda_graphs=True),
     "streams": RuntimeConfig(streams=True),
     "lean": RuntimeConfig(compile=True, channels_last=True, fuse_qkv=True, cuda_graphs=True, streams=True, triton_kernels=True),
+    "onnxruntime": RuntimeConfig(),  # the UNets and mapping layers on onnxruntime (exported at build time)
 }
-PLANNED = {"onnxruntime": "issue 4 (export)", "tensorrt": "issue 5 (engines)"}
+BACKEND_VARIANTS = {"onnxruntime"}  # variants that move the branches onto another backend
+PLANNED = {"tensorrt": "issue 5 (engines) and a GPU with TensorRT"}
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import copy
 import importlib.util
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -143,6 +144,9 @@ def _check(args: argparse.Namespace):
     for b in baselines:
         if b not in BASELINE_NAMES:
             raise ParameterError("--baseline", b, f"one of {', '.join(BASELINE_NAMES)}")
+    if "onnxruntime" in variants and "components" in modes:
+        raise ParameterError("--mode", "components", "latency or throughput with the onnxruntime variant (its UNets "
+                             "run inside onnxruntime, where the component hooks cannot see them)")
     if "sdxl-alone" in baselines and modes == ["throughput"]:
         raise ParameterError("--baseline", "sdxl-alone", "--mode latency or components (it is a latency baseline)")
     if args.scheduler not in SCHEDULERS:
@@ -188,8 +192,29 @@ def _check(args: argparse.Namespace):
     return variants, workload, torch.device(args.device), DTYPES[args.dtype], options
 
 
+def _onnxruntime_pipeline(args: argparse.Namespace, models: tuple, device: torch.device, dtype: torch.dtype):
+    """The models' SD1.5 UNet, mapping and SDXL UNet exported to a temporary folder (removed
+    at exit) and run on onnxruntime; the rest of the pipeline stays in PyTorch. Full-size
+    models export several GB (fp32 SDXL: ~10 GB with external data) and take minutes."""
+    import atexit
+
+    from ..export import ModuleBundle, export_graphs
+    from ..pipeline import XAdapterPipeline
+    from ..runtime.onnxruntime_backend import OnnxRuntimeBackend
+    from .backend_args import ORT_GRAPHS
+
+    tmp = tempfile.TemporaryDirectory(prefix="xa-bench-onnx-")
+    atexit.register(tmp.cleanup)
+    sd15, sdxl, mapping = models
+    export_graphs([g for g in ORT_GRAPHS if g != "sd15_unet_control"], ModuleBundle(sd15=sd15, sdxl=sdxl, mapping=mapping),
+                  tmp.name, dtype, progress=True)
+    pipe = XAdapterPipeline(sd15, sdxl, mapping, device=device, dtype=dtype, progress=False)
+    return pipe.with_backend(OnnxRuntimeBackend(tmp.name, providers=[device.type]))
+
+
 def _build(args: argparse.Namespace, variants: list[str], device: torch.device, dtype: torch.dtype):
     from ..bench import VARIANTS
+    from ..bench.runner import BACKEND_VARIANTS
     from ..models.components import build_random_components
     from ..models.mapping import MappingConfig, MappingLayers
     from ..models.tiny import build_tiny_models
@@ -212,6 +237,9 @@ def _build(args: argparse.Namespace, variants: list[str], device: torch.device, 
         models = (first.sd15, first.sdxl, first.mapping)
     pipes = {}
     for v in variants:
+        if v in BACKEND_VARIANTS:
+            pipes[v] = _onnxruntime_pipeline(args, models, device, dtype)
+            continue
         config = VARIANTS[v]
         # channels-last and fused QKV change the modules in place: such a variant gets its own
         # copy, so that the variants beside it still run the models they name.
