@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from xa_runtime.bench.report import write_atomic  # noqa: E402
 from xa_runtime.export.onnx_export import available_graphs, export_graph, trace_dims  # noqa: E402
 from xa_runtime.export.wrappers import ModuleBundle, build_graph_module, example_inputs  # noqa: E402
 from xa_runtime.runtime.graphs_table import GRAPHS  # noqa: E402
@@ -97,10 +98,7 @@ def main(argv: list[str] | None = None) -> int:
               "torch": torch.__version__, "onnxruntime": ort.__version__, "python": platform.python_version(),
               "command": " ".join(sys.argv), "warmup": args.warmup, "runs": args.runs, "rows": rows}
     if args.output:
-        out = Path(args.output)
-        tmp_out = out.with_name(f".{out.name}.tmp")
-        tmp_out.write_text(json.dumps(result, indent=2))
-        tmp_out.replace(out)
+        write_atomic(Path(args.output), json.dumps(result, indent=2))
     return 0
 
 

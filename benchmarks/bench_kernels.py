@@ -16,9 +16,11 @@ import json
 import platform
 import statistics
 import sys
+from pathlib import Path
 
 import torch
 
+from xa_runtime.bench.report import write_atomic
 from xa_runtime.kernels import remap_inject_reference, remap_inject_triton
 from xa_runtime.kernels.guided_step import StepCoefficients, guided_step_reference, guided_step_triton
 from xa_runtime.models import get_preset
@@ -131,8 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         "peaks": peak, "rows": rows,
     }
     if args.output:
-        with open(args.output, "w") as f:
-            json.dump(result, f, indent=2)
+        write_atomic(Path(args.output), json.dumps(result, indent=2))
     return 0
 
 

@@ -18,9 +18,11 @@ import json
 import platform
 import statistics
 import sys
+from pathlib import Path
 
 import torch
 
+from xa_runtime.bench.report import write_atomic
 from xa_runtime.kernels import remap_inject
 from xa_runtime.models import MappingConfig, MappingLayers, build_random_components, get_preset
 from xa_runtime.models.branches import SD15Branch, SDXLBranch, inject_residual
@@ -211,8 +213,7 @@ def main(argv: list[str] | None = None) -> int:
               "top_ops": ops[:60], "kernel_launches_per_step": launches,
               "pipeline": pipeline}
     if args.output:
-        with open(args.output, "w") as f:
-            json.dump(result, f, indent=2)
+        write_atomic(Path(args.output), json.dumps(result, indent=2))
     return 0
 
 
