@@ -10,8 +10,6 @@ Status codes: 413 body too large, 422 bad field (names it), 429 queue full (Retr
 500 internal failure, 503 not ready / shutting down, 504 deadline passed.
 """
 
-from __future__ import annotations
-
 import asyncio
 import base64
 import contextlib
