@@ -273,3 +273,65 @@ def test_service_check_needs_no_http():
     assert e.value.name == "num_inference_steps"
     with pytest.raises(Unavailable):  # not started
         service.submit(GenerationParams(**FAST))
+
+
+def test_configured_lora_on_the_tiny_model(tiny_client, tmp_path):
+    from xa_runtime.plugins.lora_testing import write_random_lora
+    from xa_runtime.serve.config import PluginSpec
+    from xa_runtime.serve.service import load_plugins
+
+    service = tiny_client.app.state.service
+    pipe = service.pipeline
+    path = write_random_lora(tmp_path / "anime.safetensors", pipe.sd15.unet, pipe.sd15.text_encoder, std=0.5)
+    service.plugins.update(load_plugins({"anime": PluginSpec("anime", "lora", str(path), 1.0)}, pipe))
+    try:
+        def png(plugins):
+            r = tiny_client.post("/v1/generate", json={**FAST, "plugins": plugins}, headers={"Accept": "image/png"})
+            assert r.status_code == 200, r.text
+            return r.content
+
+        plain, with_lora, plain_again = png([]), png(["anime"]), png([])
+        assert with_lora != plain and plain_again == plain  # scale set per request, back to 0 after
+    finally:
+        service.plugins.pop("anime")
+
+
+def test_xa_serve_process_serves_and_exits_0_on_sigterm(tmp_path):
+    """The real command on loopback: ready, a request, SIGTERM mid-request -> it finishes, exit 0."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    proc = subprocess.Popen([sys.executable, "-m", "xa_runtime.serve.cli", "--port", str(port), "--log-level", "warning"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, proc.stdout.read().decode()
+            time.sleep(0.1)
+        r = httpx.post(f"{url}/v1/generate", json=FAST, headers={"Accept": "image/png"}, timeout=60)
+        assert r.status_code == 200 and r.content.startswith(b"\x89PNG")
+        with ThreadPoolExecutor(1) as pool:  # SIGTERM while a request runs: it still gets its image
+            slow = pool.submit(httpx.post, f"{url}/v1/generate", json={**FAST, "num_inference_steps": 8}, timeout=60)
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)
+            r = slow.result()
+        assert r.status_code == 200 and len(r.json()["images"]) == 1
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

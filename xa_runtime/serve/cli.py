@@ -39,9 +39,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     service = build_service(cfg).start()
     app = create_app(service)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=int(cfg.limits.shutdown_timeout_s))
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=int(cfg.limits.shutdown_timeout_s))
+    _server_class()(config).run()
     return 0
+
+
+def _server_class() -> type:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn >= 0.29 re-raises SIGINT/SIGTERM after its graceful shutdown (exit -15); a
+        finished graceful shutdown is a clean exit here, so the signal is not re-raised."""
+
+        def handle_exit(self, sig, frame):  # noqa: ANN001
+            super().handle_exit(sig, frame)
+            captured = getattr(self, "_captured_signals", None)
+            if isinstance(captured, list):
+                captured.clear()
+
+    return Server
+
 
 
 if __name__ == "__main__":
