@@ -335,3 +335,14 @@ def test_xa_serve_process_serves_and_exits_0_on_sigterm(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_readme_config_example_parses():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("## Serving (xa-serve)")[1].split("```toml\n")[1].split("```")[0]
+    from xa_runtime.serve.config import tomllib  # tomli on Python 3.10
+
+    cfg = parse_config(tomllib.loads(block))
+    assert not cfg.tiny and set(cfg.plugins) == {"anime", "edges"} and cfg.limits == Limits()
