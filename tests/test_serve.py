@@ -1,0 +1,348 @@
+"""xa-serve on CPU, in process (fastapi TestClient over the ASGI app; no sockets): the
+endpoints on the tiny model, bad requests (422 naming the field), and, with stub
+pipelines, the queue (429), deadlines (504), internal failures (500), concurrency,
+metrics and graceful shutdown."""
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("prometheus_client")
+
+from fastapi.testclient import TestClient  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from xa_runtime.errors import ParameterError  # noqa: E402
+from xa_runtime.pipeline import GenerationParams, SizeRules, XAdapterOutput  # noqa: E402
+from xa_runtime.serve.app import create_app  # noqa: E402
+from xa_runtime.serve.cli import main as serve_main  # noqa: E402
+from xa_runtime.serve.config import ConfigError, Limits, ServeConfig, load_config, parse_config  # noqa: E402
+from xa_runtime.serve.service import QueueFull, Service, Unavailable, build_service  # noqa: E402
+
+FAST = dict(prompt="a cat", num_inference_steps=2, adapter_guidance_start=1.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_client():
+    service = build_service(ServeConfig()).start()
+    with TestClient(create_app(service)) as client:
+        yield client
+
+
+class StubPipe:
+    """generate() like XAdapterPipeline's: calls step_callback after each step; prompt 'boom'
+    raises RuntimeError; `delay` seconds per step; `gate` (an Event) holds the first step."""
+
+    size_rules = SizeRules(sd15_default=64, sdxl_default=128)
+
+    def __init__(self, delay=0.0, gate=None):
+        self.delay, self.gate, self.steps_run, self.calls = delay, gate, [], 0
+
+    def generate(self, params, plugins=(), step_callback=None, init_image=None):
+        self.calls += 1
+        if self.gate is not None:
+            assert self.gate.wait(30)
+        done = 0
+        try:
+            for i in range(params.num_inference_steps):
+                time.sleep(self.delay)
+                done += 1
+                if step_callback:
+                    step_callback("stage1", i, params.num_inference_steps)
+        finally:
+            self.steps_run.append(done)
+        if params.prompt == "boom":
+            raise RuntimeError("stub failure")
+        n = len(params.prompts) * params.num_images_per_prompt
+        return XAdapterOutput(images=[Image.new("RGB", (8, 8))] * n, params=params, timings={"stage1": 0.001})
+
+
+def stub_client(pipe, **limits):
+    service = Service(pipe, Limits(**limits), plugins={"sketch": object()}).start()
+    return service, TestClient(create_app(service))
+
+
+# ---------------------------------------------------------------------- tiny model, every endpoint
+def test_health_ready_and_generate_json(tiny_client):
+    assert tiny_client.get("/healthz").json() == {"status": "ok"}
+    assert tiny_client.get("/readyz").status_code == 200
+    r = tiny_client.post("/v1/generate", json={**FAST, "negative_prompt": "blurry", "seed": 3})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["images"]) == 1 and body["parameters"]["seed"] == 3
+    assert body["parameters"]["height"] == 128 and body["parameters"]["num_inference_steps"] == 2
+    assert {"stage1", "stage2", "vae_decode"} <= set(body["timings"])
+    import base64
+    import io
+
+    assert Image.open(io.BytesIO(base64.b64decode(body["images"][0]))).size == (128, 128)
+
+
+def test_generate_png_and_metrics(tiny_client):
+    r = tiny_client.post("/v1/generate", json=FAST, headers={"Accept": "image/png"})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert r.content.startswith(b"\x89PNG") and r.headers["x-seed"] == "0"
+    text = tiny_client.get("/metrics").text
+    assert 'xa_requests_total{outcome="ok"}' in text and "xa_queue_depth" in text
+    assert 'xa_stage_seconds_bucket{le="0.01",stage="stage2"}' in text
+    assert 'xa_stage_seconds_count{stage="queue"}' in text
+
+
+LONG = "x" * 2001
+BAD = [
+    ({"plugins": ["/etc/passwd"]}, "plugins"),
+    ({"plugins": ["../loras/anime.safetensors"]}, "plugins"),
+    ({"plugins": ["C:\\loras\\anime.safetensors"]}, "plugins"),
+    ({"plugins": ["no-such-plugin"]}, "plugins"),
+    ({"num_inference_steps": 0}, "num_inference_steps"),
+    ({"num_inference_steps": 151}, "num_inference_steps"),
+    ({"num_inference_steps": "many"}, "num_inference_steps"),
+    ({"height": 100}, "height"),
+    ({"width": 4096}, "width"),
+    ({"height_sd15": 100}, "height_sd15"),
+    ({"prompt": LONG}, "prompt"),
+    ({"negative_prompt": LONG}, "negative_prompt"),
+    ({"prompt": []}, "prompt"),
+    ({"negative_prompt": ["a", "b"]}, "negative_prompt"),
+    ({"num_images_per_prompt": 5}, "num_images_per_prompt"),
+    ({"prompt": ["a", "b", "c"], "num_images_per_prompt": 2}, "num_images_per_prompt"),
+    ({"seed": -1}, "seed"),
+    ({"guidance_scale": 101}, "guidance_scale"),
+    ({"adapter_guidance_start": 0}, "adapter_guidance_start"),
+    ({"adapter_condition_scale": -1}, "adapter_condition_scale"),
+    ({"scheduler": "nope"}, "scheduler"),
+    ({"output_type": "np"}, "output_type"),
+    ({"init_image": "/tmp/x.png"}, "init_image"),
+    ({"colour": "red"}, "colour"),
+    ({"timeout_s": -1}, "timeout_s"),
+]
+
+
+@pytest.mark.parametrize("change,field", BAD, ids=[f"{f}-{i}" for i, (_, f) in enumerate(BAD)])
+def test_bad_request_is_422_naming_the_field(tiny_client, change, field):
+    r = tiny_client.post("/v1/generate", json={**FAST, **change})
+    assert r.status_code == 422, r.text
+    assert r.json()["field"] == field
+
+
+@pytest.mark.parametrize("content,field,status", [
+    (b'{"prompt": "a", "guidance_scale": NaN}', "guidance_scale", 422),
+    (b'{"num_inference_steps": 2}', "prompt", 422),
+    (b"not json", "body", 422),
+    (b'["a list"]', "body", 422),
+    (b'{"prompt": "' + b"x" * 70000 + b'"}', "body", 413),
+])
+def test_bad_body(tiny_client, content, field, status):
+    r = tiny_client.post("/v1/generate", content=content, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    assert r.json()["field"] == field
+
+
+# ---------------------------------------------------------------------- stub pipelines
+def test_queue_full_is_429_with_retry_after():
+    gate = threading.Event()
+    service, client = stub_client(StubPipe(gate=gate), queue_size=1, retry_after_s=7)
+    with client:
+        running = service.submit(GenerationParams(**FAST))
+        for _ in range(200):  # until the worker holds the first one
+            if service.metrics.in_flight._value.get() == 1:
+                break
+            time.sleep(0.01)
+        queued = service.submit(GenerationParams(**FAST))
+        r = client.post("/v1/generate", json=FAST)
+        assert r.status_code == 429 and r.headers["retry-after"] == "7"
+        with pytest.raises(QueueFull):
+            service.submit(GenerationParams(**FAST))
+        gate.set()
+        assert running.result(10).images and queued.result(10).images
+        assert client.post("/v1/generate", json=FAST).status_code == 200
+        assert 'xa_requests_total{outcome="rejected"} 2.0' in client.get("/metrics").text
+
+
+def test_deadline_cancels_between_steps_then_next_request_runs():
+    pipe = StubPipe(delay=0.05)
+    service, client = stub_client(pipe)
+    with client:
+        t0 = time.monotonic()
+        r = client.post("/v1/generate", json={**FAST, "num_inference_steps": 100, "timeout_s": 0.3})
+        assert r.status_code == 504 and "deadline" in r.json()["error"]
+        assert time.monotonic() - t0 < 3.0
+        assert 1 <= pipe.steps_run[-1] < 100  # stopped between steps
+        assert client.post("/v1/generate", json=FAST).status_code == 200
+        assert pipe.steps_run[-1] == 2
+        assert 'xa_requests_total{outcome="deadline"} 1.0' in client.get("/metrics").text
+
+
+def test_internal_failure_is_500_and_the_server_keeps_serving():
+    service, client = stub_client(StubPipe())
+    with client:
+        r = client.post("/v1/generate", json={**FAST, "prompt": "boom"})
+        assert r.status_code == 500 and "RuntimeError: stub failure" in r.json()["error"]
+        assert client.post("/v1/generate", json=FAST).status_code == 200
+        assert client.get("/readyz").status_code == 200
+        text = client.get("/metrics").text
+        assert 'xa_requests_total{outcome="error"} 1.0' in text and 'xa_requests_total{outcome="ok"} 1.0' in text
+
+
+def test_configured_plugin_name_is_accepted():
+    service, client = stub_client(StubPipe())
+    with client:
+        r = client.post("/v1/generate", json={**FAST, "plugins": ["sketch"]})
+        assert r.status_code == 200 and r.json()["plugins"] == ["sketch"]
+
+
+def test_concurrent_load_every_request_gets_one_response():
+    service, client = stub_client(StubPipe(delay=0.001), queue_size=4)
+    with client:
+        def worker(k):
+            return [client.post("/v1/generate", json={**FAST, "seed": k * 10 + j}).status_code for j in range(5)]
+
+        with ThreadPoolExecutor(8) as pool:
+            codes = [c for batch in pool.map(worker, range(8)) for c in batch]
+        assert len(codes) == 40 and set(codes) <= {200, 429} and codes.count(200) >= 5
+        text = client.get("/metrics").text
+        ok = float(text.split('xa_requests_total{outcome="ok"} ')[1].split()[0])
+        rejected = float(text.split('xa_requests_total{outcome="rejected"} ')[1].split()[0])
+        assert (ok, rejected) == (codes.count(200), codes.count(429))
+        assert "xa_queue_depth 0.0" in text
+
+
+def test_graceful_shutdown_finishes_in_flight_and_refuses_new():
+    pipe = StubPipe(delay=0.05)
+    service, client = stub_client(pipe)
+    with client:
+        first = service.submit(GenerationParams(**{**FAST, "num_inference_steps": 6}))
+        second = service.submit(GenerationParams(**FAST))
+        time.sleep(0.05)
+        assert service.shutdown(timeout=10) is True
+        assert first.result(1).images and second.result(1).images
+        assert pipe.steps_run[:2] == [6, 2]
+        with pytest.raises(Unavailable):
+            service.submit(GenerationParams(**FAST))
+        assert client.post("/v1/generate", json=FAST).status_code == 503
+        assert client.get("/readyz").status_code == 503
+        assert client.get("/healthz").status_code == 200
+
+
+def test_shutdown_timeout_stops_the_running_request():
+    service, _ = stub_client(StubPipe(delay=0.05))
+    running = service.submit(GenerationParams(**{**FAST, "num_inference_steps": 150}))
+    time.sleep(0.1)
+    assert service.shutdown(timeout=0.2) is False
+    with pytest.raises(Unavailable):
+        running.result(5)
+
+
+# ---------------------------------------------------------------------- config and CLI
+def test_config_file(tmp_path):
+    (tmp_path / "serve.toml").write_text(
+        '[limits]\nqueue_size = 2\ndeadline_s = 30\n'
+        '[plugins.anime]\nkind = "lora"\npath = "loras/anime.safetensors"\nscale = 0.8\n'
+        '[plugins.edges]\nkind = "controlnet"\npath = "cn"\nimage = "edges.png"\n')
+    cfg = load_config(tmp_path / "serve.toml")
+    assert cfg.tiny and cfg.limits.queue_size == 2 and cfg.limits.deadline_s == 30.0
+    assert cfg.plugins["anime"].path == str(tmp_path / "loras/anime.safetensors") and cfg.plugins["anime"].scale == 0.8
+    assert cfg.plugins["edges"].image == str(tmp_path / "edges.png")
+
+
+@pytest.mark.parametrize("data,word", [
+    ({"models": {"sd15": "a"}}, "together"),
+    ({"limits": {"queue_size": 0}}, "queue_size"),
+    ({"limits": {"nope": 1}}, "nope"),
+    ({"plugins": {"x": {"kind": "vae", "path": "p"}}}, "kind"),
+    ({"plugins": {"x": {"kind": "controlnet", "path": "p"}}}, "image"),
+    ({"server": {}}, "server"),
+])
+def test_bad_config(data, word):
+    with pytest.raises(ConfigError, match=word):
+        parse_config(data)
+
+
+def test_cli_bad_config_exits_2(tmp_path, capsys):
+    assert serve_main(["--config", str(tmp_path / "missing.toml")]) == 2
+    assert "--config" in capsys.readouterr().err
+
+
+def test_service_check_needs_no_http():
+    service = Service(StubPipe())
+    with pytest.raises(ParameterError) as e:
+        service.check(GenerationParams(prompt="a", num_inference_steps=0), [])
+    assert e.value.name == "num_inference_steps"
+    with pytest.raises(Unavailable):  # not started
+        service.submit(GenerationParams(**FAST))
+
+
+def test_configured_lora_on_the_tiny_model(tiny_client, tmp_path):
+    from xa_runtime.plugins.lora_testing import write_random_lora
+    from xa_runtime.serve.config import PluginSpec
+    from xa_runtime.serve.service import load_plugins
+
+    service = tiny_client.app.state.service
+    pipe = service.pipeline
+    path = write_random_lora(tmp_path / "anime.safetensors", pipe.sd15.unet, pipe.sd15.text_encoder, std=0.5)
+    service.plugins.update(load_plugins({"anime": PluginSpec("anime", "lora", str(path), 1.0)}, pipe))
+    try:
+        def png(plugins):
+            r = tiny_client.post("/v1/generate", json={**FAST, "plugins": plugins}, headers={"Accept": "image/png"})
+            assert r.status_code == 200, r.text
+            return r.content
+
+        plain, with_lora, plain_again = png([]), png(["anime"]), png([])
+        assert with_lora != plain and plain_again == plain  # scale set per request, back to 0 after
+    finally:
+        service.plugins.pop("anime")
+
+
+def test_xa_serve_process_serves_and_exits_0_on_sigterm(tmp_path):
+    """The real command on loopback: ready, a request, SIGTERM mid-request -> it finishes, exit 0."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    proc = subprocess.Popen([sys.executable, "-m", "xa_runtime.serve.cli", "--port", str(port), "--log-level", "warning"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, proc.stdout.read().decode()
+            time.sleep(0.1)
+        r = httpx.post(f"{url}/v1/generate", json=FAST, headers={"Accept": "image/png"}, timeout=60)
+        assert r.status_code == 200 and r.content.startswith(b"\x89PNG")
+        with ThreadPoolExecutor(1) as pool:  # SIGTERM while a request runs: it still gets its image
+            slow = pool.submit(httpx.post, f"{url}/v1/generate", json={**FAST, "num_inference_steps": 8}, timeout=60)
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)
+            r = slow.result()
+        assert r.status_code == 200 and len(r.json()["images"]) == 1
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_readme_config_example_parses():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("## Serving (xa-serve)")[1].split("```toml\n")[1].split("```")[0]
+    from xa_runtime.serve.config import tomllib  # tomli on Python 3.10
+
+    cfg = parse_config(tomllib.loads(block))
+    assert not cfg.tiny and set(cfg.plugins) == {"anime", "edges"} and cfg.limits == Limits()

@@ -1,0 +1,170 @@
+"""The FastAPI app around a Service (fastapi and pydantic are imported here only).
+
+POST /v1/generate  JSON body with the pipeline's parameter names (+ plugins, timeout_s);
+                   Accept: image/png -> the first image; otherwise JSON with base64 PNGs,
+                   the parameters used and seconds per stage.
+GET /healthz       200 while the process serves
+GET /readyz        200 when the models are loaded and warm and requests are accepted; else 503
+GET /metrics       Prometheus text
+Status codes: 413 body too large, 422 bad field (names it), 429 queue full (Retry-After),
+500 internal failure, 503 not ready / shutting down, 504 deadline passed.
+"""
+
+import asyncio
+import base64
+import contextlib
+import io
+import json
+import math
+from typing import Any
+
+from ..errors import ParameterError
+from ..pipeline.params import GenerationParams
+from .service import DeadlineExceeded, QueueFull, Service, Unavailable
+
+
+def _request_model() -> Any:
+    from pydantic import BaseModel, ConfigDict, Field
+
+    d = GenerationParams(prompt="")
+
+    class GenerateRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        prompt: str | list[str]
+        prompt_sd15: str | list[str] | None = None
+        negative_prompt: str | list[str] | None = None
+        num_inference_steps: int = d.num_inference_steps
+        guidance_scale: float = d.guidance_scale
+        adapter_guidance_start: float = d.adapter_guidance_start
+        adapter_condition_scale: float = d.adapter_condition_scale
+        fusion_guidance_scale: float | None = None
+        height: int | None = None
+        width: int | None = None
+        height_sd15: int | None = None
+        width_sd15: int | None = None
+        scheduler: str = d.scheduler
+        seed: int | None = 0
+        num_images_per_prompt: int = d.num_images_per_prompt
+        plugins: list[str] = Field(default_factory=list)
+        timeout_s: float | None = None
+
+    return GenerateRequest
+
+
+def _png(image: Any) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
+
+
+def create_app(service: Service, shutdown_on_exit: bool = True) -> Any:
+    """A FastAPI app serving `service` (already started); its shutdown shuts the service down."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, Response
+    from pydantic import ValidationError
+
+    GenerateRequest = _request_model()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any):
+        yield
+        if shutdown_on_exit:
+            await asyncio.to_thread(service.shutdown)
+
+    app = FastAPI(title="xa-serve", lifespan=lifespan)
+    app.state.service = service
+
+    def error(status: int, message: str, field: str | None = None, headers: dict[str, str] | None = None):
+        body: dict[str, Any] = {"error": message}
+        if field is not None:
+            body["field"] = field
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    def invalid(field: str, message: str):
+        service.metrics.requests.labels("invalid").inc()
+        return error(422, message, field)
+
+    @app.get("/healthz")
+    def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz():
+        if service.ready:
+            return {"status": "ready"}
+        return error(503, "not ready: models loading or warming up, or shutting down")
+
+    @app.get("/metrics")
+    def metrics():
+        return Response(service.metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.post("/v1/generate")
+    async def generate(request: Request):
+        limit = service.limits.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            service.metrics.requests.labels("invalid").inc()
+            return error(413, f"request body over {limit} bytes", "body")
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                service.metrics.requests.labels("invalid").inc()
+                return error(413, f"request body over {limit} bytes", "body")
+        try:
+            data = json.loads(body)
+        except ValueError as e:
+            return invalid("body", f"not JSON: {e}")
+        if not isinstance(data, dict):
+            return invalid("body", "a JSON object")
+        try:
+            req = GenerateRequest.model_validate(data)
+        except ValidationError as e:
+            first = e.errors()[0]
+            field = str(first["loc"][0]) if first["loc"] else "body"
+            return invalid(field, f"invalid {field}: {first['msg']}")
+        fields = req.model_dump(exclude={"plugins", "timeout_s"})
+        params = GenerationParams(**fields, output_type="pil")
+        if req.timeout_s is not None and not (math.isfinite(req.timeout_s) and req.timeout_s > 0):
+            return invalid("timeout_s", f"invalid timeout_s={req.timeout_s!r}: a positive number of seconds")
+        try:
+            future = service.submit(params, req.plugins, req.timeout_s)
+        except ParameterError as e:
+            return error(422, str(e), e.name)
+        except QueueFull as e:
+            return error(429, str(e), headers={"Retry-After": str(e.retry_after)})
+        except Unavailable as e:
+            return error(503, str(e))
+        try:
+            out = await asyncio.wrap_future(future)
+        except ParameterError as e:
+            return error(422, str(e), e.name)
+        except DeadlineExceeded as e:
+            return error(504, f"deadline exceeded: {e}")
+        except Unavailable as e:
+            return error(503, str(e))
+        except Exception as e:  # noqa: BLE001 -- the worker logged it and keeps serving
+            return error(500, f"internal error: {type(e).__name__}: {e}")
+        images = list(out.images)
+        if "image/png" in request.headers.get("accept", ""):
+            return Response(_png(images[0]), media_type="image/png", headers={"X-Seed": str(out.params.seed)})
+        return {
+            "images": [base64.b64encode(_png(im)).decode() for im in images],
+            "parameters": _jsonable({k: v for k, v in out.params.to_dict().items() if k != "extra"}),
+            "plugins": req.plugins,
+            "timings": _jsonable(dict(out.timings)),
+            "overheads": _jsonable(dict(getattr(out, "overheads", {}) or {})),
+        }
+
+    return app

@@ -1,0 +1,66 @@
+"""`xa-serve [--config FILE] [--host 127.0.0.1] [--port 8000]`: serve X-Adapter over HTTP.
+
+Without --config the built-in tiny random models are served (noise-like images). Models and
+plugins are loaded and warmed before the port opens; SIGINT/SIGTERM stop accepting, let the
+request in flight (and those queued) finish within limits.shutdown_timeout_s, and exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from .config import ConfigError, load_config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="xa-serve", description=__doc__.split("\n\n")[1])
+    ap.add_argument("--config", metavar="FILE", help="TOML config (models, plugins, limits); default: tiny models")
+    ap.add_argument("--host", default="127.0.0.1", help="default %(default)s")
+    ap.add_argument("--port", type=int, default=8000, help="default %(default)s")
+    ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        print(f"error: --config: {e}", file=sys.stderr)
+        return 2
+    try:
+        import uvicorn
+
+        from .app import create_app
+    except ImportError as e:
+        print(f"error: xa-serve needs the serve extra (pip install 'xa-runtime[serve]'): {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=args.log_level.upper())
+    from .service import build_service
+
+    service = build_service(cfg).start()
+    app = create_app(service)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=int(cfg.limits.shutdown_timeout_s))
+    _server_class()(config).run()
+    return 0
+
+
+def _server_class() -> type:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn >= 0.29 re-raises SIGINT/SIGTERM after its graceful shutdown (exit -15); a
+        finished graceful shutdown is a clean exit here, so the signal is not re-raised."""
+
+        def handle_exit(self, sig, frame):  # noqa: ANN001
+            super().handle_exit(sig, frame)
+            captured = getattr(self, "_captured_signals", None)
+            if isinstance(captured, list):
+                captured.clear()
+
+    return Server
+
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
