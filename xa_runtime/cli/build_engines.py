@@ -9,29 +9,21 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import Sequence
 
 from ..errors import CheckpointError, ParameterError
 from ..runtime.graphs_table import GRAPHS, DimRange
+from .usage import CheckedParser, UsageError, parameter_error_line
 
 PROG = "xa-build-engines"
 DEFAULT_GRAPHS = ("sd15_unet", "mapping", "sdxl_unet")
 MODEL_FLAGS = ("--sd15", "--sdxl", "--adapter", "--controlnet")
 
 
-class UsageError(Exception):
-    """A bad command line; the message names the flag."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message} (see {PROG} --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     from ..engines.manifest import PRECISIONS, PRESETS, REFIT_MODES
 
-    p = _Parser(prog=PROG, description="Build TensorRT engines (NAME.plan + NAME.engine.json) from exported ONNX graphs")
+    p = CheckedParser(prog=PROG, description="Build TensorRT engines (NAME.plan + NAME.engine.json) from exported ONNX graphs")
     p.add_argument("--onnx-dir", required=True, help="xa-export folder to read (or, with model paths, to export into)")
     p.add_argument("--output", required=True, help="engine cache folder (created if its parent exists)")
     for flag in MODEL_FLAGS:
@@ -108,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except ParameterError as e:
-        print(f"error: invalid {e.name} {e.value!r}: expected {e.accepted}", file=sys.stderr)
+        print(f"error: {parameter_error_line(e, e.name)}", file=sys.stderr)
         return 2
     try:
         from ..engines import build

@@ -14,10 +14,11 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import Sequence
 
 from ..errors import CheckpointError, ParameterError
 from ..runtime.graphs_table import GRAPHS
+from .usage import CheckedParser, UsageError, parameter_error_line
 
 PROG = "xa-export"
 # what a graph needs -> the flags that give it
@@ -26,17 +27,8 @@ NEEDS_FLAGS = {"sd15": ("--sd15",), "sdxl": ("--sdxl",), "mapping": ("--sd15", "
 PARAM_FLAGS = {"graphs": "--graphs", "dtype": "--dtype", "opset": "--opset", "output_dir": "--output"}
 
 
-class UsageError(Exception):
-    """A bad command line; the message names the flag."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message} (see {PROG} --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Export X-Adapter graphs to ONNX (one NAME.onnx per graph, NAME.onnx.data "
+    p = CheckedParser(prog=PROG, description="Export X-Adapter graphs to ONNX (one NAME.onnx per graph, NAME.onnx.data "
                 "beside it when over ~1.8 GB). Graphs: " + ", ".join(GRAPHS))
     p.add_argument("--sd15", help="SD1.5 diffusers folder or single file")
     p.add_argument("--sdxl", help="SDXL base diffusers folder or single file")
@@ -135,7 +127,7 @@ def load_bundle(args: argparse.Namespace, names: list[str]):
 
 
 def describe(error: ParameterError) -> str:
-    return f"invalid {PARAM_FLAGS.get(error.name, error.name)} {error.value!r}: expected {error.accepted}"
+    return parameter_error_line(error, PARAM_FLAGS.get(error.name, error.name))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -151,9 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ParameterError as e:
         print(f"error: {describe(e)}", file=sys.stderr)
         return 2
-    from ..export.onnx_export import export_graphs
-
     from ..export import manifest as mf
+    from ..export.onnx_export import export_graphs
 
     started = time.perf_counter()
     try:

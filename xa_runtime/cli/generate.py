@@ -19,7 +19,7 @@ import time
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import xa_runtime
 
@@ -30,6 +30,7 @@ from ..pipeline.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 from .backend_args import add_backend_arguments, check_backend, cleanup, to_backend
 from .output_files import write_outputs
 from .plugin_args import add_plugin_arguments, apply_loras, build_plugins, check_plugin_arguments, load_init_image
+from .usage import CheckedParser, UsageError, parameter_error_line
 
 PROG = "xa-generate"
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -89,15 +90,6 @@ resolved seed and sizes, model paths, versions, device, dtype and seconds per st
 """
 
 
-class UsageError(Exception):
-    """A bad command line; the message names the flag."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line instead of argparse's usage dump
-        raise UsageError(f"{message} (see {PROG} --help)")
-
-
 def _seed(text: str) -> int | None:
     if text == "random":
         return None
@@ -109,7 +101,7 @@ def _seed(text: str) -> int | None:
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = GenerationParams(prompt="")
-    ap = _Parser(
+    ap = CheckedParser(
         prog=PROG,
         description="Generate images with X-Adapter: an SD1.5 branch guiding SDXL through mapping layers.",
         epilog=EPILOG,
@@ -204,7 +196,7 @@ def _with_flags(text: str) -> str:
 
 def describe(error: ParameterError) -> str:
     """One line naming the flag, the value and what is accepted."""
-    return f"invalid {_flag(error.name)} {error.value!r}: expected {_with_flags(error.accepted)}"
+    return parameter_error_line(error, _flag(error.name), _with_flags(error.accepted))
 
 
 def uses_tiny_models(args: argparse.Namespace) -> bool:
