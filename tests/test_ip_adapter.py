@@ -252,6 +252,37 @@ def test_pipeline_scale_zero_equals_plain_and_unload_restores(models, files, enc
         plugin.prepare(ctx)
 
 
+def test_suspend_resume_and_with_image(models, files, encoder, image):
+    """Serving switches IP-Adapters per request: suspended = the stock UNet bit for bit, resumed =
+    the same output as before; a second adapter can be installed while the first is suspended;
+    with_image gives the same result as a plugin built on that image."""
+    sd15, sdxl, mapping = models
+    pipe = XAdapterPipeline(sd15, sdxl, mapping, progress=False)
+    plain = pipe("a cat", **GEN).images
+    other = Image.fromarray((np.random.RandomState(1).rand(32, 32, 3) * 255).astype(np.uint8))
+    with installed(files[2]["plain"]["bin"], sd15.unet) as adapter:
+        plugin = IPAdapterPlugin(adapter, encoder, image, scale=1.0)
+        with_ip = pipe("a cat", plugins=[plugin], **GEN).images
+        adapter.suspend()
+        assert not adapter.active and adapter.loaded
+        torch.testing.assert_close(pipe("a cat", **GEN).images, plain, **EXACT)
+        with pytest.raises(RuntimeError, match="suspended"):
+            pipe("a cat", plugins=[plugin], **GEN)
+        with installed(files[2]["plus"]["bin"], sd15.unet) as second:
+            with pytest.raises(ValueError, match="another IP-Adapter is active"):
+                adapter.resume()
+            second.suspend()
+            adapter.resume()
+            torch.testing.assert_close(pipe("a cat", plugins=[plugin], **GEN).images, with_ip, **EXACT)
+            swapped = pipe("a cat", plugins=[plugin.with_image(other)], **GEN).images
+            direct = pipe("a cat", plugins=[IPAdapterPlugin(adapter, encoder, other, scale=1.0)], **GEN).images
+            torch.testing.assert_close(swapped, direct, **EXACT)
+            assert (swapped - with_ip).abs().max() > 1e-4
+            adapter.suspend()
+        torch.testing.assert_close(pipe("a cat", **GEN).images, plain, **EXACT)
+    assert sd15.unet.encoder_hid_proj is None
+
+
 # ---------------------------------------------------------------- errors
 def test_wrong_files_and_parameters_are_named(models, files, encoder, tmp_path, image):
     sd15_unet, sdxl_unet = models[0].unet, models[1].unet

@@ -20,9 +20,23 @@ from xa_runtime.pipeline import GenerationParams, SizeRules, XAdapterOutput  # n
 from xa_runtime.serve.app import create_app  # noqa: E402
 from xa_runtime.serve.cli import main as serve_main  # noqa: E402
 from xa_runtime.serve.config import ConfigError, Limits, ServeConfig, load_config, parse_config  # noqa: E402
-from xa_runtime.serve.service import QueueFull, Service, Unavailable, build_service  # noqa: E402
+from xa_runtime.serve.service import Cancelled, QueueFull, Service, Unavailable, build_service  # noqa: E402
 
 FAST = dict(prompt="a cat", num_inference_steps=2, adapter_guidance_start=1.0)
+
+
+def b64_image(size=(40, 24), seed=0, fmt="PNG"):
+    import base64
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    Image.fromarray((np.random.RandomState(seed).rand(size[1], size[0], 3) * 255).astype("uint8")).save(buf, fmt)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+PNG = b64_image()
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +132,13 @@ BAD = [
     ({"init_image": "/tmp/x.png"}, "init_image"),
     ({"colour": "red"}, "colour"),
     ({"timeout_s": -1}, "timeout_s"),
+    ({"images": "abc"}, "images"),
+    ({"images": {"x": "abc"}}, "images.x"),
+    ({"images": {"x": PNG}}, "images.x"),
+    ({"init_image": b64_image(fmt="GIF")}, "init_image"),
+    ({"init_image": "data:image/png;base64,!!"}, "init_image"),
+    ({"strength": 0.5}, "init_image"),
+    ({"strength": 2, "init_image": PNG}, "strength"),
 ]
 
 
@@ -133,12 +154,27 @@ def test_bad_request_is_422_naming_the_field(tiny_client, change, field):
     (b'{"num_inference_steps": 2}', "prompt", 422),
     (b"not json", "body", 422),
     (b'["a list"]', "body", 422),
-    (b'{"prompt": "' + b"x" * 70000 + b'"}', "body", 413),
 ])
 def test_bad_body(tiny_client, content, field, status):
     r = tiny_client.post("/v1/generate", content=content, headers={"content-type": "application/json"})
     assert r.status_code == status, r.text
     assert r.json()["field"] == field
+
+
+def test_body_over_the_limit_is_413():
+    service, client = stub_client(StubPipe(), max_body_bytes=1000)
+    with client:
+        r = client.post("/v1/generate", json={**FAST, "prompt": "x" * 1000})
+        assert r.status_code == 413 and r.json()["field"] == "body"
+        r = client.post("/v1/generate", json={**FAST, "init_image": PNG})  # 40x24 PNG: ~4 kB of base64
+        assert r.status_code == 413
+
+
+def test_image_over_the_pixel_limit_is_422():
+    service, client = stub_client(StubPipe(), max_image_pixels=40 * 24 - 1)
+    with client:
+        r = client.post("/v1/generate", json={**FAST, "init_image": PNG, "strength": 0.5})
+        assert r.status_code == 422 and r.json()["field"] == "init_image" and "pixels" in r.json()["error"]
 
 
 # ---------------------------------------------------------------------- stub pipelines
@@ -253,7 +289,11 @@ def test_config_file(tmp_path):
     ({"limits": {"queue_size": 0}}, "queue_size"),
     ({"limits": {"nope": 1}}, "nope"),
     ({"plugins": {"x": {"kind": "vae", "path": "p"}}}, "kind"),
-    ({"plugins": {"x": {"kind": "controlnet", "path": "p"}}}, "image"),
+    ({"plugins": {"x": {"kind": "lora", "path": "p", "image": "a.png"}}}, "image"),
+    ({"plugins": {"x": {"kind": "t2i", "path": "p", "image_encoder": "e"}}}, "image_encoder"),
+    ({"ray": {"max_replicas": 0}}, "max_replicas"),
+    ({"ray": {"min_replicas": 2, "max_replicas": 1}}, "max_replicas"),
+    ({"ray": {"gpus": 1}}, "gpus"),
     ({"server": {}}, "server"),
 ])
 def test_bad_config(data, word):
@@ -294,6 +334,137 @@ def test_configured_lora_on_the_tiny_model(tiny_client, tmp_path):
         assert with_lora != plain and plain_again == plain  # scale set per request, back to 0 after
     finally:
         service.plugins.pop("anime")
+
+
+def test_request_images_on_the_tiny_model(tiny_client, tmp_path):
+    """Per-request control / IP images (base64): the same image sent equals it configured; another
+    image changes the output; an IP-Adapter is on only for the requests naming it; img2img."""
+    import base64
+
+    from xa_runtime.plugins.controlnet import write_tiny_controlnet
+    from xa_runtime.plugins.ip_adapter_loading import write_tiny_image_encoder, write_tiny_ip_adapter
+    from xa_runtime.serve.config import PluginSpec
+    from xa_runtime.serve.service import load_plugins
+
+    service = tiny_client.app.state.service
+    pipe = service.pipeline
+    folder, _ = write_tiny_controlnet(tmp_path, pipe.sd15.unet, seed=1)
+    (tmp_path / "edges.png").write_bytes(base64.b64decode(PNG))
+    ip = write_tiny_ip_adapter(tmp_path / "ip", pipe.sd15.unet, seed=2)["safetensors"]
+    write_tiny_image_encoder(tmp_path / "ip" / "image_encoder")
+    specs = {"edges": PluginSpec("edges", "controlnet", str(folder), 1.0, str(tmp_path / "edges.png")),
+             "edges_free": PluginSpec("edges_free", "controlnet", str(folder), 1.0),
+             "face": PluginSpec("face", "ip_adapter", str(ip), 1.0),
+             "face2": PluginSpec("face2", "ip_adapter", str(ip), 0.5, str(tmp_path / "edges.png"))}
+    service.plugins.update(load_plugins(specs, pipe))
+    service.needs_image.update({"edges_free", "face"})
+    try:
+        def post(**body):
+            return tiny_client.post("/v1/generate", json={**FAST, **body}, headers={"Accept": "image/png"})
+
+        def png(**body):
+            r = post(**body)
+            assert r.status_code == 200, r.text
+            return r.content
+
+        plain = png()
+        configured = png(plugins=["edges"])
+        assert configured != plain
+        assert png(plugins=["edges_free"], images={"edges_free": PNG}) == configured
+        assert png(plugins=["edges"], images={"edges": b64_image(seed=3)}) != configured
+        assert png(plugins=["edges"]) == configured  # the configured image is still the default
+        r = post(plugins=["edges_free"])
+        assert r.status_code == 422 and r.json()["field"] == "images.edges_free"
+        r = post(plugins=["edges"], images={"face": PNG})
+        assert r.status_code == 422 and r.json()["field"] == "images.face"
+
+        with_face = png(plugins=["face"], images={"face": PNG})
+        assert with_face != plain
+        assert png() == plain  # suspended again: the stock UNet
+        assert png(plugins=["face2"]) not in (plain, with_face)
+        assert png(plugins=["face"], images={"face": PNG}) == with_face
+        r = post(plugins=["face", "face2"], images={"face": PNG})
+        assert r.status_code == 422 and r.json()["field"] == "plugins" and "one IP-Adapter" in r.json()["error"]
+
+        init = png(init_image=b64_image(size=(128, 128), seed=4), strength=0.5, num_inference_steps=4)
+        assert init != png(num_inference_steps=4)
+    finally:
+        for name in specs:
+            plugin = service.plugins.pop(name)
+            if isinstance(plugin, tuple):
+                plugin[1].adapter.unload()
+        service.needs_image.clear()
+    assert pipe.sd15.unet.encoder_hid_proj is None
+
+
+def test_abandoned_request_leaves_the_queue_or_stops_between_steps():
+    gate = threading.Event()
+    pipe = StubPipe(delay=0.02, gate=gate)
+    service = Service(pipe, Limits(max_steps=1000)).start()
+    try:
+        running = service.submit(GenerationParams(**{**FAST, "num_inference_steps": 500}))
+        queued = service.submit(GenerationParams(**FAST))
+        queued.abandon()
+        gate.set()
+        time.sleep(0.2)
+        running.abandon()
+        with pytest.raises(Cancelled, match="abandoned during"):
+            running.result(10)
+        with pytest.raises(Cancelled, match="queue"):
+            queued.result(10)
+        assert pipe.calls == 1 and 1 <= pipe.steps_run[-1] < 500
+        assert service.submit(GenerationParams(**FAST)).result(10).images
+        assert 'xa_requests_total{outcome="cancelled"} 2.0' in service.metrics.text().decode()
+    finally:
+        service.shutdown(5)
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_client_disconnect_cancels_the_run():
+    """A real uvicorn server on loopback: the client closes its socket mid-run -> the run stops
+    at the next step (outcome cancelled) and the next request is served at once."""
+    import json
+    import socket
+
+    import httpx
+    import uvicorn
+
+    pipe = StubPipe(delay=0.02)
+    service = Service(pipe, Limits(max_steps=1000)).start()
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(300):
+            if server.started:
+                break
+            time.sleep(0.05)
+        body = json.dumps({**FAST, "num_inference_steps": 1000}).encode()
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            for _ in range(200):  # until the worker runs it
+                if service.metrics.in_flight._value.get() == 1:
+                    break
+                time.sleep(0.01)
+            time.sleep(0.1)
+        t0 = time.monotonic()
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/generate", json=FAST, timeout=30)
+        assert r.status_code == 200 and time.monotonic() - t0 < 5  # not 1000 x 20 ms behind the abandoned run
+        assert pipe.calls == 2 and pipe.steps_run[0] < 1000
+        assert 'xa_requests_total{outcome="cancelled"} 1.0' in httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        service.shutdown(5)
 
 
 def test_xa_serve_process_serves_and_exits_0_on_sigterm(tmp_path):
@@ -345,4 +516,7 @@ def test_readme_config_example_parses():
     from xa_runtime.serve.config import tomllib  # tomli on Python 3.10
 
     cfg = parse_config(tomllib.loads(block))
-    assert not cfg.tiny and set(cfg.plugins) == {"anime", "edges"} and cfg.limits == Limits()
+    from xa_runtime.serve.config import RayOptions
+
+    assert not cfg.tiny and set(cfg.plugins) == {"anime", "edges", "face"} and cfg.limits == Limits()
+    assert cfg.ray == RayOptions() and cfg.plugins["face"].image is None

@@ -156,6 +156,33 @@ def test_features_scaled_and_duplicated_for_cfg(tiny_models):
         torch.testing.assert_close(g, torch.cat([w, w]), rtol=1e-6, atol=1e-6)
 
 
+def test_with_image_equals_a_plugin_built_on_that_image(tiny_models):
+    """xa-serve's per-request images: with_image keeps the model and settings, drops the cached
+    features of the old image, and leaves the original plugin as it was."""
+    unet = tiny_models[0].unet
+    other = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    t2i = build_tiny_t2i_adapter(unet, "full_adapter")
+    controlnet = build_tiny_controlnet(unet)
+    step = StepInfo("stage1", 0, 4, torch.tensor(1))
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    for make in (lambda im: T2IAdapterPlugin(t2i, im, 0.7), lambda im: ControlNetPlugin(controlnet, im, 0.8)):
+        base = make(IMAGE)
+        base.prepare(_ctx(cfg=True))
+        before = base.unet_kwargs(_ctx(True), step, x)
+        swapped, direct = base.with_image(other), make(other)
+        for p in (swapped, direct):
+            p.prepare(_ctx(cfg=True))
+        got, want = swapped.unet_kwargs(_ctx(True), step, x), direct.unet_kwargs(_ctx(True), step, x)
+        for key in want:
+            for g, w in zip(torch.utils._pytree.tree_leaves(got[key]), torch.utils._pytree.tree_leaves(want[key])):
+                torch.testing.assert_close(g, w, rtol=0, atol=0)
+        again = base.unet_kwargs(_ctx(True), step, x)
+        for key in before:
+            for a, b in zip(torch.utils._pytree.tree_leaves(again[key]), torch.utils._pytree.tree_leaves(before[key])):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert swapped.image is other and base.image is IMAGE
+
+
 @pytest.mark.parametrize("hetconv", [True, False])
 def test_nexus_stage_against_written_out_reference(tiny_models, hetconv):
     nexus = build_tiny_nexus(tiny_models[0].unet, hetconv=hetconv, seed=4)

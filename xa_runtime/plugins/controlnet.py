@@ -22,6 +22,8 @@ hint-block shapes, converted by diffusers' own `convert_controlnet_checkpoint`.
 
 from __future__ import annotations
 
+import copy
+
 import inspect
 import math
 from pathlib import Path
@@ -107,6 +109,12 @@ class ControlNetPlugin:
             self._pixels = (key, pixels)
         cond = self._pixels[1].to(ctx.device, ctx.dtype)
         self._cond = torch.cat([cond, cond]) if ctx.cfg and not self.guess_mode else cond
+
+    def with_image(self, image: Any) -> "ControlNetPlugin":
+        """The same ControlNet and settings on another control image (a per-request image)."""
+        clone = copy.copy(self)
+        clone.image, clone._pixels, clone._cond = image, None, None
+        return clone
 
     def keep(self, step: StepInfo) -> float:
         """The window factor for this call, over the current stage's steps (module doc)."""

@@ -15,6 +15,8 @@ stay the same) and hands the embeddings to every SD1.5 UNet call in [uncond; con
 
 from __future__ import annotations
 
+import copy
+
 import math
 from pathlib import Path
 from typing import Any, Sequence
@@ -76,9 +78,36 @@ class IPAdapter:
                 installed[name] = proc
         self.unet = unet
         self._saved = (original, unet.encoder_hid_proj, unet.config.encoder_hid_dim_type)
-        unet.set_attn_processor(installed)
-        unet.encoder_hid_proj = MultiIPAdapterImageProjection([projection.to(**where)])
-        unet.config.encoder_hid_dim_type = "ip_image_proj"  # what diffusers' loader sets (attribute of the config)
+        self._installed = (installed, MultiIPAdapterImageProjection([projection.to(**where)]))
+        self._active = False
+        self.resume()
+
+    @property
+    def active(self) -> bool:
+        """True while the UNet runs with this IP-Adapter's processors (loaded and not suspended)."""
+        return self._active
+
+    def resume(self) -> None:
+        """Put this IP-Adapter's processors and projection (back) on the UNet; no-op when active.
+        Refused while another IP-Adapter is active on the same UNet."""
+        self._require_loaded()
+        if self._active:
+            return
+        if self.unet.encoder_hid_proj is not None or self.unet.config.encoder_hid_dim_type is not None:
+            raise ValueError("another IP-Adapter is active on this UNet: suspend it first (one at a time)")
+        processors, projection = self._installed
+        self.unet.set_attn_processor(dict(processors))  # set_attn_processor pops from the dict it gets
+        self.unet.encoder_hid_proj = projection
+        self.unet.config.encoder_hid_dim_type = "ip_image_proj"  # what diffusers' loader sets (attribute of the config)
+        self._active = True
+
+    def suspend(self) -> None:
+        """Take the processors off (the UNet is the stock one again) but keep them for `resume`:
+        switching an IP-Adapter on and off per request costs no weight conversion."""
+        self._require_loaded()
+        if self._active:
+            self._restore()
+            self._active = False
 
     @property
     def uses_hidden_states(self) -> bool:
@@ -123,12 +152,15 @@ class IPAdapter:
 
     def unload(self) -> None:
         """Put back the UNet's original attention processors and encoder_hid_proj."""
-        self._require_loaded()
+        self.suspend()
+        self._saved = None
+        self._installed = None
+
+    def _restore(self) -> None:
         processors, projection, hid_type = self._saved
         self.unet.encoder_hid_proj = projection  # first: the Resampler's own processors leave attn_processors
         self.unet.config.encoder_hid_dim_type = hid_type
         self.unet.set_attn_processor(dict(processors))  # set_attn_processor pops from the dict it gets
-        self._saved = None
 
     def _require_loaded(self) -> None:
         if self._saved is None:
@@ -187,6 +219,15 @@ class IPAdapterPlugin:
         self._encoded: tuple[Any, torch.Tensor, torch.Tensor] | None = None
         self._embeds: torch.Tensor | None = None
 
+    def with_image(self, image: Any) -> "IPAdapterPlugin":
+        """The same adapter, encoder and scale on another image prompt (a per-request image)."""
+        images = list(image) if isinstance(image, (list, tuple)) else [image]
+        if not images:
+            raise ParameterError("ip_image", image, "at least one image")
+        clone = copy.copy(self)
+        clone._images, clone._encoded, clone._embeds = tuple(images), None, None
+        return clone
+
     def encode_images(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(cond, uncond), each 1 x num_images x D (plain) or 1 x num_images x T x H (plus, full)."""
         key = (device, dtype)
@@ -198,6 +239,8 @@ class IPAdapterPlugin:
         return self._encoded[1], self._encoded[2]
 
     def prepare(self, ctx: PluginContext) -> None:
+        if not self.adapter.active:
+            raise RuntimeError(f"the IP-Adapter {self.adapter.source} is suspended or unloaded: resume() it first")
         self.adapter.set_scale(self.scale)
         cond, uncond = self.encode_images(ctx.device, ctx.dtype)
         rows = [cond] * ctx.batch

@@ -11,6 +11,8 @@ Nexus Adapter reuses.
 
 from __future__ import annotations
 
+import copy
+
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +66,12 @@ class AdapterFeaturePlugin:
             raise ParameterError("control_type", control_type, f"one of {', '.join(CONTROL_TYPES)}")
         self.adapter, self.image, self.control_type = adapter, image, control_type
         self._features: list[torch.Tensor] | None = None
+
+    def with_image(self, image: Any) -> "AdapterFeaturePlugin":
+        """The same adapter and settings on another control image (a per-request image)."""
+        clone = copy.copy(self)
+        clone.image, clone._features = image, None
+        return clone
 
     def features(self, pixels: torch.Tensor, ctx: PluginContext) -> list[torch.Tensor]:
         """4 feature maps for B x C x H x W control pixels in [0, 1]."""

@@ -1,8 +1,11 @@
 """The FastAPI app around a Service (fastapi and pydantic are imported here only).
 
-POST /v1/generate  JSON body with the pipeline's parameter names (+ plugins, timeout_s);
+POST /v1/generate  JSON body with the pipeline's parameter names (+ plugins, images,
+                   init_image, timeout_s); images are base64 (PNG, JPEG, WebP);
                    Accept: image/png -> the first image; otherwise JSON with base64 PNGs,
-                   the parameters used and seconds per stage.
+                   the parameters used and seconds per stage (queue included). A client
+                   that disconnects abandons its request (dropped from the queue, or
+                   stopped at the next denoising step).
 GET /healthz       200 while the process serves
 GET /readyz        200 when the models are loaded and warm and requests are accepted; else 503
 GET /metrics       Prometheus text
@@ -20,7 +23,9 @@ from typing import Any
 
 from ..errors import ParameterError
 from ..pipeline.params import GenerationParams
-from .service import DeadlineExceeded, QueueFull, Service, Unavailable
+from .service import Cancelled, DeadlineExceeded, QueueFull, Service, Ticket, Unavailable
+
+DISCONNECT_POLL_S = 0.1
 
 
 def _request_model() -> Any:
@@ -44,12 +49,40 @@ def _request_model() -> Any:
         height_sd15: int | None = None
         width_sd15: int | None = None
         scheduler: str = d.scheduler
+        strength: float = d.strength
         seed: int | None = 0
         num_images_per_prompt: int = d.num_images_per_prompt
         plugins: list[str] = Field(default_factory=list)
+        images: dict[str, str] = Field(default_factory=dict)  # plugin name -> base64 image
+        init_image: str | None = None  # base64; img2img with strength < 1
         timeout_s: float | None = None
 
     return GenerateRequest
+
+
+def decode_image(field: str, text: str, max_pixels: int) -> Any:
+    """A base64 (optionally a data: URL) PNG / JPEG / WebP -> RGB PIL image; ParameterError naming `field`."""
+    import binascii
+
+    from PIL import Image
+
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ParameterError(field, "<not base64>", "a base64-encoded PNG, JPEG or WebP image") from None
+    try:
+        with Image.open(io.BytesIO(raw)) as im:
+            if im.format not in ("PNG", "JPEG", "WEBP"):
+                raise ParameterError(field, f"<{im.format} image>", "a PNG, JPEG or WebP image")
+            if im.width * im.height > max_pixels:
+                raise ParameterError(field, f"<{im.width}x{im.height} image>", f"at most {max_pixels} pixels")
+            return im.convert("RGB")
+    except ParameterError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- PIL raises several kinds for bad bytes
+        raise ParameterError(field, "<undecodable image>", f"a PNG, JPEG or WebP image ({type(e).__name__})") from None
 
 
 def _png(image: Any) -> bytes:
@@ -134,12 +167,20 @@ def create_app(service: Service, shutdown_on_exit: bool = True) -> Any:
             first = e.errors()[0]
             field = str(first["loc"][0]) if first["loc"] else "body"
             return invalid(field, f"invalid {field}: {first['msg']}")
-        fields = req.model_dump(exclude={"plugins", "timeout_s"})
+        fields = req.model_dump(exclude={"plugins", "timeout_s", "images", "init_image"})
         params = GenerationParams(**fields, output_type="pil")
         if req.timeout_s is not None and not (math.isfinite(req.timeout_s) and req.timeout_s > 0):
             return invalid("timeout_s", f"invalid timeout_s={req.timeout_s!r}: a positive number of seconds")
+        pixels = service.limits.max_image_pixels
         try:
-            future = service.submit(params, req.plugins, req.timeout_s)
+            images = {name: await asyncio.to_thread(decode_image, f"images.{name}", text, pixels)
+                      for name, text in req.images.items()}
+            init_image = (None if req.init_image is None else
+                          await asyncio.to_thread(decode_image, "init_image", req.init_image, pixels))
+        except ParameterError as e:
+            return invalid(e.name, str(e))
+        try:
+            ticket = service.submit(params, req.plugins, req.timeout_s, images, init_image)
         except ParameterError as e:
             return error(422, str(e), e.name)
         except QueueFull as e:
@@ -147,7 +188,9 @@ def create_app(service: Service, shutdown_on_exit: bool = True) -> Any:
         except Unavailable as e:
             return error(503, str(e))
         try:
-            out = await asyncio.wrap_future(future)
+            out = await _wait_or_abandon(ticket, request)
+        except Cancelled as e:  # the client is gone: nobody reads this response
+            return error(499, f"cancelled: {e}")
         except ParameterError as e:
             return error(422, str(e), e.name)
         except DeadlineExceeded as e:
@@ -156,15 +199,34 @@ def create_app(service: Service, shutdown_on_exit: bool = True) -> Any:
             return error(503, str(e))
         except Exception as e:  # noqa: BLE001 -- the worker logged it and keeps serving
             return error(500, f"internal error: {type(e).__name__}: {e}")
-        images = list(out.images)
+        results = list(out.images)
+        queue_s = f"{ticket.queue_seconds:.6f}"
         if "image/png" in request.headers.get("accept", ""):
-            return Response(_png(images[0]), media_type="image/png", headers={"X-Seed": str(out.params.seed)})
+            return Response(_png(results[0]), media_type="image/png",
+                            headers={"X-Seed": str(out.params.seed), "X-Queue-Seconds": queue_s})
         return {
-            "images": [base64.b64encode(_png(im)).decode() for im in images],
+            "images": [base64.b64encode(_png(im)).decode() for im in results],
             "parameters": _jsonable({k: v for k, v in out.params.to_dict().items() if k != "extra"}),
             "plugins": req.plugins,
-            "timings": _jsonable(dict(out.timings)),
+            "timings": _jsonable({"queue": ticket.queue_seconds, **dict(out.timings)}),
             "overheads": _jsonable(dict(getattr(out, "overheads", {}) or {})),
         }
 
     return app
+
+
+async def _wait_or_abandon(ticket: Ticket, request: Any) -> Any:
+    """The ticket's result; if the client disconnects (or this handler is cancelled, as Ray
+    Serve does when its client goes away) the request is abandoned and Cancelled raised."""
+    waiter = asyncio.wrap_future(ticket)
+    try:
+        while True:
+            done, _ = await asyncio.wait({waiter}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return waiter.result()
+            if await request.is_disconnected():
+                ticket.abandon()
+                raise Cancelled("the client disconnected")
+    except asyncio.CancelledError:
+        ticket.abandon()
+        raise

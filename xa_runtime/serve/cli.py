@@ -1,8 +1,9 @@
-"""`xa-serve [--config FILE] [--host 127.0.0.1] [--port 8000]`: serve X-Adapter over HTTP.
+"""`xa-serve [--config FILE] [--host 127.0.0.1] [--port 8000] [--ray]`: serve X-Adapter over HTTP.
 
 Without --config the built-in tiny random models are served (noise-like images). Models and
 plugins are loaded and warmed before the port opens; SIGINT/SIGTERM stop accepting, let the
 request in flight (and those queued) finish within limits.shutdown_timeout_s, and exit 0.
+--ray serves the same API from Ray Serve replicas (one per GPU; the config's [ray] table).
 """
 
 from __future__ import annotations
@@ -21,12 +22,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--host", default="127.0.0.1", help="default %(default)s")
     ap.add_argument("--port", type=int, default=8000, help="default %(default)s")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    ap.add_argument("--ray", action="store_true",
+                    help="serve on Ray Serve (local Ray, or the cluster named by RAY_ADDRESS); needs the ray extra")
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config)
     except ConfigError as e:
         print(f"error: --config: {e}", file=sys.stderr)
         return 2
+    if args.ray:
+        return _serve_on_ray(cfg, args.host, args.port)
     try:
         import uvicorn
 
@@ -42,6 +47,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=int(cfg.limits.shutdown_timeout_s))
     _server_class()(config).run()
+    return 0
+
+
+def _serve_on_ray(cfg, host: str, port: int) -> int:
+    try:
+        from .ray_app import run
+    except ImportError as e:
+        print(f"error: --ray needs Ray Serve (pip install 'xa-runtime[ray]'): {e}", file=sys.stderr)
+        return 2
+    run(cfg, host, port)
     return 0
 
 

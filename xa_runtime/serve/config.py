@@ -12,10 +12,17 @@
     deadline_s = 120
 
     [plugins.anime]               # requests name plugins by these names only
-    kind = "lora"                 # lora, sdxl_lora, controlnet, t2i, nexus
+    kind = "lora"                 # lora, sdxl_lora, controlnet, t2i, nexus, ip_adapter
     path = "loras/anime.safetensors"
     scale = 0.8
-    # controlnet / t2i / nexus also take image = "control.png" (a fixed control image)
+    # controlnet / t2i / nexus / ip_adapter may take image = "control.png": the image used when
+    # a request sends none (without it every request naming the plugin must send one);
+    # ip_adapter may take image_encoder = "DIR" (default: image_encoder/ beside the file)
+
+    [ray]                         # xa-serve --ray only (Ray Serve); every key optional
+    min_replicas = 1
+    max_replicas = 1              # > min_replicas: autoscaling on ongoing requests
+    num_gpus = 1                  # per replica; default 1 with device = "cuda", else 0
 """
 
 from __future__ import annotations
@@ -25,8 +32,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-PLUGIN_KINDS = ("lora", "sdxl_lora", "controlnet", "t2i", "nexus")
-IMAGE_KINDS = ("controlnet", "t2i", "nexus")
+PLUGIN_KINDS = ("lora", "sdxl_lora", "controlnet", "t2i", "nexus", "ip_adapter")
+IMAGE_KINDS = ("controlnet", "t2i", "nexus", "ip_adapter")
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover -- Python 3.10
@@ -43,7 +50,8 @@ class ConfigError(ValueError):
 class Limits:
     queue_size: int = 8            # requests waiting (not counting the one running); full -> 429
     deadline_s: float = 300.0      # queue + run, per request; past it the run stops between steps -> 504
-    max_body_bytes: int = 65536
+    max_body_bytes: int = 16 << 20     # JSON with base64 images
+    max_image_pixels: int = 4096 * 4096  # per image sent in a request (decoded size)
     max_prompt_chars: int = 2000
     max_steps: int = 150
     max_side: int = 2048           # SDXL height/width in pixels
@@ -58,7 +66,19 @@ class PluginSpec:
     kind: str
     path: str
     scale: float = 1.0
-    image: str | None = None
+    image: str | None = None           # the default image of an image plugin; None: each request sends one
+    image_encoder: str | None = None   # ip_adapter only
+
+
+@dataclass
+class RayOptions:
+    """Ray Serve deployment options (xa-serve --ray): one replica per GPU."""
+
+    min_replicas: int = 1
+    max_replicas: int = 1
+    num_gpus: float | None = None      # None: 1 when models.device is cuda, else 0
+    num_cpus: float = 1.0
+    target_ongoing_requests: float = 2.0  # autoscaling target per replica
 
 
 @dataclass
@@ -71,6 +91,7 @@ class ServeConfig:
     tiny_seed: int = 0
     limits: Limits = field(default_factory=Limits)
     plugins: dict[str, PluginSpec] = field(default_factory=dict)
+    ray: RayOptions = field(default_factory=RayOptions)
 
     @property
     def tiny(self) -> bool:
@@ -86,9 +107,9 @@ def _table(data: dict[str, Any], key: str) -> dict[str, Any]:
 
 def parse_config(data: dict[str, Any], base: Path = Path(".")) -> ServeConfig:
     """Check a parsed TOML document; relative paths are taken from `base` (the file's folder)."""
-    unknown = set(data) - {"models", "limits", "plugins"}
+    unknown = set(data) - {"models", "limits", "plugins", "ray"}
     if unknown:
-        raise ConfigError(f"unknown top-level keys {sorted(unknown)}: models, limits, plugins")
+        raise ConfigError(f"unknown top-level keys {sorted(unknown)}: models, limits, plugins, ray")
     cfg = ServeConfig()
     models = _table(data, "models")
     for key, value in models.items():
@@ -123,15 +144,37 @@ def parse_config(data: dict[str, Any], base: Path = Path(".")) -> ServeConfig:
         scale = spec.get("scale", 1.0)
         if isinstance(scale, bool) or not isinstance(scale, (int, float)):
             raise ConfigError(f"plugins.{name}.scale={scale!r}: a number")
-        image = spec.get("image")
-        if (image is None) == (kind in IMAGE_KINDS):
-            raise ConfigError(f"plugins.{name}.image: required for {', '.join(IMAGE_KINDS)}, not allowed otherwise")
-        extra = set(spec) - {"kind", "path", "scale", "image"}
+        image, encoder = spec.get("image"), spec.get("image_encoder")
+        if image is not None and (kind not in IMAGE_KINDS or not isinstance(image, str)):
+            raise ConfigError(f"plugins.{name}.image: a path, for {', '.join(IMAGE_KINDS)} only")
+        if encoder is not None and (kind != "ip_adapter" or not isinstance(encoder, str)):
+            raise ConfigError(f"plugins.{name}.image_encoder: a folder, for ip_adapter only")
+        extra = set(spec) - {"kind", "path", "scale", "image", "image_encoder"}
         if extra:
             raise ConfigError(f"plugins.{name}: unknown keys {sorted(extra)}")
         cfg.plugins[name] = PluginSpec(name, kind, str(base / path), float(scale),
-                                       None if image is None else str(base / image))
+                                       None if image is None else str(base / image),
+                                       None if encoder is None else str(base / encoder))
+    cfg.ray = _ray_options(_table(data, "ray"))
     return cfg
+
+
+def _ray_options(table: dict[str, Any]) -> RayOptions:
+    opts = RayOptions()
+    known = {f.name for f in fields(RayOptions)}
+    for key, value in table.items():
+        if key not in known:
+            raise ConfigError(f"ray.{key}: unknown key; known: {', '.join(sorted(known))}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ConfigError(f"ray.{key}={value!r}: a number >= 0")
+        if key in ("min_replicas", "max_replicas"):
+            if value != int(value) or value < 1:
+                raise ConfigError(f"ray.{key}={value!r}: an integer >= 1")
+            value = int(value)
+        setattr(opts, key, value)
+    if opts.max_replicas < opts.min_replicas:
+        raise ConfigError(f"ray.max_replicas={opts.max_replicas}: at least ray.min_replicas={opts.min_replicas}")
+    return opts
 
 
 def load_config(path: str | Path | None) -> ServeConfig:

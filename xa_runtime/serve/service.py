@@ -1,10 +1,11 @@
 """The serving core, without HTTP: checks, a bounded queue, one worker thread, per-request
 deadlines (checked between denoising steps through step_callback), metrics and shutdown.
 
-submit() returns a concurrent.futures.Future of an XAdapterOutput, or raises at once:
-ParameterError (-> 422), QueueFull (-> 429), Unavailable (-> 503). The future may fail
-with DeadlineExceeded (-> 504), Unavailable (shut down before it ran -> 503), a
-ParameterError raised while running (-> 422) or anything else (-> 500).
+submit() returns a Ticket (a concurrent.futures.Future of an XAdapterOutput), or raises at
+once: ParameterError (-> 422), QueueFull (-> 429), Unavailable (-> 503). The ticket may fail
+with DeadlineExceeded (-> 504), Unavailable (shut down before it ran -> 503), Cancelled
+(ticket.abandon(): the client went away), a ParameterError raised while running (-> 422) or
+anything else (-> 500).
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from typing import Any
 
 from ..errors import ParameterError
 from ..pipeline.params import GenerationParams, SizeRules, validate
-from .config import Limits, PluginSpec, ServeConfig
+from .config import IMAGE_KINDS, Limits, PluginSpec, ServeConfig
 
 log = logging.getLogger("xa_runtime.serve")
-OUTCOMES = ("ok", "invalid", "rejected", "deadline", "error", "unavailable")
+OUTCOMES = ("ok", "invalid", "rejected", "deadline", "cancelled", "error", "unavailable")
 # A plugin name is a configured key: letters, digits, '-', '_' and '.'; never a path.
 PLUGIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 
@@ -42,8 +43,26 @@ class DeadlineExceeded(RuntimeError):
     pass
 
 
+class Cancelled(RuntimeError):
+    """The request was abandoned (client disconnected) before or while it ran."""
+
+
 class _Stop(Exception):
-    """Raised from step_callback: deadline passed or shutdown timed out."""
+    """Raised from step_callback: deadline passed, request abandoned or shutdown timed out."""
+
+
+class Ticket(Future):
+    """The future of one request, plus its queue and run seconds (set when it finishes) and
+    abandon(): a queued request is dropped, a running one stops at the next denoising step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.abandoned = threading.Event()
+        self.queue_seconds: float | None = None
+        self.run_seconds: float | None = None
+
+    def abandon(self) -> None:
+        self.abandoned.set()
 
 
 @dataclass
@@ -51,8 +70,10 @@ class Job:
     params: GenerationParams
     plugins: list[str]
     deadline: float
+    images: dict[str, Any] = field(default_factory=dict)  # plugin name -> per-request image
+    init_image: Any = None
     enqueued: float = field(default_factory=time.monotonic)
-    future: Future = field(default_factory=Future)
+    future: Ticket = field(default_factory=Ticket)
 
 
 class Metrics:
@@ -80,14 +101,18 @@ class Metrics:
 class Service:
     """One pipeline behind a bounded queue and a single worker thread.
 
-    `pipeline` needs generate(params, plugins=..., step_callback=..., init_image=None) and
+    `pipeline` needs generate(params, plugins=..., step_callback=..., init_image=...) and
     may have size_rules; tests pass stubs. `plugins` maps configured names to built plugin
-    objects (step plugins) or ("lora", manager, key, scale) tuples (LoRA scales set per request).
+    objects (step plugins; those with with_image(image) take per-request images),
+    ("ip_adapter", plugin) pairs (an IP-Adapter resumed only for the requests naming it) or
+    ("lora", manager, key, scale) tuples (LoRA scales set per request). `needs_image`: the
+    image plugins with no configured image, which every request naming them must send one for.
     """
 
     def __init__(self, pipeline: Any, limits: Limits = Limits(), plugins: dict[str, Any] | None = None,
-                 warmup: GenerationParams | None = None):
+                 warmup: GenerationParams | None = None, needs_image: Any = ()):
         self.pipeline, self.limits, self.plugins = pipeline, limits, dict(plugins or {})
+        self.needs_image = set(needs_image)
         self.rules: SizeRules = getattr(pipeline, "size_rules", SizeRules())
         self.metrics = Metrics()
         self._queue: queue.Queue[Job] = queue.Queue(maxsize=limits.queue_size)
@@ -141,7 +166,14 @@ class Service:
         self.metrics.queue_depth.set(0)
 
     # ------------------------------------------------------------------ requests
-    def check(self, params: GenerationParams, plugins: list[str]) -> GenerationParams:
+    def takes_image(self, name: str) -> bool:
+        plugin = self.plugins.get(name)
+        if isinstance(plugin, tuple):
+            return plugin[0] == "ip_adapter"
+        return hasattr(plugin, "with_image")
+
+    def check(self, params: GenerationParams, plugins: list[str], images: dict[str, Any] | None = None,
+              init_image: Any = None) -> GenerationParams:
         """Serving limits, then the pipeline's own validation; ParameterError names the field."""
         lim = self.limits
         for name in ("prompt", "prompt_sd15", "negative_prompt"):
@@ -170,17 +202,34 @@ class Service:
                 raise ParameterError("plugins", name, f"a configured plugin name: {known}")
         if len(set(plugins)) != len(plugins):
             raise ParameterError("plugins", plugins, "each plugin at most once")
+        ip = [n for n in plugins if isinstance(self.plugins[n], tuple) and self.plugins[n][0] == "ip_adapter"]
+        if len(ip) > 1:
+            raise ParameterError("plugins", plugins, f"at most one IP-Adapter per request (got {', '.join(ip)})")
+        images = images or {}
+        for name in images:
+            if name not in plugins or not self.takes_image(name):
+                takers = ", ".join(n for n in plugins if self.takes_image(n)) or "none in this request"
+                raise ParameterError(f"images.{name}", "<image>",
+                                     f"an image for a plugin named in this request that takes one: {takers}")
+        for name in plugins:
+            if name in self.needs_image and name not in images:
+                raise ParameterError(f"images.{name}", None, f"an image: plugin {name} has no configured image")
+        if init_image is None and params.strength != 1.0:
+            raise ParameterError("init_image", None, f"an image: strength={params.strength} needs one")
         return validate(params, self.rules)
 
-    def submit(self, params: GenerationParams, plugins: list[str] = (), timeout_s: float | None = None) -> Future:
+    def submit(self, params: GenerationParams, plugins: list[str] = (), timeout_s: float | None = None,
+               images: dict[str, Any] | None = None, init_image: Any = None) -> Ticket:
+        """Queue a request: `images` maps plugin names to their per-request images (PIL);
+        `init_image` (PIL) starts from an image (img2img, with params.strength < 1)."""
         plugins = list(plugins)
         try:
-            resolved = self.check(params, plugins)
+            resolved = self.check(params, plugins, images, init_image)
         except ParameterError:
             self.metrics.requests.labels("invalid").inc()
             raise
         budget = self.limits.deadline_s if timeout_s is None else min(timeout_s, self.limits.deadline_s)
-        job = Job(resolved, plugins, time.monotonic() + budget)
+        job = Job(resolved, plugins, time.monotonic() + budget, dict(images or {}), init_image)
         with self._lock:
             if not self._accepting:
                 self.metrics.requests.labels("unavailable").inc()
@@ -210,30 +259,40 @@ class Service:
             self._run(job)
 
     def _run(self, job: Job) -> None:
-        m = self.metrics
+        m, ticket = self.metrics, job.future
         started = time.monotonic()
-        m.stage_seconds.labels("queue").observe(started - job.enqueued)
-        if not job.future.set_running_or_notify_cancel():
+        ticket.queue_seconds = started - job.enqueued
+        m.stage_seconds.labels("queue").observe(ticket.queue_seconds)
+        if not ticket.set_running_or_notify_cancel():
+            return
+        if ticket.abandoned.is_set():
+            m.requests.labels("cancelled").inc()
+            ticket.set_exception(Cancelled("abandoned while waiting in the queue"))
             return
         if started >= job.deadline:
             m.requests.labels("deadline").inc()
-            job.future.set_exception(DeadlineExceeded("the deadline passed while the request waited in the queue"))
+            ticket.set_exception(DeadlineExceeded("the deadline passed while the request waited in the queue"))
             return
 
         def step_callback(stage: str, i: int, steps: int) -> None:
             if self._abort.is_set():
                 raise _Stop("shutdown")
+            if ticket.abandoned.is_set():
+                raise _Stop(f"abandoned during {stage} after step {i + 1} of {steps}")
             if time.monotonic() >= job.deadline:
                 raise _Stop(f"deadline passed during {stage} after step {i + 1} of {steps}")
 
         m.in_flight.set(1)
         try:
-            plugins = self._activate(job.plugins)
-            out = self.pipeline.generate(job.params, plugins=plugins, step_callback=step_callback, init_image=None)
+            plugins = self._activate(job.plugins, job.images)
+            out = self.pipeline.generate(job.params, plugins=plugins, step_callback=step_callback,
+                                         init_image=job.init_image)
         except _Stop as e:
-            outcome = "unavailable" if self._abort.is_set() else "deadline"
+            outcome = ("unavailable" if self._abort.is_set() else
+                       "cancelled" if ticket.abandoned.is_set() else "deadline")
             m.requests.labels(outcome).inc()
-            job.future.set_exception(Unavailable(str(e)) if outcome == "unavailable" else DeadlineExceeded(str(e)))
+            error = {"unavailable": Unavailable, "cancelled": Cancelled, "deadline": DeadlineExceeded}[outcome]
+            ticket.set_exception(error(str(e)))
         except ParameterError as e:
             m.requests.labels("invalid").inc()
             job.future.set_exception(e)
@@ -248,17 +307,26 @@ class Service:
             m.requests.labels("ok").inc()
             job.future.set_result(out)
         finally:
+            ticket.run_seconds = time.monotonic() - started
             m.in_flight.set(0)
 
-    def _activate(self, names: list[str]) -> list[Any]:
-        """LoRAs: the named ones at their scale, the others at 0 (unfused: free). Step plugins: the named ones."""
+    def _activate(self, names: list[str], images: dict[str, Any]) -> list[Any]:
+        """LoRAs: the named ones at their scale, the others at 0 (unfused: free). IP-Adapters:
+        the named one resumed, the others suspended. Step plugins: the named ones, on the
+        request's image where it sent one."""
         step_plugins = []
+        for name, plugin in self.plugins.items():  # suspend first: one IP-Adapter active at a time
+            if isinstance(plugin, tuple) and plugin[0] == "ip_adapter" and name not in names:
+                plugin[1].adapter.suspend()
         for name, plugin in self.plugins.items():
             if isinstance(plugin, tuple) and plugin[0] == "lora":
                 _, manager, key, scale = plugin
                 manager.set_scale(key, scale if name in names else 0.0)
             elif name in names:
-                step_plugins.append(plugin)
+                if isinstance(plugin, tuple):  # ("ip_adapter", IPAdapterPlugin)
+                    plugin = plugin[1]
+                    plugin.adapter.resume()
+                step_plugins.append(plugin.with_image(images[name]) if name in images else plugin)
         return step_plugins
 
 
@@ -280,13 +348,15 @@ def build_service(cfg: ServeConfig, warm: bool = True) -> Service:
     warmup = GenerationParams(prompt="warm-up", num_inference_steps=1, adapter_guidance_start=1.0,
                               height=rules.sdxl_multiple, width=rules.sdxl_multiple,
                               height_sd15=rules.sd15_multiple, width_sd15=rules.sd15_multiple, seed=0)
-    return Service(pipe, cfg.limits, plugins, warmup=replace(warmup) if warm else None)
+    needs_image = [n for n, s in cfg.plugins.items() if s.kind in IMAGE_KINDS and s.image is None]
+    return Service(pipe, cfg.limits, plugins, warmup=replace(warmup) if warm else None, needs_image=needs_image)
 
 
 def load_plugins(specs: dict[str, PluginSpec], pipe: Any) -> dict[str, Any]:
     from PIL import Image
 
     from ..plugins import load_controlnet_plugin, load_nexus_adapter_plugin, load_t2i_adapter_plugin
+    from ..plugins.ip_adapter import load_ip_adapter_plugin
     from ..plugins.lora import LoraManager, load_lora
 
     out: dict[str, Any] = {}
@@ -298,10 +368,16 @@ def load_plugins(specs: dict[str, PluginSpec], pipe: Any) -> dict[str, Any]:
             manager.add(name, load_lora(s.path), 0.0)
             out[name] = ("lora", manager, name, s.scale)
             continue
-        with Image.open(s.image) as im:
-            image = im.convert("RGB")
+        image = None
+        if s.image is not None:
+            with Image.open(s.image) as im:
+                image = im.convert("RGB")
         unet = pipe.sd15.unet
-        if s.kind == "controlnet":
+        if s.kind == "ip_adapter":
+            plugin = load_ip_adapter_plugin(unet, s.path, image, s.scale, s.image_encoder)
+            plugin.adapter.suspend()  # resumed for the requests naming it
+            out[name] = ("ip_adapter", plugin)
+        elif s.kind == "controlnet":
             out[name] = load_controlnet_plugin(s.path, image, unet=unet, conditioning_scale=s.scale)
         elif s.kind == "t2i":
             out[name] = load_t2i_adapter_plugin(s.path, image, unet=unet, scale=s.scale)
