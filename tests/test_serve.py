@@ -70,6 +70,10 @@ class StubPipe:
             self.steps_run.append(done)
         if params.prompt == "boom":
             raise RuntimeError("stub failure")
+        if params.prompt == "oom":
+            import torch
+
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         n = len(params.prompts) * params.num_images_per_prompt
         return XAdapterOutput(images=[Image.new("RGB", (8, 8))] * n, params=params, timings={"stage1": 0.001})
 
@@ -230,15 +234,39 @@ def test_configured_plugin_name_is_accepted():
         assert r.status_code == 200 and r.json()["plugins"] == ["sketch"]
 
 
+def test_out_of_memory_is_503_and_the_server_keeps_serving():
+    service, client = stub_client(StubPipe(), retry_after_s=3)
+    with client:
+        r = client.post("/v1/generate", json={**FAST, "prompt": "oom"})
+        assert r.status_code == 503 and "out of device memory" in r.json()["error"] and r.headers["retry-after"] == "3"
+        assert client.post("/v1/generate", json=FAST).status_code == 200
+
+
+def test_nan_latents_fail_the_request_not_the_server(tiny_client):
+    """A UNet that overflows (NaN) fails that request with 500 naming the cause; the next is fine."""
+    pipe = tiny_client.app.state.service.pipeline
+    handle = pipe.sdxl.unet.conv_out.register_forward_hook(lambda mod, args, out: out * float("nan"))
+    try:
+        r = tiny_client.post("/v1/generate", json=FAST)
+    finally:
+        handle.remove()
+    assert r.status_code == 500 and "NonFiniteError" in r.json()["error"] and "NaN" in r.json()["error"]
+    assert tiny_client.post("/v1/generate", json=FAST).status_code == 200
+
+
 def test_concurrent_load_every_request_gets_one_response():
+    """32 clients, 256 requests, a queue of 4: each gets exactly one answer (200 or 429), in time."""
     service, client = stub_client(StubPipe(delay=0.001), queue_size=4)
     with client:
         def worker(k):
-            return [client.post("/v1/generate", json={**FAST, "seed": k * 10 + j}).status_code for j in range(5)]
+            return [client.post("/v1/generate", json={**FAST, "seed": k * 10 + j}).status_code for j in range(8)]
 
-        with ThreadPoolExecutor(8) as pool:
-            codes = [c for batch in pool.map(worker, range(8)) for c in batch]
-        assert len(codes) == 40 and set(codes) <= {200, 429} and codes.count(200) >= 5
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(32) as pool:
+            codes = [c for batch in pool.map(worker, range(32)) for c in batch]
+        assert time.monotonic() - t0 < 120
+        assert len(codes) == 256 and set(codes) <= {200, 429} and codes.count(200) >= 5 and 429 in codes
+        assert client.get("/readyz").status_code == 200
         text = client.get("/metrics").text
         ok = float(text.split('xa_requests_total{outcome="ok"} ')[1].split()[0])
         rejected = float(text.split('xa_requests_total{outcome="rejected"} ')[1].split()[0])
@@ -247,15 +275,29 @@ def test_concurrent_load_every_request_gets_one_response():
 
 
 def test_graceful_shutdown_finishes_in_flight_and_refuses_new():
-    pipe = StubPipe(delay=0.05)
-    service, client = stub_client(pipe)
+    """Shutdown under load: every accepted request (running and queued) completes."""
+    pipe = StubPipe(delay=0.02)
+    service, client = stub_client(pipe, queue_size=8)
     with client:
         first = service.submit(GenerationParams(**{**FAST, "num_inference_steps": 6}))
-        second = service.submit(GenerationParams(**FAST))
+        accepted = [first]
+        for _ in range(200):  # until the worker holds the first one
+            if service.metrics.in_flight._value.get() == 1:
+                break
+            time.sleep(0.01)
+        with ThreadPoolExecutor(16) as pool:  # 16 clients at once: 8 queued, the rest 429
+            def submit(k):
+                try:
+                    return service.submit(GenerationParams(**{**FAST, "seed": k}))
+                except QueueFull:
+                    return None
+
+            accepted += [t for t in pool.map(submit, range(16)) if t is not None]
+        assert len(accepted) == 9
         time.sleep(0.05)
-        assert service.shutdown(timeout=10) is True
-        assert first.result(1).images and second.result(1).images
-        assert pipe.steps_run[:2] == [6, 2]
+        assert service.shutdown(timeout=30) is True
+        assert all(t.result(1).images for t in accepted)
+        assert pipe.steps_run[0] == 6 and pipe.steps_run[1:] == [2] * 8
         with pytest.raises(Unavailable):
             service.submit(GenerationParams(**FAST))
         assert client.post("/v1/generate", json=FAST).status_code == 503

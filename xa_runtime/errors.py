@@ -15,3 +15,7 @@ class ParameterError(ValueError):
 
 class CheckpointError(ValueError):
     """A file on disk is not the model it claims to be (wrong keys, shapes or family)."""
+
+
+class NonFiniteError(RuntimeError):
+    """A generation produced NaN or infinite values (the request fails; the process is fine)."""

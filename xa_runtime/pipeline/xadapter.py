@@ -36,7 +36,7 @@ from ..runtime.executor import StepExecutor, prepare_models
 from ..runtime.memory import Residency, peak_memory_bytes, reset_peak_memory
 from ..runtime.stage2 import Stage2Scheduler
 from ..runtime.timing import StageTimer
-from ..errors import ParameterError
+from ..errors import NonFiniteError, ParameterError
 from .images import image_to_tensor
 from .params import GenerationParams, SizeRules, validate
 from .schedulers import Sampler, make_scheduler, schedule_mismatch
@@ -390,6 +390,11 @@ class XAdapterPipeline:
                 unet_kwargs=unet_kwargs, step_callback=step_callback,
             )
             latxl = self._stage2(st, p)
+            if not bool(torch.isfinite(latxl).all()):  # one device sync per request
+                raise NonFiniteError(
+                    f"stage 2 produced non-finite SDXL latents (NaN or inf) in {str(self.dtype).replace('torch.', '')}; "
+                    "fp16 overflow is the usual cause: try dtype bf16 or fp32"
+                )
 
         with timer.stage("vae_decode"), self.residency.use(self.sdxl.vae):
             images = self._decode(latxl, p.output_type)

@@ -10,7 +10,8 @@ GET /healthz       200 while the process serves
 GET /readyz        200 when the models are loaded and warm and requests are accepted; else 503
 GET /metrics       Prometheus text
 Status codes: 413 body too large, 422 bad field (names it), 429 queue full (Retry-After),
-500 internal failure, 503 not ready / shutting down, 504 deadline passed.
+500 internal failure (NaN latents included), 503 not ready / shutting down / out of device
+memory (Retry-After), 504 deadline passed.
 """
 
 import asyncio
@@ -23,7 +24,7 @@ from typing import Any
 
 from ..errors import ParameterError
 from ..pipeline.params import GenerationParams
-from .service import Cancelled, DeadlineExceeded, QueueFull, Service, Ticket, Unavailable
+from .service import Cancelled, DeadlineExceeded, QueueFull, Service, Ticket, Unavailable, is_out_of_memory
 
 DISCONNECT_POLL_S = 0.1
 
@@ -198,6 +199,9 @@ def create_app(service: Service, shutdown_on_exit: bool = True) -> Any:
         except Unavailable as e:
             return error(503, str(e))
         except Exception as e:  # noqa: BLE001 -- the worker logged it and keeps serving
+            if is_out_of_memory(e):
+                return error(503, f"out of device memory for this request (freed; retry, or ask less): {e}",
+                             headers={"Retry-After": str(service.limits.retry_after_s)})
             return error(500, f"internal error: {type(e).__name__}: {e}")
         results = list(out.images)
         queue_s = f"{ticket.queue_seconds:.6f}"

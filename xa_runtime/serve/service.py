@@ -296,10 +296,11 @@ class Service:
         except ParameterError as e:
             m.requests.labels("invalid").inc()
             job.future.set_exception(e)
-        except Exception as e:  # noqa: BLE001 -- reported as 500; the worker keeps serving
+        except Exception as e:  # noqa: BLE001 -- reported as 500 (503 out of memory); the worker keeps serving
             log.exception("generation failed")
             m.requests.labels("error").inc()
             job.future.set_exception(e)
+            _free_device_memory()
         else:
             for stage, seconds in getattr(out, "timings", {}).items():
                 m.stage_seconds.labels(stage).observe(seconds)
@@ -328,6 +329,23 @@ class Service:
                     plugin.adapter.resume()
                 step_plugins.append(plugin.with_image(images[name]) if name in images else plugin)
         return step_plugins
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """torch's CUDA (and other devices') out-of-memory error, without importing torch here."""
+    return any(t.__name__ == "OutOfMemoryError" for t in type(error).__mro__)
+
+
+def _free_device_memory() -> None:
+    """After a failed request: drop its tensors (the traceback held them) and hand the
+    cached blocks back, so the next request starts from the resident models only."""
+    import gc
+    import sys
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def build_service(cfg: ServeConfig, warm: bool = True) -> Service:
