@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import numpy as np
 
 from ..errors import CheckpointError
-from ..export.refit import RefitReport, apply_weight_deltas, names_path, read_name_map
+from ..export.refit import RefitReport, merged_value, names_path, plan_weight_deltas, read_name_map
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -42,18 +42,19 @@ def _load(onnx_path: str | os.PathLike) -> Any:
 def refit_plan(onnx_path: str | os.PathLike, deltas: Mapping[str, Any], name_map: Mapping[str, Any] | None = None,
                model: Any = None) -> RefitPlan:
     """The merged weights a LoRA gives each refittable engine weight of this graph.
-    model: the loaded base onnx.ModelProto (not changed; loaded from onnx_path if None)."""
-    from onnx import numpy_helper
-
+    model: the loaded base onnx.ModelProto (read, never changed or copied: only the
+    initializers a delta touches are converted; loaded from onnx_path if None)."""
     base = model if model is not None else _load(onnx_path)
-    work = type(base)()
-    work.CopyFrom(base)
     name_map = name_map if name_map is not None else read_name_map(names_path(onnx_path))
-    report = apply_weight_deltas(work, deltas, name_map)
-    skip = {init for key, init in zip(report.applied, report.initializers) if key in report.not_refittable}
-    inits = {t.name: t for t in work.graph.initializer}
-    weights = {n: numpy_helper.to_array(inits[n]) for n in report.initializers if n not in skip}
-    report.model = None
+    inits = {t.name: t for t in base.graph.initializer}
+    report, planned = plan_weight_deltas(inits, deltas, name_map)
+    skip = set(report.not_refittable)
+    weights = {}
+    for key, init, d in planned:
+        report.applied.append(key)
+        report.initializers.append(init)
+        if key not in skip:
+            weights[init] = merged_value(inits[init], d)
     return RefitPlan(weights, report)
 
 

@@ -168,12 +168,34 @@ def apply_weight_deltas(
         raise ParameterError("name_map", None, "the graph's NAME.names.json (path or dict) for an in-memory model")
     if not isinstance(name_map, Mapping):
         name_map = read_name_map(name_map)
+    inits = {t.name: t for t in model.graph.initializer}
+    report, planned = plan_weight_deltas(inits, deltas, name_map)
+    report.model = model
+    for key, init, d in planned:
+        inits[init].CopyFrom(numpy_helper.from_array(merged_value(inits[init], d), init))
+        report.applied.append(key)
+        report.initializers.append(init)
+    if output is not None:
+        external = source is not None and source.with_name(source.name + ".data").exists()
+        save_model_atomic(model, output, external)
+        write_name_map(name_map, names_path(output))
+    return report
+
+
+def plan_weight_deltas(
+    inits: Mapping[str, Any], deltas: Mapping[str, Any], name_map: str | os.PathLike | Mapping[str, Any],
+) -> tuple[RefitReport, list[tuple[str, str, np.ndarray]]]:
+    """Check every delta against the graph's initializers (name -> TensorProto) without
+    changing anything: (report with unmapped / shared / not_refittable filled, [(torch name,
+    initializer name, fp32 delta in the initializer's layout)]). ParameterError for a shape
+    that fits neither the initializer nor its transpose."""
+    if not isinstance(name_map, Mapping):
+        name_map = read_name_map(name_map)
     index: dict[str, tuple[str, dict[str, Any]]] = {}
     for init, entry in name_map["initializers"].items():
         for t in entry["torch"]:
             index[t] = (init, entry)
-    inits = {t.name: t for t in model.graph.initializer}
-    report, planned = RefitReport(model=model), []
+    report, planned = RefitReport(), []
     for key, delta in deltas.items():
         if key not in index or index[key][0] not in inits:
             report.unmapped.append(key)
@@ -192,17 +214,16 @@ def apply_weight_deltas(
         planned.append((key, init, d))
         if not entry.get("refittable", False):
             report.not_refittable.append(key)
-    for key, init, d in planned:
-        t = inits[init]
-        w = numpy_helper.to_array(t)
-        t.CopyFrom(numpy_helper.from_array((w.astype(np.float32) + d).astype(w.dtype), init))
-        report.applied.append(key)
-        report.initializers.append(init)
-    if output is not None:
-        external = source is not None and source.with_name(source.name + ".data").exists()
-        save_model_atomic(model, output, external)
-        write_name_map(name_map, names_path(output))
-    return report
+    return report, planned
+
+
+def merged_value(initializer: Any, delta: np.ndarray) -> np.ndarray:
+    """base + delta, added in fp32 and cast back to the initializer's dtype (what fusing a
+    LoRA does to a torch weight)."""
+    from onnx import numpy_helper
+
+    w = numpy_helper.to_array(initializer)
+    return (w.astype(np.float32) + delta).astype(w.dtype)
 
 
 def save_model_atomic(model: Any, path: str | os.PathLike, external: bool) -> Path:
