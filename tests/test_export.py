@@ -81,7 +81,7 @@ def test_onnx_io_is_the_table(tiny_onnx, name):
     assert meta["xa_runtime.opset"] == "17"
 
 
-@pytest.mark.parametrize("name", ["sd15_unet", "sdxl_unet", "controlnet", "sdxl_text_encoder_2"])
+@pytest.mark.parametrize("name", ["sd15_unet", "sdxl_unet", "sdxl_unet_fused", "controlnet", "sdxl_text_encoder_2"])
 def test_refittable_weights_are_named_initializers(tiny_onnx, name):
     """Every LoRA-targeted weight is an ONNX initializer under its torch name, with its values
     (what refit maps by); norms and biases are not refittable."""

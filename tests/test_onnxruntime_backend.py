@@ -31,16 +31,46 @@ def _close(a, b):
 def pipes(tiny_onnx):
     bundle, folder = tiny_onnx
     pipe = XAdapterPipeline(bundle.sd15, bundle.sdxl, bundle.mapping, progress=False)
-    return pipe, pipe.with_backend(OnnxRuntimeBackend(folder))
+    return pipe, pipe.with_backend(OnnxRuntimeBackend(folder, sdxl_mode="split"))
+
+
+@pytest.fixture(scope="module")
+def fused_pipe(pipes, tiny_onnx):
+    backend = OnnxRuntimeBackend(tiny_onnx[1], sdxl_mode="fused")
+    assert set(backend.sessions) == {"sd15_unet", "sd15_unet_control", "sdxl_unet_fused"}  # no split graphs loaded
+    return pipes[0].with_backend(backend)
 
 
 @pytest.mark.parametrize("fusion", [None, 0.5])
-def test_pipeline_on_onnxruntime_equals_torch(pipes, fusion):
+def test_pipeline_on_onnxruntime_equals_torch(pipes, fused_pipe, fusion):
+    """Split (mapping graph + sdxl_unet) and fused (sdxl_unet_fused) SDXL side, same tolerance."""
     pipe, ort_pipe = pipes
     kw = dict(GEN, fusion_guidance_scale=fusion, adapter_condition_scale=0.8)
     ref = pipe("a cat", **kw).images
     _close(ort_pipe("a cat", **kw).images, ref)
+    _close(fused_pipe("a cat", **kw).images, ref)
     assert ref.abs().max() > 0.1
+
+
+def test_sdxl_mode_choice(tiny_onnx, tmp_path):
+    from xa_runtime.runtime.onnxruntime_backend import PREFERRED_SDXL_MODE, OrtDeferredMapping
+
+    _, folder = tiny_onnx
+    auto = OnnxRuntimeBackend(folder, verify=False)
+    assert auto.sdxl_mode == PREFERRED_SDXL_MODE  # both present: the measured-faster one
+    assert isinstance(auto.mapping, OrtDeferredMapping if PREFERRED_SDXL_MODE == "fused" else OrtMapping)
+    for name in ("sd15_unet", "sdxl_unet_fused"):
+        shutil.copy(folder / f"{name}.onnx", tmp_path / f"{name}.onnx")
+    assert OnnxRuntimeBackend(tmp_path, verify=False).sdxl_mode == "fused"  # only fused there
+    with pytest.raises(ParameterError) as e:
+        OnnxRuntimeBackend(tmp_path, verify=False, sdxl_mode="split")
+    assert e.value.name == "folder" and "missing mapping, sdxl_unet" in e.value.accepted
+    with pytest.raises(ParameterError) as e:
+        OnnxRuntimeBackend(folder, sdxl_mode="both")
+    assert e.value.name == "sdxl_mode"
+    fused = OnnxRuntimeBackend(tmp_path, verify=False).sdxl_branch
+    with pytest.raises(ValueError, match="sdxl_mode='split'"):
+        fused(torch.randn(1, 4, 8, 8), 1.0, torch.randn(1, 77, 64), {}, residuals=[torch.zeros(1)] * 3)
 
 
 def test_controlnet_residuals_reach_the_control_graph(pipes, tiny_onnx):
@@ -55,7 +85,8 @@ def test_controlnet_residuals_reach_the_control_graph(pipes, tiny_onnx):
 
 def test_sdxl_branch_residuals_and_stock(tiny_onnx):
     bundle, folder = tiny_onnx
-    ort_branch = OnnxRuntimeBackend(folder).sdxl_branch
+    ort_branch = OnnxRuntimeBackend(folder, sdxl_mode="split").sdxl_branch
+    fused_branch = OnnxRuntimeBackend(folder, sdxl_mode="fused").sdxl_branch
     g = torch.Generator().manual_seed(1)
     x, t = torch.randn(2, 4, 16, 24, generator=g), torch.tensor(421.0)
     text, pooled = torch.randn(2, 77, 64, generator=g), torch.randn(2, 32, generator=g)
@@ -70,6 +101,7 @@ def test_sdxl_branch_residuals_and_stock(tiny_onnx):
                 _close(ort_branch(x, t, text, cond, **kw), torch_branch(x, t, text, cond, **kw))
             stock = bundle.sdxl.unet(x, t, text, added_cond_kwargs=cond).sample
             _close(ort_branch(x, t, text, cond), stock)
+            _close(fused_branch(x, t, text, cond), stock)  # zero features, scale 0
     finally:
         torch_branch.remove_hooks()
 
@@ -92,7 +124,7 @@ class _Backend:
 
 def test_backend_refuses_what_it_cannot_run(tiny_onnx, tmp_path):
     bundle, folder = tiny_onnx
-    backend = OnnxRuntimeBackend(folder)
+    backend = OnnxRuntimeBackend(folder, sdxl_mode="split")
     x, text = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
     with pytest.raises(ValueError, match="down_intrablock_additional_residuals"):
         backend.sd15_branch(x, 1.0, text, down_intrablock_additional_residuals=[x])
@@ -111,4 +143,4 @@ def test_backend_refuses_what_it_cannot_run(tiny_onnx, tmp_path):
     with pytest.raises(CheckpointError, match="manifest.json"):
         OnnxRuntimeBackend(tmp_path)  # files not from one export
     with pytest.raises(CheckpointError, match="sdxl_unet"):
-        OnnxRuntimeBackend(tmp_path, verify=False)
+        OnnxRuntimeBackend(tmp_path, verify=False)  # auto: no fused graph there, so split

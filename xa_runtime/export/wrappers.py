@@ -84,6 +84,20 @@ class SDXLUNetGraph(nn.Module):
         self.branch.remove_hooks()
 
 
+class SDXLUNetFusedGraph(SDXLUNetGraph):
+    """sdxl_unet_fused: (sample, timestep, text, pooled, time_ids, f0, f1, f2, acs, fusion) -> eps;
+    the mapping layers (registered as `mapping`, so their weights read `mapping.body...`)
+    make r0..r2 inside the graph."""
+
+    def __init__(self, unet: nn.Module, mapping: MappingLayers):
+        super().__init__(unet)
+        self.mapping = mapping
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, f0, f1, f2, acs, fusion):
+        r0, r1, r2 = self.mapping(f0, f1, f2)
+        return super().forward(sample, timestep, encoder_hidden_states, text_embeds, time_ids, r0, r1, r2, acs, fusion)
+
+
 class MappingGraph(nn.Module):
     def __init__(self, mapping: MappingLayers):
         super().__init__()
@@ -158,6 +172,8 @@ def build_graph_module(spec: GraphSpec, bundle: ModuleBundle,
         return SD15UNetGraph(c(b.sd15.unet), control=n.endswith("control"))
     if n == "sdxl_unet":
         return SDXLUNetGraph(c(b.sdxl.unet))
+    if n == "sdxl_unet_fused":
+        return SDXLUNetFusedGraph(c(b.sdxl.unet), c(b.mapping))
     if n == "mapping":
         return MappingGraph(c(b.mapping))
     if n == "controlnet":
@@ -193,7 +209,7 @@ def model_dims(spec: GraphSpec, bundle: ModuleBundle) -> dict[str, int]:
     if bundle.mapping is not None:
         dims.update({f"c_f{i}": ch for i, ch in enumerate(bundle.mapping.config.in_channels)})
         dims.update({f"c_r{i}": ch for i, ch in enumerate(bundle.mapping.config.out_channels)})
-    if bundle.sdxl is not None and spec.name == "sdxl_unet":
+    if bundle.sdxl is not None and spec.name in ("sdxl_unet", "sdxl_unet_fused"):
         cfg = bundle.sdxl.unet.config
         rev = list(cfg.block_out_channels)[::-1]
         dims.update(ctx=cfg.cross_attention_dim, c_r0=rev[0], c_r1=rev[0], c_r2=rev[1],

@@ -202,6 +202,19 @@ _GRAPHS = (
         ("sdxl",),
     ),
     GraphSpec(
+        "sdxl_unet_fused",
+        _LATENT_IN + (
+            _t("text_embeds", "float", "B", "pooled"), _t("time_ids", "float", "B", 6),
+            _t("f0", "float", "B", "c_f0", "H/4", "W/4"), _t("f1", "float", "B", "c_f1", "H/2", "W/2"),
+            _t("f2", "float", "B", "c_f2", "H/2", "W/2"),
+            _t("adapter_condition_scale", "float32", 1), _t("fusion_guidance_scale", "float32", 1),
+        ),
+        (_t("eps", "float", "B", 4, "H", "W"),), _SDXL, UNET_LORA_WEIGHTS,
+        "mapping + sdxl_unet in one graph: SD1.5 features f0..f2 in (as mapping takes them), the residuals "
+        "made and injected inside; the mapping weights are not refittable",
+        ("sdxl", "mapping"),
+    ),
+    GraphSpec(
         "controlnet",
         _LATENT_IN + (_t("controlnet_cond", "float", "B", 3, "8*H", "8*W"), _t("conditioning_scale", "float32", 1)),
         CONTROL_RESIDUALS, _SD15, UNET_LORA_WEIGHTS,

@@ -10,6 +10,7 @@ accepted where onnxruntime-gpu is installed, still through host copies for now.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,8 +22,13 @@ from ..models.branches import ResidualInjection
 from .graphs_table import GraphSpec, get_graph
 
 PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-PIPELINE_GRAPHS = ("sd15_unet", "mapping", "sdxl_unet")  # required by the branches
+PIPELINE_GRAPHS = ("sd15_unet", "mapping", "sdxl_unet")  # required by the branches (split SDXL side)
 OPTIONAL_GRAPHS = ("sd15_unet_control",)  # SD1.5 ControlNet residuals, when exported
+FUSED_GRAPH = "sdxl_unet_fused"  # mapping + SDXL UNet in one graph, replaces mapping and sdxl_unet
+SDXL_MODES = ("auto", "split", "fused")
+# What "auto" picks when the folder has both: the faster one measured on onnxruntime CPU
+# (benchmarks/bench_sdxl_split.py, README "Export"); GPU / TensorRT not measured yet.
+PREFERRED_SDXL_MODE = "fused"
 _ORT_FLOATS = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
@@ -121,12 +127,27 @@ class OrtSD15Branch:
         return eps, (f0, f1, f2)
 
 
+@dataclass(frozen=True)
+class DeferredResidual:
+    """What OrtDeferredMapping gives in place of residual r_index: the SD1.5 features, which
+    the sdxl_unet_fused graph maps itself. Only OrtSDXLBranch in fused mode reads it."""
+
+    features: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    index: int
+
+
 class OrtSDXLBranch:
     """SDXLBranch on onnxruntime: residuals= or ResidualInjection injections (what the
-    pipeline passes); without either, zero residuals (the stock UNet)."""
+    pipeline passes); without either, zero residuals (the stock UNet).
 
-    def __init__(self, session: GraphSession):
-        self.session = session
+    session: the sdxl_unet graph (split mode) or None; fused: the sdxl_unet_fused graph, run
+    when the injections carry DeferredResidual features (fused mode: OrtDeferredMapping).
+    """
+
+    def __init__(self, session: GraphSession | None, fused: GraphSession | None = None):
+        if session is None and fused is None:
+            raise ValueError("OrtSDXLBranch needs the sdxl_unet or the sdxl_unet_fused graph")
+        self.session, self.fused = session, fused
 
     def __call__(self, sample: torch.Tensor, timestep: Any, encoder_hidden_states: torch.Tensor,
                  added_cond_kwargs: dict[str, torch.Tensor], residuals: Sequence[torch.Tensor] | None = None,
@@ -139,14 +160,24 @@ class OrtSDXLBranch:
         if injections is not None:
             residuals, adapter_condition_scale, fusion_guidance_scale = _read_injections(injections)
         b, _, h, w = sample.shape
+        graph = self.session
         if residuals is None:
-            dims = {**self.session.model_dims, "B": b, "H": h, "W": w}
-            residuals = [torch.zeros(s.resolve(dims)) for s in self.session.spec.inputs[5:8]]
+            # the stock UNet: zero residuals (zero features with scale 0 in the fused graph)
+            graph = self.session or self.fused
+            dims = {**graph.model_dims, "B": b, "H": h, "W": w}
+            residuals = [torch.zeros(s.resolve(dims)) for s in graph.spec.inputs[5:8]]
             adapter_condition_scale = 0.0
+        elif any(isinstance(r, DeferredResidual) for r in residuals):
+            if not all(isinstance(r, DeferredResidual) for r in residuals) or [r.index for r in residuals] != [0, 1, 2]:
+                raise ValueError("fused mode takes the three DeferredResidual of one OrtDeferredMapping call")
+            graph, residuals = self.fused, list(residuals[0].features)
+        elif graph is None:
+            raise ValueError("residual tensors given, but this backend runs the sdxl_unet_fused graph, which takes "
+                             "SD1.5 features; use OnnxRuntimeBackend(..., sdxl_mode='split') with sdxl_unet.onnx")
         if len(residuals) != 3:
             raise ValueError(f"expected 3 residuals (r0, r1, r2), got {len(residuals)}")
         fusion = -1.0 if fusion_guidance_scale is None else float(fusion_guidance_scale)
-        (eps,) = self.session(
+        (eps,) = graph(
             sample, _rows(timestep, b), encoder_hidden_states, added_cond_kwargs["text_embeds"],
             added_cond_kwargs["time_ids"], *residuals, [float(adapter_condition_scale)], [fusion],
         )
@@ -174,31 +205,62 @@ class OrtMapping:
         return tuple(_like(self.session(f0, f1, f2), f0))
 
 
+class OrtDeferredMapping:
+    """The mapping layers in fused mode: (f0, f1, f2) -> three DeferredResidual; the
+    sdxl_unet_fused graph maps them in the SDXL step (no mapping graph runs)."""
+
+    def __call__(self, f0: torch.Tensor, f1: torch.Tensor, f2: torch.Tensor) -> tuple[DeferredResidual, ...]:
+        return tuple(DeferredResidual((f0, f1, f2), i) for i in range(3))
+
+
 class OnnxRuntimeBackend:
     """The exported graphs of one folder (NAME.onnx as xa-export writes them) on onnxruntime.
 
     providers: "cpu", "cuda" or onnxruntime provider names, in order of preference.
-    Needs sd15_unet, mapping and sdxl_unet; loads sd15_unet_control if present. verify: check
-    the graphs' files against the folder's manifest.json first (sha256 of each; CheckpointError
-    for a missing manifest or a changed file); False skips it (no hashing).
+    sdxl_mode: how the SDXL side of stage 2 runs: "split" (the mapping graph, then sdxl_unet),
+    "fused" (sdxl_unet_fused: mapping inside the SDXL UNet graph, one call per step), or
+    "auto" (default): PREFERRED_SDXL_MODE when the folder has its graphs, else the other.
+    Needs sd15_unet and the chosen mode's graphs; loads sd15_unet_control if present.
+    verify: check the graphs' files against the folder's manifest.json first (sha256 of each;
+    CheckpointError for a missing manifest or a changed file); False skips it (no hashing).
     """
 
     name = "onnxruntime"
 
     def __init__(self, folder: str | os.PathLike, providers: Sequence[str] = ("cpu",), threads: int | None = None,
-                 verify: bool = True):
+                 verify: bool = True, sdxl_mode: str = "auto"):
         folder = Path(folder)
-        missing = [g for g in PIPELINE_GRAPHS if not (folder / f"{g}.onnx").is_file()]
+        if sdxl_mode not in SDXL_MODES:
+            raise ParameterError("sdxl_mode", sdxl_mode, " or ".join(SDXL_MODES))
+        self.sdxl_mode = _choose_sdxl_mode(folder, sdxl_mode)
+        required = ("sd15_unet",) + (("mapping", "sdxl_unet") if self.sdxl_mode == "split" else (FUSED_GRAPH,))
+        missing = [g for g in required if not (folder / f"{g}.onnx").is_file()]
         if not folder.is_dir() or missing:
-            raise ParameterError("folder", str(folder), f"a folder with {', '.join(g + '.onnx' for g in PIPELINE_GRAPHS)} "
-                                 f"(xa-export writes them){'; missing ' + ', '.join(missing) if folder.is_dir() else ''}")
+            want = ", ".join(g + ".onnx" for g in required)
+            if sdxl_mode == "auto":
+                want = f"sd15_unet.onnx and either mapping.onnx + sdxl_unet.onnx or {FUSED_GRAPH}.onnx"
+            raise ParameterError("folder", str(folder), f"a folder with {want} (xa-export writes them)"
+                                 f"{'; missing ' + ', '.join(missing) if folder.is_dir() else ''}")
         resolve_providers(providers)  # named before any session is built
-        names = [g for g in PIPELINE_GRAPHS + OPTIONAL_GRAPHS if (folder / f"{g}.onnx").is_file()]
+        names = list(required) + [g for g in OPTIONAL_GRAPHS if (folder / f"{g}.onnx").is_file()]
         if verify:
             from ..export.manifest import verify_graphs
 
             verify_graphs(folder, names)
         self.sessions = {g: GraphSession(get_graph(g), folder / f"{g}.onnx", providers, threads) for g in names}
         self.sd15_branch = OrtSD15Branch(self.sessions["sd15_unet"], self.sessions.get("sd15_unet_control"))
-        self.sdxl_branch = OrtSDXLBranch(self.sessions["sdxl_unet"])
-        self.mapping = OrtMapping(self.sessions["mapping"])
+        if self.sdxl_mode == "split":
+            self.sdxl_branch = OrtSDXLBranch(self.sessions["sdxl_unet"])
+            self.mapping: OrtMapping | OrtDeferredMapping = OrtMapping(self.sessions["mapping"])
+        else:
+            self.sdxl_branch = OrtSDXLBranch(None, self.sessions[FUSED_GRAPH])
+            self.mapping = OrtDeferredMapping()
+
+
+def _choose_sdxl_mode(folder: Path, mode: str) -> str:
+    if mode != "auto":
+        return mode
+    has = {"split": all((folder / f"{g}.onnx").is_file() for g in ("mapping", "sdxl_unet")),
+           "fused": (folder / f"{FUSED_GRAPH}.onnx").is_file()}
+    other = "split" if PREFERRED_SDXL_MODE == "fused" else "fused"
+    return PREFERRED_SDXL_MODE if has[PREFERRED_SDXL_MODE] or not has[other] else other
