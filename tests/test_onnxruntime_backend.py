@@ -37,7 +37,7 @@ def pipes(tiny_onnx):
 @pytest.fixture(scope="module")
 def fused_pipe(pipes, tiny_onnx):
     backend = OnnxRuntimeBackend(tiny_onnx[1], sdxl_mode="fused")
-    assert set(backend.sessions) == {"sd15_unet", "sd15_unet_control", "sdxl_unet_fused"}  # no split graphs loaded
+    assert set(backend.sessions) == {"sd15_unet", "sd15_unet_control", "sd15_unet_t2i", "sdxl_unet_fused"}  # no split pair
     return pipes[0].with_backend(backend)
 
 
@@ -83,6 +83,18 @@ def test_controlnet_residuals_reach_the_control_graph(pipes, tiny_onnx):
     assert (ref - pipe("a cat", **gen).images).abs().max() > 1e-3  # the ControlNet acts
 
 
+def test_t2i_adapter_features_reach_the_t2i_graph(pipes, tiny_onnx):
+    from xa_runtime.plugins.t2i_adapter import T2IAdapterPlugin
+
+    pipe, ort_pipe = pipes
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    plugin = T2IAdapterPlugin(tiny_onnx[0].t2i_adapter, image, adapter_conditioning_scale=2.0)
+    gen = dict(GEN, num_inference_steps=2)  # one step per stage
+    ref = pipe("a cat", plugins=[plugin], **gen).images
+    _close(ort_pipe("a cat", plugins=[plugin], **gen).images, ref)
+    assert (ref - pipe("a cat", **gen).images).abs().max() > 1e-3  # the adapter acts
+
+
 def test_sdxl_branch_residuals_and_stock(tiny_onnx):
     bundle, folder = tiny_onnx
     ort_branch = OnnxRuntimeBackend(folder, sdxl_mode="split").sdxl_branch
@@ -126,8 +138,13 @@ def test_backend_refuses_what_it_cannot_run(tiny_onnx, tmp_path):
     bundle, folder = tiny_onnx
     backend = OnnxRuntimeBackend(folder, sdxl_mode="split")
     x, text = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
-    with pytest.raises(ValueError, match="down_intrablock_additional_residuals"):
+    with pytest.raises(ValueError, match="added_cond_kwargs"):
+        backend.sd15_branch(x, 1.0, text, added_cond_kwargs={"image_embeds": [x]})  # IP-Adapter: torch only
+    with pytest.raises(ValueError, match="takes 4 adapter features"):
         backend.sd15_branch(x, 1.0, text, down_intrablock_additional_residuals=[x])
+    with pytest.raises(ValueError, match="together"):
+        backend.sd15_branch(x, 1.0, text, down_intrablock_additional_residuals=[x] * 4,
+                            down_block_additional_residuals=[x] * 12, mid_block_additional_residual=x)
     with pytest.raises(ValueError, match="ResidualInjection"):
         backend.sdxl_branch(x, 1.0, text, {}, injections=[lambda h: h] * 3)
     with pytest.raises(ParameterError) as e:

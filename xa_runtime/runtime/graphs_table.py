@@ -80,7 +80,7 @@ class GraphSpec:
     profiles: Mapping[str, DimRange]
     refittable: tuple[str, ...] = ()
     description: str = ""
-    needs: tuple[str, ...] = field(default=())  # module bundle parts: "sd15", "sdxl", "mapping", "controlnet"
+    needs: tuple[str, ...] = field(default=())  # bundle parts: "sd15", "sdxl", "mapping", "controlnet", "t2i_adapter"
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -147,6 +147,11 @@ _DOWN_SCALES = ("", "", "", "/2", "/2", "/2", "/4", "/4", "/4", "/8", "/8", "/8"
 CONTROL_RESIDUALS = tuple(
     _t(f"down_block_residual_{i}", "float", "B", f"c_down{i}", "H" + s, "W" + s) for i, s in enumerate(_DOWN_SCALES)
 ) + (_t("mid_block_residual", "float", "B", "c_mid", "H/8", "W/8"),)
+# T2I-Adapter features: one per SD1.5 down block (added after its last resnet/attention pair,
+# diffusers' down_intrablock_additional_residuals), at H, H/2, H/4, H/8 with the blocks' widths.
+ADAPTER_RESIDUALS = tuple(
+    _t(f"adapter_residual_{i}", "float", "B", f"c_block{i}", "H" + s, "W" + s) for i, s in enumerate(("", "/2", "/4", "/8"))
+)
 _SD15 = {"B": UNET_ROWS, "H": SD15_LATENT, "W": SD15_LATENT, "T": TOKENS}
 _SDXL = {"B": UNET_ROWS, "H": SDXL_LATENT, "W": SDXL_LATENT, "T": TOKENS}
 
@@ -180,6 +185,14 @@ _GRAPHS = (
     GraphSpec("sd15_unet_control", _LATENT_IN + CONTROL_RESIDUALS, (_t("eps", "float", "B", 4, "H", "W"),) + _FEATURES,
               _SD15, UNET_LORA_WEIGHTS, "sd15_unet taking ControlNet down/mid residuals (their sum over ControlNets)",
               ("sd15",)),
+    GraphSpec("sd15_unet_t2i", _LATENT_IN + ADAPTER_RESIDUALS, (_t("eps", "float", "B", 4, "H", "W"),) + _FEATURES,
+              _SD15, UNET_LORA_WEIGHTS, "sd15_unet taking T2I-Adapter (or Nexus Adapter) features, already scaled, "
+              "added inside the down blocks", ("sd15",)),
+    GraphSpec("t2i_adapter", (_t("image", "float", "B", "c_image", "8*H", "8*W"),),
+              tuple(TensorSpec(f"adapter_feature_{i}", "float", t.shape) for i, t in enumerate(ADAPTER_RESIDUALS)),
+              {"B": UNET_ROWS, "H": SD15_LATENT, "W": SD15_LATENT}, (),
+              "SD1.5 T2I-Adapter: control image in [0, 1] (grey for 1-channel adapters) -> its 4 features, unscaled "
+              "(inputs of sd15_unet_t2i once scaled)", ("sd15", "t2i_adapter")),
     GraphSpec(
         "mapping",
         (_t("f0", "float", "B", "c_f0", "H/4", "W/4"), _t("f1", "float", "B", "c_f1", "H/2", "W/2"),

@@ -23,7 +23,7 @@ from .graphs_table import GraphSpec, get_graph
 
 PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 PIPELINE_GRAPHS = ("sd15_unet", "mapping", "sdxl_unet")  # required by the branches (split SDXL side)
-OPTIONAL_GRAPHS = ("sd15_unet_control",)  # SD1.5 ControlNet residuals, when exported
+OPTIONAL_GRAPHS = ("sd15_unet_control", "sd15_unet_t2i")  # ControlNet residuals / T2I-Adapter features, when exported
 FUSED_GRAPH = "sdxl_unet_fused"  # mapping + SDXL UNet in one graph, replaces mapping and sdxl_unet
 SDXL_MODES = ("auto", "split", "fused")
 # What "auto" picks when the folder has both: the faster one measured on onnxruntime CPU
@@ -97,22 +97,35 @@ def _like(outputs: Sequence[torch.Tensor], ref: torch.Tensor) -> list[torch.Tens
 class OrtSD15Branch:
     """SD15Branch on onnxruntime: (sample, timestep, text, **unet_kwargs) -> (eps, (f0, f1, f2)).
 
-    unet_kwargs: ControlNet residuals only (the sd15_unet_control graph); other plugins'
-    kwargs (T2I-Adapter, IP-Adapter, unfused LoRA scales) need the PyTorch backend.
+    unet_kwargs: ControlNet residuals (the sd15_unet_control graph) or T2I-Adapter / Nexus
+    features (`down_intrablock_additional_residuals`, the sd15_unet_t2i graph), not both in
+    one call; other plugins' kwargs (IP-Adapter, unfused LoRA scales) need the PyTorch backend.
     """
 
     CONTROL_KEYS = ("down_block_additional_residuals", "mid_block_additional_residual")
+    ADAPTER_KEY = "down_intrablock_additional_residuals"
 
-    def __init__(self, plain: GraphSession, control: GraphSession | None = None):
-        self.plain, self.control = plain, control
+    def __init__(self, plain: GraphSession, control: GraphSession | None = None, t2i: GraphSession | None = None):
+        self.plain, self.control, self.t2i = plain, control, t2i
 
     def __call__(self, sample: torch.Tensor, timestep: Any, encoder_hidden_states: torch.Tensor, **unet_kwargs: Any):
-        other = sorted(k for k in unet_kwargs if k not in self.CONTROL_KEYS)
+        other = sorted(k for k in unet_kwargs if k not in self.CONTROL_KEYS + (self.ADAPTER_KEY,))
         if other:
-            raise ValueError(f"the onnxruntime SD1.5 UNet takes ControlNet residuals only, not {other}; "
-                             "run these plugins on the PyTorch backend")
+            raise ValueError(f"the onnxruntime SD1.5 UNet takes ControlNet residuals and T2I-Adapter features only, "
+                             f"not {other}; run these plugins on the PyTorch backend")
         t = _rows(timestep, sample.shape[0])
-        if unet_kwargs:
+        if self.ADAPTER_KEY in unet_kwargs:
+            if len(unet_kwargs) > 1:
+                raise ValueError("ControlNet residuals and T2I-Adapter features together need the PyTorch backend "
+                                 "(no graph takes both)")
+            if self.t2i is None:
+                raise ValueError("T2I-Adapter features given, but no sd15_unet_t2i graph was exported to this folder")
+            feats = list(unet_kwargs[self.ADAPTER_KEY])
+            if len(feats) != len(self.t2i.spec.inputs) - 3:
+                raise ValueError(f"the sd15_unet_t2i graph takes {len(self.t2i.spec.inputs) - 3} adapter features, "
+                                 f"got {len(feats)}")
+            out = self.t2i(sample, t, encoder_hidden_states, *feats)
+        elif unet_kwargs:
             if self.control is None:
                 raise ValueError("ControlNet residuals given, but no sd15_unet_control graph was exported to this folder")
             n_down = len(self.control.spec.inputs) - 4
@@ -220,7 +233,8 @@ class OnnxRuntimeBackend:
     sdxl_mode: how the SDXL side of stage 2 runs: "split" (the mapping graph, then sdxl_unet),
     "fused" (sdxl_unet_fused: mapping inside the SDXL UNet graph, one call per step), or
     "auto" (default): PREFERRED_SDXL_MODE when the folder has its graphs, else the other.
-    Needs sd15_unet and the chosen mode's graphs; loads sd15_unet_control if present.
+    Needs sd15_unet and the chosen mode's graphs; loads sd15_unet_control and sd15_unet_t2i
+    if present.
     verify: check the graphs' files against the folder's manifest.json first (sha256 of each;
     CheckpointError for a missing manifest or a changed file); False skips it (no hashing).
     """
@@ -248,7 +262,8 @@ class OnnxRuntimeBackend:
 
             verify_graphs(folder, names)
         self.sessions = {g: GraphSession(get_graph(g), folder / f"{g}.onnx", providers, threads) for g in names}
-        self.sd15_branch = OrtSD15Branch(self.sessions["sd15_unet"], self.sessions.get("sd15_unet_control"))
+        self.sd15_branch = OrtSD15Branch(self.sessions["sd15_unet"], self.sessions.get("sd15_unet_control"),
+                                         self.sessions.get("sd15_unet_t2i"))
         if self.sdxl_mode == "split":
             self.sdxl_branch = OrtSDXLBranch(self.sessions["sdxl_unet"])
             self.mapping: OrtMapping | OrtDeferredMapping = OrtMapping(self.sessions["mapping"])
