@@ -161,3 +161,34 @@ def test_backend_refuses_what_it_cannot_run(tiny_onnx, tmp_path):
         OnnxRuntimeBackend(tmp_path)  # files not from one export
     with pytest.raises(CheckpointError, match="sdxl_unet"):
         OnnxRuntimeBackend(tmp_path, verify=False)  # auto: no fused graph there, so split
+
+
+@pytest.mark.parametrize("name", ["sd15_unet", "sdxl_unet_fused", "t2i_adapter"])
+def test_io_binding_equals_plain_run(tiny_onnx, name):
+    """The IO-binding path (torch tensors bound by data_ptr, outputs preallocated from the
+    table's shapes) gives exactly the plain numpy path's outputs on the CPU provider."""
+    from xa_runtime.export import example_inputs, model_dims
+    from xa_runtime.runtime.graphs_table import GRAPHS
+    from xa_runtime.runtime.onnxruntime_backend import GraphSession
+
+    bundle, folder = tiny_onnx
+    spec = GRAPHS[name]
+    plain = GraphSession(spec, folder / f"{name}.onnx", threads=1, optimization="all")
+    bound = GraphSession(spec, folder / f"{name}.onnx", threads=1, optimization="all", io_binding=True)
+    assert not plain.io_binding and bound.io_binding  # default on the CPU provider: plain
+    x = example_inputs(spec, {**model_dims(spec, bundle), "B": 3, "H": 16, "W": 24, "T": 9}, torch.float32,
+                       torch.device("cpu"), seed=2)
+    for a, b in zip(plain(*x), bound(*x), strict=True):
+        assert a.shape == b.shape and torch.equal(a, b)
+
+
+def test_pipeline_with_io_binding_and_options(pipes, tiny_onnx):
+    pipe, _ = pipes
+    backend = OnnxRuntimeBackend(tiny_onnx[1], threads=1, inter_op_threads=1, optimization="basic", io_binding=True)
+    assert all(s.io_binding for s in backend.sessions.values())
+    kw = dict(GEN, num_inference_steps=2)
+    _close(pipe.with_backend(backend)("a cat", **kw).images, pipe("a cat", **kw).images)
+    for bad in (dict(threads=0), dict(threads=True), dict(inter_op_threads=-1), dict(optimization="max")):
+        with pytest.raises(ParameterError) as e:
+            OnnxRuntimeBackend(tiny_onnx[1], **bad)
+        assert e.value.name == next(iter(bad)), bad

@@ -56,6 +56,19 @@ def resolve_dim(dim: int | str, dims: Mapping[str, int]) -> int:
     return value
 
 
+def solve_dims(tensors: tuple[TensorSpec, ...], shapes: list[tuple[int, ...]]) -> dict[str, int]:
+    """Values of the dynamic dimensions ("B", "H", ...) read back from concrete `shapes` of
+    `tensors` (an axis "H/4" of size 8 gives H = 32; "8*H" of 256 gives 32)."""
+    out: dict[str, int] = {}
+    for t, shape in zip(tensors, shapes):
+        for d, v in zip(t.shape, shape):
+            m = _EXPR.match(d) if isinstance(d, str) else None
+            if m is not None:
+                mult, base, div = m.groups()
+                out.setdefault(base, v * int(div or 1) // int(mult or 1))
+    return out
+
+
 @dataclass(frozen=True)
 class DimRange:
     """TensorRT-style optimisation profile of one dynamic dimension."""

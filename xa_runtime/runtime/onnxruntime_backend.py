@@ -3,8 +3,11 @@
 `OnnxRuntimeBackend(folder)` gives `sd15_branch`, `sdxl_branch` and `mapping`, callable as
 SD15Branch, SDXLBranch and MappingLayers are, so `XAdapterPipeline.with_backend(backend)`
 runs stage 1 and stage 2 on onnxruntime. Inputs and outputs are checked against the graph
-table. Tensors cross to the host as numpy arrays (CPU provider); a CUDA provider is
-accepted where onnxruntime-gpu is installed, still through host copies for now.
+table. Two ways to pass tensors: plain `session.run` with numpy arrays (host copies), or IO
+binding (`io_binding=True`, the default with the CUDA provider): torch tensors bound by
+data_ptr as inputs, outputs allocated as torch tensors of the table's shapes on the inputs'
+device and bound too, so on CUDA nothing crosses to the host between graphs. CPU-tested:
+both paths (equal); GPU-untested-yet: the CUDA provider and CUDA binding (no GPU here).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch
 
 from ..errors import CheckpointError, ParameterError
 from ..models.branches import ResidualInjection
-from .graphs_table import GraphSpec, get_graph
+from .graphs_table import GraphSpec, get_graph, solve_dims
 
 PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 PIPELINE_GRAPHS = ("sd15_unet", "mapping", "sdxl_unet")  # required by the branches (split SDXL side)
@@ -29,7 +32,11 @@ SDXL_MODES = ("auto", "split", "fused")
 # What "auto" picks when the folder has both: the faster one measured on onnxruntime CPU
 # (benchmarks/bench_sdxl_split.py, README "Export"); GPU / TensorRT not measured yet.
 PREFERRED_SDXL_MODE = "fused"
+# onnxruntime's graph optimisation levels, by name; set explicitly on every session.
+OPTIMIZATION_LEVELS = ("disabled", "basic", "extended", "all")
 _ORT_FLOATS = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+_KIND_DTYPES = {"float32": torch.float32, "int64": torch.int64}
+_NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
 
 
 def resolve_providers(providers: Sequence[str]) -> list[str]:
@@ -45,18 +52,51 @@ def resolve_providers(providers: Sequence[str]) -> list[str]:
     return names
 
 
+def check_threads(threads: object, name: str = "threads") -> int | None:
+    if threads is None:
+        return None
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ParameterError(name, threads, "None (onnxruntime's default: one per physical core) or an integer >= 1")
+    return threads
+
+
+def session_options(threads: int | None = None, optimization: str = "all", inter_op_threads: int | None = None):
+    """onnxruntime.SessionOptions with the graph optimisation level set explicitly and the
+    intra-op (`threads`) / inter-op thread counts when given."""
+    import onnxruntime as ort
+
+    if optimization not in OPTIMIZATION_LEVELS:
+        raise ParameterError("optimization", optimization, " or ".join(OPTIMIZATION_LEVELS))
+    options = ort.SessionOptions()
+    level = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+             "all": "ORT_ENABLE_ALL"}[optimization]
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    if check_threads(threads) is not None:
+        options.intra_op_num_threads = threads
+    if check_threads(inter_op_threads, "inter_op_threads") is not None:
+        options.inter_op_num_threads = inter_op_threads
+    return options
+
+
 class GraphSession:
-    """One exported graph: positional torch tensors in the table's order -> tuple of CPU torch tensors."""
+    """One exported graph: positional torch tensors in the table's order -> tuple of torch tensors.
+
+    threads: onnxruntime intra-op threads (None: its default); optimization: graph
+    optimisation level ("disabled", "basic", "extended", "all"); io_binding: bind torch
+    tensors (see the module doc; outputs on the inputs' device) instead of numpy copies
+    (outputs on the CPU); None: on with the CUDA provider first, off otherwise.
+    """
 
     def __init__(self, spec: GraphSpec, path: str | os.PathLike, providers: Sequence[str] = ("cpu",),
-                 threads: int | None = None):
+                 threads: int | None = None, *, optimization: str = "all", io_binding: bool | None = None,
+                 inter_op_threads: int | None = None):
         import onnxruntime as ort
 
         self.spec, self.path = spec, Path(path)
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), options, providers=resolve_providers(providers))
+        options = session_options(threads, optimization, inter_op_threads)
+        names = resolve_providers(providers)
+        self.io_binding = names[0] == PROVIDER_NAMES["cuda"] if io_binding is None else bool(io_binding)
+        self.session = ort.InferenceSession(str(path), options, providers=names)
         ins, outs = self.session.get_inputs(), self.session.get_outputs()
         got = ([i.name for i in ins], [o.name for o in outs])
         if got != (list(spec.input_names), list(spec.output_names)):
@@ -66,9 +106,10 @@ class GraphSession:
             )
         floats = {_ORT_FLOATS.get(i.type) for i, t in zip(ins, spec.inputs) if t.dtype == "float"}
         self.float_dtype = floats.pop() if len(floats) == 1 else np.float32
+        self.torch_float = torch.float16 if self.float_dtype == np.float16 else torch.float32
         # model dimensions (channels, widths) are static in the graph: read them back
         self.model_dims = {
-            d: v for i, t in zip(ins, spec.inputs) for d, v in zip(t.shape, i.shape)
+            d: v for i, t in zip(ins + outs, spec.inputs + spec.outputs) for d, v in zip(t.shape, i.shape)
             if isinstance(d, str) and d.islower() and isinstance(v, int)
         }
 
@@ -81,8 +122,33 @@ class GraphSession:
     def __call__(self, *tensors: Any) -> tuple[torch.Tensor, ...]:
         if len(tensors) != len(self.spec.inputs):
             raise ValueError(f"graph {self.spec.name} takes {len(self.spec.inputs)} inputs, got {len(tensors)}")
+        if self.io_binding:
+            return self._run_bound(tensors)
         feeds = {t.name: self._array(t.dtype, x) for t, x in zip(self.spec.inputs, tensors)}
         return tuple(torch.from_numpy(o) for o in self.session.run(None, feeds))
+
+    def _run_bound(self, tensors: Sequence[Any]) -> tuple[torch.Tensor, ...]:
+        """IO binding: inputs and preallocated outputs bound by data_ptr on one device."""
+        first = next((x for x in tensors if isinstance(x, torch.Tensor)), None)
+        device = first.device if first is not None else torch.device("cpu")
+        inputs = []
+        for t, x in zip(self.spec.inputs, tensors):
+            dtype = self.torch_float if t.dtype == "float" else _KIND_DTYPES[t.dtype]
+            inputs.append(torch.as_tensor(x).detach().to(device, dtype).contiguous())
+        dims = {**self.model_dims, **solve_dims(self.spec.inputs, [tuple(x.shape) for x in inputs])}
+        outputs = [torch.empty(t.resolve(dims), dtype=self.torch_float if t.dtype == "float" else _KIND_DTYPES[t.dtype],
+                               device=device) for t in self.spec.outputs]
+        binding = self.session.io_binding()
+        kind, index = device.type, device.index or 0
+        for t, x in zip(self.spec.inputs, inputs):
+            binding.bind_input(t.name, kind, index, _NUMPY[x.dtype], tuple(x.shape), x.data_ptr())
+        for t, y in zip(self.spec.outputs, outputs):
+            binding.bind_output(t.name, kind, index, _NUMPY[y.dtype], tuple(y.shape), y.data_ptr())
+        if kind == "cuda":  # onnxruntime runs on its own stream: the inputs must be written first
+            torch.cuda.current_stream(device).synchronize()
+        self.session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+        return tuple(outputs)
 
 
 def _rows(timestep: Any, batch: int) -> torch.Tensor:
@@ -237,13 +303,18 @@ class OnnxRuntimeBackend:
     if present.
     verify: check the graphs' files against the folder's manifest.json first (sha256 of each;
     CheckpointError for a missing manifest or a changed file); False skips it (no hashing).
+    threads / inter_op_threads: onnxruntime's intra-op / inter-op thread counts (None: its
+    defaults); optimization: its graph optimisation level ("all" default, "extended",
+    "basic", "disabled"); io_binding: see GraphSession (None: on for CUDA, off for CPU).
     """
 
     name = "onnxruntime"
 
     def __init__(self, folder: str | os.PathLike, providers: Sequence[str] = ("cpu",), threads: int | None = None,
-                 verify: bool = True, sdxl_mode: str = "auto"):
+                 verify: bool = True, sdxl_mode: str = "auto", *, optimization: str = "all",
+                 io_binding: bool | None = None, inter_op_threads: int | None = None):
         folder = Path(folder)
+        session_options(threads, optimization, inter_op_threads)  # every option checked before any file is read
         if sdxl_mode not in SDXL_MODES:
             raise ParameterError("sdxl_mode", sdxl_mode, " or ".join(SDXL_MODES))
         self.sdxl_mode = _choose_sdxl_mode(folder, sdxl_mode)
@@ -261,7 +332,8 @@ class OnnxRuntimeBackend:
             from ..export.manifest import verify_graphs
 
             verify_graphs(folder, names)
-        self.sessions = {g: GraphSession(get_graph(g), folder / f"{g}.onnx", providers, threads) for g in names}
+        self.sessions = {g: GraphSession(get_graph(g), folder / f"{g}.onnx", providers, threads, optimization=optimization,
+                                         io_binding=io_binding, inter_op_threads=inter_op_threads) for g in names}
         self.sd15_branch = OrtSD15Branch(self.sessions["sd15_unet"], self.sessions.get("sd15_unet_control"),
                                          self.sessions.get("sd15_unet_t2i"))
         if self.sdxl_mode == "split":
