@@ -79,9 +79,17 @@ def test_onnx_io_is_the_table(tiny_onnx, name):
     meta = {p.key: p.value for p in model.metadata_props}
     assert meta["xa_runtime.graph"] == name and meta["xa_runtime.dtype"] == "float32"
     assert meta["xa_runtime.opset"] == "17"
+    # cleaned (export/cleanup.py): constants folded, standard ops only, shapes of the intermediates
+    assert meta["xa_runtime.constant_folding"] == "onnxruntime-basic"
+    assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"} and not any(
+        n.op_type == "Constant" and n.output[0] in {i for m in model.graph.node for i in m.input if m.op_type == "Unsqueeze"}
+        for n in model.graph.node)  # the exporter's Constant -> Unsqueeze chains are gone
+    shaped = {v.name for v in model.graph.value_info if v.type.tensor_type.HasField("shape")}
+    intermediate = {o for n in model.graph.node for o in n.output} - {o.name for o in model.graph.output}
+    assert len(shaped & intermediate) >= 0.95 * len(intermediate), (len(shaped & intermediate), len(intermediate))
 
 
-@pytest.mark.parametrize("name", ["sd15_unet", "sdxl_unet", "controlnet", "sdxl_text_encoder_2"])
+@pytest.mark.parametrize("name", ["sd15_unet", "sdxl_unet", "sdxl_unet_fused", "controlnet", "sdxl_text_encoder_2"])
 def test_refittable_weights_are_named_initializers(tiny_onnx, name):
     """Every LoRA-targeted weight is an ONNX initializer under its torch name, with its values
     (what refit maps by); norms and biases are not refittable."""
@@ -147,6 +155,8 @@ def test_fp16_export(tmp_path):
         spec = GRAPHS[name]
         path = export_graph(name, bundle, tmp_path / f"{name}.onnx", dtype="fp16")
         model = onnx.load(str(path))
+        meta = {p.key: p.value for p in model.metadata_props}
+        assert meta["xa_runtime.constant_folding"] == "onnxruntime-basic"  # fp16 folds on the CPU provider too
         assert model.graph.input[0].type.tensor_type.elem_type == (
             onnx.TensorProto.FLOAT16 if spec.inputs[0].dtype == "float" else onnx.TensorProto.INT64)
         x = example_inputs(spec, {**model_dims(spec, bundle), "B": 2, "H": 16, "W": 16, "T": 77}, torch.float32,

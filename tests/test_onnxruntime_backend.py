@@ -31,16 +31,46 @@ def _close(a, b):
 def pipes(tiny_onnx):
     bundle, folder = tiny_onnx
     pipe = XAdapterPipeline(bundle.sd15, bundle.sdxl, bundle.mapping, progress=False)
-    return pipe, pipe.with_backend(OnnxRuntimeBackend(folder))
+    return pipe, pipe.with_backend(OnnxRuntimeBackend(folder, sdxl_mode="split"))
+
+
+@pytest.fixture(scope="module")
+def fused_pipe(pipes, tiny_onnx):
+    backend = OnnxRuntimeBackend(tiny_onnx[1], sdxl_mode="fused")
+    assert set(backend.sessions) == {"sd15_unet", "sd15_unet_control", "sd15_unet_t2i", "sdxl_unet_fused"}  # no split pair
+    return pipes[0].with_backend(backend)
 
 
 @pytest.mark.parametrize("fusion", [None, 0.5])
-def test_pipeline_on_onnxruntime_equals_torch(pipes, fusion):
+def test_pipeline_on_onnxruntime_equals_torch(pipes, fused_pipe, fusion):
+    """Split (mapping graph + sdxl_unet) and fused (sdxl_unet_fused) SDXL side, same tolerance."""
     pipe, ort_pipe = pipes
     kw = dict(GEN, fusion_guidance_scale=fusion, adapter_condition_scale=0.8)
     ref = pipe("a cat", **kw).images
     _close(ort_pipe("a cat", **kw).images, ref)
+    _close(fused_pipe("a cat", **kw).images, ref)
     assert ref.abs().max() > 0.1
+
+
+def test_sdxl_mode_choice(tiny_onnx, tmp_path):
+    from xa_runtime.runtime.onnxruntime_backend import PREFERRED_SDXL_MODE, OrtDeferredMapping
+
+    _, folder = tiny_onnx
+    auto = OnnxRuntimeBackend(folder, verify=False)
+    assert auto.sdxl_mode == PREFERRED_SDXL_MODE  # both present: the measured-faster one
+    assert isinstance(auto.mapping, OrtDeferredMapping if PREFERRED_SDXL_MODE == "fused" else OrtMapping)
+    for name in ("sd15_unet", "sdxl_unet_fused"):
+        shutil.copy(folder / f"{name}.onnx", tmp_path / f"{name}.onnx")
+    assert OnnxRuntimeBackend(tmp_path, verify=False).sdxl_mode == "fused"  # only fused there
+    with pytest.raises(ParameterError) as e:
+        OnnxRuntimeBackend(tmp_path, verify=False, sdxl_mode="split")
+    assert e.value.name == "folder" and "missing mapping, sdxl_unet" in e.value.accepted
+    with pytest.raises(ParameterError) as e:
+        OnnxRuntimeBackend(folder, sdxl_mode="both")
+    assert e.value.name == "sdxl_mode"
+    fused = OnnxRuntimeBackend(tmp_path, verify=False).sdxl_branch
+    with pytest.raises(ValueError, match="sdxl_mode='split'"):
+        fused(torch.randn(1, 4, 8, 8), 1.0, torch.randn(1, 77, 64), {}, residuals=[torch.zeros(1)] * 3)
 
 
 def test_controlnet_residuals_reach_the_control_graph(pipes, tiny_onnx):
@@ -53,9 +83,22 @@ def test_controlnet_residuals_reach_the_control_graph(pipes, tiny_onnx):
     assert (ref - pipe("a cat", **gen).images).abs().max() > 1e-3  # the ControlNet acts
 
 
+def test_t2i_adapter_features_reach_the_t2i_graph(pipes, tiny_onnx):
+    from xa_runtime.plugins.t2i_adapter import T2IAdapterPlugin
+
+    pipe, ort_pipe = pipes
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    plugin = T2IAdapterPlugin(tiny_onnx[0].t2i_adapter, image, adapter_conditioning_scale=2.0)
+    gen = dict(GEN, num_inference_steps=2)  # one step per stage
+    ref = pipe("a cat", plugins=[plugin], **gen).images
+    _close(ort_pipe("a cat", plugins=[plugin], **gen).images, ref)
+    assert (ref - pipe("a cat", **gen).images).abs().max() > 1e-3  # the adapter acts
+
+
 def test_sdxl_branch_residuals_and_stock(tiny_onnx):
     bundle, folder = tiny_onnx
-    ort_branch = OnnxRuntimeBackend(folder).sdxl_branch
+    ort_branch = OnnxRuntimeBackend(folder, sdxl_mode="split").sdxl_branch
+    fused_branch = OnnxRuntimeBackend(folder, sdxl_mode="fused").sdxl_branch
     g = torch.Generator().manual_seed(1)
     x, t = torch.randn(2, 4, 16, 24, generator=g), torch.tensor(421.0)
     text, pooled = torch.randn(2, 77, 64, generator=g), torch.randn(2, 32, generator=g)
@@ -70,6 +113,7 @@ def test_sdxl_branch_residuals_and_stock(tiny_onnx):
                 _close(ort_branch(x, t, text, cond, **kw), torch_branch(x, t, text, cond, **kw))
             stock = bundle.sdxl.unet(x, t, text, added_cond_kwargs=cond).sample
             _close(ort_branch(x, t, text, cond), stock)
+            _close(fused_branch(x, t, text, cond), stock)  # zero features, scale 0
     finally:
         torch_branch.remove_hooks()
 
@@ -92,10 +136,15 @@ class _Backend:
 
 def test_backend_refuses_what_it_cannot_run(tiny_onnx, tmp_path):
     bundle, folder = tiny_onnx
-    backend = OnnxRuntimeBackend(folder)
+    backend = OnnxRuntimeBackend(folder, sdxl_mode="split")
     x, text = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
-    with pytest.raises(ValueError, match="down_intrablock_additional_residuals"):
+    with pytest.raises(ValueError, match="added_cond_kwargs"):
+        backend.sd15_branch(x, 1.0, text, added_cond_kwargs={"image_embeds": [x]})  # IP-Adapter: torch only
+    with pytest.raises(ValueError, match="takes 4 adapter features"):
         backend.sd15_branch(x, 1.0, text, down_intrablock_additional_residuals=[x])
+    with pytest.raises(ValueError, match="together"):
+        backend.sd15_branch(x, 1.0, text, down_intrablock_additional_residuals=[x] * 4,
+                            down_block_additional_residuals=[x] * 12, mid_block_additional_residual=x)
     with pytest.raises(ValueError, match="ResidualInjection"):
         backend.sdxl_branch(x, 1.0, text, {}, injections=[lambda h: h] * 3)
     with pytest.raises(ParameterError) as e:
@@ -111,4 +160,35 @@ def test_backend_refuses_what_it_cannot_run(tiny_onnx, tmp_path):
     with pytest.raises(CheckpointError, match="manifest.json"):
         OnnxRuntimeBackend(tmp_path)  # files not from one export
     with pytest.raises(CheckpointError, match="sdxl_unet"):
-        OnnxRuntimeBackend(tmp_path, verify=False)
+        OnnxRuntimeBackend(tmp_path, verify=False)  # auto: no fused graph there, so split
+
+
+@pytest.mark.parametrize("name", ["sd15_unet", "sdxl_unet_fused", "t2i_adapter"])
+def test_io_binding_equals_plain_run(tiny_onnx, name):
+    """The IO-binding path (torch tensors bound by data_ptr, outputs preallocated from the
+    table's shapes) gives exactly the plain numpy path's outputs on the CPU provider."""
+    from xa_runtime.export import example_inputs, model_dims
+    from xa_runtime.runtime.graphs_table import GRAPHS
+    from xa_runtime.runtime.onnxruntime_backend import GraphSession
+
+    bundle, folder = tiny_onnx
+    spec = GRAPHS[name]
+    plain = GraphSession(spec, folder / f"{name}.onnx", threads=1, optimization="all")
+    bound = GraphSession(spec, folder / f"{name}.onnx", threads=1, optimization="all", io_binding=True)
+    assert not plain.io_binding and bound.io_binding  # default on the CPU provider: plain
+    x = example_inputs(spec, {**model_dims(spec, bundle), "B": 3, "H": 16, "W": 24, "T": 9}, torch.float32,
+                       torch.device("cpu"), seed=2)
+    for a, b in zip(plain(*x), bound(*x), strict=True):
+        assert a.shape == b.shape and torch.equal(a, b)
+
+
+def test_pipeline_with_io_binding_and_options(pipes, tiny_onnx):
+    pipe, _ = pipes
+    backend = OnnxRuntimeBackend(tiny_onnx[1], threads=1, inter_op_threads=1, optimization="basic", io_binding=True)
+    assert all(s.io_binding for s in backend.sessions.values())
+    kw = dict(GEN, num_inference_steps=2)
+    _close(pipe.with_backend(backend)("a cat", **kw).images, pipe("a cat", **kw).images)
+    for bad in (dict(threads=0), dict(threads=True), dict(inter_op_threads=-1), dict(optimization="max")):
+        with pytest.raises(ParameterError) as e:
+            OnnxRuntimeBackend(tiny_onnx[1], **bad)
+        assert e.value.name == next(iter(bad)), bad

@@ -39,7 +39,8 @@ def _run_both(name, bundle, path, dims):
     return GraphSession(spec, path)(*x), ref
 
 
-@pytest.mark.parametrize("name,fmt", [("sd15_unet", "kohya"), ("sdxl_text_encoder_2", "peft")])
+@pytest.mark.parametrize("name,fmt", [("sd15_unet", "kohya"), ("sdxl_text_encoder_2", "peft"),
+                                      ("sdxl_unet_fused", "kohya")])
 def test_lora_on_onnx_equals_fused_torch(tiny_onnx, tmp_path, name, fmt):
     bundle, folder = tiny_onnx
     family = "sdxl" if name.startswith("sdxl") else "sd15"
@@ -57,7 +58,7 @@ def test_lora_on_onnx_equals_fused_torch(tiny_onnx, tmp_path, name, fmt):
 
     out = tmp_path / f"{name}.onnx"
     report = apply_weight_deltas(folder / f"{name}.onnx", deltas, output=out)
-    target = "unet." if family == "sd15" else "text_encoder_2."
+    target = "text_encoder_2." if "text_encoder_2" in name else "unet."
     mine = sorted(k for k in deltas if k.startswith(target) and "no_such" not in k)
     assert sorted(report.applied) == mine and len(mine) >= 3
     assert "unet.no_such_block.weight" in report.unmapped
@@ -84,6 +85,14 @@ def test_name_map_of_export(tiny_onnx):
     assert not entries["unet.conv_in.bias"]["refittable"]
     shared = [e for e in entries.values() if len(e["torch"]) > 1]  # equal-valued norms, deduplicated by the exporter
     assert shared and not any(e["refittable"] for e in shared)
+    fused = read_name_map(names_path(folder / "sdxl_unet_fused.onnx"))  # the mapping layers inside, not refittable
+    assert fused["target"] == "unet"
+    names = {t: e["refittable"] for e in fused["initializers"].values() for t in e["torch"]}
+    mapping = {t: r for t, r in names.items() if t.startswith("mapping.")}
+    assert "mapping.body.0.block1.weight" in mapping and "mapping.zero_out.2.weight" in mapping
+    assert not any(mapping.values())
+    assert all(t.startswith(("unet.", "mapping.")) for t in names)
+    assert names["unet.up_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"]
     te2 = read_name_map(names_path(folder / "sdxl_text_encoder_2.onnx"))
     assert te2["target"] == "text_encoder_2"
     assert all(t.startswith("text_encoder_2.") for e in te2["initializers"].values() for t in e["torch"])

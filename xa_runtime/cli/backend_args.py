@@ -72,10 +72,13 @@ def check_backend(args: argparse.Namespace, tiny: bool, plugin_specs: dict[str, 
                           "of these models)")
     if args.onnx_dir is not None:
         folder = Path(args.onnx_dir)
-        missing = [g for g in ("sd15_unet", "mapping", "sdxl_unet") if not (folder / f"{g}.onnx").is_file()]
-        if not folder.is_dir() or missing or not (folder / "manifest.json").is_file():
+        def has(*graphs: str) -> bool:
+            return all((folder / f"{g}.onnx").is_file() for g in graphs)
+
+        sdxl_side = has("mapping", "sdxl_unet") or has("sdxl_unet_fused")  # split pair or fused graph
+        if not folder.is_dir() or not has("sd15_unet") or not sdxl_side or not (folder / "manifest.json").is_file():
             raise ParameterError("--onnx-dir", args.onnx_dir, "an xa-export folder with manifest.json, sd15_unet.onnx, "
-                                 "mapping.onnx and sdxl_unet.onnx")
+                                 "and mapping.onnx + sdxl_unet.onnx or sdxl_unet_fused.onnx")
     used = [flag for kind, flag in _TORCH_ONLY_PLUGINS.items() if plugin_specs.get(kind)]
     if used:
         raise usage_error(f"{', '.join(used)} need --backend torch ({args.backend} takes ControlNet plugins only; "

@@ -23,7 +23,8 @@ from .usage import CheckedParser, UsageError, parameter_error_line
 PROG = "xa-export"
 # what a graph needs -> the flags that give it
 NEEDS_FLAGS = {"sd15": ("--sd15",), "sdxl": ("--sdxl",), "mapping": ("--sd15", "--sdxl", "--adapter"),
-               "controlnet": ("--sd15", "--controlnet")}
+               "controlnet": ("--sd15", "--controlnet"), "t2i_adapter": ("--sd15", "--t2i-adapter")}
+MODEL_FLAGS = ("--sd15", "--sdxl", "--adapter", "--controlnet", "--t2i-adapter")
 PARAM_FLAGS = {"graphs": "--graphs", "dtype": "--dtype", "opset": "--opset", "output_dir": "--output"}
 
 
@@ -34,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sdxl", help="SDXL base diffusers folder or single file")
     p.add_argument("--adapter", help="X-Adapter checkpoint (X_Adapter_v1.bin or .safetensors)")
     p.add_argument("--controlnet", help="SD1.5 ControlNet folder or file (for the controlnet graph)")
-    p.add_argument("--tiny", action="store_true", help="the built-in tiny random models (and a tiny ControlNet)")
+    p.add_argument("--t2i-adapter", help="SD1.5 T2I-Adapter diffusers folder (for the t2i_adapter graph)")
+    p.add_argument("--tiny", action="store_true",
+                   help="the built-in tiny random models (and a tiny ControlNet and T2I-Adapter)")
     p.add_argument("--tiny-seed", type=int, default=0)
     p.add_argument("--output", required=True, help="output folder (created if its parent exists)")
     p.add_argument("--graphs", help="comma-separated graph names (default: all the given models allow)")
@@ -48,7 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _given(args: argparse.Namespace) -> set[str]:
-    return {f for f in ("--sd15", "--sdxl", "--adapter", "--controlnet") if getattr(args, f[2:]) is not None}
+    return {f for f in MODEL_FLAGS if _flag_value(args, f) is not None}
+
+
+def _flag_value(args: argparse.Namespace, flag: str):
+    return getattr(args, flag[2:].replace("-", "_"))
 
 
 def check_inputs(args: argparse.Namespace) -> tuple[list[str], Path]:
@@ -59,7 +66,7 @@ def check_inputs(args: argparse.Namespace) -> tuple[list[str], Path]:
     if args.tiny and given:
         raise UsageError(f"--tiny takes no model paths (got {', '.join(sorted(given))})")
     if not args.tiny and not given:
-        raise UsageError("give model paths (--sd15, --sdxl, --adapter, --controlnet) or --tiny")
+        raise UsageError(f"give model paths ({', '.join(MODEL_FLAGS)}) or --tiny")
     check_dtype(args.dtype)
     args.opset = check_opset(DEFAULT_OPSET if args.opset is None else args.opset)
     if args.device not in ("cpu", "cuda"):
@@ -92,6 +99,8 @@ def check_inputs(args: argparse.Namespace) -> tuple[list[str], Path]:
                 check_model_path(getattr(args, flag[2:]), family, flag)
         if "--controlnet" in given and not Path(args.controlnet).exists():
             raise ParameterError("--controlnet", args.controlnet, "an SD1.5 ControlNet folder or file; nothing is there")
+        if "--t2i-adapter" in given and not Path(args.t2i_adapter).is_dir():
+            raise ParameterError("--t2i-adapter", args.t2i_adapter, "an SD1.5 T2I-Adapter diffusers folder")
     return names, out
 
 
@@ -109,21 +118,24 @@ def load_bundle(args: argparse.Namespace, names: list[str]):
             comps = getattr(bundle, part)
             for m in (v for v in vars(comps).values() if isinstance(v, torch.nn.Module)):
                 m.to(device, dtype)
-        for m in (bundle.mapping, bundle.controlnet):
+        for m in (bundle.mapping, bundle.controlnet, bundle.t2i_adapter):
             m.to(device, dtype)
         return bundle
     from ..loading import load_mapping, load_sd15, load_sdxl
     from ..models.mapping import MappingConfig
     from ..plugins.controlnet import load_controlnet
+    from ..plugins.t2i_adapter import load_t2i_adapter
 
-    sd15 = load_sd15(args.sd15, dtype=dtype, device=device) if args.sd15 and needed & {"sd15", "mapping", "controlnet"} else None
+    sd15_parts = {"sd15", "mapping", "controlnet", "t2i_adapter"}
+    sd15 = load_sd15(args.sd15, dtype=dtype, device=device) if args.sd15 and needed & sd15_parts else None
     sdxl = load_sdxl(args.sdxl, dtype=dtype, device=device) if args.sdxl and needed & {"sdxl", "mapping"} else None
     mapping = None
     if "mapping" in needed:
         config = MappingConfig.from_unet_configs(sd15.unet.config, sdxl.unet.config)
         mapping = load_mapping(args.adapter, config, dtype=dtype, device=device)
     controlnet = load_controlnet(args.controlnet, dtype=dtype, device=device) if "controlnet" in needed else None
-    return ModuleBundle(sd15, sdxl, mapping, controlnet)
+    t2i = load_t2i_adapter(args.t2i_adapter, dtype=dtype, device=device) if "t2i_adapter" in needed else None
+    return ModuleBundle(sd15, sdxl, mapping, controlnet, t2i)
 
 
 def describe(error: ParameterError) -> str:
@@ -150,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         source = None
         if not args.tiny:  # hash the model files and check the folder before loading anything
-            source = mf.source_from_paths({f: getattr(args, f[2:]) for f in sorted(_given(args))})
+            source = mf.source_from_paths({f: _flag_value(args, f) for f in sorted(_given(args))})
             if out.is_dir():
                 mf.check_source(out, source, args.force)
         bundle = load_bundle(args, names)

@@ -130,7 +130,8 @@ class TensorRTBackend:
             if manifest["refit"] != "none" and g in LORA_GRAPHS and g in onnx:
                 self.refitters[g] = EngineRefitter(engine, onnx[g], self.logger)
             self.sessions[g] = EngineSession(get_graph(g), engine)
-        self.sd15_branch = OrtSD15Branch(self.sessions["sd15_unet"], self.sessions.get("sd15_unet_control"))  # type: ignore[arg-type]
+        self.sd15_branch = OrtSD15Branch(self.sessions["sd15_unet"], self.sessions.get("sd15_unet_control"),  # type: ignore[arg-type]
+                                         self.sessions.get("sd15_unet_t2i"))  # type: ignore[arg-type]
         self.sdxl_branch = OrtSDXLBranch(self.sessions["sdxl_unet"])  # type: ignore[arg-type]
         self.mapping = OrtMapping(self.sessions["mapping"])  # type: ignore[arg-type]
 

@@ -24,6 +24,7 @@ from ..runtime.graphs_table import GRAPHS
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
+BUNDLE_PARTS = ("sd15", "sdxl", "mapping", "controlnet", "t2i_adapter")  # ModuleBundle's fields
 _CHUNK = 1 << 20
 
 
@@ -69,9 +70,8 @@ def bundle_modules(bundle: Any) -> dict[str, Any]:
     """Every torch module of the bundle, by "part" or "part.component" name."""
     import torch
 
-    parts = ("sd15", "sdxl", "mapping", "controlnet")
     out = {}
-    for part in parts:
+    for part in BUNDLE_PARTS:
         value = getattr(bundle, part)
         if isinstance(value, torch.nn.Module):
             out[part] = value
@@ -85,7 +85,7 @@ def source_from_bundle(bundle: Any) -> dict[str, Any]:
     part, not only those the exported graphs read, so later exports into the folder match)."""
     modules = bundle_modules(bundle)
     parts = {}
-    for part in ("sd15", "sdxl", "mapping", "controlnet"):
+    for part in BUNDLE_PARTS:
         mine = {k: m for k, m in modules.items() if k.split(".")[0] == part}
         if mine:
             parts[part] = modules_fingerprint(mine)

@@ -6,9 +6,12 @@ specialises the latent size through diffusers' `dim % default_overall_up_factor`
 ("Constraints violated (8*h, 8*w)"), so the graph would be fixed-size. The TorchScript
 trace keeps H/W/B/T symbolic and exports the tiny SD1.5 UNet in ~3 s.
 
-Files are written atomically: a staging folder beside the target, the .onnx checked by
-onnx.checker (by path, so > 2 GB models work), then moved into place, its external data
-file (`NAME.onnx.data`, used above ~1.8 GB, e.g. SDXL in fp32) first and the .onnx last.
+After the export each graph is cleaned (export/cleanup.py: onnxruntime's basic offline
+optimisation folds constants with the weights kept as named initializers, then onnx shape
+inference with data propagation), then checked by onnx.checker with full_check (by path,
+so > 2 GB models work). Files are written atomically: a staging folder beside the target,
+then moved into place, the external data file (`NAME.onnx.data`, used above ~1.8 GB, e.g.
+SDXL in fp32) first and the .onnx last.
 """
 
 from __future__ import annotations
@@ -152,25 +155,35 @@ def _write_checked(raw: Path, staged: Path, path: Path, spec: GraphSpec, dims: d
                    opset: int, external_data: bool | None, parameter_names: list[str]) -> None:
     import onnx
 
+    from .cleanup import FOLDING_KEY, fold_constants, infer_shapes, infer_shapes_file
     from .refit import build_name_map, names_path, write_name_map
 
     model = onnx.load(str(raw))  # with its external tensors, if torch wrote any
     _declare_io(model, spec, dims)
     size = sum(_tensor_bytes(t) for t in model.graph.initializer)
     external = size > EXTERNAL_DATA_BYTES if external_data is None else bool(external_data)
+    name_map = build_name_map(spec, model, parameter_names)  # before folding: the exporter's Identity aliases
+    fold_dir = staged.parent / "fold"
+    fold_dir.mkdir()
+    model, folding = fold_constants(model, name_map["initializers"], fold_dir, size > EXTERNAL_DATA_BYTES)
+    shutil.rmtree(fold_dir)
+    _declare_io(model, spec, dims)
+    _set_transposed(name_map, model)
     meta = {"xa_runtime.graph": spec.name, "xa_runtime.dtype": str(dtype).removeprefix("torch."),
-            "xa_runtime.opset": str(opset), "xa_runtime.version": xa_runtime.__version__}
+            "xa_runtime.opset": str(opset), "xa_runtime.version": xa_runtime.__version__, FOLDING_KEY: folding}
+    del model.metadata_props[:]
     for key, value in meta.items():
         model.metadata_props.add(key=key, value=value)
     data = path.with_name(path.name + ".data")
-    name_map = build_name_map(spec, model, parameter_names)
     if external:
         onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data.name, size_threshold=0)
+        del model
+        infer_shapes_file(staged)
     else:
-        onnx.save_model(model, str(staged))
-    del model
-    onnx.checker.check_model(str(staged))
+        onnx.save_model(infer_shapes(model), str(staged))
+        del model
+    onnx.checker.check_model(str(staged), full_check=True)
     if external:
         os.replace(staged.with_name(data.name), data)
     write_name_map(name_map, staged.with_name(names_path(path).name))
@@ -178,6 +191,13 @@ def _write_checked(raw: Path, staged: Path, path: Path, spec: GraphSpec, dims: d
     os.replace(staged, path)  # last: a present .onnx always has its complete data
     if not external and data.exists():
         data.unlink()  # left by an earlier export of the same name with external data
+
+
+def _set_transposed(name_map: dict, model) -> None:
+    """The name map's "transposed" flags as the cleaned graph reads its weights."""
+    transposed = {i for n in model.graph.node if n.op_type == "Transpose" for i in n.input}
+    for init, entry in name_map["initializers"].items():
+        entry["transposed"] = init in transposed
 
 
 def _tensor_bytes(t) -> int:

@@ -34,7 +34,8 @@ from ..runtime.graphs_table import GraphSpec
 NAME_MAP_FORMAT = 1
 # graph -> the pipeline component its wrapper's weights belong to (the LoRA target name)
 LORA_TARGETS = {
-    "sd15_unet": "unet", "sd15_unet_control": "unet", "sdxl_unet": "unet", "controlnet": "controlnet",
+    "sd15_unet": "unet", "sd15_unet_control": "unet", "sd15_unet_t2i": "unet", "sdxl_unet": "unet", "sdxl_unet_fused": "unet",
+    "controlnet": "controlnet",
     "sd15_text_encoder": "text_encoder", "sdxl_text_encoder": "text_encoder", "sdxl_text_encoder_2": "text_encoder_2",
 }
 
@@ -67,7 +68,11 @@ def build_name_map(spec: GraphSpec, model: Any, parameter_names: Iterable[str]) 
             readers.setdefault(init, []).append(name)
 
     def torch_name(name: str) -> str:
-        return f"{target}.{name.partition('.')[2]}" if target else name
+        # The wrapper's own module (unet, text_encoder, ...) takes the target's name; the mapping
+        # layers fused into sdxl_unet_fused keep theirs (no LoRA targets them).
+        if not target or name.startswith("mapping."):
+            return name
+        return f"{target}.{name.partition('.')[2]}"
 
     entries = {}
     for init, names in readers.items():

@@ -29,29 +29,35 @@ class ModuleBundle:
     sdxl: SDXLComponents | None = None
     mapping: MappingLayers | None = None
     controlnet: nn.Module | None = None
+    t2i_adapter: nn.Module | None = None  # an SD1.5 diffusers T2IAdapter
 
     @classmethod
     def tiny(cls, seed: int = 0) -> "ModuleBundle":
-        """The built-in tiny random models and a tiny ControlNet (real topology)."""
+        """The built-in tiny random models, a tiny ControlNet and a tiny T2I-Adapter (real topology)."""
         from ..models.tiny import build_tiny_models
         from ..plugins.controlnet import build_tiny_controlnet
+        from ..plugins.t2i_adapter import build_tiny_t2i_adapter
 
         sd15, sdxl, mapping = build_tiny_models(seed)
-        return cls(sd15, sdxl, mapping, build_tiny_controlnet(sd15.unet, seed + 3))
+        return cls(sd15, sdxl, mapping, build_tiny_controlnet(sd15.unet, seed + 3),
+                   build_tiny_t2i_adapter(sd15.unet, seed=seed + 4))
 
 
 class SD15UNetGraph(nn.Module):
-    """sd15_unet / sd15_unet_control: (sample, timestep, text[, 12 down + mid residuals]) -> (eps, f0, f1, f2)."""
+    """sd15_unet / sd15_unet_control / sd15_unet_t2i: (sample, timestep, text[, 12 down + mid
+    ControlNet residuals | 4 T2I-Adapter features]) -> (eps, f0, f1, f2)."""
 
-    def __init__(self, unet: nn.Module, control: bool = False):
+    def __init__(self, unet: nn.Module, control: bool = False, adapter: bool = False):
         super().__init__()
-        self.unet, self.control = unet, control
+        self.unet, self.control, self.adapter = unet, control, adapter
         self.__dict__["branch"] = SD15Branch(unet)  # not a submodule: weights stay named unet.*
 
     def forward(self, sample, timestep, encoder_hidden_states, *residuals):
         kwargs: dict[str, Any] = {}
         if self.control:
             kwargs = {"down_block_additional_residuals": residuals[:-1], "mid_block_additional_residual": residuals[-1]}
+        elif self.adapter:
+            kwargs = {"down_intrablock_additional_residuals": list(residuals)}  # the UNet pops from the list
         eps, (f0, f1, f2) = self.branch(sample, timestep, encoder_hidden_states, **kwargs)
         return eps, f0, f1, f2
 
@@ -84,6 +90,20 @@ class SDXLUNetGraph(nn.Module):
         self.branch.remove_hooks()
 
 
+class SDXLUNetFusedGraph(SDXLUNetGraph):
+    """sdxl_unet_fused: (sample, timestep, text, pooled, time_ids, f0, f1, f2, acs, fusion) -> eps;
+    the mapping layers (registered as `mapping`, so their weights read `mapping.body...`)
+    make r0..r2 inside the graph."""
+
+    def __init__(self, unet: nn.Module, mapping: MappingLayers):
+        super().__init__(unet)
+        self.mapping = mapping
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, f0, f1, f2, acs, fusion):
+        r0, r1, r2 = self.mapping(f0, f1, f2)
+        return super().forward(sample, timestep, encoder_hidden_states, text_embeds, time_ids, r0, r1, r2, acs, fusion)
+
+
 class MappingGraph(nn.Module):
     def __init__(self, mapping: MappingLayers):
         super().__init__()
@@ -106,6 +126,17 @@ class ControlNetGraph(nn.Module):
             conditioning_scale=conditioning_scale.to(sample.dtype), guess_mode=False, return_dict=False,
         )
         return (*down, mid)
+
+
+class T2IAdapterGraph(nn.Module):
+    """t2i_adapter: control image -> its 4 features (unscaled)."""
+
+    def __init__(self, t2i_adapter: nn.Module):
+        super().__init__()
+        self.t2i_adapter = t2i_adapter
+
+    def forward(self, image):
+        return tuple(self.t2i_adapter(image))
 
 
 class VAEDecoderGraph(nn.Module):
@@ -154,10 +185,14 @@ def build_graph_module(spec: GraphSpec, bundle: ModuleBundle,
     `convert` maps that module first (e.g. to a converted copy)."""
     n, b = spec.name, bundle
     c = convert or (lambda m: m)
-    if n in ("sd15_unet", "sd15_unet_control"):
-        return SD15UNetGraph(c(b.sd15.unet), control=n.endswith("control"))
+    if n in ("sd15_unet", "sd15_unet_control", "sd15_unet_t2i"):
+        return SD15UNetGraph(c(b.sd15.unet), control=n.endswith("control"), adapter=n.endswith("t2i"))
+    if n == "t2i_adapter":
+        return T2IAdapterGraph(c(b.t2i_adapter))
     if n == "sdxl_unet":
         return SDXLUNetGraph(c(b.sdxl.unet))
+    if n == "sdxl_unet_fused":
+        return SDXLUNetFusedGraph(c(b.sdxl.unet), c(b.mapping))
     if n == "mapping":
         return MappingGraph(c(b.mapping))
     if n == "controlnet":
@@ -188,12 +223,15 @@ def model_dims(spec: GraphSpec, bundle: ModuleBundle) -> dict[str, int]:
         dims.update(c_f0=rev[1], c_f1=rev[2], c_f2=rev[3], c_mid=c[-1])
         down = [c[0]] + [c[s] for s in range(len(c)) for _ in range(3)][: len(CONTROL_RESIDUALS) - 2]
         dims.update({f"c_down{i}": ch for i, ch in enumerate(down)})
-        if spec.name in ("sd15_unet", "sd15_unet_control", "controlnet"):
+        dims.update({f"c_block{i}": ch for i, ch in enumerate(c)})
+        if spec.name in ("sd15_unet", "sd15_unet_control", "sd15_unet_t2i", "controlnet"):
             dims["ctx"] = bundle.sd15.unet.config.cross_attention_dim
+    if bundle.t2i_adapter is not None:
+        dims["c_image"] = bundle.t2i_adapter.config.in_channels
     if bundle.mapping is not None:
         dims.update({f"c_f{i}": ch for i, ch in enumerate(bundle.mapping.config.in_channels)})
         dims.update({f"c_r{i}": ch for i, ch in enumerate(bundle.mapping.config.out_channels)})
-    if bundle.sdxl is not None and spec.name == "sdxl_unet":
+    if bundle.sdxl is not None and spec.name in ("sdxl_unet", "sdxl_unet_fused"):
         cfg = bundle.sdxl.unet.config
         rev = list(cfg.block_out_channels)[::-1]
         dims.update(ctx=cfg.cross_attention_dim, c_r0=rev[0], c_r1=rev[0], c_r2=rev[1],
@@ -212,6 +250,8 @@ def example_inputs(spec: GraphSpec, dims: dict[str, int], dtype: torch.dtype, de
         if t.dtype == "int64":
             x = torch.randint(0, 49406, shape, generator=g)
             x[:, -1] = 49407
+        elif t.name == "image" and spec.name == "t2i_adapter":
+            x = torch.rand(shape, generator=g)  # a control image in [0, 1]
         elif t.name == "timestep":
             x = torch.rand(shape, generator=g) * 999
         elif t.name in ("adapter_condition_scale", "conditioning_scale"):

@@ -56,6 +56,19 @@ def resolve_dim(dim: int | str, dims: Mapping[str, int]) -> int:
     return value
 
 
+def solve_dims(tensors: tuple[TensorSpec, ...], shapes: list[tuple[int, ...]]) -> dict[str, int]:
+    """Values of the dynamic dimensions ("B", "H", ...) read back from concrete `shapes` of
+    `tensors` (an axis "H/4" of size 8 gives H = 32; "8*H" of 256 gives 32)."""
+    out: dict[str, int] = {}
+    for t, shape in zip(tensors, shapes):
+        for d, v in zip(t.shape, shape):
+            m = _EXPR.match(d) if isinstance(d, str) else None
+            if m is not None:
+                mult, base, div = m.groups()
+                out.setdefault(base, v * int(div or 1) // int(mult or 1))
+    return out
+
+
 @dataclass(frozen=True)
 class DimRange:
     """TensorRT-style optimisation profile of one dynamic dimension."""
@@ -80,7 +93,7 @@ class GraphSpec:
     profiles: Mapping[str, DimRange]
     refittable: tuple[str, ...] = ()
     description: str = ""
-    needs: tuple[str, ...] = field(default=())  # module bundle parts: "sd15", "sdxl", "mapping", "controlnet"
+    needs: tuple[str, ...] = field(default=())  # bundle parts: "sd15", "sdxl", "mapping", "controlnet", "t2i_adapter"
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -147,6 +160,11 @@ _DOWN_SCALES = ("", "", "", "/2", "/2", "/2", "/4", "/4", "/4", "/8", "/8", "/8"
 CONTROL_RESIDUALS = tuple(
     _t(f"down_block_residual_{i}", "float", "B", f"c_down{i}", "H" + s, "W" + s) for i, s in enumerate(_DOWN_SCALES)
 ) + (_t("mid_block_residual", "float", "B", "c_mid", "H/8", "W/8"),)
+# T2I-Adapter features: one per SD1.5 down block (added after its last resnet/attention pair,
+# diffusers' down_intrablock_additional_residuals), at H, H/2, H/4, H/8 with the blocks' widths.
+ADAPTER_RESIDUALS = tuple(
+    _t(f"adapter_residual_{i}", "float", "B", f"c_block{i}", "H" + s, "W" + s) for i, s in enumerate(("", "/2", "/4", "/8"))
+)
 _SD15 = {"B": UNET_ROWS, "H": SD15_LATENT, "W": SD15_LATENT, "T": TOKENS}
 _SDXL = {"B": UNET_ROWS, "H": SDXL_LATENT, "W": SDXL_LATENT, "T": TOKENS}
 
@@ -180,6 +198,14 @@ _GRAPHS = (
     GraphSpec("sd15_unet_control", _LATENT_IN + CONTROL_RESIDUALS, (_t("eps", "float", "B", 4, "H", "W"),) + _FEATURES,
               _SD15, UNET_LORA_WEIGHTS, "sd15_unet taking ControlNet down/mid residuals (their sum over ControlNets)",
               ("sd15",)),
+    GraphSpec("sd15_unet_t2i", _LATENT_IN + ADAPTER_RESIDUALS, (_t("eps", "float", "B", 4, "H", "W"),) + _FEATURES,
+              _SD15, UNET_LORA_WEIGHTS, "sd15_unet taking T2I-Adapter (or Nexus Adapter) features, already scaled, "
+              "added inside the down blocks", ("sd15",)),
+    GraphSpec("t2i_adapter", (_t("image", "float", "B", "c_image", "8*H", "8*W"),),
+              tuple(TensorSpec(f"adapter_feature_{i}", "float", t.shape) for i, t in enumerate(ADAPTER_RESIDUALS)),
+              {"B": UNET_ROWS, "H": SD15_LATENT, "W": SD15_LATENT}, (),
+              "SD1.5 T2I-Adapter: control image in [0, 1] (grey for 1-channel adapters) -> its 4 features, unscaled "
+              "(inputs of sd15_unet_t2i once scaled)", ("sd15", "t2i_adapter")),
     GraphSpec(
         "mapping",
         (_t("f0", "float", "B", "c_f0", "H/4", "W/4"), _t("f1", "float", "B", "c_f1", "H/2", "W/2"),
@@ -200,6 +226,19 @@ _GRAPHS = (
         "SDXL UNet with the residuals injected (mid_block, up_blocks[0], up_blocks[1] outputs): h + acs*r, or "
         "with fusion_guidance_scale s >= 0 h + s*(acs*r - h); s < 0 means plain add",
         ("sdxl",),
+    ),
+    GraphSpec(
+        "sdxl_unet_fused",
+        _LATENT_IN + (
+            _t("text_embeds", "float", "B", "pooled"), _t("time_ids", "float", "B", 6),
+            _t("f0", "float", "B", "c_f0", "H/4", "W/4"), _t("f1", "float", "B", "c_f1", "H/2", "W/2"),
+            _t("f2", "float", "B", "c_f2", "H/2", "W/2"),
+            _t("adapter_condition_scale", "float32", 1), _t("fusion_guidance_scale", "float32", 1),
+        ),
+        (_t("eps", "float", "B", 4, "H", "W"),), _SDXL, UNET_LORA_WEIGHTS,
+        "mapping + sdxl_unet in one graph: SD1.5 features f0..f2 in (as mapping takes them), the residuals "
+        "made and injected inside; the mapping weights are not refittable",
+        ("sdxl", "mapping"),
     ),
     GraphSpec(
         "controlnet",

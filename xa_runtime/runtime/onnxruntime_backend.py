@@ -3,13 +3,17 @@
 `OnnxRuntimeBackend(folder)` gives `sd15_branch`, `sdxl_branch` and `mapping`, callable as
 SD15Branch, SDXLBranch and MappingLayers are, so `XAdapterPipeline.with_backend(backend)`
 runs stage 1 and stage 2 on onnxruntime. Inputs and outputs are checked against the graph
-table. Tensors cross to the host as numpy arrays (CPU provider); a CUDA provider is
-accepted where onnxruntime-gpu is installed, still through host copies for now.
+table. Two ways to pass tensors: plain `session.run` with numpy arrays (host copies), or IO
+binding (`io_binding=True`, the default with the CUDA provider): torch tensors bound by
+data_ptr as inputs, outputs allocated as torch tensors of the table's shapes on the inputs'
+device and bound too, so on CUDA nothing crosses to the host between graphs. CPU-tested:
+both paths (equal); GPU-untested-yet: the CUDA provider and CUDA binding (no GPU here).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,12 +22,21 @@ import torch
 
 from ..errors import CheckpointError, ParameterError
 from ..models.branches import ResidualInjection
-from .graphs_table import GraphSpec, get_graph
+from .graphs_table import GraphSpec, get_graph, solve_dims
 
 PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-PIPELINE_GRAPHS = ("sd15_unet", "mapping", "sdxl_unet")  # required by the branches
-OPTIONAL_GRAPHS = ("sd15_unet_control",)  # SD1.5 ControlNet residuals, when exported
+PIPELINE_GRAPHS = ("sd15_unet", "mapping", "sdxl_unet")  # required by the branches (split SDXL side)
+OPTIONAL_GRAPHS = ("sd15_unet_control", "sd15_unet_t2i")  # ControlNet residuals / T2I-Adapter features, when exported
+FUSED_GRAPH = "sdxl_unet_fused"  # mapping + SDXL UNet in one graph, replaces mapping and sdxl_unet
+SDXL_MODES = ("auto", "split", "fused")
+# What "auto" picks when the folder has both: the faster one measured on onnxruntime CPU
+# (benchmarks/bench_sdxl_split.py, README "Export"); GPU / TensorRT not measured yet.
+PREFERRED_SDXL_MODE = "fused"
+# onnxruntime's graph optimisation levels, by name; set explicitly on every session.
+OPTIMIZATION_LEVELS = ("disabled", "basic", "extended", "all")
 _ORT_FLOATS = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+_KIND_DTYPES = {"float32": torch.float32, "int64": torch.int64}
+_NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
 
 
 def resolve_providers(providers: Sequence[str]) -> list[str]:
@@ -39,18 +52,51 @@ def resolve_providers(providers: Sequence[str]) -> list[str]:
     return names
 
 
+def check_threads(threads: object, name: str = "threads") -> int | None:
+    if threads is None:
+        return None
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ParameterError(name, threads, "None (onnxruntime's default: one per physical core) or an integer >= 1")
+    return threads
+
+
+def session_options(threads: int | None = None, optimization: str = "all", inter_op_threads: int | None = None):
+    """onnxruntime.SessionOptions with the graph optimisation level set explicitly and the
+    intra-op (`threads`) / inter-op thread counts when given."""
+    import onnxruntime as ort
+
+    if optimization not in OPTIMIZATION_LEVELS:
+        raise ParameterError("optimization", optimization, " or ".join(OPTIMIZATION_LEVELS))
+    options = ort.SessionOptions()
+    level = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+             "all": "ORT_ENABLE_ALL"}[optimization]
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    if check_threads(threads) is not None:
+        options.intra_op_num_threads = threads
+    if check_threads(inter_op_threads, "inter_op_threads") is not None:
+        options.inter_op_num_threads = inter_op_threads
+    return options
+
+
 class GraphSession:
-    """One exported graph: positional torch tensors in the table's order -> tuple of CPU torch tensors."""
+    """One exported graph: positional torch tensors in the table's order -> tuple of torch tensors.
+
+    threads: onnxruntime intra-op threads (None: its default); optimization: graph
+    optimisation level ("disabled", "basic", "extended", "all"); io_binding: bind torch
+    tensors (see the module doc; outputs on the inputs' device) instead of numpy copies
+    (outputs on the CPU); None: on with the CUDA provider first, off otherwise.
+    """
 
     def __init__(self, spec: GraphSpec, path: str | os.PathLike, providers: Sequence[str] = ("cpu",),
-                 threads: int | None = None):
+                 threads: int | None = None, *, optimization: str = "all", io_binding: bool | None = None,
+                 inter_op_threads: int | None = None):
         import onnxruntime as ort
 
         self.spec, self.path = spec, Path(path)
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), options, providers=resolve_providers(providers))
+        options = session_options(threads, optimization, inter_op_threads)
+        names = resolve_providers(providers)
+        self.io_binding = names[0] == PROVIDER_NAMES["cuda"] if io_binding is None else bool(io_binding)
+        self.session = ort.InferenceSession(str(path), options, providers=names)
         ins, outs = self.session.get_inputs(), self.session.get_outputs()
         got = ([i.name for i in ins], [o.name for o in outs])
         if got != (list(spec.input_names), list(spec.output_names)):
@@ -60,9 +106,10 @@ class GraphSession:
             )
         floats = {_ORT_FLOATS.get(i.type) for i, t in zip(ins, spec.inputs) if t.dtype == "float"}
         self.float_dtype = floats.pop() if len(floats) == 1 else np.float32
+        self.torch_float = torch.float16 if self.float_dtype == np.float16 else torch.float32
         # model dimensions (channels, widths) are static in the graph: read them back
         self.model_dims = {
-            d: v for i, t in zip(ins, spec.inputs) for d, v in zip(t.shape, i.shape)
+            d: v for i, t in zip(ins + outs, spec.inputs + spec.outputs) for d, v in zip(t.shape, i.shape)
             if isinstance(d, str) and d.islower() and isinstance(v, int)
         }
 
@@ -75,8 +122,33 @@ class GraphSession:
     def __call__(self, *tensors: Any) -> tuple[torch.Tensor, ...]:
         if len(tensors) != len(self.spec.inputs):
             raise ValueError(f"graph {self.spec.name} takes {len(self.spec.inputs)} inputs, got {len(tensors)}")
+        if self.io_binding:
+            return self._run_bound(tensors)
         feeds = {t.name: self._array(t.dtype, x) for t, x in zip(self.spec.inputs, tensors)}
         return tuple(torch.from_numpy(o) for o in self.session.run(None, feeds))
+
+    def _run_bound(self, tensors: Sequence[Any]) -> tuple[torch.Tensor, ...]:
+        """IO binding: inputs and preallocated outputs bound by data_ptr on one device."""
+        first = next((x for x in tensors if isinstance(x, torch.Tensor)), None)
+        device = first.device if first is not None else torch.device("cpu")
+        inputs = []
+        for t, x in zip(self.spec.inputs, tensors):
+            dtype = self.torch_float if t.dtype == "float" else _KIND_DTYPES[t.dtype]
+            inputs.append(torch.as_tensor(x).detach().to(device, dtype).contiguous())
+        dims = {**self.model_dims, **solve_dims(self.spec.inputs, [tuple(x.shape) for x in inputs])}
+        outputs = [torch.empty(t.resolve(dims), dtype=self.torch_float if t.dtype == "float" else _KIND_DTYPES[t.dtype],
+                               device=device) for t in self.spec.outputs]
+        binding = self.session.io_binding()
+        kind, index = device.type, device.index or 0
+        for t, x in zip(self.spec.inputs, inputs):
+            binding.bind_input(t.name, kind, index, _NUMPY[x.dtype], tuple(x.shape), x.data_ptr())
+        for t, y in zip(self.spec.outputs, outputs):
+            binding.bind_output(t.name, kind, index, _NUMPY[y.dtype], tuple(y.shape), y.data_ptr())
+        if kind == "cuda":  # onnxruntime runs on its own stream: the inputs must be written first
+            torch.cuda.current_stream(device).synchronize()
+        self.session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+        return tuple(outputs)
 
 
 def _rows(timestep: Any, batch: int) -> torch.Tensor:
@@ -91,22 +163,35 @@ def _like(outputs: Sequence[torch.Tensor], ref: torch.Tensor) -> list[torch.Tens
 class OrtSD15Branch:
     """SD15Branch on onnxruntime: (sample, timestep, text, **unet_kwargs) -> (eps, (f0, f1, f2)).
 
-    unet_kwargs: ControlNet residuals only (the sd15_unet_control graph); other plugins'
-    kwargs (T2I-Adapter, IP-Adapter, unfused LoRA scales) need the PyTorch backend.
+    unet_kwargs: ControlNet residuals (the sd15_unet_control graph) or T2I-Adapter / Nexus
+    features (`down_intrablock_additional_residuals`, the sd15_unet_t2i graph), not both in
+    one call; other plugins' kwargs (IP-Adapter, unfused LoRA scales) need the PyTorch backend.
     """
 
     CONTROL_KEYS = ("down_block_additional_residuals", "mid_block_additional_residual")
+    ADAPTER_KEY = "down_intrablock_additional_residuals"
 
-    def __init__(self, plain: GraphSession, control: GraphSession | None = None):
-        self.plain, self.control = plain, control
+    def __init__(self, plain: GraphSession, control: GraphSession | None = None, t2i: GraphSession | None = None):
+        self.plain, self.control, self.t2i = plain, control, t2i
 
     def __call__(self, sample: torch.Tensor, timestep: Any, encoder_hidden_states: torch.Tensor, **unet_kwargs: Any):
-        other = sorted(k for k in unet_kwargs if k not in self.CONTROL_KEYS)
+        other = sorted(k for k in unet_kwargs if k not in self.CONTROL_KEYS + (self.ADAPTER_KEY,))
         if other:
-            raise ValueError(f"the onnxruntime SD1.5 UNet takes ControlNet residuals only, not {other}; "
-                             "run these plugins on the PyTorch backend")
+            raise ValueError(f"the onnxruntime SD1.5 UNet takes ControlNet residuals and T2I-Adapter features only, "
+                             f"not {other}; run these plugins on the PyTorch backend")
         t = _rows(timestep, sample.shape[0])
-        if unet_kwargs:
+        if self.ADAPTER_KEY in unet_kwargs:
+            if len(unet_kwargs) > 1:
+                raise ValueError("ControlNet residuals and T2I-Adapter features together need the PyTorch backend "
+                                 "(no graph takes both)")
+            if self.t2i is None:
+                raise ValueError("T2I-Adapter features given, but no sd15_unet_t2i graph was exported to this folder")
+            feats = list(unet_kwargs[self.ADAPTER_KEY])
+            if len(feats) != len(self.t2i.spec.inputs) - 3:
+                raise ValueError(f"the sd15_unet_t2i graph takes {len(self.t2i.spec.inputs) - 3} adapter features, "
+                                 f"got {len(feats)}")
+            out = self.t2i(sample, t, encoder_hidden_states, *feats)
+        elif unet_kwargs:
             if self.control is None:
                 raise ValueError("ControlNet residuals given, but no sd15_unet_control graph was exported to this folder")
             n_down = len(self.control.spec.inputs) - 4
@@ -121,12 +206,27 @@ class OrtSD15Branch:
         return eps, (f0, f1, f2)
 
 
+@dataclass(frozen=True)
+class DeferredResidual:
+    """What OrtDeferredMapping gives in place of residual r_index: the SD1.5 features, which
+    the sdxl_unet_fused graph maps itself. Only OrtSDXLBranch in fused mode reads it."""
+
+    features: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    index: int
+
+
 class OrtSDXLBranch:
     """SDXLBranch on onnxruntime: residuals= or ResidualInjection injections (what the
-    pipeline passes); without either, zero residuals (the stock UNet)."""
+    pipeline passes); without either, zero residuals (the stock UNet).
 
-    def __init__(self, session: GraphSession):
-        self.session = session
+    session: the sdxl_unet graph (split mode) or None; fused: the sdxl_unet_fused graph, run
+    when the injections carry DeferredResidual features (fused mode: OrtDeferredMapping).
+    """
+
+    def __init__(self, session: GraphSession | None, fused: GraphSession | None = None):
+        if session is None and fused is None:
+            raise ValueError("OrtSDXLBranch needs the sdxl_unet or the sdxl_unet_fused graph")
+        self.session, self.fused = session, fused
 
     def __call__(self, sample: torch.Tensor, timestep: Any, encoder_hidden_states: torch.Tensor,
                  added_cond_kwargs: dict[str, torch.Tensor], residuals: Sequence[torch.Tensor] | None = None,
@@ -139,14 +239,24 @@ class OrtSDXLBranch:
         if injections is not None:
             residuals, adapter_condition_scale, fusion_guidance_scale = _read_injections(injections)
         b, _, h, w = sample.shape
+        graph = self.session
         if residuals is None:
-            dims = {**self.session.model_dims, "B": b, "H": h, "W": w}
-            residuals = [torch.zeros(s.resolve(dims)) for s in self.session.spec.inputs[5:8]]
+            # the stock UNet: zero residuals (zero features with scale 0 in the fused graph)
+            graph = self.session or self.fused
+            dims = {**graph.model_dims, "B": b, "H": h, "W": w}
+            residuals = [torch.zeros(s.resolve(dims)) for s in graph.spec.inputs[5:8]]
             adapter_condition_scale = 0.0
+        elif any(isinstance(r, DeferredResidual) for r in residuals):
+            if not all(isinstance(r, DeferredResidual) for r in residuals) or [r.index for r in residuals] != [0, 1, 2]:
+                raise ValueError("fused mode takes the three DeferredResidual of one OrtDeferredMapping call")
+            graph, residuals = self.fused, list(residuals[0].features)
+        elif graph is None:
+            raise ValueError("residual tensors given, but this backend runs the sdxl_unet_fused graph, which takes "
+                             "SD1.5 features; use OnnxRuntimeBackend(..., sdxl_mode='split') with sdxl_unet.onnx")
         if len(residuals) != 3:
             raise ValueError(f"expected 3 residuals (r0, r1, r2), got {len(residuals)}")
         fusion = -1.0 if fusion_guidance_scale is None else float(fusion_guidance_scale)
-        (eps,) = self.session(
+        (eps,) = graph(
             sample, _rows(timestep, b), encoder_hidden_states, added_cond_kwargs["text_embeds"],
             added_cond_kwargs["time_ids"], *residuals, [float(adapter_condition_scale)], [fusion],
         )
@@ -174,31 +284,70 @@ class OrtMapping:
         return tuple(_like(self.session(f0, f1, f2), f0))
 
 
+class OrtDeferredMapping:
+    """The mapping layers in fused mode: (f0, f1, f2) -> three DeferredResidual; the
+    sdxl_unet_fused graph maps them in the SDXL step (no mapping graph runs)."""
+
+    def __call__(self, f0: torch.Tensor, f1: torch.Tensor, f2: torch.Tensor) -> tuple[DeferredResidual, ...]:
+        return tuple(DeferredResidual((f0, f1, f2), i) for i in range(3))
+
+
 class OnnxRuntimeBackend:
     """The exported graphs of one folder (NAME.onnx as xa-export writes them) on onnxruntime.
 
     providers: "cpu", "cuda" or onnxruntime provider names, in order of preference.
-    Needs sd15_unet, mapping and sdxl_unet; loads sd15_unet_control if present. verify: check
-    the graphs' files against the folder's manifest.json first (sha256 of each; CheckpointError
-    for a missing manifest or a changed file); False skips it (no hashing).
+    sdxl_mode: how the SDXL side of stage 2 runs: "split" (the mapping graph, then sdxl_unet),
+    "fused" (sdxl_unet_fused: mapping inside the SDXL UNet graph, one call per step), or
+    "auto" (default): PREFERRED_SDXL_MODE when the folder has its graphs, else the other.
+    Needs sd15_unet and the chosen mode's graphs; loads sd15_unet_control and sd15_unet_t2i
+    if present.
+    verify: check the graphs' files against the folder's manifest.json first (sha256 of each;
+    CheckpointError for a missing manifest or a changed file); False skips it (no hashing).
+    threads / inter_op_threads: onnxruntime's intra-op / inter-op thread counts (None: its
+    defaults); optimization: its graph optimisation level ("all" default, "extended",
+    "basic", "disabled"); io_binding: see GraphSession (None: on for CUDA, off for CPU).
     """
 
     name = "onnxruntime"
 
     def __init__(self, folder: str | os.PathLike, providers: Sequence[str] = ("cpu",), threads: int | None = None,
-                 verify: bool = True):
+                 verify: bool = True, sdxl_mode: str = "auto", *, optimization: str = "all",
+                 io_binding: bool | None = None, inter_op_threads: int | None = None):
         folder = Path(folder)
-        missing = [g for g in PIPELINE_GRAPHS if not (folder / f"{g}.onnx").is_file()]
+        session_options(threads, optimization, inter_op_threads)  # every option checked before any file is read
+        if sdxl_mode not in SDXL_MODES:
+            raise ParameterError("sdxl_mode", sdxl_mode, " or ".join(SDXL_MODES))
+        self.sdxl_mode = _choose_sdxl_mode(folder, sdxl_mode)
+        required = ("sd15_unet",) + (("mapping", "sdxl_unet") if self.sdxl_mode == "split" else (FUSED_GRAPH,))
+        missing = [g for g in required if not (folder / f"{g}.onnx").is_file()]
         if not folder.is_dir() or missing:
-            raise ParameterError("folder", str(folder), f"a folder with {', '.join(g + '.onnx' for g in PIPELINE_GRAPHS)} "
-                                 f"(xa-export writes them){'; missing ' + ', '.join(missing) if folder.is_dir() else ''}")
+            want = ", ".join(g + ".onnx" for g in required)
+            if sdxl_mode == "auto":
+                want = f"sd15_unet.onnx and either mapping.onnx + sdxl_unet.onnx or {FUSED_GRAPH}.onnx"
+            raise ParameterError("folder", str(folder), f"a folder with {want} (xa-export writes them)"
+                                 f"{'; missing ' + ', '.join(missing) if folder.is_dir() else ''}")
         resolve_providers(providers)  # named before any session is built
-        names = [g for g in PIPELINE_GRAPHS + OPTIONAL_GRAPHS if (folder / f"{g}.onnx").is_file()]
+        names = list(required) + [g for g in OPTIONAL_GRAPHS if (folder / f"{g}.onnx").is_file()]
         if verify:
             from ..export.manifest import verify_graphs
 
             verify_graphs(folder, names)
-        self.sessions = {g: GraphSession(get_graph(g), folder / f"{g}.onnx", providers, threads) for g in names}
-        self.sd15_branch = OrtSD15Branch(self.sessions["sd15_unet"], self.sessions.get("sd15_unet_control"))
-        self.sdxl_branch = OrtSDXLBranch(self.sessions["sdxl_unet"])
-        self.mapping = OrtMapping(self.sessions["mapping"])
+        self.sessions = {g: GraphSession(get_graph(g), folder / f"{g}.onnx", providers, threads, optimization=optimization,
+                                         io_binding=io_binding, inter_op_threads=inter_op_threads) for g in names}
+        self.sd15_branch = OrtSD15Branch(self.sessions["sd15_unet"], self.sessions.get("sd15_unet_control"),
+                                         self.sessions.get("sd15_unet_t2i"))
+        if self.sdxl_mode == "split":
+            self.sdxl_branch = OrtSDXLBranch(self.sessions["sdxl_unet"])
+            self.mapping: OrtMapping | OrtDeferredMapping = OrtMapping(self.sessions["mapping"])
+        else:
+            self.sdxl_branch = OrtSDXLBranch(None, self.sessions[FUSED_GRAPH])
+            self.mapping = OrtDeferredMapping()
+
+
+def _choose_sdxl_mode(folder: Path, mode: str) -> str:
+    if mode != "auto":
+        return mode
+    has = {"split": all((folder / f"{g}.onnx").is_file() for g in ("mapping", "sdxl_unet")),
+           "fused": (folder / f"{FUSED_GRAPH}.onnx").is_file()}
+    other = "split" if PREFERRED_SDXL_MODE == "fused" else "fused"
+    return PREFERRED_SDXL_MODE if has[PREFERRED_SDXL_MODE] or not has[other] else other
