@@ -40,17 +40,40 @@ def test_onnxruntime_image_equals_torch(tiny_onnx, tmp_path, capsys):
     assert json.loads((tmp_path / "torch.json").read_text())["backend"] == "torch"
 
 
+def test_loras_on_onnxruntime_equal_torch(tiny_onnx, tmp_path, capsys):
+    """--lora / --sdxl-lora on the onnxruntime backend: text encoders fused in torch, the UNet deltas
+    written into the graphs (what TensorRT refit feeds), on the fly and from an xa-export folder
+    (its SDXL side the fused graph); the image equals torch's with the LoRAs fused."""
+    from xa_runtime.plugins.lora_testing import write_random_lora
+
+    bundle, folder = tiny_onnx
+    sd15 = write_random_lora(tmp_path / "sd15.safetensors", bundle.sd15.unet, bundle.sd15.text_encoder, std=0.3)
+    sdxl = write_random_lora(tmp_path / "sdxl.safetensors", bundle.sdxl.unet, bundle.sdxl.text_encoder,
+                             text_encoder_2=bundle.sdxl.text_encoder_2, std=0.3, seed=1)
+    loras = ["--lora", f"{sd15}:0.8", "--sdxl-lora", sdxl]
+    runs = {"plain": [], "torch": loras, "ort": [*loras, "--backend", "onnxruntime"],
+            "dir": [*loras, "--backend", "onnxruntime", "--onnx-dir", folder]}
+    for name, extra in runs.items():
+        code, err = _run(capsys, *FAST, *extra, "--output", tmp_path / f"{name}.png")
+        assert code == 0, err
+    ref = _pixels(tmp_path / "torch.png")
+    assert np.abs(ref - _pixels(tmp_path / "plain.png")).max() > 10  # the LoRAs change the image
+    for name in ("ort", "dir"):
+        assert np.abs(_pixels(tmp_path / f"{name}.png") - ref).max() <= 1, name
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--onnx-dir", "{tmp}"], "--onnx-dir only applies"),
     (["--backend", "tensorrt"], "--backend"),
     (["--backend", "onnxruntime", "--onnx-dir", "{tmp}/nope"], "--onnx-dir"),
     (["--backend", "onnxruntime", "--onnx-dir", "{tmp}"], "manifest.json"),
-    (["--backend", "onnxruntime", "--lora", "{lora}"], "--lora need --backend torch"),
+    (["--backend", "onnxruntime", "--ip-adapter", "{lora}", "--ip-image", "{img}"], "--ip-adapter need --backend torch"),
 ])
 def test_bad_backend_arguments(args, needle, tmp_path, capsys):
     lora = tmp_path / "l.safetensors"
     lora.write_bytes(b"x")
-    args = [a.format(tmp=tmp_path, lora=lora) for a in args]
+    Image.new("RGB", (8, 8)).save(tmp_path / "img.png")
+    args = [a.format(tmp=tmp_path, lora=lora, img=tmp_path / "img.png") for a in args]
     code, err = _run(capsys, *FAST, *args, "--output", tmp_path / "o.png")
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err

@@ -274,3 +274,31 @@ def test_generate_tensorrt_backend_checked_first(tmp_path, capsys, extra, needle
     args = ["--steps", "4", "--no-progress", "--prompt", "a cat", "--output", str(tmp_path / "o.png")]
     assert main(args + [a.format(tmp=tmp_path) for a in extra]) == 2
     assert needle in capsys.readouterr().err and not (tmp_path / "o.png").exists()
+
+
+def test_lora_deltas_go_to_their_branch_engines():
+    """set_lora_deltas' routing (CPU, fake refitters): SD1.5 deltas to every SD1.5 UNet engine,
+    SDXL deltas to the SDXL ones (split or fused), text encoder keys and unknown branches refused."""
+    from xa_runtime.engines.refit import RefitPlan, refit_branch
+    from xa_runtime.errors import ParameterError
+
+    class Fake:
+        def __init__(self):
+            self.calls = []
+
+        def apply(self, deltas):
+            self.calls.append(dict(deltas))
+            return RefitPlan(dict.fromkeys(deltas))
+
+    fakes = {g: Fake() for g in ("sd15_unet", "sd15_unet_control", "sdxl_unet_fused", "mapping")}
+    deltas = {"unet.a.weight": 1, "unet.b.weight": 2}
+    assert refit_branch(fakes, deltas, "sd15") == {"sd15_unet": 2, "sd15_unet_control": 2}
+    assert refit_branch(fakes, {"unet.c.weight": 3}, "sdxl") == {"sdxl_unet_fused": 1}
+    assert fakes["mapping"].calls == [] and fakes["sdxl_unet_fused"].calls == [{"unet.c.weight": 3}]
+    assert refit_branch(fakes, {}, "sd15") == {"sd15_unet": 0, "sd15_unet_control": 0}
+    with pytest.raises(ParameterError, match="text encoders run in PyTorch"):
+        refit_branch(fakes, {"text_encoder.x.weight": 1}, "sd15")
+    with pytest.raises(ParameterError, match="branch"):
+        refit_branch(fakes, deltas, "sd2")
+    with pytest.raises(ParameterError, match="sdxl UNet engines built refittable"):
+        refit_branch({"sd15_unet": Fake()}, deltas, "sdxl")

@@ -192,3 +192,32 @@ def test_pipeline_with_io_binding_and_options(pipes, tiny_onnx):
         with pytest.raises(ParameterError) as e:
             OnnxRuntimeBackend(tiny_onnx[1], **bad)
         assert e.value.name == next(iter(bad)), bad
+
+
+def test_set_lora_deltas_switches_and_restores(tiny_onnx):
+    """The onnxruntime LoRA switch: deltas change the SD1.5 UNet graphs' output, {} gives the
+    base output back bit for bit; SDXL deltas go to the SDXL graph only."""
+    import tempfile
+
+    from xa_runtime.export import example_inputs, model_dims
+    from xa_runtime.plugins.lora import LoraManager, load_lora
+    from xa_runtime.plugins.lora_testing import write_random_lora
+    from xa_runtime.runtime.graphs_table import get_graph
+
+    bundle, folder = tiny_onnx
+    backend = OnnxRuntimeBackend(folder)
+    spec = get_graph("sd15_unet")
+    x = example_inputs(spec, {**model_dims(spec, bundle), "B": 2, "H": 16, "W": 16, "T": 77}, torch.float32,
+                       torch.device("cpu"), seed=3)
+    base = backend.sessions["sd15_unet"](*x)[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_random_lora(f"{tmp}/l.safetensors", bundle.sd15.unet, std=0.3)
+        manager = LoraManager.for_branch(bundle.sd15, "unfused")
+        manager.add("l", load_lora(path), 1.0)
+        deltas = {k: v for k, v in manager.weight_deltas().items() if k.startswith("unet.")}
+        manager.remove("l")
+    counts = backend.set_lora_deltas(deltas, "sd15")
+    assert counts["sd15_unet"] == len(deltas) and "sdxl_unet" not in counts
+    assert (backend.sessions["sd15_unet"](*x)[0] - base).abs().max() > 1e-3
+    assert backend.set_lora_deltas({}, "sd15")["sd15_unet"] == 0
+    torch.testing.assert_close(backend.sessions["sd15_unet"](*x)[0], base, rtol=0, atol=0)

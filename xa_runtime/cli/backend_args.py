@@ -5,7 +5,9 @@ onnxruntime runs the SD1.5 UNet, the mapping layers and the SDXL UNet from an xa
 folder (--onnx-dir, verified against its manifest.json, whose source fingerprints must be
 those of the models loaded here); with the tiny models and no
 --onnx-dir, the tiny graphs are exported to a temporary folder first (seconds). Plugins:
-ControlNet only (its residuals feed sd15_unet_control); LoRAs, T2I-Adapter, Nexus and
+ControlNet (its residuals feed sd15_unet_control) and LoRAs (--lora / --sdxl-lora: the
+text encoders' part fused in PyTorch, the UNet's part sent to the backend as weight deltas:
+TensorRT refits its engines, onnxruntime reloads refitted graphs); T2I-Adapter, Nexus and
 IP-Adapter need --backend torch.
 """
 
@@ -21,8 +23,8 @@ from ..errors import ParameterError
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 ORT_GRAPHS = ("sd15_unet", "sd15_unet_control", "mapping", "sdxl_unet")
-_TORCH_ONLY_PLUGINS = {"lora": "--lora", "sdxl_lora": "--sdxl-lora", "t2i": "--t2i-adapter",
-                       "nexus": "--nexus-adapter", "ip": "--ip-adapter"}
+_TORCH_ONLY_PLUGINS = {"t2i": "--t2i-adapter", "nexus": "--nexus-adapter", "ip": "--ip-adapter"}
+LORA_BRANCHES = {"lora": "sd15", "sdxl_lora": "sdxl"}
 
 
 def add_backend_arguments(group: Any) -> None:
@@ -81,8 +83,7 @@ def check_backend(args: argparse.Namespace, tiny: bool, plugin_specs: dict[str, 
                                  "and mapping.onnx + sdxl_unet.onnx or sdxl_unet_fused.onnx")
     used = [flag for kind, flag in _TORCH_ONLY_PLUGINS.items() if plugin_specs.get(kind)]
     if used:
-        raise usage_error(f"{', '.join(used)} need --backend torch ({args.backend} takes ControlNet plugins only; "
-                          "TensorRT LoRAs: TensorRTBackend.set_lora_deltas)")
+        raise usage_error(f"{', '.join(used)} need --backend torch ({args.backend} takes ControlNet and LoRAs)")
 
 
 def to_backend(args: argparse.Namespace, pipe: Any, tiny: bool) -> Any:
@@ -92,7 +93,8 @@ def to_backend(args: argparse.Namespace, pipe: Any, tiny: bool) -> Any:
     if args.backend == "tensorrt":  # the only place the TensorRT layer is imported from xa-generate
         from ..engines.run import TensorRTBackend
 
-        return pipe.with_backend(TensorRTBackend(args.engine_dir, args.onnx_dir))
+        args._backend = TensorRTBackend(args.engine_dir, args.onnx_dir)
+        return pipe.with_backend(args._backend)
     from ..runtime.onnxruntime_backend import OnnxRuntimeBackend
 
     folder = args.onnx_dir
@@ -105,7 +107,20 @@ def to_backend(args: argparse.Namespace, pipe: Any, tiny: bool) -> Any:
         export_graphs(list(ORT_GRAPHS), bundle, folder, progress=False)
     else:
         check_models_match(args, pipe, tiny)
-    return pipe.with_backend(OnnxRuntimeBackend(folder, providers=[args.device]))
+    args._backend = OnnxRuntimeBackend(folder, providers=[args.device])
+    return pipe.with_backend(args._backend)
+
+
+def loras_to_backend(args: argparse.Namespace, managers: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """After apply_loras on a backend pipeline: each manager's UNet deltas to the backend's
+    engines / graphs of its branch (its text encoder part is already in the torch modules).
+    Returns kind -> the backend's report (graph -> weights changed); {} for --backend torch."""
+    backend = getattr(args, "_backend", None)
+    if backend is None:
+        return {}
+    return {kind: backend.set_lora_deltas({k: v for k, v in m.weight_deltas().items() if k.startswith("unet.")},
+                                          LORA_BRANCHES[kind])
+            for kind, m in managers.items()}
 
 
 def check_models_match(args: argparse.Namespace, pipe: Any, tiny: bool) -> None:

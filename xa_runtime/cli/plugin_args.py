@@ -210,16 +210,17 @@ def load_init_image(path: str | None) -> Any:
         return im.convert("RGB")
 
 
-def apply_loras(specs: dict[str, list[dict[str, Any]]], pipe: Any) -> list[Any]:
+def apply_loras(specs: dict[str, list[dict[str, Any]]], pipe: Any) -> dict[str, Any]:
     """Load the LoRAs onto their branches (SD1.5 UNet + text encoder; SDXL UNet + both
-    text encoders); returns the managers (keep them to change scales or unload)."""
+    text encoders); returns the managers by kind ("lora", "sdxl_lora"; keep them to change
+    scales or unload)."""
     from ..plugins.lora import LoraManager, load_lora
 
-    managers = []
+    managers = {}
     for kind, components in (("lora", pipe.sd15), ("sdxl_lora", pipe.sdxl)):
         if specs[kind]:
             manager = LoraManager.for_branch(components, specs[kind][0]["mode"])
             for i, s in enumerate(specs[kind]):
                 manager.add(f"{kind}{i}:{s['path']}", load_lora(s["path"]), s["scale"])
-            managers.append(manager)
+            managers[kind] = manager
     return managers

@@ -6,7 +6,9 @@ EngineSession), so `XAdapterPipeline.with_backend(backend)` works. Each engine i
 against its manifest (GPU, TensorRT, source ONNX, plan sha256) before it is deserialized.
 An EngineSession binds device buffers once per input shape (set_input_shape,
 set_tensor_address), copies inputs into them and runs execute_async_v3 on the current torch
-stream. `set_lora_deltas(deltas)` refits the SD1.5 UNet engines between requests.
+stream. `set_lora_deltas(deltas, branch)` refits the UNet engines of one branch between requests.
+Graph selection (split mapping + sdxl_unet, or sdxl_unet_fused; optional ControlNet / T2I
+variants) is the onnxruntime backend's, over the engines present.
 """
 
 from __future__ import annotations
@@ -20,15 +22,14 @@ import torch
 
 from ..errors import CheckpointError, ParameterError
 from ..runtime.graphs_table import GraphSpec, get_graph
-from ..runtime.onnxruntime_backend import OPTIONAL_GRAPHS, PIPELINE_GRAPHS, OrtMapping, OrtSD15Branch, OrtSDXLBranch
+from ..runtime.onnxruntime_backend import build_branches, graphs_wanted, select_graphs
 from . import manifest as mf
-from .refit import EngineRefitter, refit_from_onnx
+from .refit import LORA_GRAPHS, EngineRefitter, refit_branch, refit_from_onnx
 
 mf.require_tensorrt(trt)
 
 _TORCH_DTYPES = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.BF16: torch.bfloat16,
                  trt.DataType.INT64: torch.int64, trt.DataType.INT32: torch.int32, trt.DataType.BOOL: torch.bool}
-LORA_GRAPHS = ("sd15_unet", "sd15_unet_control")  # LoRAs are SD1.5 plugins
 
 
 def _dims(dims: trt.Dims) -> tuple[int, ...]:
@@ -102,16 +103,17 @@ class TensorRTBackend:
     name = "tensorrt"
 
     def __init__(self, engine_dir: str | os.PathLike, onnx_dir: str | os.PathLike | None = None,
-                 expect: Mapping[str, Any] | None = None, facts: mf.DeviceFacts | None = None):
+                 expect: Mapping[str, Any] | None = None, facts: mf.DeviceFacts | None = None, sdxl_mode: str = "auto"):
         if not torch.cuda.is_available():
             raise ParameterError("backend", "tensorrt", "a CUDA GPU (torch.cuda.is_available() is False)")
         folder = Path(engine_dir)
-        missing = [g for g in PIPELINE_GRAPHS if not mf.manifest_path(folder, g).is_file()]
+        self.sdxl_mode, required, optional = select_graphs(lambda g: mf.manifest_path(folder, g).is_file(), sdxl_mode)
+        missing = [g for g in required if not mf.manifest_path(folder, g).is_file()]
         if not folder.is_dir() or missing:
-            raise ParameterError("engine_dir", str(folder), "a folder with engines of " + ", ".join(PIPELINE_GRAPHS) +
+            raise ParameterError("engine_dir", str(folder), f"a folder with engines of {graphs_wanted(required, sdxl_mode, '')}"
                                  f" (xa-build-engines writes them); missing {', '.join(missing) or 'the folder'}")
         facts = facts or mf.DeviceFacts.current(trt.__version__)
-        names = [g for g in PIPELINE_GRAPHS + OPTIONAL_GRAPHS if mf.manifest_path(folder, g).is_file()]
+        names = required + optional
         onnx = {g: Path(onnx_dir) / f"{g}.onnx" for g in names} if onnx_dir is not None else {}
         checked = {g: mf.read_engine(folder, g, facts, onnx.get(g), expect) for g in names}  # all before any load
         self.logger = _logger()
@@ -127,19 +129,16 @@ class TensorRTBackend:
                 if g not in onnx:
                     raise ParameterError("onnx_dir", None, f"the ONNX folder: engine {g} was built without its weights")
                 refit_from_onnx(engine, onnx[g], self.logger)
-            if manifest["refit"] != "none" and g in LORA_GRAPHS and g in onnx:
+            if manifest["refit"] != "none" and any(g in gs for gs in LORA_GRAPHS.values()) and g in onnx:
                 self.refitters[g] = EngineRefitter(engine, onnx[g], self.logger)
             self.sessions[g] = EngineSession(get_graph(g), engine)
-        self.sd15_branch = OrtSD15Branch(self.sessions["sd15_unet"], self.sessions.get("sd15_unet_control"),  # type: ignore[arg-type]
-                                         self.sessions.get("sd15_unet_t2i"))  # type: ignore[arg-type]
-        self.sdxl_branch = OrtSDXLBranch(self.sessions["sdxl_unet"])  # type: ignore[arg-type]
-        self.mapping = OrtMapping(self.sessions["mapping"])  # type: ignore[arg-type]
+        self.sd15_branch, self.sdxl_branch, self.mapping = build_branches(self.sessions, self.sdxl_mode)
 
-    def set_lora_deltas(self, deltas: Mapping[str, Any]) -> dict[str, int]:
-        """Refit the SD1.5 UNet engines to base + `deltas` (LoraManager.weight_deltas(), torch
-        names); only weights that change are fed; {} restores the base weights. Call between
-        requests. Returns graph -> number of engine weights now differing from base."""
-        if deltas and not self.refitters:
-            raise ParameterError("loras", sorted(deltas)[:3], "engines built refittable (xa-build-engines --refit "
-                                 "refit or strip) and the backend's onnx_dir")
-        return {g: len(r.apply(deltas).weights) for g, r in self.refitters.items()}
+    def set_lora_deltas(self, deltas: Mapping[str, Any], branch: str = "sd15") -> dict[str, int]:
+        """Refit the `branch` ("sd15" or "sdxl") UNet engines to base + `deltas`
+        (LoraManager.weight_deltas() of that branch's UNet: "unet.*" names; text encoder deltas
+        are not engine weights and are refused); only weights that change are fed; {} restores
+        the base weights. Call between requests (the refit synchronises the current stream
+        first). Returns graph -> number of engine weights now differing from base."""
+        return refit_branch(self.refitters, deltas, branch)
+

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -96,6 +96,7 @@ class GraphSession:
         options = session_options(threads, optimization, inter_op_threads)
         names = resolve_providers(providers)
         self.io_binding = names[0] == PROVIDER_NAMES["cuda"] if io_binding is None else bool(io_binding)
+        self._options, self._providers = options, names
         self.session = ort.InferenceSession(str(path), options, providers=names)
         ins, outs = self.session.get_inputs(), self.session.get_outputs()
         got = ([i.name for i in ins], [o.name for o in outs])
@@ -112,6 +113,13 @@ class GraphSession:
             d: v for i, t in zip(ins + outs, spec.inputs + spec.outputs) for d, v in zip(t.shape, i.shape)
             if isinstance(d, str) and d.islower() and isinstance(v, int)
         }
+
+    def reload(self, path: str | os.PathLike) -> None:
+        """Run another file of the same graph (a LoRA-refitted copy, or the base again)."""
+        import onnxruntime as ort
+
+        self.session = ort.InferenceSession(str(path), self._options, providers=self._providers)
+        self.path = Path(path)
 
     def _array(self, kind: str, x: Any) -> np.ndarray:
         dtype = {"float": self.float_dtype, "float32": np.float32, "int64": np.int64}[kind]
@@ -315,39 +323,82 @@ class OnnxRuntimeBackend:
                  io_binding: bool | None = None, inter_op_threads: int | None = None):
         folder = Path(folder)
         session_options(threads, optimization, inter_op_threads)  # every option checked before any file is read
-        if sdxl_mode not in SDXL_MODES:
-            raise ParameterError("sdxl_mode", sdxl_mode, " or ".join(SDXL_MODES))
-        self.sdxl_mode = _choose_sdxl_mode(folder, sdxl_mode)
-        required = ("sd15_unet",) + (("mapping", "sdxl_unet") if self.sdxl_mode == "split" else (FUSED_GRAPH,))
+        self.sdxl_mode, required, optional = select_graphs(lambda g: (folder / f"{g}.onnx").is_file(), sdxl_mode)
         missing = [g for g in required if not (folder / f"{g}.onnx").is_file()]
         if not folder.is_dir() or missing:
-            want = ", ".join(g + ".onnx" for g in required)
-            if sdxl_mode == "auto":
-                want = f"sd15_unet.onnx and either mapping.onnx + sdxl_unet.onnx or {FUSED_GRAPH}.onnx"
-            raise ParameterError("folder", str(folder), f"a folder with {want} (xa-export writes them)"
-                                 f"{'; missing ' + ', '.join(missing) if folder.is_dir() else ''}")
+            raise ParameterError("folder", str(folder), f"a folder with {graphs_wanted(required, sdxl_mode, '.onnx')} "
+                                 f"(xa-export writes them){'; missing ' + ', '.join(missing) if folder.is_dir() else ''}")
         resolve_providers(providers)  # named before any session is built
-        names = list(required) + [g for g in OPTIONAL_GRAPHS if (folder / f"{g}.onnx").is_file()]
+        names = required + optional
         if verify:
             from ..export.manifest import verify_graphs
 
             verify_graphs(folder, names)
         self.sessions = {g: GraphSession(get_graph(g), folder / f"{g}.onnx", providers, threads, optimization=optimization,
                                          io_binding=io_binding, inter_op_threads=inter_op_threads) for g in names}
-        self.sd15_branch = OrtSD15Branch(self.sessions["sd15_unet"], self.sessions.get("sd15_unet_control"),
-                                         self.sessions.get("sd15_unet_t2i"))
-        if self.sdxl_mode == "split":
-            self.sdxl_branch = OrtSDXLBranch(self.sessions["sdxl_unet"])
-            self.mapping: OrtMapping | OrtDeferredMapping = OrtMapping(self.sessions["mapping"])
-        else:
-            self.sdxl_branch = OrtSDXLBranch(None, self.sessions[FUSED_GRAPH])
-            self.mapping = OrtDeferredMapping()
+        self.sd15_branch, self.sdxl_branch, self.mapping = build_branches(self.sessions, self.sdxl_mode)
+        self._base_paths = {g: s.path for g, s in self.sessions.items()}
+        self._lora_dir: Any = None
+
+    def set_lora_deltas(self, deltas: Mapping[str, Any], branch: str = "sd15") -> dict[str, int]:
+        """The TensorRT backend's LoRA switch on onnxruntime: the `branch` ("sd15" or "sdxl")
+        UNet graphs run base + `deltas` ("unet.*" torch names, LoraManager.weight_deltas()),
+        {} restores the base graphs. onnxruntime cannot refit a session in place, so each
+        changed graph is written refitted to a temporary folder and its session reloaded
+        (seconds at full size; the same weights TensorRT refit feeds). Returns graph -> number
+        of initializers differing from base."""
+        from ..engines.refit import refit_branch
+
+        return refit_branch({g: _SessionRefitter(self, g) for g in self.sessions}, deltas, branch)
 
 
-def _choose_sdxl_mode(folder: Path, mode: str) -> str:
-    if mode != "auto":
-        return mode
-    has = {"split": all((folder / f"{g}.onnx").is_file() for g in ("mapping", "sdxl_unet")),
-           "fused": (folder / f"{FUSED_GRAPH}.onnx").is_file()}
-    other = "split" if PREFERRED_SDXL_MODE == "fused" else "fused"
-    return PREFERRED_SDXL_MODE if has[PREFERRED_SDXL_MODE] or not has[other] else other
+class _SessionRefitter:
+    def __init__(self, backend: OnnxRuntimeBackend, graph: str):
+        self.backend, self.graph = backend, graph
+
+    def apply(self, deltas: Mapping[str, Any]) -> Any:
+        import tempfile
+
+        from ..engines.refit import RefitPlan
+        from ..export.refit import apply_weight_deltas
+
+        b, g = self.backend, self.graph
+        if not deltas:
+            b.sessions[g].reload(b._base_paths[g])
+            return RefitPlan()
+        if b._lora_dir is None:
+            b._lora_dir = tempfile.TemporaryDirectory(prefix="xa-ort-lora-")
+        out = Path(b._lora_dir.name) / f"{g}.onnx"
+        report = apply_weight_deltas(b._base_paths[g], deltas, output=out)
+        b.sessions[g].reload(out)
+        return RefitPlan(dict.fromkeys(report.initializers), report)
+
+
+def select_graphs(has: Callable[[str], bool], sdxl_mode: str) -> tuple[str, list[str], list[str]]:
+    """(resolved sdxl_mode, required graphs, optional graphs present) for a folder in which
+    has(name) tells whether graph `name` exists (ONNX files here, engines in engines/run.py)."""
+    if sdxl_mode not in SDXL_MODES:
+        raise ParameterError("sdxl_mode", sdxl_mode, " or ".join(SDXL_MODES))
+    if sdxl_mode == "auto":
+        ok = {"split": has("mapping") and has("sdxl_unet"), "fused": has(FUSED_GRAPH)}
+        other = "split" if PREFERRED_SDXL_MODE == "fused" else "fused"
+        sdxl_mode = PREFERRED_SDXL_MODE if ok[PREFERRED_SDXL_MODE] or not ok[other] else other
+    required = ["sd15_unet"] + (["mapping", "sdxl_unet"] if sdxl_mode == "split" else [FUSED_GRAPH])
+    return sdxl_mode, required, [g for g in OPTIONAL_GRAPHS if has(g)]
+
+
+def graphs_wanted(required: Sequence[str], sdxl_mode: str, suffix: str) -> str:
+    """Words for an error: the graphs a backend folder needs."""
+    if sdxl_mode == "auto":
+        return f"sd15_unet{suffix} and either mapping{suffix} + sdxl_unet{suffix} or {FUSED_GRAPH}{suffix}"
+    return ", ".join(g + suffix for g in required)
+
+
+def build_branches(sessions: Mapping[str, Any], sdxl_mode: str) -> tuple[OrtSD15Branch, OrtSDXLBranch, Any]:
+    """The pipeline's sd15_branch, sdxl_branch and mapping over graph sessions (onnxruntime
+    GraphSessions or TensorRT EngineSessions: same call convention)."""
+    sd15 = OrtSD15Branch(sessions["sd15_unet"], sessions.get("sd15_unet_control"), sessions.get("sd15_unet_t2i"))
+    if sdxl_mode == "split":
+        return sd15, OrtSDXLBranch(sessions["sdxl_unet"]), OrtMapping(sessions["mapping"])
+    return sd15, OrtSDXLBranch(None, sessions[FUSED_GRAPH]), OrtDeferredMapping()
+
