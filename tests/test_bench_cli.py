@@ -116,6 +116,28 @@ def test_onnxruntime_variant_runs_the_exported_graphs(tmp_path):
     assert ort["ratio_to_first"] == pytest.approx(ort["total"]["median"] / data["variants"]["eager"]["total"]["median"])
 
 
+def test_plugins_workload_runs_them_and_records_them(tmp_path, monkeypatch):
+    """--plugins: every request of every variant gets the plugins (seen by the pipeline), the
+    unfused LoRA is on the SD1.5 UNet, and the JSON's workload names them."""
+    from xa_runtime.pipeline import XAdapterPipeline
+
+    seen = []
+    real = XAdapterPipeline.generate
+
+    def spy(self, params, plugins=(), **kw):
+        hooked = any(m._forward_hooks for m in self.sd15.unet.modules())  # the unfused LoRA's side path
+        seen.append(sorted(type(p).__name__ for p in plugins) + (["lora"] if hooked else []))
+        return real(self, params, plugins=plugins, **kw)
+
+    monkeypatch.setattr(XAdapterPipeline, "generate", spy)
+    out = tmp_path / "plugins.json"
+    assert main([*FAST, "--plugins", "lora,controlnet,t2i", "--baseline", "sdxl-alone", "--no-flops",
+                 "--output", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert validation_errors(data) == [] and data["workload"]["plugins"] == ["lora", "controlnet", "t2i"]
+    assert len(seen) == 2 and all(s == ["ControlNetPlugin", "T2IAdapterPlugin", "lora"] for s in seen)  # --runs 2
+
+
 @pytest.mark.parametrize("argv, flag", [
     (["--compare", "eager,warp"], "--compare"),
     (["--compare", "tensorrt"], "--compare"),
@@ -140,6 +162,10 @@ def test_onnxruntime_variant_runs_the_exported_graphs(tmp_path):
     (["--models", "paths", "--sd15", "x"], "--sdxl"),
     (["--output", "/nonexistent/dir/x.json"], "--output"),
     (["--plots", "/nonexistent/dir/plots"], "--plots"),
+    (["--plugins", "lora,ip"], "--plugins"),
+    (["--plugins", "lora,lora"], "--plugins"),
+    (["--plugins", "controlnet", "--mode", "throughput", "--concurrency", "2"], "--plugins"),
+    (["--plugins", "t2i", "--compare", "eager,onnxruntime"], "--plugins"),
 ])
 def test_bad_arguments_exit_2_naming_the_flag(argv, flag, capsys, monkeypatch):
     import xa_runtime.cli.bench as bench

@@ -32,7 +32,8 @@ class SDXLAlone:
         self.device = pipe.device
 
     @torch.no_grad()
-    def generate(self, params: Any) -> XAdapterOutput:
+    def generate(self, params: Any, plugins: Any = None) -> XAdapterOutput:
+        """`plugins` (the workload's SD1.5 plugins) do not apply to SDXL alone: ignored."""
         pipe, dev, dt = self.pipe, self.pipe.device, self.pipe.dtype
         p = validate(params, pipe.size_rules)
         generator = torch.Generator("cpu").manual_seed(p.seed or 0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import statistics
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, ContextManager, Iterator
 
 import torch
@@ -42,6 +42,14 @@ class Workload:
     height_sd15: int | None = None
     width_sd15: int | None = None
     scheduler: str = "dpmpp-2m"
+    plugins: tuple[str, ...] = ()  # names of the plugins on (recorded); their objects below
+    plugin_objects: tuple[Any, ...] = field(default=(), repr=False, compare=False)
+
+    def generate(self, pipe: Any, seed: int) -> Any:
+        """One request of this workload on `pipe` (with the workload's plugins, if any)."""
+        if self.plugin_objects:
+            return pipe.generate(self.params(seed), plugins=list(self.plugin_objects))
+        return pipe.generate(self.params(seed))
 
     def params(self, seed: int) -> GenerationParams:
         return GenerationParams(
@@ -108,7 +116,7 @@ def run_latency(
     names = list(pipes)
     for name in names:
         for i in range(warmup):
-            pipes[name].generate(workload.params(seed=i))
+            workload.generate(pipes[name], seed=i)
     totals: dict[str, list[float]] = {n: [] for n in names}
     stages: dict[str, dict[str, list[float]]] = {n: {} for n in names}
     parts: dict[str, dict[str, list[float]]] = {n: {} for n in names}
@@ -116,7 +124,7 @@ def run_latency(
     for r in range(runs):
         for name in names:
             with memory[name].measure(), (observe(name, pipes[name]) if observe else nullcontext(None)) as finish:
-                out = pipes[name].generate(workload.params(seed=1000 + r))
+                out = workload.generate(pipes[name], seed=1000 + r)
                 synchronize(pipes[name].device)
             totals[name].append(sum(out.timings.values()))
             for stage, sec in out.timings.items():
@@ -166,4 +174,7 @@ def efficiency(pipe: XAdapterPipeline, workload: Workload, seconds: dict[str, fl
 
 
 def workload_dict(w: Workload) -> dict[str, Any]:
-    return asdict(w)
+    """The workload's settings for the JSON (not the plugin objects: asdict would copy them)."""
+    out = {f.name: getattr(w, f.name) for f in fields(w) if f.name != "plugin_objects"}
+    out["plugins"] = list(w.plugins)
+    return out

@@ -71,7 +71,7 @@ def run_batches(
         w = dataclasses.replace(workload, batch=b)
         for pipe in pipes.values():
             for i in range(warmup):
-                pipe.generate(w.params(seed=i))
+                w.generate(pipe, seed=i)
         samples: dict[str, list[float]] = {name: [] for name in pipes}
         memory = {name: PeakMemory(torch.device(p.device)) for name, p in pipes.items()}
         for r in range(runs):
@@ -79,7 +79,7 @@ def run_batches(
                 with memory[name].measure():
                     timing.synchronize(pipe.device)
                     start = timing.now()
-                    pipe.generate(w.params(seed=1000 + r))
+                    w.generate(pipe, seed=1000 + r)
                     timing.synchronize(pipe.device)
                     samples[name].append(timing.now() - start)
         for name in pipes:
@@ -122,11 +122,11 @@ def _concurrent(replicas: list[Any], workload: Workload, warmup: int, runs: int)
         try:
             with torch.cuda.stream(stream) if stream is not None else nullcontext():
                 for i in range(warmup):
-                    replicas[k].generate(workload.params(seed=i))
+                    workload.generate(replicas[k], seed=i)
                 barrier.wait()
                 for r in range(runs):
                     start = timing.now()
-                    replicas[k].generate(workload.params(seed=1000 + 100 * k + r))
+                    workload.generate(replicas[k], seed=1000 + 100 * k + r)
                     timing.synchronize(device)
                     latencies[k].append(timing.now() - start)
         except BaseException as e:  # re-raised in the caller

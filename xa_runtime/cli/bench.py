@@ -21,6 +21,7 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -33,6 +34,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MODES = ("latency", "throughput", "components")
 BASELINE_NAMES = ("sdxl-alone", "mapping")
 MAX_CONCURRENCY = 16
+BENCH_PLUGINS = ("lora", "controlnet", "t2i")  # --plugins: built with random weights
 # The package each variant needs (checked before loading; named in the error).
 VARIANT_PACKAGES = {"kernels": "triton", "onnxruntime": "onnxruntime", "tensorrt": "tensorrt"}
 
@@ -58,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--height", type=int), ap.add_argument("--width", type=int)
     ap.add_argument("--height-sd15", type=int), ap.add_argument("--width-sd15", type=int)
     ap.add_argument("--scheduler", default="dpmpp-2m")
+    ap.add_argument("--plugins", default="", help=f"comma-separated plugins on for every request, built with random "
+                    f"weights to fit the SD1.5 UNet: {', '.join(BENCH_PLUGINS)} (default none; lora: rank 8, unfused, "
+                    "the side path a per-request LoRA costs; fused costs nothing per step)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--no-flops", action="store_true", help="skip the FLOP-counter run (analytic FLOPs only)")
@@ -168,10 +173,20 @@ def _check(args: argparse.Namespace):
             raise ParameterError("--plots", args.plots, "a folder, or a new folder in an existing one")
         if importlib.util.find_spec("matplotlib") is None:
             raise ParameterError("--plots", args.plots, "the package matplotlib installed (pip install 'xa-runtime[bench]')")
+    plugins = _names("--plugins", args.plugins)
+    for name in plugins:
+        if name not in BENCH_PLUGINS:
+            raise ParameterError("--plugins", name, f"comma-separated names among {', '.join(BENCH_PLUGINS)}")
+    if plugins and concurrency:
+        raise ParameterError("--plugins", args.plugins, "no --concurrency with it (plugin objects hold per-request "
+                             "state; concurrent replicas would share it)")
+    if plugins and "onnxruntime" in variants:
+        raise ParameterError("--plugins", args.plugins, "no onnxruntime variant with it (the benchmark's graphs have "
+                             "no plugin inputs)")
     workload = Workload(
         steps=args.steps, adapter_guidance_start=args.adapter_guidance_start, guidance_scale=args.guidance_scale,
         batch=args.batch, height=args.height, width=args.width, height_sd15=args.height_sd15,
-        width_sd15=args.width_sd15, scheduler=args.scheduler,
+        width_sd15=args.width_sd15, scheduler=args.scheduler, plugins=tuple(plugins),
     )
     tiny = args.models == "tiny"
     rules = SizeRules(
@@ -249,6 +264,45 @@ def _build(args: argparse.Namespace, variants: list[str], device: torch.device, 
     return pipes
 
 
+def _with_plugins(workload: Any, pipes: dict[str, Any]) -> Any:
+    """The workload with its plugins built: random weights fitting the SD1.5 UNet, a random
+    control image; an unfused LoRA is installed on every distinct SD1.5 model set in `pipes`."""
+    import dataclasses
+
+    import numpy as np
+    from PIL import Image
+
+    from ..plugins.controlnet import ControlNetPlugin, build_tiny_controlnet
+    from ..plugins.t2i_adapter import T2IAdapterPlugin, build_tiny_t2i_adapter
+
+    if not workload.plugins:
+        return workload
+    first = next(iter(pipes.values()))
+    unet = first.sd15.unet
+    side = workload.params(0).height_sd15 or first.size_rules.sd15_default
+    image = Image.fromarray((np.random.RandomState(0).rand(side, side, 3) * 255).astype(np.uint8))
+    objects: list[Any] = []
+    if "lora" in workload.plugins:
+        _install_random_lora({id(p.sd15): p.sd15 for p in pipes.values()}.values())
+    if "controlnet" in workload.plugins:
+        objects.append(ControlNetPlugin(build_tiny_controlnet(unet), image))
+    if "t2i" in workload.plugins:
+        objects.append(T2IAdapterPlugin(build_tiny_t2i_adapter(unet), image))
+    return dataclasses.replace(workload, plugin_objects=tuple(objects))
+
+
+def _install_random_lora(branches: Any) -> None:
+    import tempfile
+
+    from ..plugins.lora import LoraManager, load_lora
+    from ..plugins.lora_testing import write_random_lora
+
+    for components in branches:
+        with tempfile.TemporaryDirectory(prefix="xa-bench-lora-") as tmp:
+            path = write_random_lora(Path(tmp) / "lora.safetensors", components.unet, components.text_encoder, rank=8)
+            LoraManager.for_branch(components, "unfused").add("bench", load_lora(path), 1.0)
+
+
 def _write_atomic(path: Path, text: str | bytes) -> None:
     from ..bench.report import write_atomic
 
@@ -269,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # random tiny weights leave denormals that make CPU math erratic
     pipes = _build(args, variants, device, dtype)
+    workload = _with_plugins(workload, pipes)
     command = " ".join([Path(sys.argv[0]).name if argv is None else "xa-bench"] + (argv if argv is not None else sys.argv[1:]))
     for opts in options:
         print(f"xa-bench {opts.mode}: {args.models} models, {device} {args.dtype}, variants {', '.join(variants)}",
