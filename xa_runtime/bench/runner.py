@@ -24,9 +24,10 @@ VARIANTS: dict[str, RuntimeConfig] = {
     "streams": RuntimeConfig(streams=True),
     "lean": RuntimeConfig(compile=True, channels_last=True, fuse_qkv=True, cuda_graphs=True, streams=True, triton_kernels=True),
     "onnxruntime": RuntimeConfig(),  # the UNets and mapping layers on onnxruntime (exported at build time)
+    "tensorrt": RuntimeConfig(),  # ... on TensorRT engines (exported, then built at build time)
 }
-BACKEND_VARIANTS = {"onnxruntime"}  # variants that move the branches onto another backend
-PLANNED = {"tensorrt": "issue 5 (engines) and a GPU with TensorRT"}
+BACKEND_VARIANTS = {"onnxruntime", "tensorrt"}  # variants that move the branches onto another backend
+PLANNED: dict[str, str] = {}  # variant -> what it waits for (none now)
 
 
 @dataclass(frozen=True)

@@ -107,6 +107,15 @@ def _check_variants(args: argparse.Namespace) -> list[str]:
             raise ParameterError("--compare", v, f"one of {', '.join(VARIANTS)}")
         if missing:
             raise ParameterError("--compare", v, f"the package {package} installed (pip install {package})")
+        if v == "tensorrt":
+            from ..engines.manifest import NOT_INSTALLED
+
+            import tensorrt  # found above; tensorrt-stubs alone installs a package without the library
+
+            if not hasattr(tensorrt, "Builder"):
+                raise ParameterError("--compare", v, f"the other variants: {NOT_INSTALLED}")
+            if args.device != "cuda":
+                raise ParameterError("--compare", v, "a CUDA device (TensorRT engines run on NVIDIA GPUs)")
         if VARIANTS[v].cuda_graphs and args.device != "cuda":
             raise ParameterError("--compare", v, "a CUDA device (it captures CUDA graphs); on CPU: eager, kernels, compiled, streams")
         if v == "kernels":
@@ -149,9 +158,10 @@ def _check(args: argparse.Namespace):
     for b in baselines:
         if b not in BASELINE_NAMES:
             raise ParameterError("--baseline", b, f"one of {', '.join(BASELINE_NAMES)}")
-    if "onnxruntime" in variants and "components" in modes:
-        raise ParameterError("--mode", "components", "latency or throughput with the onnxruntime variant (its UNets "
-                             "run inside onnxruntime, where the component hooks cannot see them)")
+    for backend in ("onnxruntime", "tensorrt"):
+        if backend in variants and "components" in modes:
+            raise ParameterError("--mode", "components", f"latency or throughput with the {backend} variant (its "
+                                 f"UNets run inside {backend}, where the component hooks cannot see them)")
     if "sdxl-alone" in baselines and modes == ["throughput"]:
         raise ParameterError("--baseline", "sdxl-alone", "--mode latency or components (it is a latency baseline)")
     if args.scheduler not in SCHEDULERS:
@@ -180,9 +190,9 @@ def _check(args: argparse.Namespace):
     if plugins and concurrency:
         raise ParameterError("--plugins", args.plugins, "no --concurrency with it (plugin objects hold per-request "
                              "state; concurrent replicas would share it)")
-    if plugins and "onnxruntime" in variants:
-        raise ParameterError("--plugins", args.plugins, "no onnxruntime variant with it (the benchmark's graphs have "
-                             "no plugin inputs)")
+    if plugins and ("onnxruntime" in variants or "tensorrt" in variants):
+        raise ParameterError("--plugins", args.plugins, "no onnxruntime or tensorrt variant with it (the benchmark's "
+                             "graphs have no plugin inputs)")
     workload = Workload(
         steps=args.steps, adapter_guidance_start=args.adapter_guidance_start, guidance_scale=args.guidance_scale,
         batch=args.batch, height=args.height, width=args.width, height_sd15=args.height_sd15,
@@ -227,6 +237,31 @@ def _onnxruntime_pipeline(args: argparse.Namespace, models: tuple, device: torch
     return pipe.with_backend(OnnxRuntimeBackend(tmp.name, providers=[device.type]))
 
 
+def _tensorrt_pipeline(args: argparse.Namespace, models: tuple, device: torch.device, dtype: torch.dtype):
+    """The models' SD1.5 UNet, mapping and SDXL UNet exported to a temporary folder, built
+    into TensorRT engines there (graph table profiles, the run's dtype as precision, no refit,
+    no timing cache; minutes at full size) and run by the tensorrt backend."""
+    import atexit
+
+    from ..engines import build
+    from ..engines.run import TensorRTBackend
+    from ..export import ModuleBundle, export_graphs
+    from ..pipeline import XAdapterPipeline
+    from ..runtime.graphs_table import get_graph
+
+    tmp = tempfile.TemporaryDirectory(prefix="xa-bench-trt-")
+    atexit.register(tmp.cleanup)
+    names = ["sd15_unet", "mapping", "sdxl_unet"]
+    sd15, sdxl, mapping = models
+    export_graphs(names, ModuleBundle(sd15=sd15, sdxl=sdxl, mapping=mapping), tmp.name, dtype, progress=True)
+    engines = Path(tmp.name) / "engines"
+    precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
+    build.build_engines(names, Path(tmp.name), engines, precision, {n: get_graph(n).profiles for n in names}, "none",
+                        None, progress=True)
+    pipe = XAdapterPipeline(sd15, sdxl, mapping, device=device, dtype=dtype, progress=False)
+    return pipe.with_backend(TensorRTBackend(engines, tmp.name))
+
+
 def _build(args: argparse.Namespace, variants: list[str], device: torch.device, dtype: torch.dtype):
     from ..bench import VARIANTS
     from ..bench.runner import BACKEND_VARIANTS
@@ -253,7 +288,8 @@ def _build(args: argparse.Namespace, variants: list[str], device: torch.device, 
     pipes = {}
     for v in variants:
         if v in BACKEND_VARIANTS:
-            pipes[v] = _onnxruntime_pipeline(args, models, device, dtype)
+            make = _tensorrt_pipeline if v == "tensorrt" else _onnxruntime_pipeline
+            pipes[v] = make(args, models, device, dtype)
             continue
         config = VARIANTS[v]
         # channels-last and fused QKV change the modules in place: such a variant gets its own
