@@ -37,10 +37,16 @@ def _dims(dims: trt.Dims) -> tuple[int, ...]:
 
 
 class EngineSession:
-    """One engine: positional torch tensors in the table's order -> tuple of CUDA torch tensors."""
+    """One engine: positional torch tensors in the table's order -> tuple of CUDA torch tensors.
 
-    def __init__(self, spec: GraphSpec, engine: trt.ICudaEngine):
-        self.spec, self.engine = spec, engine
+    cuda_graphs: capture execute_async_v3 as a CUDA graph once per input shape (after one
+    plain run: TensorRT initialises lazily) and replay it; a capture TensorRT refuses falls
+    back to plain execution for that shape. A refit drops the captured graph (invalidate)."""
+
+    def __init__(self, spec: GraphSpec, engine: trt.ICudaEngine, cuda_graphs: bool = True):
+        self.spec, self.engine, self.cuda_graphs = spec, engine, cuda_graphs
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graph_failed = False
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
@@ -72,6 +78,26 @@ class EngineSession:
             if not self.context.set_tensor_address(name, buffer.data_ptr()):
                 raise CheckpointError(f"engine {self.spec.name}: could not bind {name}")
         self.shapes = shapes
+        self.invalidate()
+
+    def invalidate(self) -> None:
+        """Forget the captured graph (new buffers, or refitted weights): captured again on the next call."""
+        self.graph, self.graph_failed = None, False
+
+    def _execute(self, stream: torch.cuda.Stream) -> None:
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError(f"TensorRT execution of {self.spec.name} failed")
+
+    def _capture(self, stream: torch.cuda.Stream) -> None:
+        self._execute(stream)  # plain first: TensorRT's lazy initialisation must not be captured
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, stream=torch.cuda.Stream()):
+                self._execute(torch.cuda.current_stream())
+        except RuntimeError:  # e.g. data-dependent shapes; this shape runs without a graph
+            self.graph_failed = True
+            return
+        self.graph = graph
 
     def __call__(self, *tensors: Any) -> tuple[torch.Tensor, ...]:
         if len(tensors) != len(self.spec.inputs):
@@ -83,8 +109,12 @@ class EngineSession:
         for t, x in zip(self.spec.inputs, xs):
             self.buffers[t.name].copy_(x, non_blocking=True)
         stream = torch.cuda.current_stream()
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError(f"TensorRT execution of {self.spec.name} failed")
+        if not self.cuda_graphs or self.graph_failed:
+            self._execute(stream)
+        elif self.graph is None:
+            self._capture(stream)  # its plain run computed this call's outputs
+        else:
+            self.graph.replay()
         return tuple(self.buffers[n].clone() for n in self.spec.output_names)  # the buffers are reused next call
 
 
@@ -103,7 +133,8 @@ class TensorRTBackend:
     name = "tensorrt"
 
     def __init__(self, engine_dir: str | os.PathLike, onnx_dir: str | os.PathLike | None = None,
-                 expect: Mapping[str, Any] | None = None, facts: mf.DeviceFacts | None = None, sdxl_mode: str = "auto"):
+                 expect: Mapping[str, Any] | None = None, facts: mf.DeviceFacts | None = None, sdxl_mode: str = "auto",
+                 cuda_graphs: bool = True):
         if not torch.cuda.is_available():
             raise ParameterError("backend", "tensorrt", "a CUDA GPU (torch.cuda.is_available() is False)")
         folder = Path(engine_dir)
@@ -131,7 +162,7 @@ class TensorRTBackend:
                 refit_from_onnx(engine, onnx[g], self.logger)
             if manifest["refit"] != "none" and any(g in gs for gs in LORA_GRAPHS.values()) and g in onnx:
                 self.refitters[g] = EngineRefitter(engine, onnx[g], self.logger)
-            self.sessions[g] = EngineSession(get_graph(g), engine)
+            self.sessions[g] = EngineSession(get_graph(g), engine, cuda_graphs)
         self.sd15_branch, self.sdxl_branch, self.mapping = build_branches(self.sessions, self.sdxl_mode)
 
     def set_lora_deltas(self, deltas: Mapping[str, Any], branch: str = "sd15") -> dict[str, int]:
@@ -140,5 +171,8 @@ class TensorRTBackend:
         are not engine weights and are refused); only weights that change are fed; {} restores
         the base weights. Call between requests (the refit synchronises the current stream
         first). Returns graph -> number of engine weights now differing from base."""
-        return refit_branch(self.refitters, deltas, branch)
+        changed = refit_branch(self.refitters, deltas, branch)
+        for g in changed:
+            self.sessions[g].invalidate()  # captured graphs may hold the old weights' addresses
+        return changed
 
