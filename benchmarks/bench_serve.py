@@ -114,12 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", help="JSON file to write")
     args = ap.parse_args(argv)
     levels = _levels(args.concurrency)
-    if not 1 <= args.requests <= 10000:
-        print("error: --requests must be in 1..10000", file=sys.stderr)
-        return 2
-    if not 1 <= args.steps <= 150:
-        print("error: --steps must be in 1..150", file=sys.stderr)
-        return 2
+    for flag, value, lo, hi in (("--requests", args.requests, 1, 10000), ("--steps", args.steps, 1, 150)):
+        if not lo <= value <= hi:
+            print(f"error: {flag} must be in {lo}..{hi}", file=sys.stderr)
+            return 2
     try:
         import httpx  # noqa: F401
     except ImportError:

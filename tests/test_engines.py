@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -302,3 +303,15 @@ def test_lora_deltas_go_to_their_branch_engines():
         refit_branch(fakes, deltas, "sd2")
     with pytest.raises(ParameterError, match="sdxl UNet engines built refittable"):
         refit_branch({"sd15_unet": Fake()}, deltas, "sdxl")
+
+
+def test_plan_changes_sees_a_difference_the_sample_misses():
+    from xa_runtime.engines.refit import _same
+
+    a = np.arange(100_000, dtype=np.float16).reshape(100, 1000)
+    b = a.copy()
+    b[0, 1] += 1  # not on the strided sample (step 24)
+    assert _same(a, a.copy()) and not _same(a, b) and not _same(a, a.astype(np.float32))
+    changed, restore = plan_changes({"w": a, "gone": a}, {"w": b})
+    assert list(changed) == ["w"] and restore == ["gone"]
+    assert plan_changes({"w": a}, {"w": a.copy()}) == ({}, [])
