@@ -213,3 +213,32 @@ def test_cli_exports_and_refuses_before_work(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: "), (argv, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["graphs"]
+
+
+def test_cli_exports_the_ip_adapter_graph(tiny_paths, tmp_path, capsys):
+    """xa-export --sd15 DIR --ip-adapter FILE: the sd15_unet_ip graph, its manifest fingerprint
+    covering the IP-Adapter file; without the file the graph is refused before any work."""
+    import json
+
+    from xa_runtime.cli.export import main
+    from xa_runtime.export.manifest import file_sha256
+    from xa_runtime.models.tiny import build_tiny_models
+    from xa_runtime.plugins.ip_adapter_loading import write_tiny_ip_adapter
+
+    ip = write_tiny_ip_adapter(tmp_path / "ip", build_tiny_models(0)[0].unet)["safetensors"]
+    out = tmp_path / "graphs"
+    argv = ["--sd15", tiny_paths.sd15_dir, "--output", out, "--graphs", "sd15_unet_ip", "--no-progress"]
+    assert main([str(a) for a in argv + ["--ip-adapter", ip]]) == 0
+    assert (out / "sd15_unet_ip.onnx").is_file()
+    source = json.loads((out / "manifest.json").read_text())["source"]
+    assert source["files"]["--ip-adapter"]["sha256"] == file_sha256(ip)
+    names = json.loads((out / "sd15_unet_ip.names.json").read_text())["initializers"]
+    ip_weights = [e for e in names.values() if any("to_k_ip" in n for n in e["torch"])]
+    assert len(ip_weights) == 16 and not any(e["refittable"] for e in ip_weights)  # baked in, not refittable
+    assert any(e["refittable"] and e["torch"][0].startswith("unet.") for e in names.values())  # LoRA targets are
+    capsys.readouterr()
+    for bad, says in ((argv, "needs --ip-adapter"), (argv + ["--ip-adapter", tmp_path / "missing.bin"], "--ip-adapter")):
+        assert main([str(a) for a in bad[:3] + [tmp_path / "b"] + bad[4:]]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and says in err, err
+    assert not (tmp_path / "b").exists()
