@@ -62,12 +62,50 @@ def test_loras_on_onnxruntime_equal_torch(tiny_onnx, tmp_path, capsys):
         assert np.abs(_pixels(tmp_path / f"{name}.png") - ref).max() <= 1, name
 
 
+def test_ip_and_t2i_adapters_on_onnxruntime_equal_torch(tiny_onnx, tmp_path, capsys):
+    """--ip-adapter (sd15_unet_ip: exported on the fly from the file, or the xa-export folder of the
+    same file) and --t2i-adapter (sd15_unet_t2i, from the folder) on onnxruntime: the image equals
+    torch's within one 8-bit step; a folder without the IP graph is refused."""
+    from xa_runtime.plugins.ip_adapter_loading import save_ip_adapter, write_tiny_image_encoder
+    from xa_runtime.plugins.t2i_adapter import write_tiny_t2i_adapter
+
+    bundle, folder = tiny_onnx
+    ip = save_ip_adapter(bundle.ip_adapter, tmp_path / "models" / "ip-adapter_sd15.safetensors")  # the graph's file
+    write_tiny_image_encoder(tmp_path / "models" / "image_encoder")  # found beside the file
+    img = tmp_path / "img.png"
+    Image.fromarray((np.random.RandomState(0).rand(40, 56, 3) * 255).astype(np.uint8)).save(img)
+    t2i = write_tiny_t2i_adapter(tmp_path / "t2i", bundle.sd15.unet, seed=2)
+    plugins = {"ip": ["--ip-adapter", ip, "--ip-image", img, "--ip-scale", "0.8"],
+               "t2i": ["--t2i-adapter", t2i, "--t2i-image", img, "--t2i-scale", "2"]}
+    runs = {"plain": [], "ip_torch": plugins["ip"], "ip_ort": [*plugins["ip"], "--backend", "onnxruntime"],
+            "ip_dir": [*plugins["ip"], "--backend", "onnxruntime", "--onnx-dir", folder], "t2i_torch": plugins["t2i"],
+            "t2i_dir": [*plugins["t2i"], "--backend", "onnxruntime", "--onnx-dir", folder]}
+    for name, extra in runs.items():
+        code, err = _run(capsys, *FAST, *extra, "--output", tmp_path / f"{name}.png")
+        assert code == 0, (name, err)
+    plain = _pixels(tmp_path / "plain.png")
+    for kind, others in (("ip", ("ip_ort", "ip_dir")), ("t2i", ("t2i_dir",))):
+        ref = _pixels(tmp_path / f"{kind}_torch.png")
+        assert np.abs(ref - plain).max() > 10, kind  # the plugin changes the image
+        for name in others:
+            assert np.abs(_pixels(tmp_path / f"{name}.png") - ref).max() <= 1, name
+    partial = tmp_path / "no_ip"
+    partial.mkdir()
+    for f in folder.iterdir():
+        if not f.name.startswith("sd15_unet_ip"):
+            (partial / f.name).symlink_to(f)
+    code, err = _run(capsys, *FAST, *plugins["ip"], "--backend", "onnxruntime", "--onnx-dir", partial,
+                     "--output", tmp_path / "o.png")
+    assert code == 2 and "sd15_unet_ip.onnx" in err and "xa-export --ip-adapter" in err, err
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--onnx-dir", "{tmp}"], "--onnx-dir only applies"),
     (["--backend", "tensorrt"], "--backend"),
     (["--backend", "onnxruntime", "--onnx-dir", "{tmp}/nope"], "--onnx-dir"),
     (["--backend", "onnxruntime", "--onnx-dir", "{tmp}"], "manifest.json"),
-    (["--backend", "onnxruntime", "--ip-adapter", "{lora}", "--ip-image", "{img}"], "--ip-adapter need --backend torch"),
+    (["--backend", "onnxruntime", "--ip-adapter", "{lora}", "--ip-image", "{img}", "--controlnet", "{lora}",
+      "--control-image", "{img}"], "no onnxruntime graph takes both"),
 ])
 def test_bad_backend_arguments(args, needle, tmp_path, capsys):
     lora = tmp_path / "l.safetensors"

@@ -16,7 +16,7 @@ import torch
 from xa_runtime.errors import ParameterError
 from xa_runtime.export import ModuleBundle, build_graph_module, example_inputs, export_graph, model_dims
 from xa_runtime.runtime.graphs_table import (
-    GRAPHS, SD15_LATENT, SDXL_LATENT, DimRange, TensorSpec, get_graph, resolve_dim,
+    DYNAMIC_DIMS, GRAPHS, SD15_LATENT, SDXL_LATENT, DimRange, TensorSpec, get_graph, resolve_dim,
 )
 from xa_runtime.runtime.onnxruntime_backend import GraphSession
 
@@ -30,7 +30,8 @@ def _sizes(name):
         return [{"B": 1, "T": 77}, {"B": 3, "T": 20}]
     if name.endswith(("vae_decoder", "vae_encoder")):
         return [{"B": 1, "H": 8, "W": 16}, {"B": 3, "H": 16, "W": 8}]
-    return [{"B": 1, "H": 16, "W": 16, "T": 77}, {"B": 3, "H": 32, "W": 16, "T": 9}]
+    # N: IP-Adapter image tokens (sd15_unet_ip), 4 as "plain" gives for one image, 16 as "plus"
+    return [{"B": 1, "H": 16, "W": 16, "T": 77, "N": 4}, {"B": 3, "H": 32, "W": 16, "T": 9, "N": 16}]
 
 
 def _compare(out, ref, rtol=RTOL, atol_rel=ATOL_REL):
@@ -89,7 +90,8 @@ def test_onnx_io_is_the_table(tiny_onnx, name):
     assert len(shaped & intermediate) >= 0.95 * len(intermediate), (len(shaped & intermediate), len(intermediate))
 
 
-@pytest.mark.parametrize("name", ["sd15_unet", "sdxl_unet", "sdxl_unet_fused", "controlnet", "sdxl_text_encoder_2"])
+@pytest.mark.parametrize("name", ["sd15_unet", "sd15_unet_ip", "sdxl_unet", "sdxl_unet_fused", "controlnet",
+                                  "sdxl_text_encoder_2"])
 def test_refittable_weights_are_named_initializers(tiny_onnx, name):
     """Every LoRA-targeted weight is an ONNX initializer under its torch name, with its values
     (what refit maps by); norms and biases are not refittable."""
@@ -129,7 +131,10 @@ def test_table_profiles_and_shapes():
     for spec in GRAPHS.values():
         assert len(set(spec.input_names)) == len(spec.inputs) and len(set(spec.output_names)) == len(spec.outputs)
         assert all(t.dtype in ("float", "float32", "int64") for t in spec.inputs + spec.outputs)
-        assert set(spec.profiles) == {d for t in spec.inputs for d in "BHWT" if any(d in str(s) for s in t.shape)}
+        assert set(spec.profiles) == {d for t in spec.inputs for d in DYNAMIC_DIMS if any(d in str(s) for s in t.shape)}
+    ip = get_graph("sd15_unet_ip").profile_shapes({"ctx": 768, "ip_layers": 16})
+    assert ip["ip_tokens"] == ((1, 4, 768), (2, 16, 768), (8, 257, 768))  # plain 4 .. full 257 image tokens
+    assert ip["ip_scale"][0] == (16,)
 
 
 def test_external_data_pair_is_written_and_replaced(tiny_onnx, tmp_path):
@@ -208,3 +213,32 @@ def test_cli_exports_and_refuses_before_work(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: "), (argv, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["graphs"]
+
+
+def test_cli_exports_the_ip_adapter_graph(tiny_paths, tmp_path, capsys):
+    """xa-export --sd15 DIR --ip-adapter FILE: the sd15_unet_ip graph, its manifest fingerprint
+    covering the IP-Adapter file; without the file the graph is refused before any work."""
+    import json
+
+    from xa_runtime.cli.export import main
+    from xa_runtime.export.manifest import file_sha256
+    from xa_runtime.models.tiny import build_tiny_models
+    from xa_runtime.plugins.ip_adapter_loading import write_tiny_ip_adapter
+
+    ip = write_tiny_ip_adapter(tmp_path / "ip", build_tiny_models(0)[0].unet)["safetensors"]
+    out = tmp_path / "graphs"
+    argv = ["--sd15", tiny_paths.sd15_dir, "--output", out, "--graphs", "sd15_unet_ip", "--no-progress"]
+    assert main([str(a) for a in argv + ["--ip-adapter", ip]]) == 0
+    assert (out / "sd15_unet_ip.onnx").is_file()
+    source = json.loads((out / "manifest.json").read_text())["source"]
+    assert source["files"]["--ip-adapter"]["sha256"] == file_sha256(ip)
+    names = json.loads((out / "sd15_unet_ip.names.json").read_text())["initializers"]
+    ip_weights = [e for e in names.values() if any("to_k_ip" in n for n in e["torch"])]
+    assert len(ip_weights) == 16 and not any(e["refittable"] for e in ip_weights)  # baked in, not refittable
+    assert any(e["refittable"] and e["torch"][0].startswith("unet.") for e in names.values())  # LoRA targets are
+    capsys.readouterr()
+    for bad, says in ((argv, "needs --ip-adapter"), (argv + ["--ip-adapter", tmp_path / "missing.bin"], "--ip-adapter")):
+        assert main([str(a) for a in bad[:3] + [tmp_path / "b"] + bad[4:]]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and says in err, err
+    assert not (tmp_path / "b").exists()

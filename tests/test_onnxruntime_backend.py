@@ -37,7 +37,8 @@ def pipes(tiny_onnx):
 @pytest.fixture(scope="module")
 def fused_pipe(pipes, tiny_onnx):
     backend = OnnxRuntimeBackend(tiny_onnx[1], sdxl_mode="fused")
-    assert set(backend.sessions) == {"sd15_unet", "sd15_unet_control", "sd15_unet_t2i", "sdxl_unet_fused"}  # no split pair
+    assert set(backend.sessions) == {"sd15_unet", "sd15_unet_control", "sd15_unet_t2i", "sd15_unet_ip",
+                                     "sdxl_unet_fused"}  # no split pair
     return pipes[0].with_backend(backend)
 
 
@@ -139,7 +140,9 @@ def test_backend_refuses_what_it_cannot_run(tiny_onnx, tmp_path):
     backend = OnnxRuntimeBackend(folder, sdxl_mode="split")
     x, text = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
     with pytest.raises(ValueError, match="added_cond_kwargs"):
-        backend.sd15_branch(x, 1.0, text, added_cond_kwargs={"image_embeds": [x]})  # IP-Adapter: torch only
+        backend.sd15_branch(x, 1.0, text, added_cond_kwargs={"image_embeds": [x]})  # no torch UNet to project with
+    with pytest.raises(ValueError, match="no graph takes both"):
+        backend.sd15_branch(x, 1.0, text, added_cond_kwargs={"image_embeds": [x]}, down_intrablock_additional_residuals=[x] * 4)
     with pytest.raises(ValueError, match="takes 4 adapter features"):
         backend.sd15_branch(x, 1.0, text, down_intrablock_additional_residuals=[x])
     with pytest.raises(ValueError, match="together"):

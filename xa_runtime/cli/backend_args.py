@@ -5,10 +5,13 @@ onnxruntime runs the SD1.5 UNet, the mapping layers and the SDXL UNet from an xa
 folder (--onnx-dir, verified against its manifest.json, whose source fingerprints must be
 those of the models loaded here); with the tiny models and no
 --onnx-dir, the tiny graphs are exported to a temporary folder first (seconds). Plugins:
-ControlNet (its residuals feed sd15_unet_control) and LoRAs (--lora / --sdxl-lora: the
+ControlNet (its residuals feed sd15_unet_control), LoRAs (--lora / --sdxl-lora: the
 text encoders' part fused in PyTorch, the UNet's part sent to the backend as weight deltas:
-TensorRT refits its engines, onnxruntime reloads refitted graphs); T2I-Adapter, Nexus and
-IP-Adapter need --backend torch.
+TensorRT refits its engines, onnxruntime reloads refitted graphs); on onnxruntime also
+T2I-Adapter / Nexus (features into sd15_unet_t2i) and IP-Adapter (sd15_unet_ip, exported
+from that --ip-adapter file: on the fly, or an --onnx-dir exported with xa-export
+--ip-adapter, checked by the manifest), one of ControlNet / T2I-Nexus / IP-Adapter per run
+(no graph takes two). TensorRT: T2I-Adapter, Nexus and IP-Adapter need --backend torch.
 """
 
 from __future__ import annotations
@@ -23,7 +26,11 @@ from ..errors import ParameterError
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 ORT_GRAPHS = ("sd15_unet", "sd15_unet_control", "mapping", "sdxl_unet")
-_TORCH_ONLY_PLUGINS = {"t2i": "--t2i-adapter", "nexus": "--nexus-adapter", "ip": "--ip-adapter"}
+_TORCH_ONLY_PLUGINS = {"t2i": "--t2i-adapter", "nexus": "--nexus-adapter", "ip": "--ip-adapter"}  # on tensorrt
+# plugin kind -> the onnxruntime graph its step arguments go into
+PLUGIN_GRAPHS = {"controlnet": "sd15_unet_control", "t2i": "sd15_unet_t2i", "nexus": "sd15_unet_t2i",
+                 "ip": "sd15_unet_ip"}
+_PLUGIN_FLAGS = {"controlnet": "--controlnet", "t2i": "--t2i-adapter", "nexus": "--nexus-adapter", "ip": "--ip-adapter"}
 LORA_BRANCHES = {"lora": "sd15", "sdxl_lora": "sdxl"}
 
 
@@ -81,9 +88,26 @@ def check_backend(args: argparse.Namespace, tiny: bool, plugin_specs: dict[str, 
         if not folder.is_dir() or not has("sd15_unet") or not sdxl_side or not (folder / "manifest.json").is_file():
             raise ParameterError("--onnx-dir", args.onnx_dir, "an xa-export folder with manifest.json, sd15_unet.onnx, "
                                  "and mapping.onnx + sdxl_unet.onnx or sdxl_unet_fused.onnx")
-    used = [flag for kind, flag in _TORCH_ONLY_PLUGINS.items() if plugin_specs.get(kind)]
-    if used:
-        raise usage_error(f"{', '.join(used)} need --backend torch ({args.backend} takes ControlNet and LoRAs)")
+    if args.backend == "tensorrt":
+        used = [flag for kind, flag in _TORCH_ONLY_PLUGINS.items() if plugin_specs.get(kind)]
+        if used:
+            raise usage_error(f"{', '.join(used)} need --backend torch ({args.backend} takes ControlNet and LoRAs)")
+        return
+    graphs = plugin_graphs(plugin_specs)
+    if len(graphs) > 1:
+        flags = [f for kind, f in _PLUGIN_FLAGS.items() if plugin_specs.get(kind)]
+        raise usage_error(f"{' and '.join(flags)} together need --backend torch (no onnxruntime graph takes both)")
+    if args.onnx_dir is not None:
+        missing = [g for g in graphs if not (Path(args.onnx_dir) / f"{g}.onnx").is_file()]
+        if missing:
+            hint = " (xa-export --ip-adapter FILE)" if "sd15_unet_ip" in missing else ""
+            raise ParameterError("--onnx-dir", args.onnx_dir, f"an xa-export folder with {missing[0]}.onnx for these "
+                                 f"plugins{hint}")
+
+
+def plugin_graphs(plugin_specs: dict[str, list[Any]]) -> list[str]:
+    """The onnxruntime graphs the given SD1.5 plugins need (none for LoRAs)."""
+    return sorted({g for kind, g in PLUGIN_GRAPHS.items() if plugin_specs.get(kind)})
 
 
 def to_backend(args: argparse.Namespace, pipe: Any, tiny: bool) -> Any:
@@ -103,8 +127,9 @@ def to_backend(args: argparse.Namespace, pipe: Any, tiny: bool) -> Any:
 
         args._onnx_tmp = tempfile.TemporaryDirectory(prefix="xa-onnx-")
         folder = args._onnx_tmp.name
-        bundle = ModuleBundle(sd15=pipe.sd15, sdxl=pipe.sdxl, mapping=pipe.mapping)
-        export_graphs(list(ORT_GRAPHS), bundle, folder, progress=False)
+        bundle = ModuleBundle(sd15=pipe.sd15, sdxl=pipe.sdxl, mapping=pipe.mapping, ip_adapter=_ip_state(args))
+        specs = getattr(args, "plugin_specs", {})
+        export_graphs(list(dict.fromkeys([*ORT_GRAPHS, *plugin_graphs(specs)])), bundle, folder, progress=False)
     else:
         check_models_match(args, pipe, tiny)
     args._backend = OnnxRuntimeBackend(folder, providers=[args.device])
@@ -133,10 +158,26 @@ def check_models_match(args: argparse.Namespace, pipe: Any, tiny: bool) -> None:
         bundle = ModuleBundle(sd15=pipe.sd15, sdxl=pipe.sdxl, mapping=pipe.mapping)
         current = {k: v for k, v in mf.source_from_bundle(bundle)["parts"].items() if k != "controlnet"}
         what = f"the tiny models of seed {args.tiny_seed or 0}"
+        if _ip_state(args) is not None:  # the sd15_unet_ip graph holds this IP-Adapter's weights
+            current["ip_adapter"] = mf.source_from_bundle(ModuleBundle(ip_adapter=_ip_state(args)))["parts"]["ip_adapter"]
+            what += " and --ip-adapter"
     else:
-        current = {f: mf.path_fingerprint(getattr(args, f[2:])) for f in ("--sd15", "--sdxl", "--adapter")}
-        what = "--sd15/--sdxl/--adapter"
+        flags = ("--sd15", "--sdxl", "--adapter") + (("--ip-adapter",) if _ip_state(args) is not None else ())
+        current = {f: mf.path_fingerprint(getattr(args, f[2:].replace("-", "_"))) for f in flags}
+        what = "/".join(flags)
     mf.check_same_models(args.onnx_dir, current, what)
+
+
+def _ip_state(args: argparse.Namespace) -> Any:
+    """The --ip-adapter file's state when an IP-Adapter runs on onnxruntime (read once), else None."""
+    specs = getattr(args, "plugin_specs", {}).get("ip")
+    if not specs:
+        return None
+    if getattr(args, "_ip_state", None) is None:
+        from ..plugins.ip_adapter_loading import read_ip_adapter_file
+
+        args._ip_state = read_ip_adapter_file(specs[0]["path"])
+    return args._ip_state
 
 
 def cleanup(args: argparse.Namespace) -> None:

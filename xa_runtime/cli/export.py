@@ -23,8 +23,9 @@ from .usage import CheckedParser, UsageError, parameter_error_line
 PROG = "xa-export"
 # what a graph needs -> the flags that give it
 NEEDS_FLAGS = {"sd15": ("--sd15",), "sdxl": ("--sdxl",), "mapping": ("--sd15", "--sdxl", "--adapter"),
-               "controlnet": ("--sd15", "--controlnet"), "t2i_adapter": ("--sd15", "--t2i-adapter")}
-MODEL_FLAGS = ("--sd15", "--sdxl", "--adapter", "--controlnet", "--t2i-adapter")
+               "controlnet": ("--sd15", "--controlnet"), "t2i_adapter": ("--sd15", "--t2i-adapter"),
+               "ip_adapter": ("--sd15", "--ip-adapter")}
+MODEL_FLAGS = ("--sd15", "--sdxl", "--adapter", "--controlnet", "--t2i-adapter", "--ip-adapter")
 PARAM_FLAGS = {"graphs": "--graphs", "dtype": "--dtype", "opset": "--opset", "output_dir": "--output"}
 
 
@@ -36,8 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="X-Adapter checkpoint (X_Adapter_v1.bin or .safetensors)")
     p.add_argument("--controlnet", help="SD1.5 ControlNet folder or file (for the controlnet graph)")
     p.add_argument("--t2i-adapter", help="SD1.5 T2I-Adapter diffusers folder (for the t2i_adapter graph)")
+    p.add_argument("--ip-adapter", help="SD1.5 IP-Adapter file (ip-adapter_sd15.bin, -plus, -full-face; .bin or "
+                   ".safetensors) for the sd15_unet_ip graph (its weights are baked in: one graph per file)")
     p.add_argument("--tiny", action="store_true",
-                   help="the built-in tiny random models (and a tiny ControlNet and T2I-Adapter)")
+                   help="the built-in tiny random models (and a tiny ControlNet, T2I-Adapter and IP-Adapter)")
     p.add_argument("--tiny-seed", type=int, default=0)
     p.add_argument("--output", required=True, help="output folder (created if its parent exists)")
     p.add_argument("--graphs", help="comma-separated graph names (default: all the given models allow)")
@@ -101,6 +104,12 @@ def check_inputs(args: argparse.Namespace) -> tuple[list[str], Path]:
             raise ParameterError("--controlnet", args.controlnet, "an SD1.5 ControlNet folder or file; nothing is there")
         if "--t2i-adapter" in given and not Path(args.t2i_adapter).is_dir():
             raise ParameterError("--t2i-adapter", args.t2i_adapter, "an SD1.5 T2I-Adapter diffusers folder")
+        if "--ip-adapter" in given:
+            from ..plugins.ip_adapter_loading import IP_ADAPTER_SUFFIXES
+
+            if Path(args.ip_adapter).suffix not in IP_ADAPTER_SUFFIXES or not Path(args.ip_adapter).is_file():
+                raise ParameterError("--ip-adapter", args.ip_adapter,
+                                     f"an SD1.5 IP-Adapter file ({', '.join(IP_ADAPTER_SUFFIXES)})")
     return names, out
 
 
@@ -124,9 +133,10 @@ def load_bundle(args: argparse.Namespace, names: list[str]):
     from ..loading import load_mapping, load_sd15, load_sdxl
     from ..models.mapping import MappingConfig
     from ..plugins.controlnet import load_controlnet
+    from ..plugins.ip_adapter_loading import read_ip_adapter_file
     from ..plugins.t2i_adapter import load_t2i_adapter
 
-    sd15_parts = {"sd15", "mapping", "controlnet", "t2i_adapter"}
+    sd15_parts = {"sd15", "mapping", "controlnet", "t2i_adapter", "ip_adapter"}
     sd15 = load_sd15(args.sd15, dtype=dtype, device=device) if args.sd15 and needed & sd15_parts else None
     sdxl = load_sdxl(args.sdxl, dtype=dtype, device=device) if args.sdxl and needed & {"sdxl", "mapping"} else None
     mapping = None
@@ -135,7 +145,8 @@ def load_bundle(args: argparse.Namespace, names: list[str]):
         mapping = load_mapping(args.adapter, config, dtype=dtype, device=device)
     controlnet = load_controlnet(args.controlnet, dtype=dtype, device=device) if "controlnet" in needed else None
     t2i = load_t2i_adapter(args.t2i_adapter, dtype=dtype, device=device) if "t2i_adapter" in needed else None
-    return ModuleBundle(sd15, sdxl, mapping, controlnet, t2i)
+    ip = read_ip_adapter_file(args.ip_adapter) if "ip_adapter" in needed else None  # installed while exported
+    return ModuleBundle(sd15, sdxl, mapping, controlnet, t2i, ip)
 
 
 def describe(error: ParameterError) -> str:

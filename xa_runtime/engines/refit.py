@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 # The graphs holding each branch's UNet: a LoRA of that branch refits all of them (deltas are
 # keyed "unet.*" for both branches, so the branch decides which engines they go to).
-LORA_GRAPHS = {"sd15": ("sd15_unet", "sd15_unet_control", "sd15_unet_t2i"),
+LORA_GRAPHS = {"sd15": ("sd15_unet", "sd15_unet_control", "sd15_unet_t2i", "sd15_unet_ip"),
                "sdxl": ("sdxl_unet", "sdxl_unet_fused")}
 
 

@@ -24,7 +24,7 @@ from ..runtime.graphs_table import GRAPHS
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
-BUNDLE_PARTS = ("sd15", "sdxl", "mapping", "controlnet", "t2i_adapter")  # ModuleBundle's fields
+BUNDLE_PARTS = ("sd15", "sdxl", "mapping", "controlnet", "t2i_adapter", "ip_adapter")  # ModuleBundle's fields
 _CHUNK = 1 << 20
 
 
@@ -49,8 +49,9 @@ def path_fingerprint(path: str | os.PathLike) -> str:
 
 
 def modules_fingerprint(modules: Mapping[str, Any]) -> str:
-    """sha256 over every parameter and buffer of each module: names, dtypes, shapes and the
-    full bytes of every tensor (streamed one tensor at a time)."""
+    """sha256 over every parameter and buffer of each module (or every tensor of a flat state
+    dict, e.g. an IP-Adapter file's "image_proj" part): names, dtypes, shapes and the full
+    bytes of every tensor (streamed one tensor at a time)."""
     import torch
 
     h = hashlib.sha256()
@@ -58,7 +59,12 @@ def modules_fingerprint(modules: Mapping[str, Any]) -> str:
         module = modules[part]
         if module is None:
             continue
-        tensors = list(module.state_dict().items()) if isinstance(module, torch.nn.Module) else []
+        if isinstance(module, torch.nn.Module):
+            tensors = list(module.state_dict().items())
+        elif isinstance(module, Mapping):
+            tensors = [(k, v) for k, v in module.items() if isinstance(v, torch.Tensor)]
+        else:
+            tensors = []
         for name, t in sorted(tensors):
             t = t.detach().to("cpu").contiguous()
             h.update(f"{part}.{name}|{t.dtype}|{tuple(t.shape)}".encode())
@@ -67,7 +73,8 @@ def modules_fingerprint(modules: Mapping[str, Any]) -> str:
 
 
 def bundle_modules(bundle: Any) -> dict[str, Any]:
-    """Every torch module of the bundle, by "part" or "part.component" name."""
+    """Every torch module of the bundle, by "part" or "part.component" name (an IP-Adapter
+    state: its two state dicts, "ip_adapter.image_proj" and "ip_adapter.ip_adapter")."""
     import torch
 
     out = {}
@@ -75,6 +82,8 @@ def bundle_modules(bundle: Any) -> dict[str, Any]:
         value = getattr(bundle, part)
         if isinstance(value, torch.nn.Module):
             out[part] = value
+        elif isinstance(value, Mapping):
+            out.update({f"{part}.{k}": v for k, v in value.items() if isinstance(v, Mapping)})
         elif value is not None:
             out.update({f"{part}.{k}": v for k, v in vars(value).items() if isinstance(v, torch.nn.Module)})
     return out

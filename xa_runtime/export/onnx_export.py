@@ -38,7 +38,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 EXTERNAL_DATA_BYTES = 1_800_000_000
 # Trace sizes: small (fast), not square (a swapped H/W would show), divisible by every
 # downsampling factor (SD1.5 latent by 8, SDXL by 4).
-EXAMPLE_DIMS = {"B": 2, "T": 77, "sd15": (16, 24), "sdxl": (16, 24)}
+EXAMPLE_DIMS = {"B": 2, "T": 77, "N": 8, "sd15": (16, 24), "sdxl": (16, 24)}
 
 
 def check_opset(opset: object) -> int:
@@ -77,7 +77,8 @@ def available_graphs(bundle: ModuleBundle) -> list[str]:
 def trace_dims(spec: GraphSpec, bundle: ModuleBundle) -> dict[str, int]:
     """Model dimensions plus the small trace values of the dynamic ones."""
     h, w = EXAMPLE_DIMS["sdxl" if spec.profiles.get("H") is SDXL_LATENT else "sd15"]
-    return {**model_dims(spec, bundle), "B": EXAMPLE_DIMS["B"], "T": EXAMPLE_DIMS["T"], "H": h, "W": w}
+    return {**model_dims(spec, bundle), "B": EXAMPLE_DIMS["B"], "T": EXAMPLE_DIMS["T"], "N": EXAMPLE_DIMS["N"],
+            "H": h, "W": w}
 
 
 def _module_dtype(module: torch.nn.Module) -> torch.dtype | None:

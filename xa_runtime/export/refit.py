@@ -34,7 +34,8 @@ from ..runtime.graphs_table import GraphSpec
 NAME_MAP_FORMAT = 1
 # graph -> the pipeline component its wrapper's weights belong to (the LoRA target name)
 LORA_TARGETS = {
-    "sd15_unet": "unet", "sd15_unet_control": "unet", "sd15_unet_t2i": "unet", "sdxl_unet": "unet", "sdxl_unet_fused": "unet",
+    "sd15_unet": "unet", "sd15_unet_control": "unet", "sd15_unet_t2i": "unet", "sd15_unet_ip": "unet",
+    "sdxl_unet": "unet", "sdxl_unet_fused": "unet",
     "controlnet": "controlnet",
     "sd15_text_encoder": "text_encoder", "sdxl_text_encoder": "text_encoder", "sdxl_text_encoder_2": "text_encoder_2",
 }

@@ -30,17 +30,23 @@ class ModuleBundle:
     mapping: MappingLayers | None = None
     controlnet: nn.Module | None = None
     t2i_adapter: nn.Module | None = None  # an SD1.5 diffusers T2IAdapter
+    # an SD1.5 IP-Adapter file's state ({"image_proj": ..., "ip_adapter": ...}, as
+    # plugins.ip_adapter_loading.read_ip_adapter_file gives it): installed on sd15.unet only
+    # while its graph (sd15_unet_ip) is built, taken off again by the wrapper's release()
+    ip_adapter: dict[str, dict[str, torch.Tensor]] | None = None
 
     @classmethod
     def tiny(cls, seed: int = 0) -> "ModuleBundle":
-        """The built-in tiny random models, a tiny ControlNet and a tiny T2I-Adapter (real topology)."""
+        """The built-in tiny random models, a tiny ControlNet, a tiny T2I-Adapter (real topology)
+        and a tiny "plain" IP-Adapter (4 tokens per image)."""
         from ..models.tiny import build_tiny_models
         from ..plugins.controlnet import build_tiny_controlnet
+        from ..plugins.ip_adapter_loading import tiny_ip_adapter_state
         from ..plugins.t2i_adapter import build_tiny_t2i_adapter
 
         sd15, sdxl, mapping = build_tiny_models(seed)
         return cls(sd15, sdxl, mapping, build_tiny_controlnet(sd15.unet, seed + 3),
-                   build_tiny_t2i_adapter(sd15.unet, seed=seed + 4))
+                   build_tiny_t2i_adapter(sd15.unet, seed=seed + 4), tiny_ip_adapter_state(sd15.unet, seed=seed + 5))
 
 
 class SD15UNetGraph(nn.Module):
@@ -63,6 +69,73 @@ class SD15UNetGraph(nn.Module):
 
     def release(self) -> None:
         self.branch.remove_hooks()
+
+
+class _GivenTokens(nn.Module):
+    """Stands in for the UNet's encoder_hid_proj while sd15_unet_ip is traced: the image
+    tokens are a graph input, already projected, and pass through as they are given."""
+
+    def forward(self, image_embeds):
+        return image_embeds
+
+
+class _TracedScale:
+    """One cross-attention layer's IP-Adapter scale as a traced tensor. diffusers'
+    IPAdapterAttnProcessor2_0 reads `scale == 0` (skip the image attention) and `scale * h`:
+    the first is never true here (a zero scale multiplies, giving the same h + 0), so the
+    trace keeps the image attention of every layer; the second multiplies in h's dtype."""
+
+    def __init__(self, value: torch.Tensor):
+        self.value = value
+
+    def __eq__(self, other: object) -> bool:
+        return False
+
+    __hash__ = object.__hash__
+
+    def __mul__(self, h: torch.Tensor) -> torch.Tensor:
+        return self.value.to(h.dtype) * h
+
+    __rmul__ = __mul__
+
+
+class SD15IPUNetGraph(nn.Module):
+    """sd15_unet_ip: (sample, timestep, text, ip_tokens, ip_scale) -> (eps, f0, f1, f2).
+
+    Installs the IP-Adapter `state` on `unet` (diffusers' IPAdapterAttnProcessor2_0 on every
+    cross-attention layer, weights registered as unet.<layer>.processor.to_k_ip/to_v_ip) with
+    its projection replaced by a pass-through, so the UNet's own process_encoder_hidden_states
+    hands `ip_tokens` to the processors; release() puts the UNet back as it was."""
+
+    def __init__(self, unet: nn.Module, state: dict[str, dict[str, torch.Tensor]]):
+        super().__init__()
+        from ..plugins.ip_adapter import IPAdapter
+
+        self.unet = unet
+        adapter = IPAdapter(unet, state, source="bundle.ip_adapter")
+        self.__dict__["adapter"] = adapter
+        self.__dict__["processors"] = [p for n, p in unet.attn_processors.items() if n.endswith("attn2.processor")]
+        self.__dict__["projection"] = unet.encoder_hid_proj
+        unet.encoder_hid_proj = _GivenTokens()
+        self.__dict__["branch"] = SD15Branch(unet)
+
+    def forward(self, sample, timestep, encoder_hidden_states, ip_tokens, ip_scale):
+        saved = [p.scale for p in self.processors]
+        for i, proc in enumerate(self.processors):
+            proc.scale = [_TracedScale(ip_scale[i])]
+        try:
+            eps, (f0, f1, f2) = self.branch(sample, timestep, encoder_hidden_states,
+                                            added_cond_kwargs={"image_embeds": [ip_tokens]})
+        finally:
+            for proc, scale in zip(self.processors, saved):
+                proc.scale = scale
+        return eps, f0, f1, f2
+
+    def release(self) -> None:
+        self.branch.remove_hooks()
+        if self.adapter.loaded:
+            self.unet.encoder_hid_proj = self.projection
+            self.adapter.unload()
 
 
 def _inject(h: torch.Tensor, r: torch.Tensor, acs: torch.Tensor, fusion: torch.Tensor) -> torch.Tensor:
@@ -187,6 +260,8 @@ def build_graph_module(spec: GraphSpec, bundle: ModuleBundle,
     c = convert or (lambda m: m)
     if n in ("sd15_unet", "sd15_unet_control", "sd15_unet_t2i"):
         return SD15UNetGraph(c(b.sd15.unet), control=n.endswith("control"), adapter=n.endswith("t2i"))
+    if n == "sd15_unet_ip":
+        return SD15IPUNetGraph(c(b.sd15.unet), b.ip_adapter)
     if n == "t2i_adapter":
         return T2IAdapterGraph(c(b.t2i_adapter))
     if n == "sdxl_unet":
@@ -224,8 +299,9 @@ def model_dims(spec: GraphSpec, bundle: ModuleBundle) -> dict[str, int]:
         down = [c[0]] + [c[s] for s in range(len(c)) for _ in range(3)][: len(CONTROL_RESIDUALS) - 2]
         dims.update({f"c_down{i}": ch for i, ch in enumerate(down)})
         dims.update({f"c_block{i}": ch for i, ch in enumerate(c)})
-        if spec.name in ("sd15_unet", "sd15_unet_control", "sd15_unet_t2i", "controlnet"):
+        if spec.name in ("sd15_unet", "sd15_unet_control", "sd15_unet_t2i", "sd15_unet_ip", "controlnet"):
             dims["ctx"] = bundle.sd15.unet.config.cross_attention_dim
+        dims["ip_layers"] = sum(n.endswith("attn2.processor") for n in bundle.sd15.unet.attn_processors)
     if bundle.t2i_adapter is not None:
         dims["c_image"] = bundle.t2i_adapter.config.in_channels
     if bundle.mapping is not None:
@@ -242,7 +318,8 @@ def model_dims(spec: GraphSpec, bundle: ModuleBundle) -> dict[str, int]:
 def example_inputs(spec: GraphSpec, dims: dict[str, int], dtype: torch.dtype, device: torch.device,
                    seed: int = 0) -> tuple[torch.Tensor, ...]:
     """Seeded inputs of the declared shapes: floats ~N(0,1), timesteps in [0, 1000), token
-    ids below 49406 then the end-of-text id, scales 1.0 (fusion -1: plain add)."""
+    ids below 49406 then the end-of-text id, scales 1.0 (fusion -1: plain add), IP-Adapter
+    layer scales in [0.5, 1.5) (a different one per layer)."""
     g = torch.Generator("cpu").manual_seed(seed)
     out = []
     for t in spec.inputs:
@@ -256,6 +333,8 @@ def example_inputs(spec: GraphSpec, dims: dict[str, int], dtype: torch.dtype, de
             x = torch.rand(shape, generator=g) * 999
         elif t.name in ("adapter_condition_scale", "conditioning_scale"):
             x = torch.ones(shape)
+        elif t.name == "ip_scale":
+            x = 0.5 + torch.rand(shape, generator=g)
         elif t.name == "fusion_guidance_scale":
             x = -torch.ones(shape)
         else:

@@ -242,6 +242,9 @@ class XAdapterPipeline:
         left as it was; the modules are shared."""
         pipe = copy.copy(self)
         pipe.sd15_branch, pipe.sdxl_branch, pipe.mapping = backend.sd15_branch, backend.sdxl_branch, backend.mapping
+        attach = getattr(pipe.sd15_branch, "attach_torch_unet", None)
+        if attach is not None:  # the IP-Adapter's image projection and scales stay on the torch SD1.5 UNet
+            pipe.sd15_branch = attach(self.sd15.unet)
         pipe.runtime = dataclasses.replace(self.runtime, triton_kernels=False)
         return pipe
 

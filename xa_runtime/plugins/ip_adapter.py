@@ -167,6 +167,41 @@ class IPAdapter:
             raise RuntimeError(f"the IP-Adapter {self.source} was unloaded")
 
 
+def _ip_processors(unet: torch.nn.Module) -> list[Any]:
+    return [p for n, p in unet.attn_processors.items() if n.endswith("attn2.processor")
+            and isinstance(p, (IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0, IPAdapterXFormersAttnProcessor))]
+
+
+def ip_tokens(unet: torch.nn.Module, image_embeds: Sequence[torch.Tensor]) -> torch.Tensor:
+    """What the SD1.5 UNet's active IP-Adapter makes of `added_cond_kwargs["image_embeds"]`
+    (IPAdapterPlugin's [embeds]): its projection's image tokens, all images side by side,
+    rows x N x cross_attention_dim. The input of the exported sd15_unet_ip graph, which runs
+    the attention but not the projection (whose input rank differs between variants)."""
+    projection = unet.encoder_hid_proj
+    if not isinstance(projection, MultiIPAdapterImageProjection) or unet.config.encoder_hid_dim_type != "ip_image_proj":
+        raise ValueError("image_embeds given, but no IP-Adapter is active on the SD1.5 UNet (load_ip_adapter / resume)")
+    if len(image_embeds) != 1 or projection.num_ip_adapters != 1:
+        raise ValueError(f"one IP-Adapter at a time (image_embeds for {len(image_embeds)})")
+    with torch.no_grad():
+        (tokens,) = projection(list(image_embeds))  # rows x images x tokens x width
+    return tokens.reshape(tokens.shape[0], -1, tokens.shape[-1])
+
+
+def ip_layer_scales(unet: torch.nn.Module) -> torch.Tensor:
+    """The active IP-Adapter's scale of every cross-attention layer, in attn_processors order
+    (what `set_scale` set: a float everywhere, or InstantStyle's per-block dict expanded,
+    unnamed layers 0): the sd15_unet_ip graph's ip_scale input, float32."""
+    scales = []
+    for proc in _ip_processors(unet):
+        scale = proc.scale
+        if not isinstance(scale, list) or len(scale) != 1 or not isinstance(scale[0], (int, float)):
+            raise ValueError(f"the sd15_unet_ip graph takes one float scale per layer, the IP-Adapter has {scale!r}")
+        scales.append(float(scale[0]))
+    if not scales:
+        raise ValueError("no IP-Adapter is active on the SD1.5 UNet")
+    return torch.tensor(scales, dtype=torch.float32)
+
+
 def check_scale(scale: Any, name: str = "ip_scale") -> None:
     if isinstance(scale, dict):
         return  # checked against the UNet's blocks by IPAdapter.set_scale

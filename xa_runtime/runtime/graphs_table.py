@@ -5,7 +5,8 @@ Export (xa_runtime.export), engine build and refit (xa_runtime.engines) and ever
 Pure data, no torch: importing it is free.
 
 Shapes are symbolic. An entry is an int (the same for every model of the family), a
-dynamic dimension ("B" batch rows, "H"/"W" latent height/width, "T" tokens; also "H/2",
+dynamic dimension ("B" batch rows, "H"/"W" latent height/width, "T" tokens, "N" IP-Adapter
+image tokens; also "H/2",
 "8*H" ... derived from them), or a lowercase model dimension fixed by the weights
 ("ctx" text width, "c_f0" feature channels ...; static in the exported graph).
 """
@@ -17,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 DTYPE_KINDS = ("float", "float32", "int64")  # "float": the graph's dtype (fp16 or fp32)
-DYNAMIC_DIMS = ("B", "H", "W", "T")
-_EXPR = re.compile(r"^(?:(\d+)\*)?([BHWT])(?:/(\d+))?$")
+DYNAMIC_DIMS = ("B", "H", "W", "T", "N")
+_EXPR = re.compile(r"^(?:(\d+)\*)?([BHWTN])(?:/(\d+))?$")
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,8 @@ class GraphSpec:
     profiles: Mapping[str, DimRange]
     refittable: tuple[str, ...] = ()
     description: str = ""
-    needs: tuple[str, ...] = field(default=())  # bundle parts: "sd15", "sdxl", "mapping", "controlnet", "t2i_adapter"
+    # bundle parts: "sd15", "sdxl", "mapping", "controlnet", "t2i_adapter", "ip_adapter"
+    needs: tuple[str, ...] = field(default=())
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -131,6 +133,9 @@ IMAGE_ROWS = DimRange(1, 1, 4)  # VAEs see images, never the CFG-doubled batch
 SD15_LATENT = DimRange(32, 64, 128)
 SDXL_LATENT = DimRange(64, 128, 192)
 TOKENS = DimRange(77, 77, 77)
+# IP-Adapter image tokens after its projection, all images of the prompt side by side:
+# 4 per image ("plain" ip-adapter_sd15), 16 ("plus"), 257 ("full": one per CLIP ViT-H token).
+IP_TOKENS = DimRange(4, 16, 257)
 
 # ------------------------------------------------------------------ refittable weights
 # What LoRAs change (plugins/lora_formats.py): attention projections, the transformer's
@@ -166,6 +171,9 @@ ADAPTER_RESIDUALS = tuple(
     _t(f"adapter_residual_{i}", "float", "B", f"c_block{i}", "H" + s, "W" + s) for i, s in enumerate(("", "/2", "/4", "/8"))
 )
 _SD15 = {"B": UNET_ROWS, "H": SD15_LATENT, "W": SD15_LATENT, "T": TOKENS}
+# IP-Adapter: its projected image tokens and one scale per cross-attention layer ("ip_layers":
+# the UNet's attn2 layers in attn_processors order, 16 for SD1.5).
+IP_INPUTS = (_t("ip_tokens", "float", "B", "N", "ctx"), _t("ip_scale", "float32", "ip_layers"))
 _SDXL = {"B": UNET_ROWS, "H": SDXL_LATENT, "W": SDXL_LATENT, "T": TOKENS}
 
 
@@ -201,6 +209,11 @@ _GRAPHS = (
     GraphSpec("sd15_unet_t2i", _LATENT_IN + ADAPTER_RESIDUALS, (_t("eps", "float", "B", 4, "H", "W"),) + _FEATURES,
               _SD15, UNET_LORA_WEIGHTS, "sd15_unet taking T2I-Adapter (or Nexus Adapter) features, already scaled, "
               "added inside the down blocks", ("sd15",)),
+    GraphSpec("sd15_unet_ip", _LATENT_IN + IP_INPUTS, (_t("eps", "float", "B", 4, "H", "W"),) + _FEATURES,
+              {**_SD15, "N": IP_TOKENS}, UNET_LORA_WEIGHTS,
+              "sd15_unet with one IP-Adapter file's decoupled cross-attention (its to_k_ip/to_v_ip weights baked in, "
+              "not refittable): image tokens after the adapter's projection, one scale per cross-attention layer "
+              "(a float scale or InstantStyle's per-block dict, expanded)", ("sd15", "ip_adapter")),
     GraphSpec("t2i_adapter", (_t("image", "float", "B", "c_image", "8*H", "8*W"),),
               tuple(TensorSpec(f"adapter_feature_{i}", "float", t.shape) for i, t in enumerate(ADAPTER_RESIDUALS)),
               {"B": UNET_ROWS, "H": SD15_LATENT, "W": SD15_LATENT}, (),

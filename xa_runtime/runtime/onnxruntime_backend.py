@@ -26,7 +26,8 @@ from .graphs_table import GraphSpec, get_graph, solve_dims
 
 PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 PIPELINE_GRAPHS = ("sd15_unet", "mapping", "sdxl_unet")  # required by the branches (split SDXL side)
-OPTIONAL_GRAPHS = ("sd15_unet_control", "sd15_unet_t2i")  # ControlNet residuals / T2I-Adapter features, when exported
+# ControlNet residuals / T2I-Adapter features / IP-Adapter image tokens, when exported
+OPTIONAL_GRAPHS = ("sd15_unet_control", "sd15_unet_t2i", "sd15_unet_ip")
 FUSED_GRAPH = "sdxl_unet_fused"  # mapping + SDXL UNet in one graph, replaces mapping and sdxl_unet
 SDXL_MODES = ("auto", "split", "fused")
 # What "auto" picks when the folder has both: the faster one measured on onnxruntime CPU
@@ -171,24 +172,64 @@ def _like(outputs: Sequence[torch.Tensor], ref: torch.Tensor) -> list[torch.Tens
 class OrtSD15Branch:
     """SD15Branch on onnxruntime: (sample, timestep, text, **unet_kwargs) -> (eps, (f0, f1, f2)).
 
-    unet_kwargs: ControlNet residuals (the sd15_unet_control graph) or T2I-Adapter / Nexus
-    features (`down_intrablock_additional_residuals`, the sd15_unet_t2i graph), not both in
-    one call; other plugins' kwargs (IP-Adapter, unfused LoRA scales) need the PyTorch backend.
+    unet_kwargs: ControlNet residuals (the sd15_unet_control graph), T2I-Adapter / Nexus
+    features (`down_intrablock_additional_residuals`, the sd15_unet_t2i graph) or IP-Adapter
+    image embeddings (`added_cond_kwargs["image_embeds"]`, the sd15_unet_ip graph), one kind
+    per call; other plugins' kwargs (unfused LoRA scales) need the PyTorch backend.
+
+    IP-Adapter: the graph holds the adapter's attention weights but not its image projection
+    (whose input differs between variants), so the embeddings are projected to tokens in
+    PyTorch by the IP-Adapter installed on the torch SD1.5 UNet (`torch_unet`, attached by
+    XAdapterPipeline.with_backend through `attach_torch_unet`), which also gives the
+    per-layer scales. The graph must be exported from the same IP-Adapter file.
     """
 
     CONTROL_KEYS = ("down_block_additional_residuals", "mid_block_additional_residual")
     ADAPTER_KEY = "down_intrablock_additional_residuals"
+    IP_KEY = "added_cond_kwargs"
 
-    def __init__(self, plain: GraphSession, control: GraphSession | None = None, t2i: GraphSession | None = None):
-        self.plain, self.control, self.t2i = plain, control, t2i
+    def __init__(self, plain: GraphSession, control: GraphSession | None = None, t2i: GraphSession | None = None,
+                 ip: GraphSession | None = None, torch_unet: torch.nn.Module | None = None):
+        self.plain, self.control, self.t2i, self.ip, self.torch_unet = plain, control, t2i, ip, torch_unet
+
+    def attach_torch_unet(self, unet: torch.nn.Module) -> "OrtSD15Branch":
+        """A copy of this branch that reaches the torch SD1.5 UNet `unet` for IP-Adapter
+        projections and scales (the sessions are shared)."""
+        return OrtSD15Branch(self.plain, self.control, self.t2i, self.ip, unet)
+
+    def _ip_inputs(self, added: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        from ..plugins.ip_adapter import ip_layer_scales, ip_tokens
+
+        if not isinstance(added, Mapping) or set(added) != {"image_embeds"}:
+            raise ValueError(f"the onnxruntime SD1.5 UNet takes added_cond_kwargs with image_embeds (IP-Adapter) only, "
+                             f"got {sorted(added) if isinstance(added, Mapping) else type(added).__name__}")
+        if self.ip is None:
+            raise ValueError("IP-Adapter image_embeds given (added_cond_kwargs), but no sd15_unet_ip graph was exported "
+                             "to this folder (xa-export --ip-adapter FILE)")
+        if self.torch_unet is None:
+            raise ValueError("IP-Adapter image_embeds given (added_cond_kwargs), but no torch SD1.5 UNet is attached to "
+                             "project them (XAdapterPipeline.with_backend attaches it; or attach_torch_unet(unet))")
+        tokens, scales = ip_tokens(self.torch_unet, added["image_embeds"]), ip_layer_scales(self.torch_unet)
+        layers = self.ip.model_dims.get("ip_layers")
+        if scales.numel() != layers or tokens.shape[-1] != self.ip.model_dims.get("ctx"):
+            raise ValueError(f"the sd15_unet_ip graph takes {layers} layer scales and tokens of width "
+                             f"{self.ip.model_dims.get('ctx')}; the IP-Adapter gives {scales.numel()} and "
+                             f"{tokens.shape[-1]}: export the graph from this IP-Adapter and UNet")
+        return tokens, scales
 
     def __call__(self, sample: torch.Tensor, timestep: Any, encoder_hidden_states: torch.Tensor, **unet_kwargs: Any):
-        other = sorted(k for k in unet_kwargs if k not in self.CONTROL_KEYS + (self.ADAPTER_KEY,))
+        other = sorted(k for k in unet_kwargs if k not in self.CONTROL_KEYS + (self.ADAPTER_KEY, self.IP_KEY))
         if other:
-            raise ValueError(f"the onnxruntime SD1.5 UNet takes ControlNet residuals and T2I-Adapter features only, "
-                             f"not {other}; run these plugins on the PyTorch backend")
+            raise ValueError(f"the onnxruntime SD1.5 UNet takes ControlNet residuals, T2I-Adapter features and "
+                             f"IP-Adapter image embeddings only, not {other}; run these plugins on the PyTorch backend")
         t = _rows(timestep, sample.shape[0])
-        if self.ADAPTER_KEY in unet_kwargs:
+        if self.IP_KEY in unet_kwargs:
+            if len(unet_kwargs) > 1:
+                raise ValueError("IP-Adapter image embeddings together with ControlNet residuals or T2I-Adapter "
+                                 "features need the PyTorch backend (no graph takes both)")
+            tokens, scales = self._ip_inputs(unet_kwargs[self.IP_KEY])
+            out = self.ip(sample, t, encoder_hidden_states, tokens, scales)
+        elif self.ADAPTER_KEY in unet_kwargs:
             if len(unet_kwargs) > 1:
                 raise ValueError("ControlNet residuals and T2I-Adapter features together need the PyTorch backend "
                                  "(no graph takes both)")
@@ -307,8 +348,8 @@ class OnnxRuntimeBackend:
     sdxl_mode: how the SDXL side of stage 2 runs: "split" (the mapping graph, then sdxl_unet),
     "fused" (sdxl_unet_fused: mapping inside the SDXL UNet graph, one call per step), or
     "auto" (default): PREFERRED_SDXL_MODE when the folder has its graphs, else the other.
-    Needs sd15_unet and the chosen mode's graphs; loads sd15_unet_control and sd15_unet_t2i
-    if present.
+    Needs sd15_unet and the chosen mode's graphs; loads sd15_unet_control, sd15_unet_t2i and
+    sd15_unet_ip if present.
     verify: check the graphs' files against the folder's manifest.json first (sha256 of each;
     CheckpointError for a missing manifest or a changed file); False skips it (no hashing).
     threads / inter_op_threads: onnxruntime's intra-op / inter-op thread counts (None: its
@@ -397,7 +438,8 @@ def graphs_wanted(required: Sequence[str], sdxl_mode: str, suffix: str) -> str:
 def build_branches(sessions: Mapping[str, Any], sdxl_mode: str) -> tuple[OrtSD15Branch, OrtSDXLBranch, Any]:
     """The pipeline's sd15_branch, sdxl_branch and mapping over graph sessions (onnxruntime
     GraphSessions or TensorRT EngineSessions: same call convention)."""
-    sd15 = OrtSD15Branch(sessions["sd15_unet"], sessions.get("sd15_unet_control"), sessions.get("sd15_unet_t2i"))
+    sd15 = OrtSD15Branch(sessions["sd15_unet"], sessions.get("sd15_unet_control"), sessions.get("sd15_unet_t2i"),
+                         sessions.get("sd15_unet_ip"))
     if sdxl_mode == "split":
         return sd15, OrtSDXLBranch(sessions["sdxl_unet"]), OrtMapping(sessions["mapping"])
     return sd15, OrtSDXLBranch(None, sessions[FUSED_GRAPH]), OrtDeferredMapping()
