@@ -469,6 +469,30 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def serve_process(*flags, env=None, ready_s=60.0):
+    """`python -m xa_runtime.serve.cli --port P *flags` on loopback, returned once /readyz
+    answers 200: (process, url). The caller kills it if the test does not end it."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "xa_runtime.serve.cli", "--port", str(port), "--log-level", "warning",
+                             *flags], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + ready_s
+    while True:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"xa-serve {' '.join(flags)} not ready: {proc.stdout.read().decode()[-3000:]}")
+        time.sleep(0.1)
+
+
 def test_client_disconnect_cancels_the_run():
     """A real uvicorn server on loopback: the client closes its socket mid-run -> the run stops
     at the next step (outcome cancelled) and the next request is served at once."""
@@ -513,28 +537,11 @@ def test_xa_serve_process_serves_and_exits_0_on_sigterm(tmp_path):
     """The real command on loopback: ready, a request, SIGTERM mid-request -> it finishes, exit 0."""
     import os
     import signal
-    import socket
-    import subprocess
-    import sys
 
     import httpx
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    proc = subprocess.Popen([sys.executable, "-m", "xa_runtime.serve.cli", "--port", str(port), "--log-level", "warning"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc, url = serve_process(env={**os.environ, "OMP_NUM_THREADS": "2"}, ready_s=60)
     try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(600):
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, proc.stdout.read().decode()
-            time.sleep(0.1)
         r = httpx.post(f"{url}/v1/generate", json=FAST, headers={"Accept": "image/png"}, timeout=60)
         assert r.status_code == 200 and r.content.startswith(b"\x89PNG")
         with ThreadPoolExecutor(1) as pool:  # SIGTERM while a request runs: it still gets its image

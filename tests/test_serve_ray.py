@@ -11,7 +11,7 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("ray.serve")
 httpx = pytest.importorskip("httpx")
 
-from test_serve import BAD, FAST, PNG  # noqa: E402
+from test_serve import BAD, FAST, PNG, serve_process  # noqa: E402
 
 from xa_runtime.serve.config import ServeConfig, parse_config  # noqa: E402
 from xa_runtime.serve.ray_app import build_app, deployment_options  # noqa: E402
@@ -29,26 +29,12 @@ def test_xa_serve_ray_command_serves_and_exits_0_on_sigterm():
     """`xa-serve --ray` (a local Ray instance of its own): ready, one request, SIGTERM -> exit 0.
     Runs before the module's shared Ray instance starts."""
     import signal
-    import subprocess
-    import sys
-    import time
 
-    port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0",
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([sys.executable, "-m", "xa_runtime.serve.cli", "--ray", "--port", str(port),
-                             "--log-level", "warning"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc, url = serve_process("--ray", env=env, ready_s=120)
     try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(1200):
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-            time.sleep(0.1)
         r = httpx.post(f"{url}/v1/generate", json=FAST, headers={"Accept": "image/png"}, timeout=60)
         assert r.status_code == 200 and r.content.startswith(b"\x89PNG")
         proc.send_signal(signal.SIGTERM)
