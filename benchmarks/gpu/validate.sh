@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # GPU validation in one device call (see README "What ran where"): the GPU-marked tests,
 # the kernel benchmark, the stage-2 profile and xa-bench at full size with random weights.
+# Steps (STEPS="..."): tests kernels profile latency (default), runtime-tests runtime
+# components (the lean runtime, issue 7: run these first in a new GPU session), throughput.
 # Run from the repository root on a CUDA machine; results go to $OUT (default ./out/gpu).
 set -uo pipefail
 OUT="${OUT:-out/gpu}"; mkdir -p "$OUT"
@@ -27,6 +29,9 @@ for s in $steps; do
     components) timeout 200 python3 -m xa_runtime.cli.bench --random-weights --device cuda --dtype fp16 \
                --mode latency,components --compare eager,lean --baseline sdxl-alone,mapping --warmup 1 --runs 2 \
                --output "$OUT/xabench.json" --plots "$OUT" 2>&1 | grep -v "round" | tail -30 ;;
+    throughput) timeout 240 python3 -m xa_runtime.cli.bench --random-weights --device cuda --dtype fp16 \
+               --mode throughput --batches 1,2,4 --concurrency 1,2 --compare eager --steps 10 --warmup 1 --runs 2 \
+               --output "$OUT/throughput.json" --plots "$OUT" 2>&1 | grep -v "round" | tail -20 ;;
     latency) timeout 220 python3 -m xa_runtime.cli.bench --models random --device cuda --dtype fp16 \
                --compare eager,kernels --warmup 1 --runs 3 --output "$OUT/latency.json" 2>&1 | grep -v "round" | tail -12 ;;
   esac
