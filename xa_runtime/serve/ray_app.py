@@ -41,7 +41,9 @@ class XAdapterDeployment:
             raise RuntimeError("xa-serve replica not ready (worker stopped or shutting down)")
 
     def __del__(self) -> None:
-        self.service.shutdown()
+        service = getattr(self, "service", None)  # absent when loading the models failed
+        if service is not None:
+            service.shutdown()
 
 
 def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
