@@ -45,13 +45,9 @@ def _check(args: argparse.Namespace) -> str | None:
         return "--runs must be in 1..1000 and --warmup in 0..100"
     if not 1 <= args.rank <= 256:
         return "--rank must be in 1..256"
-    try:
-        import tensorrt
+    from xa_runtime.engines.manifest import tensorrt_installed
 
-        found = hasattr(tensorrt, "Builder")
-    except ImportError:
-        found = False
-    if not found:
+    if not tensorrt_installed():
         return "bench_engines needs TensorRT (pip install tensorrt, NVIDIA's index; tensorrt-stubs is not enough)"
     if not torch.cuda.is_available():
         return "bench_engines needs a CUDA GPU"

@@ -45,13 +45,9 @@ def add_backend_arguments(group: Any) -> None:
 
 def _check_tensorrt(args: argparse.Namespace, usage_error: type) -> None:
     """--backend tensorrt: the real TensorRT (not only tensorrt-stubs), CUDA, an engine folder."""
-    from ..engines.manifest import NOT_INSTALLED
+    from ..engines.manifest import NOT_INSTALLED, tensorrt_installed
 
-    try:
-        import tensorrt
-    except ImportError:
-        tensorrt = None
-    if not hasattr(tensorrt, "Builder"):
+    if not tensorrt_installed():
         raise ParameterError("--backend", args.backend, f"torch or onnxruntime: {NOT_INSTALLED}")
     if getattr(args, "device", "cuda") != "cuda":
         raise usage_error("--backend tensorrt needs --device cuda")
@@ -80,12 +76,11 @@ def check_backend(args: argparse.Namespace, tiny: bool, plugin_specs: dict[str, 
         raise usage_error("--backend onnxruntime with --sd15/--sdxl/--adapter needs --onnx-dir (xa-export's folder "
                           "of these models)")
     if args.onnx_dir is not None:
-        folder = Path(args.onnx_dir)
-        def has(*graphs: str) -> bool:
-            return all((folder / f"{g}.onnx").is_file() for g in graphs)
+        from ..runtime.onnxruntime_backend import select_graphs
 
-        sdxl_side = has("mapping", "sdxl_unet") or has("sdxl_unet_fused")  # split pair or fused graph
-        if not folder.is_dir() or not has("sd15_unet") or not sdxl_side or not (folder / "manifest.json").is_file():
+        folder = Path(args.onnx_dir)
+        _, required, _ = select_graphs(lambda g: (folder / f"{g}.onnx").is_file(), "auto")  # split pair or fused
+        if not all((folder / f"{g}.onnx").is_file() for g in required) or not (folder / "manifest.json").is_file():
             raise ParameterError("--onnx-dir", args.onnx_dir, "an xa-export folder with manifest.json, sd15_unet.onnx, "
                                  "and mapping.onnx + sdxl_unet.onnx or sdxl_unet_fused.onnx")
     if args.backend == "tensorrt":

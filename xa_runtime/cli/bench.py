@@ -108,11 +108,9 @@ def _check_variants(args: argparse.Namespace) -> list[str]:
         if missing:
             raise ParameterError("--compare", v, f"the package {package} installed (pip install {package})")
         if v == "tensorrt":
-            from ..engines.manifest import NOT_INSTALLED
+            from ..engines.manifest import NOT_INSTALLED, tensorrt_installed
 
-            import tensorrt  # found above; tensorrt-stubs alone installs a package without the library
-
-            if not hasattr(tensorrt, "Builder"):
+            if not tensorrt_installed():  # tensorrt-stubs alone installs a package without the library
                 raise ParameterError("--compare", v, f"the other variants: {NOT_INSTALLED}")
             if args.device != "cuda":
                 raise ParameterError("--compare", v, "a CUDA device (TensorRT engines run on NVIDIA GPUs)")

@@ -34,6 +34,15 @@ _SHAPE = re.compile(r"^(\d+)[,x](\d+)[,x](\d+)$")
 NOT_INSTALLED = "TensorRT is not installed: pip install tensorrt (NVIDIA's index)"
 
 
+def tensorrt_installed() -> bool:
+    """Whether the real TensorRT library imports here (tensorrt-stubs alone does not count)."""
+    try:
+        import tensorrt
+    except ImportError:
+        return False
+    return hasattr(tensorrt, "Builder")
+
+
 def require_tensorrt(module: Any) -> Any:
     """The real tensorrt module, or ImportError. With only tensorrt-stubs installed, `import
     tensorrt` gives an empty namespace package (a folder of .pyi files): no Builder."""

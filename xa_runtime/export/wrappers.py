@@ -109,12 +109,12 @@ class SD15IPUNetGraph(nn.Module):
 
     def __init__(self, unet: nn.Module, state: dict[str, dict[str, torch.Tensor]]):
         super().__init__()
-        from ..plugins.ip_adapter import IPAdapter
+        from ..plugins.ip_adapter import IPAdapter, ip_processors
 
         self.unet = unet
         adapter = IPAdapter(unet, state, source="bundle.ip_adapter")
         self.__dict__["adapter"] = adapter
-        self.__dict__["processors"] = [p for n, p in unet.attn_processors.items() if n.endswith("attn2.processor")]
+        self.__dict__["processors"] = ip_processors(unet)
         self.__dict__["projection"] = unet.encoder_hid_proj
         unet.encoder_hid_proj = _GivenTokens()
         self.__dict__["branch"] = SD15Branch(unet)

@@ -167,7 +167,16 @@ class IPAdapter:
             raise RuntimeError(f"the IP-Adapter {self.source} was unloaded")
 
 
-def _ip_processors(unet: torch.nn.Module) -> list[Any]:
+def _image_list(image: Any) -> tuple[Any, ...]:
+    """One image or a list of them (their tokens side by side) as a non-empty tuple."""
+    images = tuple(image) if isinstance(image, (list, tuple)) else (image,)
+    if not images:
+        raise ParameterError("ip_image", image, "at least one image")
+    return images
+
+
+def ip_processors(unet: torch.nn.Module) -> list[Any]:
+    """The IP-Adapter attention processors installed on `unet`, in attn_processors order."""
     return [p for n, p in unet.attn_processors.items() if n.endswith("attn2.processor")
             and isinstance(p, (IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0, IPAdapterXFormersAttnProcessor))]
 
@@ -192,7 +201,7 @@ def ip_layer_scales(unet: torch.nn.Module) -> torch.Tensor:
     (what `set_scale` set: a float everywhere, or InstantStyle's per-block dict expanded,
     unnamed layers 0): the sd15_unet_ip graph's ip_scale input, float32."""
     scales = []
-    for proc in _ip_processors(unet):
+    for proc in ip_processors(unet):
         scale = proc.scale
         if not isinstance(scale, list) or len(scale) != 1 or not isinstance(scale[0], (int, float)):
             raise ValueError(f"the sd15_unet_ip graph takes one float scale per layer, the IP-Adapter has {scale!r}")
@@ -247,20 +256,14 @@ class IPAdapterPlugin:
                 "image_encoder", f"{what}={width}",
                 f"{what}={adapter.image_embed_dim}, the width the {adapter.variant} IP-Adapter {adapter.source} takes",
             )
-        images = list(image) if isinstance(image, (list, tuple)) else [image]
-        if not images:
-            raise ParameterError("ip_image", image, "at least one image")
-        self._images: Sequence[Any] = tuple(images)
+        self._images: Sequence[Any] = _image_list(image)
         self._encoded: tuple[Any, torch.Tensor, torch.Tensor] | None = None
         self._embeds: torch.Tensor | None = None
 
     def with_image(self, image: Any) -> "IPAdapterPlugin":
         """The same adapter, encoder and scale on another image prompt (a per-request image)."""
-        images = list(image) if isinstance(image, (list, tuple)) else [image]
-        if not images:
-            raise ParameterError("ip_image", image, "at least one image")
         clone = copy.copy(self)
-        clone._images, clone._encoded, clone._embeds = tuple(images), None, None
+        clone._images, clone._encoded, clone._embeds = _image_list(image), None, None
         return clone
 
     def encode_images(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,7 +25,6 @@ from ..models.branches import ResidualInjection
 from .graphs_table import GraphSpec, get_graph, solve_dims
 
 PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-PIPELINE_GRAPHS = ("sd15_unet", "mapping", "sdxl_unet")  # required by the branches (split SDXL side)
 # ControlNet residuals / T2I-Adapter features / IP-Adapter image tokens, when exported
 OPTIONAL_GRAPHS = ("sd15_unet_control", "sd15_unet_t2i", "sd15_unet_ip")
 FUSED_GRAPH = "sdxl_unet_fused"  # mapping + SDXL UNet in one graph, replaces mapping and sdxl_unet
@@ -91,14 +90,11 @@ class GraphSession:
     def __init__(self, spec: GraphSpec, path: str | os.PathLike, providers: Sequence[str] = ("cpu",),
                  threads: int | None = None, *, optimization: str = "all", io_binding: bool | None = None,
                  inter_op_threads: int | None = None):
-        import onnxruntime as ort
-
-        self.spec, self.path = spec, Path(path)
-        options = session_options(threads, optimization, inter_op_threads)
-        names = resolve_providers(providers)
-        self.io_binding = names[0] == PROVIDER_NAMES["cuda"] if io_binding is None else bool(io_binding)
-        self._options, self._providers = options, names
-        self.session = ort.InferenceSession(str(path), options, providers=names)
+        self.spec = spec
+        self._options = session_options(threads, optimization, inter_op_threads)
+        self._providers = resolve_providers(providers)
+        self.io_binding = self._providers[0] == PROVIDER_NAMES["cuda"] if io_binding is None else bool(io_binding)
+        self.reload(path)
         ins, outs = self.session.get_inputs(), self.session.get_outputs()
         got = ([i.name for i in ins], [o.name for o in outs])
         if got != (list(spec.input_names), list(spec.output_names)):

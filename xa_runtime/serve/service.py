@@ -168,9 +168,7 @@ class Service:
     # ------------------------------------------------------------------ requests
     def takes_image(self, name: str) -> bool:
         plugin = self.plugins.get(name)
-        if isinstance(plugin, tuple):
-            return plugin[0] == "ip_adapter"
-        return hasattr(plugin, "with_image")
+        return _kind(plugin) == "ip_adapter" or _kind(plugin) == "step" and hasattr(plugin, "with_image")
 
     def check(self, params: GenerationParams, plugins: list[str], images: dict[str, Any] | None = None,
               init_image: Any = None) -> GenerationParams:
@@ -202,7 +200,7 @@ class Service:
                 raise ParameterError("plugins", name, f"a configured plugin name: {known}")
         if len(set(plugins)) != len(plugins):
             raise ParameterError("plugins", plugins, "each plugin at most once")
-        ip = [n for n in plugins if isinstance(self.plugins[n], tuple) and self.plugins[n][0] == "ip_adapter"]
+        ip = [n for n in plugins if _kind(self.plugins[n]) == "ip_adapter"]
         if len(ip) > 1:
             raise ParameterError("plugins", plugins, f"at most one IP-Adapter per request (got {', '.join(ip)})")
         images = images or {}
@@ -317,18 +315,23 @@ class Service:
         request's image where it sent one."""
         step_plugins = []
         for name, plugin in self.plugins.items():  # suspend first: one IP-Adapter active at a time
-            if isinstance(plugin, tuple) and plugin[0] == "ip_adapter" and name not in names:
+            if _kind(plugin) == "ip_adapter" and name not in names:
                 plugin[1].adapter.suspend()
         for name, plugin in self.plugins.items():
-            if isinstance(plugin, tuple) and plugin[0] == "lora":
+            if _kind(plugin) == "lora":
                 _, manager, key, scale = plugin
                 manager.set_scale(key, scale if name in names else 0.0)
             elif name in names:
-                if isinstance(plugin, tuple):  # ("ip_adapter", IPAdapterPlugin)
+                if _kind(plugin) == "ip_adapter":  # ("ip_adapter", IPAdapterPlugin)
                     plugin = plugin[1]
                     plugin.adapter.resume()
                 step_plugins.append(plugin.with_image(images[name]) if name in images else plugin)
         return step_plugins
+
+
+def _kind(plugin: Any) -> str:
+    """"lora" or "ip_adapter" for the tagged tuples of Service.plugins, else "step"."""
+    return plugin[0] if isinstance(plugin, tuple) else "step"
 
 
 def is_out_of_memory(error: BaseException) -> bool:
