@@ -1,7 +1,8 @@
 """Each Triton kernel against the torch ops it replaces, at the full-size shapes.
 
-SDXL 1024 px, batch 2 (CFG rows): the three zero_out + inject sites, and the CFG +
-sampler update on 1 x 4 x 128 x 128 latents. Reports the median of many runs, achieved
+SDXL 1024 px, batch 2 (CFG rows): the three zero_out + inject sites, the mapping's
+residual blocks with fused conv epilogues (one block per stage: two 3x3 convs, bias,
+ReLU and the residual add), and the CFG + sampler update on 1 x 4 x 128 x 128 latents. Reports the median of many runs, achieved
 bandwidth and TFLOP/s, and shares of the peaks measured in the same run (a large matrix
 product for compute, a large device copy for bandwidth). Needs a CUDA GPU.
 
@@ -21,9 +22,10 @@ from pathlib import Path
 import torch
 
 from xa_runtime.bench.report import write_atomic
-from xa_runtime.kernels import remap_inject_reference, remap_inject_triton
+from xa_runtime.kernels import conv_epilogue_triton, remap_inject_reference, remap_inject_triton
 from xa_runtime.kernels.guided_step import StepCoefficients, guided_step_reference, guided_step_triton
 from xa_runtime.models import get_preset
+from xa_runtime.models.mapping import ResidualBlock
 from xa_runtime.pipeline.schedulers import make_scheduler
 from xa_runtime.runtime.timing import time_callable, time_cuda_graph
 
@@ -34,6 +36,13 @@ SITES = [  # (name, C, H, W): zero_out.k input/output channels and grid at SDXL 
 ]
 
 
+MAPPING_STAGES = [  # (name, C, H, W): a residual block of each mapping stage at SDXL 1024 px
+    ("stage0", 1280, 32, 32),
+    ("stage1", 1280, 64, 64),
+    ("stage2", 640, 128, 128),
+]
+
+
 def peaks(dtype: torch.dtype, iters: int) -> dict[str, float]:
     a = torch.randn(8192, 8192, device="cuda", dtype=dtype)
     mm = statistics.median(time_callable(lambda: a @ a, "cuda", 5, iters))
@@ -41,6 +50,51 @@ def peaks(dtype: torch.dtype, iters: int) -> dict[str, float]:
     dst = torch.empty_like(src)
     cp = statistics.median(time_callable(lambda: dst.copy_(src), "cuda", 5, iters))
     return {"tflops": 2 * 8192**3 / mm / 1e12, "gbps": 2 * src.numel() / cp / 1e9}
+
+
+def residual_block_rows(args, dtype, elt, fmt, layout, peak) -> list[dict]:
+    """One mapping residual block per stage (the block's input has the stage's output
+    width: blocks 2 and 3 of each stage), torch path vs fused epilogues, and the
+    bias + ReLU epilogue kernel alone against its bandwidth roofline."""
+    rows = []
+    for name, c, h, w in MAPPING_STAGES:
+        block = ResidualBlock(c, c).to("cuda", dtype).eval().requires_grad_(False).to(memory_format=fmt)
+        x = torch.randn(args.batch, c, h, w, device="cuda", dtype=dtype).contiguous(memory_format=fmt)
+        y = torch.randn_like(x)
+
+        def plain():
+            block(x)
+
+        def fused():
+            block(x, fused_epilogues=True)
+
+        def epilogue():
+            conv_epilogue_triton(y, block.block1.bias, relu=True)
+
+        def torch_epilogue():  # what torch does after the bias-free cuDNN conv: bias add, then ReLU
+            torch.relu_(y.add_(block.block1.bias.view(1, -1, 1, 1)))
+
+        with torch.no_grad():
+            ms = {k: statistics.median(time_cuda_graph(f, reps=20, iters=args.iters // 10)) * 1e3
+                  for k, f in (("plain", plain), ("fused", fused), ("epilogue", epilogue), ("torch_epilogue", torch_epilogue))}
+            eager = {k: statistics.median(time_callable(f, "cuda", 10, args.iters)) * 1e3
+                     for k, f in (("plain", plain), ("fused", fused))}
+        flops = 2 * 2 * args.batch * c * c * 9 * h * w
+        bytes_ = elt * 2 * x.numel()  # the epilogue: y read + written
+        rows.append({
+            "kernel": "residual_block", "site": name, "layout": layout, "torch_ms": ms["plain"], "triton_ms": ms["fused"],
+            "speedup": ms["plain"] / ms["fused"], "torch_eager_ms": eager["plain"], "triton_eager_ms": eager["fused"],
+            "roofline_ms": flops / (peak["tflops"] * 1e12) * 1e3, "triton_tflops": flops / ms["fused"] / 1e9,
+            "triton_gbps": 0.0, "share_of_peak_compute": flops / ms["fused"] / 1e9 / peak["tflops"],
+        })
+        rows.append({
+            "kernel": "conv_epilogue", "site": name + " bias+relu", "layout": layout, "torch_ms": ms["torch_epilogue"],
+            "triton_ms": ms["epilogue"], "speedup": ms["torch_epilogue"] / ms["epilogue"],
+            "torch_eager_ms": float("nan"), "triton_eager_ms": float("nan"),
+            "roofline_ms": bytes_ / (peak["gbps"] * 1e9) * 1e3, "triton_gbps": bytes_ / ms["epilogue"] / 1e6,
+            "share_of_peak_bandwidth": bytes_ / ms["epilogue"] / 1e6 / peak["gbps"],
+        })
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                 "share_of_peak_compute": flops / triton_s / 1e12 / peak["tflops"],
                 "share_of_peak_bandwidth": bytes_ / triton_s / 1e9 / peak["gbps"],
             })
+        rows.extend(residual_block_rows(args, dtype, elt, fmt, layout, peak))
     latents = torch.randn(1, 4, 128, 128, device="cuda", dtype=dtype)
     eps = torch.randn(2, 4, 128, 128, device="cuda", dtype=dtype)
     prev = torch.randn(1, 4, 128, 128, device="cuda")

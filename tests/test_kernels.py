@@ -100,6 +100,90 @@ def test_dispatch_falls_back_to_reference_without_triton_device(monkeypatch):
     torch.testing.assert_close(out, want, rtol=0, atol=0)
 
 
+# ---------------------------------------------------------------- conv epilogues (mapping residual blocks)
+from xa_runtime.kernels import conv_epilogue, conv_epilogue_reference, conv_epilogue_triton  # noqa: E402
+from xa_runtime.models.mapping import ResidualBlock  # noqa: E402
+
+EPILOGUE_SHAPES = [(2, 5, 7, 9), (1, 16, 8, 8), (3, 3, 1, 13)]  # (B, C, H, W): 630, 1024, 117 elements
+EPILOGUE_MODES = {"relu": dict(relu=True), "skip": dict(skip="same"), "skip-other-layout": dict(skip="other"),
+                  "relu+skip": dict(relu=True, skip="same")}
+
+
+def _epilogue_inputs(shape, dtype, channels_last, skip, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    y = torch.randn(*shape, generator=g).to(device, dtype).contiguous(memory_format=fmt)
+    bias = torch.randn(shape[1], generator=g).to(device, dtype)
+    if skip is None:
+        return y, bias, None
+    other = torch.contiguous_format if channels_last else torch.channels_last
+    s = torch.randn(*shape, generator=g).to(device, dtype).contiguous(memory_format=fmt if skip == "same" else other)
+    return y, bias, s
+
+
+@pytest.mark.parametrize("device", [pytest.param(d, marks=pytest.mark.gpu) if d == "cuda" else d for d in DEVICES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("mode", list(EPILOGUE_MODES))
+@pytest.mark.parametrize("shape", EPILOGUE_SHAPES, ids=["x".join(map(str, s)) for s in EPILOGUE_SHAPES])
+def test_conv_epilogue_matches_reference(device, dtype, channels_last, mode, shape):
+    opts = EPILOGUE_MODES[mode]
+    y, bias, skip = _epilogue_inputs(shape, dtype, channels_last, opts.get("skip"), device)
+    # reference in float64 on the CPU; the kernel rounds once to y's dtype
+    want = conv_epilogue_reference(y.cpu().double(), bias.cpu().double(), relu=opts.get("relu", False),
+                                   skip=skip.cpu().double() if skip is not None else None)
+    ptr, strides = y.data_ptr(), y.stride()
+    got = conv_epilogue_triton(y, bias, relu=opts.get("relu", False), skip=skip, block=128)
+    assert got.data_ptr() == ptr and got.stride() == strides  # in place, layout kept
+    tol = {torch.float32: dict(rtol=1e-6, atol=1e-6), torch.float16: dict(rtol=1e-3, atol=1e-3),
+           torch.bfloat16: dict(rtol=8e-3, atol=8e-3)}[dtype]  # half an ulp of the result
+    torch.testing.assert_close(got.cpu().double(), want, **tol)
+
+
+def test_conv_epilogue_rejects_bad_arguments():
+    y, bias, skip = _epilogue_inputs((2, 4, 6, 5), torch.float32, False, "same", "cpu")
+    with pytest.raises(ValueError, match="bias"):
+        conv_epilogue_triton(y, bias[:3], relu=True)
+    with pytest.raises(ValueError, match="skip"):
+        conv_epilogue_triton(y, bias, skip=skip[:, :2])
+    with pytest.raises(ValueError, match="skip"):
+        conv_epilogue_triton(y, bias, skip=skip.half())
+    with pytest.raises(ValueError, match="dense"):
+        conv_epilogue_triton(y.transpose(2, 3), bias, relu=True)
+    with pytest.raises(ValueError, match="B x C x H x W"):
+        conv_epilogue_triton(y[0], bias, relu=True)
+    with pytest.raises(ValueError, match="dtype"):
+        conv_epilogue_triton(y.double(), bias.double(), relu=True)
+
+
+def test_conv_epilogue_dispatch_falls_back_to_reference(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    y, bias, skip = _epilogue_inputs((2, 4, 6, 5), torch.float32, False, "other", "cpu")
+    want = conv_epilogue_reference(y, bias, skip=skip)
+    assert conv_epilogue(y, bias, skip=skip) is y
+    torch.testing.assert_close(y, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", [pytest.param(d, marks=pytest.mark.gpu) if d == "cuda" else d for d in DEVICES])
+@pytest.mark.parametrize("block", ["plain", "in_conv", "upsample"])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "nchw-input-nhwc-weights"])
+def test_residual_block_with_fused_epilogues_equals_plain(device, block, layout):
+    torch.manual_seed(0)
+    cin = 6 if block == "in_conv" else 8
+    module = ResidualBlock(cin, 8, upsample=block == "upsample").to(device)
+    x = torch.randn(2, cin, 5, 7, device=device)
+    if layout != "nchw":
+        module.to(memory_format=torch.channels_last)
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
+    size = (10, 14) if block == "upsample" else None
+    with torch.no_grad():
+        want = module(x, size)
+        got = module(x, size, fused_epilogues=True)
+    # fp32: the only difference is where the bias is added (inside cuDNN/oneDNN or after)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("fusion, scheduler, guidance", [(None, "dpmpp-2m", 7.5), (0.5, "euler", 7.5), (None, "euler", 1.0)])
 def test_pipeline_with_kernels_equals_without(tiny_models, fusion, scheduler, guidance):
     kwargs = dict(num_inference_steps=4, adapter_guidance_start=0.5, seed=2, output_type="latent",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from .conv_epilogue import check_conv_epilogue_args, conv_epilogue_reference, conv_epilogue_triton
 from .remap_inject import (
     check_remap_inject_args,
     interpreted,
@@ -34,4 +35,19 @@ def remap_inject(
     return hidden.copy_(remap_inject_reference(x, weight, bias, hidden, scale, fusion_guidance_scale))
 
 
-__all__ = ["remap_inject", "remap_inject_reference", "remap_inject_triton", "triton_usable"]
+def conv_epilogue(
+    y: torch.Tensor, bias: torch.Tensor, *, relu: bool = False, skip: torch.Tensor | None = None
+) -> torch.Tensor:
+    """y <- relu(y + b) and/or y + b + skip, in place on a bias-free conv output; returns y.
+
+    Triton on CUDA (or under the interpreter), the torch reference otherwise."""
+    if triton_usable(y.device):
+        return conv_epilogue_triton(y, bias, relu=relu, skip=skip)
+    check_conv_epilogue_args(y, bias, skip)
+    return y.copy_(conv_epilogue_reference(y, bias, relu=relu, skip=skip))
+
+
+__all__ = [
+    "conv_epilogue", "conv_epilogue_reference", "conv_epilogue_triton",
+    "remap_inject", "remap_inject_reference", "remap_inject_triton", "triton_usable",
+]

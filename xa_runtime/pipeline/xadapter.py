@@ -484,9 +484,10 @@ class XAdapterPipeline:
 
     def _injections(self, feats: tuple[torch.Tensor, ...], acs: float, fusion: float | None) -> list[Injection]:
         """One callable per SDXL injection site: mapping -> r -> h + acs*r (or the lerp), or
-        the fused Triton remap-inject on the stage outputs before their zero_out conv."""
+        with the kernels: the residual blocks with fused conv epilogues, then the fused
+        Triton remap-inject on the stage outputs before their zero_out conv."""
         if self.runtime.kernels_active(self.device):
-            pre = self.mapping.features(*feats)
+            pre = self.mapping.features(*feats, fused_epilogues=True)
             return [
                 functools.partial(_fused, x=x, conv=conv, scale=acs, fusion=fusion)
                 for x, conv in zip(pre, self.mapping.zero_out)
