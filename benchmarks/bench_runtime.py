@@ -1,5 +1,6 @@
 """Lean-runtime benchmark (GPU only): the standard workload with full-size random weights,
-plain eager, then each optimisation added on top (compile, graphs, streams, kernels),
+plain eager, then each optimisation added on top (mixed layout, compile, graphs, streams,
+kernels),
 and SDXL alone (eager and with the same lean backend), in one process.
 
     python benchmarks/bench_runtime.py --output benchmarks/results/runtime-h100.json
@@ -34,11 +35,15 @@ from xa_runtime.pipeline import GenerationParams, XAdapterPipeline  # noqa: E402
 from xa_runtime.pipeline.params import validate  # noqa: E402
 from xa_runtime.pipeline.schedulers import Sampler, make_scheduler  # noqa: E402
 from xa_runtime.pipeline.text import encode_sdxl, sdxl_time_ids  # noqa: E402
-from xa_runtime.runtime import RuntimeConfig, StageTimer, peak_memory_bytes, reset_peak_memory  # noqa: E402
+from xa_runtime.bench.report import write_atomic  # noqa: E402
+from xa_runtime.runtime import MIXED_LAYOUT, RuntimeConfig, StageTimer, peak_memory_bytes, reset_peak_memory  # noqa: E402
 
 # Cumulative: each row adds one switch to the row before it.
 STEPS_ADDED = [
     ("eager", {}),
+    # the profile's layout choice for eager kernels (SD1.5 + mapping channels-last, SDXL NCHW);
+    # +compile turns channels-last on for all three, where inductor picks its own layouts
+    ("+mixed-layout", dict(channels_last=MIXED_LAYOUT)),
     ("+compile", dict(compile=True, channels_last=True, fuse_qkv=True)),
     ("+graphs", dict(cuda_graphs=True)),
     ("+streams", dict(streams=True)),
@@ -169,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"models built in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     cfgs = configs(args.skip_compile, args.compile_mode)
     lean_cfg = cfgs["+kernels"]
-    plan = [v for v in ["sdxl-alone", "eager", "+compile", "+graphs", "+streams", "+kernels", "sdxl-alone-lean"]
+    plan = [v for v in ["sdxl-alone", "eager", "+mixed-layout", "+compile", "+graphs", "+streams", "+kernels", "sdxl-alone-lean"]
             if v in args.variants]  # eager rows first: compile changes the models in place
     results = {}
     lean = None  # one pipeline for the cumulative rows: set_runtime keeps its compiled steps
@@ -198,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     ratios = {}
     if "eager" in results and "sdxl-alone" in results:
         ratios["eager_xadapter_over_sdxl_alone"] = results["eager"]["total_median_s"] / results["sdxl-alone"]["total_median_s"]
-    last = [n for n in ("+kernels", "+streams", "+graphs", "+compile") if n in results]
+    last = [n for n in ("+kernels", "+streams", "+graphs", "+compile", "+mixed-layout") if n in results]
     if last and base:
         ratios[f"speedup_{last[0]}_over_eager"] = base / results[last[0]]["total_median_s"]
     if last and "sdxl-alone-lean" in results:
@@ -220,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             "warmup": args.warmup, "runs": args.runs, "skip_compile": args.skip_compile,
             "results": results, "ratios": ratios, "table": lines,
         }
-        Path(args.output).write_text(json.dumps(record, indent=2))
+        write_atomic(Path(args.output), json.dumps(record, indent=2))
         print(f"wrote {args.output}", file=sys.stderr)
     return 0
 

@@ -2,8 +2,10 @@
 zero_out + injection), SDXL UNet, per op, on a CUDA GPU with random weights.
 
 One step of stage 2 at the standard workload (SDXL 1024 px, SD1.5 512 px, CFG: batch 2),
-timed with CUDA events per region (median of --iters), in NCHW and channels-last, with the
-fused remap-inject kernel off and on; then torch.profiler over a few steps, grouped by op.
+timed with CUDA events per region (median of --iters), in NCHW, channels-last and the mixed
+layout (SD1.5 UNet + mapping channels-last, SDXL NCHW), with the kernels off and on (the
+fused remap-inject alone, then with the mapping's fused conv epilogues too); then
+torch.profiler over a few steps, grouped by op.
 This is the profile issue 6 asks for ("anything else a profile shows is worth it").
 
     python benchmarks/profile_stage2.py --output benchmarks/results/stage2-profile-<gpu>-<date>.json
@@ -26,6 +28,7 @@ from xa_runtime.bench.report import write_atomic
 from xa_runtime.kernels import remap_inject
 from xa_runtime.models import MappingConfig, MappingLayers, build_random_components, get_preset
 from xa_runtime.models.branches import SD15Branch, SDXLBranch, inject_residual
+from xa_runtime.runtime import CHANNELS_LAST_PARTS, MIXED_LAYOUT
 from xa_runtime.runtime.timing import synchronize, time_callable, time_cuda_graph
 
 
@@ -55,6 +58,14 @@ def inputs(dtype: torch.dtype, batch: int, device: str, prefix: str):
             "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * batch, device=device, dtype=dtype)}
     return {"x15": r(batch, 4, s15, s15), "emb15": r(batch, 77, p15.unet["cross_attention_dim"]),
             "xxl": r(batch, 4, sxl, sxl), "embxl": r(batch, 77, pxl.unet["cross_attention_dim"]), "cond": cond, "t": t}
+
+
+# layout -> the parts in channels-last (RuntimeConfig.channels_last names)
+LAYOUTS = {"nchw": (), "channels_last": CHANNELS_LAST_PARTS, "mixed": MIXED_LAYOUT}
+
+
+def parts_of(sd15, mapping, sdxl, parts) -> list:
+    return [m for name, m in (("sd15_unet", sd15), ("mapping", mapping), ("sdxl_unet", sdxl)) if name in parts]
 
 
 def to_layout(module: torch.nn.Module, channels_last: bool) -> None:
@@ -112,11 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     acs = 1.0
     rows = []
 
-    for channels_last in (False, True):
-        for m in (sd15, sdxl, mapping):
-            to_layout(m, channels_last)
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        x15, xxl = inp["x15"].contiguous(memory_format=fmt), inp["xxl"].contiguous(memory_format=fmt)
+    for layout, parts in LAYOUTS.items():
+        for m in (sd15, mapping, sdxl):
+            to_layout(m, m in (parts_of(sd15, mapping, sdxl, parts)))
+        fmt15 = torch.channels_last if "sd15_unet" in parts else torch.contiguous_format
+        fmtxl = torch.channels_last if "sdxl_unet" in parts else torch.contiguous_format
+        x15, xxl = inp["x15"].contiguous(memory_format=fmt15), inp["xxl"].contiguous(memory_format=fmtxl)
         _, feats = sd15(x15, inp["t"], inp["emb15"])
         pre = mapping.features(*feats)
         res = mapping(*feats)
@@ -126,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
 
         def mapping_blocks():
             return mapping.features(*feats)
+
+        def mapping_blocks_epilogues():
+            return mapping.features(*feats, fused_epilogues=True)
 
         def mapping_all():
             return mapping(*feats)
@@ -137,12 +152,12 @@ def main(argv: list[str] | None = None) -> int:
         def sdxl_alone():
             return sdxl(xxl, inp["t"], inp["embxl"], inp["cond"])
 
-        def fused_injections():
+        def fused_injections(p):
             return [functools.partial(lambda h, x, conv: remap_inject(x, conv.weight, conv.bias, h, acs), x=x, conv=c)
-                    for x, c in zip(pre, mapping.zero_out)]
+                    for x, c in zip(p, mapping.zero_out)]
 
         def sdxl_fused():
-            return sdxl(xxl, inp["t"], inp["embxl"], inp["cond"], injections=fused_injections())
+            return sdxl(xxl, inp["t"], inp["embxl"], inp["cond"], injections=fused_injections(pre))
 
         def step_plain():
             _, f = sd15_step()
@@ -152,23 +167,27 @@ def main(argv: list[str] | None = None) -> int:
 
         def step_fused():
             _, f = sd15_step()
-            p = mapping.features(*f)
-            inj = [functools.partial(lambda h, x, conv: remap_inject(x, conv.weight, conv.bias, h, acs), x=x, conv=c)
-                   for x, c in zip(p, mapping.zero_out)]
-            return sdxl(xxl, inp["t"], inp["embxl"], inp["cond"], injections=inj)
+            return sdxl(xxl, inp["t"], inp["embxl"], inp["cond"], injections=fused_injections(mapping.features(*f)))
 
-        layout = "channels_last" if channels_last else "nchw"
-        for name, fn in (("sd15_unet", sd15_step), ("mapping_blocks", mapping_blocks), ("mapping_all", mapping_all),
-                         ("sdxl_unet_alone", sdxl_alone), ("sdxl_unet+inject", sdxl_plain),
-                         ("sdxl_unet+fused_inject", sdxl_fused), ("stage2_step_plain", step_plain),
-                         ("stage2_step_fused", step_fused)):
+        def step_kernels():  # what the pipeline runs with triton_kernels=True: epilogues + remap-inject
+            _, f = sd15_step()
+            p = mapping.features(*f, fused_epilogues=True)
+            return sdxl(xxl, inp["t"], inp["embxl"], inp["cond"], injections=fused_injections(p))
+
+        regions = {"sd15_unet": sd15_step, "mapping_blocks": mapping_blocks,
+                   "mapping_blocks+fused_epilogues": mapping_blocks_epilogues, "mapping_all": mapping_all,
+                   "sdxl_unet_alone": sdxl_alone, "sdxl_unet+inject": sdxl_plain, "sdxl_unet+fused_inject": sdxl_fused,
+                   "stage2_step_plain": step_plain, "stage2_step_fused": step_fused, "stage2_step_kernels": step_kernels}
+        for name, fn in regions.items():
+            if layout == "mixed" and name in ("mapping_all", "sdxl_unet_alone", "sdxl_unet+inject"):
+                continue  # the same modules in the same layout as a run above
             samples = time_callable(fn, device, warmup=3, iters=args.iters)
             row = {"layout": layout, "region": name, "median_ms": statistics.median(samples) * 1e3,
                    "min_ms": min(samples) * 1e3}
             if device == "cuda":  # GPU time alone: the region captured as a CUDA graph
                 row["gpu_ms"] = statistics.median(time_cuda_graph(fn, reps=2, iters=5)) * 1e3
             rows.append(row)
-            print(f"{layout:<13} {name:<24} eager {row['median_ms']:8.2f} ms  gpu {row.get('gpu_ms', float('nan')):8.2f} ms",
+            print(f"{layout:<13} {name:<30} eager {row['median_ms']:8.2f} ms  gpu {row.get('gpu_ms', float('nan')):8.2f} ms",
                   flush=True)
 
     # torch.profiler over a few plain NCHW steps, grouped by op.

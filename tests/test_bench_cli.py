@@ -24,11 +24,12 @@ def _assert_png(path):
 
 def test_latency_run_writes_json_markdown_and_plot(tmp_path, capsys):
     out = tmp_path / "lat.json"
-    assert main([*FAST, "--compare", "eager,kernels", "--baseline", "sdxl-alone,mapping", "--output", str(out),
-                 "--plots", str(tmp_path / "plots")]) == 0
+    assert main([*FAST, "--compare", "eager,kernels,mixed-layout", "--baseline", "sdxl-alone,mapping",
+                 "--output", str(out), "--plots", str(tmp_path / "plots")]) == 0
     data = json.loads(out.read_text())
     assert validation_errors(data) == []
-    assert data["mode"] == "latency" and data["models"] == "tiny" and list(data["variants"]) == ["eager", "kernels"]
+    assert data["mode"] == "latency" and data["models"] == "tiny"
+    assert list(data["variants"]) == ["eager", "kernels", "mixed-layout"]
     for v in data["variants"].values():
         assert {"median", "p90", "p99", "min", "max", "mean", "n"} <= set(v["total"])
         assert len(v["raw_seconds"]) == 2 and v["total"]["n"] == 2

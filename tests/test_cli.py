@@ -81,6 +81,21 @@ def test_runtime_streams_on_cpu_gives_the_same_image_and_is_recorded(tmp_path, c
     assert json.loads((tmp_path / "streams.json").read_text())["runtime"] == "streams"
 
 
+@pytest.mark.parametrize("names, parts", [
+    ("mixed-layout", ("sd15_unet", "mapping")),
+    ("mixed-layout,channels-last", ("sd15_unet", "mapping", "sdxl_unet")),
+    ("channels-last", ("sd15_unet", "mapping", "sdxl_unet")),
+    ("kernels", ()),
+])
+def test_runtime_names_give_the_channels_last_parts(names, parts):
+    import argparse
+
+    from xa_runtime.cli.generate import runtime_config
+
+    config = runtime_config(argparse.Namespace(runtime=names, offload="none", device="cpu"))
+    assert config.channels_last == parts
+
+
 def test_model_paths_run_with_the_models_default_sizes(tiny_paths, tmp_path, capsys):
     out = tmp_path / "o.png"
     code, err = run(

@@ -19,7 +19,7 @@ import torch
 from xa_runtime.errors import ParameterError
 from xa_runtime.pipeline import XAdapterPipeline
 from xa_runtime.plugins.controlnet import ControlNetPlugin, build_tiny_controlnet
-from xa_runtime.runtime import RuntimeConfig, Stage2Scheduler
+from xa_runtime.runtime import MIXED_LAYOUT, RuntimeConfig, Stage2Scheduler
 from xa_runtime.runtime.executor import model_fingerprint
 from xa_runtime.runtime.graphs import graph_key
 
@@ -118,6 +118,8 @@ def test_sequential_scheduler_order_and_callbacks():
         (dict(compile=True, compile_mode="reduce-overhead"), "compile_mode"),
         (dict(compile_mode="default"), "compile_mode"),
         (dict(streams="yes"), "streams"),
+        (dict(channels_last="sd15_unet"), "channels_last"),
+        (dict(channels_last=("sd15_unet", "vae")), "channels_last"),
     ],
 )
 def test_config_errors_name_the_parameter(kwargs, name):
@@ -190,6 +192,28 @@ def test_channels_last_and_fused_qkv_within_tolerance(reference):
         pipe.set_runtime(RuntimeConfig(channels_last=True, fuse_qkv=True, offload="encoders_vaes"))
     pipe.set_runtime(RuntimeConfig(channels_last=True, fuse_qkv=True, streams=True))
     assert pipe.runtime.streams and not pipe.stage2_scheduler.overlap  # CPU: sequential
+
+
+@pytest.mark.parametrize("kernels", [False, True], ids=["torch", "kernels"])
+def test_mixed_layout_within_tolerance_and_only_grows(reference, kernels):
+    from xa_runtime.models.tiny import build_tiny_models
+
+    pipe = XAdapterPipeline(*build_tiny_models(0), progress=False,  # own models: channels-last edits them
+                            runtime=RuntimeConfig(channels_last=MIXED_LAYOUT, triton_kernels=kernels))
+    assert pipe.runtime.channels_last == ("sd15_unet", "mapping")
+    assert pipe.sd15.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert pipe.mapping.body[0].block1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert pipe.sdxl.unet.conv_in.weight.is_contiguous()  # SDXL stays NCHW
+    kwargs = GEN | dict(num_inference_steps=3, fusion_guidance_scale=0.4)
+    # channels-last only reorders the convolutions' sums (and with the kernels, where the
+    # bias is added): fp32 differences at the reassociation level
+    torch.testing.assert_close(pipe("a cat", **kwargs).images, reference("a cat", **kwargs).images, **COMPILED_TOL)
+
+    pipe.set_runtime(RuntimeConfig(channels_last=True, triton_kernels=kernels))  # adds the SDXL UNet
+    assert pipe.sdxl.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ParameterError, match="sdxl_unet") as err:
+        pipe.set_runtime(RuntimeConfig(channels_last=MIXED_LAYOUT))
+    assert err.value.name == "channels_last"
 
 
 @pytest.mark.slow

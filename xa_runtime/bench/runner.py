@@ -11,7 +11,7 @@ from typing import Any, Callable, ContextManager, Iterator
 import torch
 
 from ..pipeline import GenerationParams, XAdapterPipeline
-from ..runtime import RuntimeConfig
+from ..runtime import MIXED_LAYOUT, RuntimeConfig
 from ..runtime.timing import synchronize, time_callable
 from .flops import workload_flops
 
@@ -19,6 +19,7 @@ from .flops import workload_flops
 VARIANTS: dict[str, RuntimeConfig] = {
     "eager": RuntimeConfig(),
     "kernels": RuntimeConfig(triton_kernels=True),
+    "mixed-layout": RuntimeConfig(channels_last=MIXED_LAYOUT),  # SD1.5 UNet + mapping channels-last, SDXL NCHW
     "compiled": RuntimeConfig(compile=True, channels_last=True, fuse_qkv=True),
     "graphs": RuntimeConfig(cuda_graphs=True),
     "streams": RuntimeConfig(streams=True),

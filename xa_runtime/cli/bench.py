@@ -115,7 +115,7 @@ def _check_variants(args: argparse.Namespace) -> list[str]:
             if args.device != "cuda":
                 raise ParameterError("--compare", v, "a CUDA device (TensorRT engines run on NVIDIA GPUs)")
         if VARIANTS[v].cuda_graphs and args.device != "cuda":
-            raise ParameterError("--compare", v, "a CUDA device (it captures CUDA graphs); on CPU: eager, kernels, compiled, streams")
+            raise ParameterError("--compare", v, "a CUDA device (it captures CUDA graphs); on CPU: eager, kernels, mixed-layout, compiled, streams")
         if v == "kernels":
             from ..kernels import triton_usable
 

@@ -249,13 +249,13 @@ def check_models(args: argparse.Namespace) -> None:
 
 RUNTIME_SWITCHES = {  # --runtime names -> RuntimeConfig fields
     "kernels": "triton_kernels", "streams": "streams", "cuda-graphs": "cuda_graphs", "compile": "compile",
-    "channels-last": "channels_last", "fuse-qkv": "fuse_qkv",
+    "channels-last": "channels_last", "mixed-layout": "channels_last", "fuse-qkv": "fuse_qkv",
 }
 
 
 def runtime_config(args: argparse.Namespace) -> Any:
     """The RuntimeConfig that --runtime and --offload name, checked against --device."""
-    from ..runtime import RuntimeConfig
+    from ..runtime import MIXED_LAYOUT, RuntimeConfig
 
     names = [n.strip() for n in args.runtime.split(",") if n.strip()]
     if "lean" in names:
@@ -267,7 +267,10 @@ def runtime_config(args: argparse.Namespace) -> Any:
         raise ParameterError("--runtime", args.runtime, "nothing with --backend " + args.backend + " (it optimises the torch backend)")
     if args.device != "cuda" and "cuda-graphs" in names:
         raise ParameterError("--runtime", "cuda-graphs", "names without cuda-graphs (or lean) unless --device cuda")
-    config = RuntimeConfig(**{RUNTIME_SWITCHES[n]: True for n in names}, offload=args.offload.replace("-", "_"))
+    fields: dict[str, Any] = {RUNTIME_SWITCHES[n]: True for n in names}
+    if "mixed-layout" in names and "channels-last" not in names:  # channels-last (all parts) includes it
+        fields["channels_last"] = MIXED_LAYOUT
+    config = RuntimeConfig(**fields, offload=args.offload.replace("-", "_"))
     config.check_device(args.device)
     return config
 

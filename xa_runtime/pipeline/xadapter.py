@@ -135,27 +135,36 @@ class XAdapterPipeline:
         self.vae_xl_dtype = torch.float32 if _upcast_vae(sdxl.vae, dtype) else dtype
         sdxl.vae.to(device=self.residency.home(sdxl.vae), dtype=self.vae_xl_dtype).eval().requires_grad_(False)
         self.mapping = mapping
-        prepare_models(runtime, (sd15.unet, sdxl.unet), (mapping,))
+        prepare_models(runtime, self._parts())
         self.sd15_branch = SD15Branch(sd15.unet)
         self.sdxl_branch = SDXLBranch(sdxl.unet)
         self.executor = StepExecutor(runtime, self.device)
         self.stage2_scheduler = Stage2Scheduler(self.device, runtime.streams)
 
+    def _parts(self) -> dict[str, torch.nn.Module]:
+        """The modules RuntimeConfig's model-level switches change, by CHANNELS_LAST_PARTS name."""
+        return {"sd15_unet": self.sd15.unet, "mapping": self.mapping, "sdxl_unet": self.sdxl.unet}
+
     def set_runtime(self, runtime: RuntimeConfig) -> None:
         """Switch how this pipeline executes without rebuilding it. Compiled steps are kept
         when the compile settings are unchanged (so a benchmark adding graphs or streams on
         top of compile does not compile again); captured graphs are dropped. channels_last
-        and fuse_qkv can only be turned on (they changed the models); offload cannot change."""
+        (per part) and fuse_qkv can only be turned on (they changed the models); offload
+        cannot change."""
         runtime.check_device(self.device)
         old = self.runtime
         if runtime.offload != old.offload:
             raise ParameterError("offload", runtime.offload, f"{old.offload!r} (fixed when the pipeline was built)")
-        for name in ("channels_last", "fuse_qkv"):
-            if getattr(old, name) and not getattr(runtime, name):
-                raise ParameterError(name, False, "True: it changed the models when it was turned on; build a new pipeline")
-        added = RuntimeConfig(channels_last=runtime.channels_last and not old.channels_last,
+        if old.fuse_qkv and not runtime.fuse_qkv:
+            raise ParameterError("fuse_qkv", False, "True: it changed the models when it was turned on; build a new pipeline")
+        dropped = set(old.channels_last_parts()) - set(runtime.channels_last_parts())
+        if dropped:
+            raise ParameterError("channels_last", runtime.channels_last,
+                                 f"parts including {', '.join(sorted(dropped))}: they changed when it was turned on; "
+                                 "build a new pipeline")
+        added = RuntimeConfig(channels_last=tuple(set(runtime.channels_last_parts()) - set(old.channels_last_parts())),
                               fuse_qkv=runtime.fuse_qkv and not old.fuse_qkv)
-        prepare_models(added, (self.sd15.unet, self.sdxl.unet), (self.mapping,))
+        prepare_models(added, self._parts())
         self.runtime = runtime
         self.executor = self.executor.reconfigured(runtime)
         if runtime.streams != old.streams:

@@ -3,7 +3,7 @@ graphs), the stage-2 step scheduler (two CUDA streams), memory residency, stage 
 the graph table (`graphs_table`, pure data) and backends (`onnxruntime_backend`, imported
 on demand so that onnxruntime stays optional)."""
 
-from .config import RuntimeConfig
+from .config import CHANNELS_LAST_PARTS, MIXED_LAYOUT, RuntimeConfig
 from .executor import StepExecutor, model_fingerprint, prepare_models
 from .graphs import GraphCache
 from .memory import Residency, peak_memory_bytes, reset_peak_memory
@@ -11,6 +11,6 @@ from .stage2 import Stage2Scheduler
 from .timing import StageTimer
 
 __all__ = [
-    "GraphCache", "Residency", "RuntimeConfig", "Stage2Scheduler", "StageTimer", "StepExecutor", "model_fingerprint",
+    "CHANNELS_LAST_PARTS", "MIXED_LAYOUT", "GraphCache", "Residency", "RuntimeConfig", "Stage2Scheduler", "StageTimer", "StepExecutor", "model_fingerprint",
     "peak_memory_bytes", "prepare_models", "reset_peak_memory",
 ]

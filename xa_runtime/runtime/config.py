@@ -16,6 +16,12 @@ from ..errors import ParameterError
 OFFLOAD_MODES = ("none", "encoders_vaes")
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")  # the last two only for tests and debugging
 COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs")
+CHANNELS_LAST_PARTS = ("sd15_unet", "mapping", "sdxl_unet")  # channels_last=True: all of them
+# The stage-2 profile on an H100 (fp16, 2026-11-23): channels-last made the SD1.5 UNet
+# 12.2 -> 10.6 ms and the mapping 7.8 -> 6.1 ms per step, but the SDXL UNet 43.2 -> 45.4 ms
+# (eager, GPU time; benchmarks/results/stage2-profile-h100-2026-11-23.log). So the mixed
+# layout converts only the first two; the remap-inject and epilogue kernels read either.
+MIXED_LAYOUT = ("sd15_unet", "mapping")
 
 
 @dataclass(frozen=True)
@@ -32,7 +38,10 @@ class RuntimeConfig:
         silently running something else than what was asked for.
     compile: torch.compile the branch steps (`compile_backend`, `compile_mode`); compiled
         once per shape, the time it took reported in XAdapterOutput.overheads["compile"].
-    channels_last: UNets and mapping layers in channels-last memory format.
+    channels_last: modules in channels-last memory format: True for all of
+        CHANNELS_LAST_PARTS (both UNets and the mapping layers), or a tuple naming some of
+        them (MIXED_LAYOUT: the SD1.5 UNet and the mapping, SDXL stays NCHW). Stored as the
+        tuple of parts in CHANNELS_LAST_PARTS order (() when off).
     fuse_qkv: diffusers' fuse_qkv_projections() on both UNets (one QKV matmul). The fused
         weights are copies: LoRA applied to to_q/to_k/to_v afterwards is not seen, so do
         not combine it with LoRA on the UNets (no check can see a LoRA fused later).
@@ -46,14 +55,15 @@ class RuntimeConfig:
     compile: bool = False
     compile_backend: str = "inductor"
     compile_mode: str | None = None
-    channels_last: bool = False
+    channels_last: bool | tuple[str, ...] = False
     fuse_qkv: bool = False
     offload: str = "none"
 
     def __post_init__(self) -> None:
-        for name in ("triton_kernels", "streams", "cuda_graphs", "compile", "channels_last", "fuse_qkv"):
+        for name in ("triton_kernels", "streams", "cuda_graphs", "compile", "fuse_qkv"):
             if not isinstance(getattr(self, name), bool):
                 raise ParameterError(name, getattr(self, name), "True or False")
+        object.__setattr__(self, "channels_last", _channels_last_parts(self.channels_last))
         if self.offload not in OFFLOAD_MODES:
             raise ParameterError("offload", self.offload, f"one of {', '.join(OFFLOAD_MODES)}")
         if self.compile_backend not in COMPILE_BACKENDS:
@@ -65,6 +75,10 @@ class RuntimeConfig:
             raise ParameterError("compile_mode", self.compile_mode, f"one of {accepted} (CUDA graphs come from cuda_graphs=True)")
         if self.compile_mode is not None and not self.compile:
             raise ParameterError("compile_mode", self.compile_mode, "None unless compile=True")
+
+    def channels_last_parts(self) -> tuple[str, ...]:
+        """The parts in channels-last format (a subset of CHANNELS_LAST_PARTS)."""
+        return self.channels_last  # type: ignore[return-value]  # normalised in __post_init__
 
     def check_device(self, device: torch.device | str) -> None:
         """Raise ParameterError for switches that cannot run on `device`."""
@@ -87,3 +101,15 @@ class RuntimeConfig:
 
     def offload_active(self, device: torch.device | str) -> bool:
         return self.offload != "none" and torch.device(device).type != "cpu"
+
+
+def _channels_last_parts(value: object) -> tuple[str, ...]:
+    accepted = f"True, False or a tuple of names from {', '.join(CHANNELS_LAST_PARTS)}"
+    if isinstance(value, bool):
+        return CHANNELS_LAST_PARTS if value else ()
+    if isinstance(value, str) or not isinstance(value, (tuple, list, frozenset, set)):
+        raise ParameterError("channels_last", value, accepted)
+    unknown = [v for v in value if v not in CHANNELS_LAST_PARTS]
+    if unknown:
+        raise ParameterError("channels_last", value, f"{accepted} ({unknown[0]!r} is not one)")
+    return tuple(p for p in CHANNELS_LAST_PARTS if p in value)

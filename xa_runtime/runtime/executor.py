@@ -9,7 +9,7 @@ CPU-tested: eager, compile with the "eager"/"aot_eager" backends, model preparat
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Hashable, Iterable
+from typing import Any, Callable, Hashable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -44,18 +44,18 @@ def model_fingerprint(modules: Iterable[nn.Module]) -> Hashable:
     return hash(tuple(parts))
 
 
-def prepare_models(config: RuntimeConfig, unets: Iterable[nn.Module], others: Iterable[nn.Module] = ()) -> None:
-    """Apply the config's model-level changes in place: channels-last (UNets and `others`),
-    diffusers' fuse_qkv_projections (UNets). Shared modules change for every user."""
-    unets = list(unets)
+def prepare_models(config: RuntimeConfig, parts: Mapping[str, nn.Module]) -> None:
+    """Apply the config's model-level changes in place: channels-last (the parts that
+    `config.channels_last` names, keys of CHANNELS_LAST_PARTS), diffusers'
+    fuse_qkv_projections (the UNets). Shared modules change for every user."""
     if config.fuse_qkv:
-        for unet in unets:
+        for name in ("sd15_unet", "sdxl_unet"):
+            unet = parts[name]
             if not hasattr(unet, "fuse_qkv_projections"):
                 raise ValueError(f"fuse_qkv: {type(unet).__name__} has no fuse_qkv_projections()")
             unet.fuse_qkv_projections()
-    if config.channels_last:
-        for m in unets + list(others):
-            m.to(memory_format=torch.channels_last)
+    for name in config.channels_last_parts():
+        parts[name].to(memory_format=torch.channels_last)
 
 
 class StepExecutor:
