@@ -24,6 +24,7 @@ import torch
 from xa_runtime.bench.report import write_atomic
 from xa_runtime.kernels import conv_epilogue_triton, remap_inject_reference, remap_inject_triton
 from xa_runtime.kernels.guided_step import StepCoefficients, guided_step_reference, guided_step_triton
+from xa_runtime.kernels.remap_inject import _remap_inject_tuned
 from xa_runtime.models import get_preset
 from xa_runtime.models.mapping import ResidualBlock
 from xa_runtime.pipeline.schedulers import make_scheduler
@@ -131,8 +132,10 @@ def main(argv: list[str] | None = None) -> int:
             torch_eager, triton_eager = (statistics.median(time_callable(f, "cuda", 10, args.iters)) for f in (ref, fused))
             flops = 2 * args.batch * c * c * h * w
             bytes_ = elt * (args.batch * c * h * w * 3 + c * c)  # x read, hidden read + write, W
+            fused()  # the config the autotuner chose for this site (its last call)
             rows.append({
                 "kernel": "remap_inject", "site": name, "layout": layout, "torch_ms": torch_s * 1e3,
+                "autotuned_config": str(getattr(_remap_inject_tuned(), "best_config", None)),
                 "triton_ms": triton_s * 1e3, "speedup": torch_s / triton_s,
                 "torch_eager_ms": torch_eager * 1e3, "triton_eager_ms": triton_eager * 1e3,
                 "roofline_ms": max(flops / (peak["tflops"] * 1e12), bytes_ / (peak["gbps"] * 1e9)) * 1e3,
@@ -179,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['kernel']:<13} {r['site']:<17} {r['layout']:<6} {r['torch_ms']:9.4f} {r['triton_ms']:9.4f} "
               f"{r['speedup']:6.2f} {r['roofline_ms']:8.4f} {r['roofline_ms'] / r['triton_ms']:6.0%} "
               f"{r.get('triton_tflops', 0):8.1f} {r['triton_gbps']:7.0f} {r['torch_eager_ms']:8.4f} {r['triton_eager_ms']:8.4f}")
+    for r in rows:
+        if "autotuned_config" in r:
+            print(f"remap_inject {r['site']} {r['layout']}: autotuned {r['autotuned_config']}")
     print(f"diffusers CFG + DPM-Solver++ 2M step (eager, the un-fused pipeline path): {diffusers_eager * 1e3:.4f} ms")
     print(f"measured peaks: {peak['tflops']:.0f} TFLOP/s ({args.dtype} matmul), {peak['gbps']:.0f} GB/s (copy)")
     result = {

@@ -59,6 +59,18 @@ def test_remap_inject_matches_reference(device, dtype, channels_last, fusion, sh
     torch.testing.assert_close(got.cpu().double(), want, **TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("fusion", [None, 0.3], ids=["add", "lerp"])
+def test_prefetched_hidden_state_gives_the_same_result(channels_last, fusion):
+    x, weight, bias, hidden = _inputs(SHAPES[0], torch.float16, channels_last, "cpu", seed=5)
+    late = remap_inject_triton(x, weight, bias, hidden.clone(memory_format=torch.preserve_format), 0.7, fusion,
+                               block_m=32, block_n=16, block_k=16)
+    early = remap_inject_triton(x, weight, bias, hidden.clone(memory_format=torch.preserve_format), 0.7, fusion,
+                                block_m=32, block_n=16, block_k=16, prefetch_hidden=True)
+    assert torch.equal(early, late)  # the same math; only when the read is issued differs
+    torch.testing.assert_close(early.double(), _reference64(x, weight, bias, hidden, 0.7, fusion), **TOLERANCE[torch.float16])
+
+
 def test_default_block_sizes_cover_tails():
     x, weight, bias, hidden = _inputs((1, 70, 130, 9, 9), torch.float32, False, "cpu")
     want = remap_inject_reference(x, weight, bias, hidden, 0.8)

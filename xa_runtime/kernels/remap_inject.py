@@ -44,12 +44,16 @@ if triton is not None:
         sx_b, sx_c, sx_p, sh_b, sh_c, sh_p, sw_o, sw_i,
         scale, fusion,
         USE_LERP: tl.constexpr, UPCAST_DOT: tl.constexpr, IEEE_DOT: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH_H: tl.constexpr = False,
     ):
         pid_m, pid_n, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # output channels
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # flattened pixels
         offs_k = tl.arange(0, BLOCK_K)
+        mask = (offs_m[:, None] < C_OUT) & (offs_n[None, :] < P)
+        h_ptrs = h_ptr + b * sh_b + offs_m[:, None] * sh_c + offs_n[None, :] * sh_p
+        if PREFETCH_H:  # issue the hidden-state read before the K loop: its latency hides behind the GEMM
+            h = tl.load(h_ptrs, mask=mask, other=0.0)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         x_base = x_ptr + b * sx_b
         for k0 in range(0, C_IN, BLOCK_K):
@@ -66,9 +70,8 @@ if triton is not None:
                 acc += tl.dot(w, xv, out_dtype=tl.float32)
         bias = tl.load(b_ptr + offs_m, mask=offs_m < C_OUT, other=0.0).to(tl.float32)
         r = (acc + bias[:, None]) * scale
-        mask = (offs_m[:, None] < C_OUT) & (offs_n[None, :] < P)
-        h_ptrs = h_ptr + b * sh_b + offs_m[:, None] * sh_c + offs_n[None, :] * sh_p
-        h = tl.load(h_ptrs, mask=mask, other=0.0)
+        if not PREFETCH_H:
+            h = tl.load(h_ptrs, mask=mask, other=0.0)
         # Round r to the hidden dtype first, as the torch path (residual tensor) does.
         r = r.to(h.dtype).to(tl.float32)
         hf = h.to(tl.float32)
@@ -110,12 +113,13 @@ def check_remap_inject_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
 def remap_inject_triton(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, hidden: torch.Tensor, scale: float,
     fusion_guidance_scale: float | None = None, *, block_m: int | None = None, block_n: int | None = None,
-    block_k: int | None = None,
+    block_k: int | None = None, prefetch_hidden: bool = False,
 ) -> torch.Tensor:
     """The Triton kernel; updates `hidden` in place and returns it.
 
-    Block sizes: given, or autotuned per (C_out, C_in, pixels, dtype) on a GPU; the
-    interpreter uses 64 x 64 x 32 (autotuning there would only cost time)."""
+    Block sizes (and whether the hidden state is read before or after the GEMM): given,
+    or autotuned per (C_out, C_in, pixels, layouts) on a GPU; the interpreter uses
+    64 x 64 x 32 (autotuning there would only cost time)."""
     if triton is None:
         raise RuntimeError("triton is not installed")
     check_remap_inject_args(x, weight, bias, hidden)
@@ -138,7 +142,7 @@ def remap_inject_triton(
     if any(v is not None for v in fixed) or interpreted():
         bm, bn, bk = (v if v is not None else d for v, d in zip(fixed, (64, 64, 32)))
         grid = (triton.cdiv(c_out, bm), triton.cdiv(p, bn), b)
-        _remap_inject_kernel[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+        _remap_inject_kernel[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PREFETCH_H=prefetch_hidden)
     else:
         def grid(meta):
             return (triton.cdiv(c_out, meta["BLOCK_M"]), triton.cdiv(p, meta["BLOCK_N"]), b)
@@ -155,14 +159,19 @@ def _remap_inject_tuned():
     `hidden` back between timing trials, since the kernel updates it in place."""
     global _TUNED
     if _TUNED is None:
+        blocks = (
+            (128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+            (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (64, 64, 64, 4, 4), (128, 128, 64, 4, 3),
+            # long K (1280 channels) and few pixels (the mid block's 32 x 32): deeper K tiles
+            (128, 128, 128, 8, 3), (128, 64, 128, 4, 3), (64, 128, 128, 4, 3), (64, 256, 64, 8, 3),
+        )
+        # The hidden-state read early (PREFETCH_H, its latency hidden behind the GEMM, at the
+        # cost of registers) is tried with the tiles that leave room for it; added 2026-11-30
+        # for the 49-63%-of-roofline sites, not yet measured on a GPU.
+        prefetch = {(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)}
         configs = [
-            triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
-            for m, n, k, w, st in (
-                (128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-                (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (64, 64, 64, 4, 4), (128, 128, 64, 4, 3),
-                # long K (1280 channels) and few pixels (the mid block's 32 x 32): deeper K tiles
-                (128, 128, 128, 8, 3), (128, 64, 128, 4, 3), (64, 128, 128, 4, 3), (64, 256, 64, 8, 3),
-            )
+            triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "PREFETCH_H": pre}, num_warps=w, num_stages=st)
+            for m, n, k, w, st in blocks for pre in ((False, True) if (m, n, k, w, st) in prefetch else (False,))
         ]
         _TUNED = triton.autotune(configs=configs, key=["C_OUT", "C_IN", "P", "sx_p", "sh_p"], restore_value=["h_ptr"])(
             _remap_inject_kernel
