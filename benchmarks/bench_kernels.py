@@ -2,7 +2,8 @@
 
 SDXL 1024 px, batch 2 (CFG rows): the three zero_out + inject sites, the mapping's
 residual blocks with fused conv epilogues (one block per stage: two 3x3 convs, bias,
-ReLU and the residual add), and the CFG + sampler update on 1 x 4 x 128 x 128 latents. Reports the median of many runs, achieved
+ReLU and the residual add), GroupNorm on channels-last activations at the UNets' shapes,
+and the CFG + sampler update on 1 x 4 x 128 x 128 latents. Reports the median of many runs, achieved
 bandwidth and TFLOP/s, and shares of the peaks measured in the same run (a large matrix
 product for compute, a large device copy for bandwidth). Needs a CUDA GPU.
 
@@ -23,6 +24,7 @@ import torch
 
 from xa_runtime.bench.report import write_atomic
 from xa_runtime.kernels import conv_epilogue_triton, remap_inject_reference, remap_inject_triton
+from xa_runtime.kernels.group_norm import group_norm_triton
 from xa_runtime.kernels.guided_step import StepCoefficients, guided_step_reference, guided_step_triton
 from xa_runtime.kernels.remap_inject import _remap_inject_tuned
 from xa_runtime.models import get_preset
@@ -51,6 +53,41 @@ def peaks(dtype: torch.dtype, iters: int) -> dict[str, float]:
     dst = torch.empty_like(src)
     cp = statistics.median(time_callable(lambda: dst.copy_(src), "cuda", 5, iters))
     return {"tflops": 2 * 8192**3 / mm / 1e12, "gbps": 2 * src.numel() / cp / 1e9}
+
+
+GROUP_NORM_SHAPES = [  # (name, C, H, W): GroupNorm inputs of the UNets at SDXL 1024 / SD1.5 512 px, 32 groups
+    ("sdxl 320ch 128^2", 320, 128, 128),
+    ("sdxl 640ch 64^2", 640, 64, 64),
+    ("sdxl 1280ch 32^2", 1280, 32, 32),
+    ("sd15 320ch 64^2", 320, 64, 64),
+]
+
+
+def group_norm_rows(args, dtype, elt, peak) -> list[dict]:
+    """GroupNorm on channels-last activations: the Triton kernel (channels-last out) vs
+    torch's GroupNorm on the same input (which copies to NCHW and returns NCHW), and torch
+    on NCHW input for reference. Bytes: x read twice (statistics, then normalise), y written."""
+    rows = []
+    for name, c, h, w in GROUP_NORM_SHAPES:
+        x_cl = torch.randn(args.batch, c, h, w, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
+        x_nchw = x_cl.contiguous()
+        weight, bias = torch.randn(c, device="cuda", dtype=dtype), torch.randn(c, device="cuda", dtype=dtype)
+        fns = {
+            "torch_cl": lambda: torch.nn.functional.group_norm(x_cl, 32, weight, bias, 1e-5),
+            "torch_nchw": lambda: torch.nn.functional.group_norm(x_nchw, 32, weight, bias, 1e-5),
+            "triton_cl": lambda: group_norm_triton(x_cl, 32, weight, bias, 1e-5),
+        }
+        ms = {k: statistics.median(time_cuda_graph(f, reps=20, iters=args.iters // 10)) * 1e3 for k, f in fns.items()}
+        eager = {k: statistics.median(time_callable(f, "cuda", 10, args.iters)) * 1e3 for k, f in fns.items()}
+        bytes_ = elt * 3 * x_cl.numel()
+        rows.append({
+            "kernel": "group_norm", "site": name, "layout": "nhwc", "torch_ms": ms["torch_cl"], "triton_ms": ms["triton_cl"],
+            "torch_nchw_ms": ms["torch_nchw"], "speedup": ms["torch_cl"] / ms["triton_cl"],
+            "torch_eager_ms": eager["torch_cl"], "triton_eager_ms": eager["triton_cl"],
+            "roofline_ms": bytes_ / (peak["gbps"] * 1e9) * 1e3, "triton_gbps": bytes_ / ms["triton_cl"] / 1e6,
+            "share_of_peak_bandwidth": bytes_ / ms["triton_cl"] / 1e6 / peak["gbps"],
+        })
+    return rows
 
 
 def residual_block_rows(args, dtype, elt, fmt, layout, peak) -> list[dict]:
@@ -144,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                 "share_of_peak_bandwidth": bytes_ / triton_s / 1e9 / peak["gbps"],
             })
         rows.extend(residual_block_rows(args, dtype, elt, fmt, layout, peak))
+    rows.extend(group_norm_rows(args, dtype, elt, peak))
     latents = torch.randn(1, 4, 128, 128, device="cuda", dtype=dtype)
     eps = torch.randn(2, 4, 128, 128, device="cuda", dtype=dtype)
     prev = torch.randn(1, 4, 128, 128, device="cuda")

@@ -196,6 +196,93 @@ def test_residual_block_with_fused_epilogues_equals_plain(device, block, layout)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+# ---------------------------------------------------------------- GroupNorm on channels-last activations
+from xa_runtime.kernels import group_norm as gn  # noqa: E402
+
+GN_CASES = [  # (B, C, H, W, groups): tails in pixels and channels, 1-channel and 40-channel groups
+    (2, 12, 5, 7, 4),
+    (1, 64, 9, 9, 64),
+    (2, 80, 3, 11, 2),
+]
+
+
+def _gn_inputs(case, dtype, device, offset=0.0, seed=0):
+    b, c, h, w, _ = case
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(b, c, h, w, generator=g) * 3 + offset).to(device, dtype).contiguous(memory_format=torch.channels_last)
+    return x, torch.randn(c, generator=g).to(device, dtype), torch.randn(c, generator=g).to(device, dtype)
+
+
+@pytest.mark.parametrize("device", [pytest.param(d, marks=pytest.mark.gpu) if d == "cuda" else d for d in DEVICES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", GN_CASES, ids=["x".join(map(str, c)) for c in GN_CASES])
+@pytest.mark.parametrize("tiles", ["small", "default"])
+def test_group_norm_kernel_matches_reference(device, dtype, case, tiles):
+    x, weight, bias = _gn_inputs(case, dtype, device)
+    # small tiles: several pixel chunks and channel blocks with tails, one group per program
+    blocks = dict(block_p=16, block_c=16, groups_per_program=1) if tiles == "small" else {}
+    got = gn.group_norm_triton(x, case[-1], weight, bias, 1e-5, **blocks)
+    assert got.is_contiguous(memory_format=torch.channels_last) and got.dtype == dtype
+    want = gn.group_norm_reference(x.cpu().double(), case[-1], weight.cpu().double(), bias.cpu().double(), 1e-5)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else TOLERANCE[dtype]
+    torch.testing.assert_close(got.cpu().double(), want, **tol)
+
+
+def test_group_norm_statistics_survive_a_large_mean():
+    # mean 1000, std 3: E[x^2] - E[x]^2 in fp32 would lose the variance; centred chunk
+    # statistics combined with Chan's formula keep it (fp32 input ulp at 1000 is 6e-5).
+    case = (2, 12, 17, 9, 3)
+    x, weight, bias = _gn_inputs(case, torch.float32, "cpu", offset=1000.0)
+    got = gn.group_norm_triton(x, 3, weight, bias, 1e-5, block_p=16, block_c=8, groups_per_program=2)
+    want = gn.group_norm_reference(x.double(), 3, weight.double(), bias.double(), 1e-5)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_group_norm_without_affine_and_bad_arguments():
+    x, weight, bias = _gn_inputs(GN_CASES[0], torch.float32, "cpu")
+    torch.testing.assert_close(gn.group_norm_triton(x, 4, None, None), gn.group_norm_reference(x, 4, None, None, 1e-5),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="channels-last"):
+        gn.group_norm_triton(x.contiguous(), 4, weight, bias)
+    with pytest.raises(ValueError, match="num_groups"):
+        gn.group_norm_triton(x, 5, weight, bias)
+    with pytest.raises(ValueError, match="weight"):
+        gn.group_norm_triton(x, 4, weight[:3], bias)
+    with pytest.raises(ValueError, match="both or neither"):
+        gn.group_norm_triton(x, 4, weight, None)
+
+
+def test_channels_last_unet_swaps_keep_values_and_layout(tiny_models, monkeypatch):
+    import copy
+
+    unet = copy.deepcopy(tiny_models[1].unet).eval()
+    cfg = unet.config
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 16, 16, generator=g), torch.tensor(500.0)
+    emb = torch.randn(2, 77, cfg.cross_attention_dim, generator=g)
+    cond = {"text_embeds": torch.randn(2, cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim,
+                                       generator=g),
+            "time_ids": torch.tensor([[128.0, 128, 0, 0, 128, 128]] * 2)}
+    calls = []
+    real = gn.group_norm_triton
+    monkeypatch.setattr(gn, "group_norm_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        want = unet(x, t, emb, added_cond_kwargs=cond).sample
+        unet.to(memory_format=torch.channels_last)
+        n = gn.install_channels_last_modules(unet, use_triton=False)
+        assert n == sum(isinstance(m, torch.nn.GroupNorm) for m in unet.modules()) > 0
+        assert all(type(m).__name__.startswith("ChannelsLast") for m in unet.modules()
+                   if "Transformer2DModel" in type(m).__name__)
+        assert set(unet.state_dict()) == set(tiny_models[1].unet.state_dict())  # same parameter names
+        swapped = unet(x, t, emb, added_cond_kwargs=cond).sample  # torch's GroupNorm, layout-keeping blocks
+        assert not calls
+        gn.install_channels_last_modules(unet, use_triton=True)
+        kernel = unet(x, t, emb, added_cond_kwargs=cond).sample
+    assert len(calls) >= n  # every GroupNorm ran the kernel (some run more than once per call)
+    torch.testing.assert_close(swapped, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kernel, want, rtol=1e-4, atol=1e-4)  # fp32 statistics in another order
+
+
 @pytest.mark.parametrize("fusion, scheduler, guidance", [(None, "dpmpp-2m", 7.5), (0.5, "euler", 7.5), (None, "euler", 1.0)])
 def test_pipeline_with_kernels_equals_without(tiny_models, fusion, scheduler, guidance):
     kwargs = dict(num_inference_steps=4, adapter_guidance_start=0.5, seed=2, output_type="latent",

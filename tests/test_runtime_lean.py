@@ -204,6 +204,10 @@ def test_mixed_layout_within_tolerance_and_only_grows(reference, kernels):
     assert pipe.sd15.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert pipe.mapping.body[0].block1.weight.is_contiguous(memory_format=torch.channels_last)
     assert pipe.sdxl.unet.conv_in.weight.is_contiguous()  # SDXL stays NCHW
+    # the channels-last UNet's GroupNorms swapped (the Triton kernel with the kernels on), SDXL's not
+    assert type(pipe.sd15.unet.conv_norm_out).__name__ == "ChannelsLastGroupNorm"
+    assert pipe.sd15.unet.conv_norm_out.use_triton == kernels
+    assert type(pipe.sdxl.unet.conv_norm_out) is torch.nn.GroupNorm
     kwargs = GEN | dict(num_inference_steps=3, fusion_guidance_scale=0.4)
     # channels-last only reorders the convolutions' sums (and with the kernels, where the
     # bias is added): fp32 differences at the reassociation level
@@ -211,6 +215,9 @@ def test_mixed_layout_within_tolerance_and_only_grows(reference, kernels):
 
     pipe.set_runtime(RuntimeConfig(channels_last=True, triton_kernels=kernels))  # adds the SDXL UNet
     assert pipe.sdxl.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert type(pipe.sdxl.unet.conv_norm_out).__name__ == "ChannelsLastGroupNorm"
+    pipe.set_runtime(RuntimeConfig(channels_last=True))  # kernels off: the swapped GroupNorms run torch's
+    assert not pipe.sd15.unet.conv_norm_out.use_triton and not pipe.sdxl.unet.conv_norm_out.use_triton
     with pytest.raises(ParameterError, match="sdxl_unet") as err:
         pipe.set_runtime(RuntimeConfig(channels_last=MIXED_LAYOUT))
     assert err.value.name == "channels_last"

@@ -5,8 +5,9 @@
 # components (the lean runtime, issue 7: run these first in a new GPU session), throughput.
 # A session has ~15 min of device time, machine start included, and one call may run 10 min:
 #   call 1: STEPS="runtime-tests runtime components" PACK=1   (issue 7, never run yet)
-#   call 2: STEPS="tests kernels profile" PACK=1              (issue 6: conv epilogues and the
-#           mixed layout, added 2026-11-30, never run; the rest re-measured)
+#   call 2: STEPS="tests kernels profile" PACK=1              (issue 6: conv epilogues, the
+#           GroupNorm kernel, the mixed layout and the layout-keeping swaps, added 2026-11-30,
+#           never run; the rest re-measured)
 # Run from the repository root on a CUDA machine; results go to $OUT (default ./out/gpu).
 set -uo pipefail
 OUT="${OUT:-out/gpu}"; mkdir -p "$OUT"
@@ -24,7 +25,7 @@ for s in $steps; do
   echo "=== $s"; start=$(date +%s)
   case $s in
     tests) timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tee "$OUT/pytest_gpu.log" | tail -25 ;;
-    kernels) timeout 120 python3 benchmarks/bench_kernels.py --output "$OUT/kernels.json" 2>&1 | tail -12 ;;
+    kernels) timeout 200 python3 benchmarks/bench_kernels.py --output "$OUT/kernels.json" 2>&1 | tail -40 ;;
     profile) timeout 240 python3 benchmarks/profile_stage2.py --output "$OUT/profile.json" > "$OUT/profile.log" 2>&1; tail -48 "$OUT/profile.log" ;;
     runtime-tests) timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_runtime_lean.py \
                "tests/test_kernels.py::test_autotuned_kernel_matches_reference_on_gpu" 2>&1 | tee "$OUT/pytest_runtime_gpu.log" | tail -30 ;;

@@ -30,7 +30,9 @@ class RuntimeConfig:
     (bit-identical for streams and graphs, within a tolerance for compile, channels-last
     and fused QKV, which reorder floating-point math).
 
-    triton_kernels: the fused Triton kernels (xa_runtime.kernels) where Triton can run.
+    triton_kernels: the fused Triton kernels (xa_runtime.kernels) where Triton can run:
+        remap-inject, the CFG + sampler step, the mapping's conv epilogues, and GroupNorm
+        on channels-last activations in the UNets that channels_last names.
     streams: stage 2 overlaps SD1.5 step i+1 with mapping + SDXL step i on two CUDA
         streams; on CPU the scheduler runs the plain sequential order (same result).
     cuda_graphs: capture each branch's step as a CUDA graph (per shape), replay per step.
@@ -41,7 +43,11 @@ class RuntimeConfig:
     channels_last: modules in channels-last memory format: True for all of
         CHANNELS_LAST_PARTS (both UNets and the mapping layers), or a tuple naming some of
         them (MIXED_LAYOUT: the SD1.5 UNet and the mapping, SDXL stays NCHW). Stored as the
-        tuple of parts in CHANNELS_LAST_PARTS order (() when off).
+        tuple of parts in CHANNELS_LAST_PARTS order (() when off). In a channels-last UNet
+        the Transformer2D blocks are swapped in place for a subclass whose output keeps the
+        layout (diffusers' returns NCHW), and the GroupNorms for one that runs the Triton
+        kernel when triton_kernels is on (torch's CUDA GroupNorm returns NCHW); same
+        parameters, same values.
     fuse_qkv: diffusers' fuse_qkv_projections() on both UNets (one QKV matmul). The fused
         weights are copies: LoRA applied to to_q/to_k/to_v afterwards is not seen, so do
         not combine it with LoRA on the UNets (no check can see a LoRA fused later).
