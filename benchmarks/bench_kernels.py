@@ -2,8 +2,8 @@
 
 SDXL 1024 px, batch 2 (CFG rows): the three zero_out + inject sites, the mapping's
 residual blocks with fused conv epilogues (one block per stage: two 3x3 convs, bias,
-ReLU and the residual add), GroupNorm on channels-last activations at the UNets' shapes,
-and the CFG + sampler update on 1 x 4 x 128 x 128 latents. Reports the median of many runs, achieved
+ReLU and the residual add), GroupNorm on channels-last activations and the feed-forwards'
+GEGLU at the UNets' shapes, and the CFG + sampler update on 1 x 4 x 128 x 128 latents. Reports the median of many runs, achieved
 bandwidth and TFLOP/s, and shares of the peaks measured in the same run (a large matrix
 product for compute, a large device copy for bandwidth). Needs a CUDA GPU.
 
@@ -24,6 +24,7 @@ import torch
 
 from xa_runtime.bench.report import write_atomic
 from xa_runtime.kernels import conv_epilogue_triton, remap_inject_reference, remap_inject_triton
+from xa_runtime.kernels.geglu import geglu_triton
 from xa_runtime.kernels.group_norm import group_norm_triton
 from xa_runtime.kernels.guided_step import StepCoefficients, guided_step_reference, guided_step_triton
 from xa_runtime.kernels.remap_inject import _remap_inject_tuned
@@ -86,6 +87,40 @@ def group_norm_rows(args, dtype, elt, peak) -> list[dict]:
             "torch_eager_ms": eager["torch_cl"], "triton_eager_ms": eager["triton_cl"],
             "roofline_ms": bytes_ / (peak["gbps"] * 1e9) * 1e3, "triton_gbps": bytes_ / ms["triton_cl"] / 1e6,
             "share_of_peak_bandwidth": bytes_ / ms["triton_cl"] / 1e6 / peak["gbps"],
+        })
+    return rows
+
+
+GEGLU_SHAPES = [  # (name, tokens, D): the feed-forward GEGLU input is tokens x 2D, per image row
+    ("sdxl 64^2 D=2560", 4096, 2560),
+    ("sdxl 32^2 D=5120", 1024, 5120),
+    ("sd15 64^2 D=1280", 4096, 1280),
+]
+
+
+def geglu_rows(args, dtype, elt, peak) -> list[dict]:
+    """The transformer feed-forward's gated GELU: torch's split + GELU + multiply vs the kernel."""
+    rows = []
+    for name, tokens, d in GEGLU_SHAPES:
+        h = torch.randn(args.batch, tokens, 2 * d, device="cuda", dtype=dtype)
+
+        def plain():
+            a, g = h.chunk(2, dim=-1)
+            return a * torch.nn.functional.gelu(g)
+
+        def fused():
+            return geglu_triton(h)
+
+        ms = {k: statistics.median(time_cuda_graph(f, reps=20, iters=args.iters // 10)) * 1e3
+              for k, f in (("plain", plain), ("fused", fused))}
+        eager = {k: statistics.median(time_callable(f, "cuda", 10, args.iters)) * 1e3
+                 for k, f in (("plain", plain), ("fused", fused))}
+        bytes_ = elt * 3 * args.batch * tokens * d  # 2D read, D written per token
+        rows.append({
+            "kernel": "geglu", "site": name, "layout": "-", "torch_ms": ms["plain"], "triton_ms": ms["fused"],
+            "speedup": ms["plain"] / ms["fused"], "torch_eager_ms": eager["plain"], "triton_eager_ms": eager["fused"],
+            "roofline_ms": bytes_ / (peak["gbps"] * 1e9) * 1e3, "triton_gbps": bytes_ / ms["fused"] / 1e6,
+            "share_of_peak_bandwidth": bytes_ / ms["fused"] / 1e6 / peak["gbps"],
         })
     return rows
 
@@ -182,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             })
         rows.extend(residual_block_rows(args, dtype, elt, fmt, layout, peak))
     rows.extend(group_norm_rows(args, dtype, elt, peak))
+    rows.extend(geglu_rows(args, dtype, elt, peak))
     latents = torch.randn(1, 4, 128, 128, device="cuda", dtype=dtype)
     eps = torch.randn(2, 4, 128, 128, device="cuda", dtype=dtype)
     prev = torch.randn(1, 4, 128, 128, device="cuda")

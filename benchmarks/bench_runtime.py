@@ -100,6 +100,7 @@ def sdxl_alone(pipe: XAdapterPipeline, p: GenerationParams) -> dict:
     gen = torch.Generator("cpu").manual_seed(p.seed)
     timer = StageTimer(dev)
     reset_peak_memory(dev)
+    pipe._sync_kernel_modules()  # the variant's GroupNorm / GEGLU kernels, as its own requests
     pipe.executor.begin_request((pipe.sdxl.unet,))
     if not hasattr(pipe, "_sdxl_only"):
         pipe._sdxl_only = lambda x, t, e, te, ti: pipe.sdxl_branch(x, t, e, {"text_embeds": te, "time_ids": ti}).contiguous()

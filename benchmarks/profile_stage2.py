@@ -4,8 +4,8 @@ zero_out + injection), SDXL UNet, per op, on a CUDA GPU with random weights.
 One step of stage 2 at the standard workload (SDXL 1024 px, SD1.5 512 px, CFG: batch 2),
 timed with CUDA events per region (median of --iters), in NCHW, channels-last and the mixed
 layout (SD1.5 UNet + mapping channels-last, SDXL NCHW), with the kernels off and on (the
-fused remap-inject alone, then with the mapping's fused conv epilogues and the GroupNorm
-kernel in the channels-last UNets too); then torch.profiler over a few steps, grouped by op.
+fused remap-inject alone, then with the mapping's fused conv epilogues, the UNets' GEGLU
+kernel and the GroupNorm kernel in the channels-last UNets too); then torch.profiler over a few steps, grouped by op.
 Channels-last UNets get the pipeline's layout-keeping module swaps.
 This is the profile issue 6 asks for ("anything else a profile shows is worth it").
 
@@ -27,7 +27,7 @@ import torch
 
 from xa_runtime.bench.report import write_atomic
 from xa_runtime.kernels import remap_inject
-from xa_runtime.kernels.group_norm import install_channels_last_modules
+from xa_runtime.kernels.modules import sync_kernel_modules
 from xa_runtime.models import MappingConfig, MappingLayers, build_random_components, get_preset
 from xa_runtime.models.branches import SD15Branch, SDXLBranch, inject_residual
 from xa_runtime.runtime import CHANNELS_LAST_PARTS, MIXED_LAYOUT
@@ -127,15 +127,14 @@ def main(argv: list[str] | None = None) -> int:
 
     unets = {"sd15_unet": components[0].unet, "sdxl_unet": components[1].unet}
 
-    def gn_kernels(on: bool) -> None:  # the GroupNorm kernel in the channels-last UNets (as triton_kernels)
+    def unet_kernels(on: bool) -> None:  # the UNets' GEGLU and (channels-last) GroupNorm kernels, as triton_kernels
         for name, unet in unets.items():
-            if name in parts:
-                install_channels_last_modules(unet, on)
+            sync_kernel_modules(unet, name in parts, on)
 
     for layout, parts in LAYOUTS.items():
         for m in (sd15, mapping, sdxl):
             to_layout(m, m in (parts_of(sd15, mapping, sdxl, parts)))
-        gn_kernels(False)  # what the pipeline does for channels-last UNets: layout-keeping swaps
+        unet_kernels(False)  # what the pipeline does for channels-last UNets: layout-keeping swaps
         fmt15 = torch.channels_last if "sd15_unet" in parts else torch.contiguous_format
         fmtxl = torch.channels_last if "sdxl_unet" in parts else torch.contiguous_format
         x15, xxl = inp["x15"].contiguous(memory_format=fmt15), inp["xxl"].contiguous(memory_format=fmtxl)
@@ -180,18 +179,18 @@ def main(argv: list[str] | None = None) -> int:
             return sdxl(xxl, inp["t"], inp["embxl"], inp["cond"], injections=fused_injections(mapping.features(*f)))
 
         def step_kernels():  # what the pipeline runs with triton_kernels=True: epilogues, remap-inject,
-            gn_kernels(True)  # and GroupNorm in the channels-last UNets
+            unet_kernels(True)  # GEGLU, and GroupNorm in the channels-last UNets
             _, f = sd15_step()
             p = mapping.features(*f, fused_epilogues=True)
             out = sdxl(xxl, inp["t"], inp["embxl"], inp["cond"], injections=fused_injections(p))
-            gn_kernels(False)
+            unet_kernels(False)
             return out
 
-        def with_gn_kernels(fn):
+        def with_unet_kernels(fn):
             def run():
-                gn_kernels(True)
+                unet_kernels(True)
                 out = fn()
-                gn_kernels(False)
+                unet_kernels(False)
                 return out
             return run
 
@@ -199,12 +198,11 @@ def main(argv: list[str] | None = None) -> int:
                    "mapping_blocks+fused_epilogues": mapping_blocks_epilogues, "mapping_all": mapping_all,
                    "sdxl_unet_alone": sdxl_alone, "sdxl_unet+inject": sdxl_plain, "sdxl_unet+fused_inject": sdxl_fused,
                    "stage2_step_plain": step_plain, "stage2_step_fused": step_fused, "stage2_step_kernels": step_kernels}
-        if "sd15_unet" in parts:
-            regions["sd15_unet+gn_kernel"] = with_gn_kernels(sd15_step)
-        if "sdxl_unet" in parts:
-            regions["sdxl_unet_alone+gn_kernel"] = with_gn_kernels(sdxl_alone)
+        regions["sd15_unet+unet_kernels"] = with_unet_kernels(sd15_step)
+        regions["sdxl_unet_alone+unet_kernels"] = with_unet_kernels(sdxl_alone)
         for name, fn in regions.items():
-            if layout == "mixed" and name in ("mapping_all", "sdxl_unet_alone", "sdxl_unet+inject"):
+            if layout == "mixed" and name in ("mapping_all", "sdxl_unet_alone", "sdxl_unet+inject",
+                                              "sdxl_unet_alone+unet_kernels"):
                 continue  # the same modules in the same layout as a run above
             samples = time_callable(fn, device, warmup=3, iters=args.iters)
             row = {"layout": layout, "region": name, "median_ms": statistics.median(samples) * 1e3,

@@ -8,6 +8,7 @@ import torch
 pytest.importorskip("triton")
 
 from xa_runtime.kernels import remap_inject, remap_inject_reference, remap_inject_triton  # noqa: E402
+from xa_runtime.models.tiny import build_tiny_models  # noqa: E402
 from xa_runtime.pipeline import XAdapterPipeline  # noqa: E402
 from xa_runtime.runtime import RuntimeConfig  # noqa: E402
 
@@ -283,13 +284,96 @@ def test_channels_last_unet_swaps_keep_values_and_layout(tiny_models, monkeypatc
     torch.testing.assert_close(kernel, want, rtol=1e-4, atol=1e-4)  # fp32 statistics in another order
 
 
+# ---------------------------------------------------------------- GEGLU (transformer feed-forwards)
+from xa_runtime.kernels import geglu as gg  # noqa: E402
+
+
+@pytest.mark.parametrize("device", [pytest.param(d, marks=pytest.mark.gpu) if d == "cuda" else d for d in DEVICES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 7, 2 * 13), (3, 2 * 40), (1, 5, 3, 2 * 9)], ids=["3d", "2d", "4d"])
+def test_geglu_kernel_matches_reference(device, dtype, shape):
+    h = (torch.randn(*shape, generator=torch.Generator().manual_seed(1)) * 2).to(device, dtype)
+    got = gg.geglu_triton(h, block=64)  # block 64: tails in every shape
+    assert got.shape == (*shape[:-1], shape[-1] // 2) and got.dtype == dtype
+    want = gg.geglu_reference(h.cpu().double())
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else TOLERANCE[dtype]
+    torch.testing.assert_close(got.cpu().double(), want, **tol)
+
+
+def test_geglu_bad_arguments():
+    with pytest.raises(ValueError, match="even last dimension"):
+        gg.geglu_triton(torch.randn(2, 7))
+    with pytest.raises(ValueError, match="contiguous"):
+        gg.geglu_triton(torch.randn(8, 4).t())
+    with pytest.raises(ValueError, match="dtype"):
+        gg.geglu_triton(torch.randn(2, 8, dtype=torch.float64))
+
+
+def test_fused_geglu_swap_runs_the_kernel_and_keeps_proj_hooks(tiny_models, monkeypatch):
+    import copy
+
+    unet = copy.deepcopy(tiny_models[0].unet).eval()
+    calls, hooked = [], []
+    real = gg.geglu_triton
+    monkeypatch.setattr(gg, "geglu_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor(300.0)
+    emb = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        want = unet(x, t, emb).sample
+        swapped = gg.install_fused_geglu(unet, use_triton=True)
+        assert swapped and all(type(m).__name__ == "FusedGEGLU" for m in swapped)
+        assert set(unet.state_dict()) == set(tiny_models[0].unet.state_dict())
+        swapped[0].proj.register_forward_hook(lambda *a: hooked.append(1))  # e.g. an unfused LoRA
+        got = unet(x, t, emb).sample
+        assert len(calls) == len(swapped) and hooked
+        gg.install_fused_geglu(unet, use_triton=False)
+        off = unet(x, t, emb).sample
+    assert len(calls) == len(swapped)  # off: torch's split + GELU again
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(off, want, rtol=0, atol=0)
+
+
+def test_kernels_off_scope_restores_the_flags(tiny_models):
+    import copy
+
+    from xa_runtime.kernels.modules import kernels_off, sync_kernel_modules
+
+    unet = copy.deepcopy(tiny_models[1].unet)
+    sync_kernel_modules(unet, channels_last=True, use_triton=True)
+    flags = lambda: {getattr(m, "use_triton", None) for m in unet.modules() if hasattr(m, "use_triton")}  # noqa: E731
+    assert flags() == {True}
+    with kernels_off(unet):  # what export_graph wraps torch.onnx.export in
+        assert flags() == {False}
+    assert flags() == {True}
+    sync_kernel_modules(unet, channels_last=True, use_triton=False)
+    assert flags() == {False}
+
+
+def test_pipelines_sharing_models_each_get_their_own_kernel_setting():
+    # xa-bench runs eager and kernels variants on the same modules: the kernels pipeline's
+    # swaps must not leak into the eager pipeline's requests.
+    models = build_tiny_models(0)
+    kwargs = dict(num_inference_steps=2, adapter_guidance_start=0.5, seed=4, output_type="latent")
+    plain = XAdapterPipeline(*models, progress=False)
+    before = plain("a cat", **kwargs).images
+    kernels = XAdapterPipeline(*models, progress=False, runtime=RuntimeConfig(triton_kernels=True))
+    with_kernels = kernels("a cat", **kwargs).images
+    assert any(type(m).__name__ == "FusedGEGLU" and m.use_triton for m in models[0].unet.modules())
+    after = plain("a cat", **kwargs).images
+    assert not any(getattr(m, "use_triton", False) for m in models[0].unet.modules())
+    assert torch.equal(after, before)
+    torch.testing.assert_close(with_kernels, before, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("fusion, scheduler, guidance", [(None, "dpmpp-2m", 7.5), (0.5, "euler", 7.5), (None, "euler", 1.0)])
 def test_pipeline_with_kernels_equals_without(tiny_models, fusion, scheduler, guidance):
     kwargs = dict(num_inference_steps=4, adapter_guidance_start=0.5, seed=2, output_type="latent",
                   adapter_condition_scale=1.2, fusion_guidance_scale=fusion, scheduler=scheduler,
                   guidance_scale=guidance)
     plain = XAdapterPipeline(*tiny_models, progress=False)("a cat", **kwargs).images
-    fused_pipe = XAdapterPipeline(*tiny_models, progress=False, runtime=RuntimeConfig(triton_kernels=True))
+    # its own models: the kernels pipeline swaps the UNets' GEGLUs (flags stay set between requests)
+    fused_pipe = XAdapterPipeline(*build_tiny_models(0), progress=False, runtime=RuntimeConfig(triton_kernels=True))
     assert fused_pipe.runtime.kernels_active(fused_pipe.device)
     fused = fused_pipe("a cat", **kwargs).images
     torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)

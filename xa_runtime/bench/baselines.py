@@ -36,6 +36,7 @@ class SDXLAlone:
         """`plugins` (the workload's SD1.5 plugins) do not apply to SDXL alone: ignored."""
         pipe, dev, dt = self.pipe, self.pipe.device, self.pipe.dtype
         p = validate(params, pipe.size_rules)
+        pipe._sync_kernel_modules()  # the variant's GroupNorm / GEGLU kernels, as its own requests
         generator = torch.Generator("cpu").manual_seed(p.seed or 0)
         timer = StageTimer(dev)
         cfg = p.guidance_scale > 1.0

@@ -29,6 +29,7 @@ import torch
 import xa_runtime
 
 from ..errors import ParameterError
+from ..kernels.modules import kernels_off
 from ..runtime.graphs_table import GRAPHS, SDXL_LATENT, GraphSpec, get_graph, resolve_dim
 from .wrappers import ModuleBundle, build_graph_module, example_inputs, model_dims
 
@@ -121,7 +122,7 @@ def export_graph(
     try:
         raw = staging / "raw" / path.name  # torch may write one external file per tensor beside it
         raw.parent.mkdir()
-        with torch.no_grad(), warnings.catch_warnings():
+        with torch.no_grad(), warnings.catch_warnings(), kernels_off(module):  # trace torch's ops, not Triton's
             warnings.simplefilter("ignore")  # tracer warnings on diffusers' shape checks (constant for our profiles)
             torch.onnx.export(
                 module.eval(), args, str(raw), dynamo=False, opset_version=opset,

@@ -200,6 +200,7 @@ class ChannelsLastGroupNorm(nn.GroupNorm):
     parameters and state-dict names (installed by swapping the class in place)."""
 
     use_triton: bool = False
+    instances = 0  # how many modules were ever swapped to this class (in this process)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_triton and x.dim() == 4 and not x.is_contiguous() and _channels_last(x):
@@ -243,7 +244,9 @@ def install_channels_last_modules(model: nn.Module, use_triton: bool) -> int:
     count = 0
     for m in model.modules():
         if type(m) is nn.GroupNorm or isinstance(m, ChannelsLastGroupNorm):
-            m.__class__ = ChannelsLastGroupNorm
+            if type(m) is nn.GroupNorm:
+                m.__class__ = ChannelsLastGroupNorm
+                ChannelsLastGroupNorm.instances += 1
             m.use_triton = use_triton
             count += 1
         elif type(m).__name__ == "Transformer2DModel" and hasattr(m, "_get_output_for_continuous_inputs"):

@@ -136,7 +136,7 @@ class XAdapterPipeline:
         sdxl.vae.to(device=self.residency.home(sdxl.vae), dtype=self.vae_xl_dtype).eval().requires_grad_(False)
         self.mapping = mapping
         prepare_models(runtime, self._parts())
-        self._sync_channels_last_modules()
+        self._sync_kernel_modules()
         self.sd15_branch = SD15Branch(sd15.unet)
         self.sdxl_branch = SDXLBranch(sdxl.unet)
         self.executor = StepExecutor(runtime, self.device)
@@ -146,16 +146,16 @@ class XAdapterPipeline:
         """The modules RuntimeConfig's model-level switches change, by CHANNELS_LAST_PARTS name."""
         return {"sd15_unet": self.sd15.unet, "mapping": self.mapping, "sdxl_unet": self.sdxl.unet}
 
-    def _sync_channels_last_modules(self) -> None:
-        """Channels-last UNets keep their layout through GroupNorm and the transformer
-        blocks (module swaps, same parameters); their GroupNorms run the Triton kernel when
-        the kernels are active (xa_runtime.kernels.group_norm)."""
-        from ..kernels.group_norm import install_channels_last_modules
+    def _sync_kernel_modules(self) -> None:
+        """The UNets' kernel-backed module swaps in line with the runtime (called when it
+        is set and at the start of every request: modules may be shared between pipelines).
+        Channels-last UNets keep their layout through GroupNorm and the transformer blocks;
+        with the kernels active, GroupNorm (channels-last) and GEGLU run Triton kernels."""
+        from ..kernels.modules import sync_kernel_modules
 
-        parts = self._parts()
+        parts, on = self._parts(), self.runtime.kernels_active(self.device)
         for name in ("sd15_unet", "sdxl_unet"):
-            if name in self.runtime.channels_last_parts():
-                install_channels_last_modules(parts[name], self.runtime.kernels_active(self.device))
+            sync_kernel_modules(parts[name], name in self.runtime.channels_last_parts(), on)
 
     def set_runtime(self, runtime: RuntimeConfig) -> None:
         """Switch how this pipeline executes without rebuilding it. Compiled steps are kept
@@ -178,7 +178,7 @@ class XAdapterPipeline:
                               fuse_qkv=runtime.fuse_qkv and not old.fuse_qkv)
         prepare_models(added, self._parts())
         self.runtime = runtime
-        self._sync_channels_last_modules()
+        self._sync_kernel_modules()
         self.executor = self.executor.reconfigured(runtime)
         if runtime.streams != old.streams:
             self.stage2_scheduler = Stage2Scheduler(self.device, runtime.streams)
@@ -322,6 +322,7 @@ class XAdapterPipeline:
             p.seed = random.SystemRandom().randrange(2**63)
         generator = torch.Generator("cpu").manual_seed(p.seed)
         reset_peak_memory(self.device)
+        self._sync_kernel_modules()
         self.executor.begin_request((self.sd15.unet, self.sdxl.unet, self.mapping))
         timer = StageTimer(self.device)
         dev, dt = self.device, self.dtype

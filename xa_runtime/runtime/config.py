@@ -31,8 +31,10 @@ class RuntimeConfig:
     and fused QKV, which reorder floating-point math).
 
     triton_kernels: the fused Triton kernels (xa_runtime.kernels) where Triton can run:
-        remap-inject, the CFG + sampler step, the mapping's conv epilogues, and GroupNorm
-        on channels-last activations in the UNets that channels_last names.
+        remap-inject, the CFG + sampler step, the mapping's conv epilogues, the UNets'
+        GEGLU (module swap), and GroupNorm on channels-last activations in the UNets that
+        channels_last names. Swapped modules carry a flag the pipeline sets at the start
+        of each request, so pipelines sharing models each get their own setting.
     streams: stage 2 overlaps SD1.5 step i+1 with mapping + SDXL step i on two CUDA
         streams; on CPU the scheduler runs the plain sequential order (same result).
     cuda_graphs: capture each branch's step as a CUDA graph (per shape), replay per step.
