@@ -240,6 +240,13 @@ def test_compiled_aot_eager_within_tolerance_and_compile_time_reported(tiny_mode
     # the branch hooks still work inside the compiled region: the adapter changes the result
     no_adapter = reference("a dog", **(kwargs | dict(seed=4, adapter_condition_scale=0.0))).images
     assert (again.images - no_adapter).abs().max() > 1e-3
+    # compile + kernels: inside the compiled steps inductor fuses the ops itself, so only the
+    # sampler step uses a kernel; the UNets' module kernels stay off (dynamo never traces Triton)
+    pipe.set_runtime(RuntimeConfig(compile=True, compile_backend="aot_eager", triton_kernels=True))
+    assert pipe.runtime.kernels_active(pipe.device) and not pipe.runtime.traced_kernels_active(pipe.device)
+    with_kernels = pipe("a dog", **(kwargs | dict(seed=4))).images
+    assert not any(getattr(m, "use_triton", False) for m in pipe.sdxl.unet.modules())
+    torch.testing.assert_close(with_kernels, again.images, **COMPILED_TOL)
 
 
 # ---------------------------------------------------------------------------------- GPU

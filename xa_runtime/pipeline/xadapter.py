@@ -153,7 +153,7 @@ class XAdapterPipeline:
         with the kernels active, GroupNorm (channels-last) and GEGLU run Triton kernels."""
         from ..kernels.modules import sync_kernel_modules
 
-        parts, on = self._parts(), self.runtime.kernels_active(self.device)
+        parts, on = self._parts(), self.runtime.traced_kernels_active(self.device)
         for name in ("sd15_unet", "sdxl_unet"):
             sync_kernel_modules(parts[name], name in self.runtime.channels_last_parts(), on)
 
@@ -509,7 +509,7 @@ class XAdapterPipeline:
         """One callable per SDXL injection site: mapping -> r -> h + acs*r (or the lerp), or
         with the kernels: the residual blocks with fused conv epilogues, then the fused
         Triton remap-inject on the stage outputs before their zero_out conv."""
-        if self.runtime.kernels_active(self.device):
+        if self.runtime.traced_kernels_active(self.device):
             pre = self.mapping.features(*feats, fused_epilogues=True)
             return [
                 functools.partial(_fused, x=x, conv=conv, scale=acs, fusion=fusion)

@@ -34,7 +34,8 @@ class RuntimeConfig:
         remap-inject, the CFG + sampler step, the mapping's conv epilogues, the UNets'
         GEGLU (module swap), and GroupNorm on channels-last activations in the UNets that
         channels_last names. Swapped modules carry a flag the pipeline sets at the start
-        of each request, so pipelines sharing models each get their own setting.
+        of each request, so pipelines sharing models each get their own setting. With
+        compile, only the CFG + sampler step (see traced_kernels_active).
     streams: stage 2 overlaps SD1.5 step i+1 with mapping + SDXL step i on two CUDA
         streams; on CPU the scheduler runs the plain sequential order (same result).
     cuda_graphs: capture each branch's step as a CUDA graph (per shape), replay per step.
@@ -93,6 +94,13 @@ class RuntimeConfig:
         device = torch.device(device)
         if self.cuda_graphs and device.type != "cuda":
             raise ParameterError("cuda_graphs", True, f"False on a {device.type} device (CUDA graphs need CUDA)")
+
+    def traced_kernels_active(self, device: torch.device) -> bool:
+        """The kernels that run inside the branch steps (remap-inject, conv epilogues,
+        GroupNorm, GEGLU): off under compile, where inductor generates fused kernels for
+        the same ops itself and would otherwise have to break its graphs around ours.
+        The CFG + sampler step runs outside the compiled steps and follows kernels_active."""
+        return self.kernels_active(device) and not self.compile
 
     def kernels_active(self, device: torch.device) -> bool:
         if not self.triton_kernels:
