@@ -3,7 +3,8 @@
 # the kernel benchmark, the stage-2 profile and xa-bench at full size with random weights.
 # Steps (STEPS="..."): tests kernels profile latency (default), runtime-tests runtime
 # components (the lean runtime, issue 7: run these first in a new GPU session), throughput.
-# A session has ~15 min of device time, machine start included, and one call may run 10 min:
+# A session has ~15 min of device time, machine start included, and one call may run 10 min
+# (the step timeouts keep each call below under 600 s; a step cut short still leaves its log):
 #   call 1: STEPS="runtime-tests runtime components" PACK=1   (issue 7, never run yet)
 #   call 2: STEPS="tests kernels profile" PACK=1              (issue 6: conv epilogues, the
 #           GroupNorm kernel, the mixed layout and the layout-keeping swaps, added 2026-11-30,
@@ -24,14 +25,14 @@ steps="${STEPS:-tests kernels profile latency}"
 for s in $steps; do
   echo "=== $s"; start=$(date +%s)
   case $s in
-    tests) timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tee "$OUT/pytest_gpu.log" | tail -25 ;;
-    kernels) timeout 200 python3 benchmarks/bench_kernels.py --output "$OUT/kernels.json" 2>&1 | tail -40 ;;
-    profile) timeout 240 python3 benchmarks/profile_stage2.py --output "$OUT/profile.json" > "$OUT/profile.log" 2>&1; tail -48 "$OUT/profile.log" ;;
-    runtime-tests) timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_runtime_lean.py \
+    tests) timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tee "$OUT/pytest_gpu.log" | tail -25 ;;
+    kernels) timeout 180 python3 benchmarks/bench_kernels.py --output "$OUT/kernels.json" 2>&1 | tail -40 ;;
+    profile) timeout 200 python3 benchmarks/profile_stage2.py --output "$OUT/profile.json" > "$OUT/profile.log" 2>&1; tail -48 "$OUT/profile.log" ;;
+    runtime-tests) timeout 180 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_runtime_lean.py \
                "tests/test_kernels.py::test_autotuned_kernel_matches_reference_on_gpu" 2>&1 | tee "$OUT/pytest_runtime_gpu.log" | tail -30 ;;
-    runtime) timeout "${RUNTIME_TIMEOUT:-300}" python3 benchmarks/bench_runtime.py ${RUNTIME_ARGS:---skip-compile --runs 2} \
+    runtime) timeout "${RUNTIME_TIMEOUT:-240}" python3 benchmarks/bench_runtime.py ${RUNTIME_ARGS:---skip-compile --runs 2} \
                --output "$OUT/runtime.json" 2>&1 | tail -25 ;;
-    components) timeout 200 python3 -m xa_runtime.cli.bench --random-weights --device cuda --dtype fp16 \
+    components) timeout 150 python3 -m xa_runtime.cli.bench --random-weights --device cuda --dtype fp16 \
                --mode latency,components --compare eager,lean --baseline sdxl-alone,mapping --warmup 1 --runs 2 \
                --output "$OUT/xabench.json" --plots "$OUT" 2>&1 | grep -v "round" | tail -30 ;;
     throughput) timeout 240 python3 -m xa_runtime.cli.bench --random-weights --device cuda --dtype fp16 \
