@@ -4,8 +4,9 @@ A step is a function of a pytree of arguments (tensors and constants). Its tenso
 copied into static input buffers before each replay; its constants (adapter condition
 scale, fusion scale, the structure of plugin kwargs, ...) are baked into the graph and
 part of the cache key with every input's shape, dtype and layout, so a change of any of
-them captures a new graph. CUDA only; GPU-untested-yet at the time of writing (no code
-path here runs on CPU: `RuntimeConfig.check_device` refuses cuda_graphs there).
+them captures a new graph. CUDA only (`RuntimeConfig.check_device` refuses cuda_graphs
+elsewhere). GPU-untested-yet at the time of writing; on CPU, tests/test_runtime_fake_cuda.py
+runs this code against a stand-in torch.cuda whose "graphs" record and replay aten ops.
 """
 
 from __future__ import annotations

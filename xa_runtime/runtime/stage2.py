@@ -8,8 +8,10 @@ a feature's memory while the other stream still reads it. The host enqueues exac
 sequential order (so CPU generators are drawn in the same order) and never synchronises
 inside the loop: progress is read from events. Anywhere else it is the plain loop.
 
-CPU-tested: the sequential path (equal to the pipeline's former loop). GPU-untested-yet at
-the time of writing: the two-stream path.
+CPU-tested: the sequential path (equal to the pipeline's former loop), and the two-stream
+path against a stand-in torch.cuda (tests/test_runtime_fake_cuda.py: same result, and a
+vector-clock race check finds every cross-stream access ordered by the events).
+GPU-untested-yet at the time of writing.
 """
 
 from __future__ import annotations
