@@ -12,9 +12,10 @@ a GPU it would silently not wait).
 
 A "CUDA graph" records the aten ops run inside `torch.cuda.graph(...)` and replays exactly
 those ops on the same tensors, writing each result back into the tensor the capture made:
-fixed memory, fixed op sequence, Python not re-run, as on a GPU. An op that reads device
-memory on the host (`.item()`, `nonzero`) inside a capture raises, as a real capture
-fails. Not modelled: Triton kernels (not aten ops, so not recorded or checked: keep them
+fixed memory, fixed op sequence, Python not re-run, as on a GPU; a replay raises if a
+tensor it reads was moved to other memory since the capture (a real graph would read the
+stale address). An op that reads device memory on the host (`.item()`, `nonzero`) inside
+a capture raises, as a real capture fails. Not modelled: Triton kernels (not aten ops, so not recorded or checked: keep them
 off here), the caching allocator's per-stream memory reuse.
 """
 
@@ -143,7 +144,7 @@ class _Recorder(TorchDispatchMode):
         if func in HOST_READS:
             raise AssertionError(f"host read of device memory inside a CUDA graph capture: {func}")
         out = func(*args, **kwargs)
-        self.ops.append((func, args, kwargs, out))
+        self.ops.append((func, args, kwargs, out, [t.data_ptr() for t in _tensors((args, kwargs))]))
         return out
 
 
@@ -158,7 +159,10 @@ class FakeCUDAGraph:
 
     def replay(self) -> None:
         assert self.ops is not None, "replay() before capture"
-        for func, args, kwargs, out in self.ops:
+        for func, args, kwargs, out, ptrs in self.ops:
+            moved = [t for t, p in zip(_tensors((args, kwargs)), ptrs) if t.data_ptr() != p]
+            if moved:  # a real graph keeps reading the captured address
+                raise AssertionError(f"{func}: a tensor the graph reads moved since capture: {tuple(moved[0].shape)}")
             new = func(*args, **kwargs)
             for old, fresh in zip(_tensors(out), _tensors(new)):
                 # views and in-place results already live in the captured memory
