@@ -12,6 +12,9 @@ CFG 7.5, batch 1, DPM-Solver++ 2M, fp16, VAE decode included. Each variant: warm
 --runs timed runs; medians of the total and of each stage, peak memory. Variants run
 cumulatively, and compile changes the shared models in place (channels-last, fused QKV),
 so the eager rows are measured first. Written before a GPU was available: GPU-untested.
+With compile in the rows (no --skip-compile), +kernels adds only the CFG + sampler step
+kernel: inside compiled steps inductor fuses those ops itself (RuntimeConfig.
+traced_kernels_active); with --skip-compile it adds every kernel.
 """
 
 from __future__ import annotations

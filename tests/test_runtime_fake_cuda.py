@@ -205,3 +205,26 @@ def test_a_replay_refuses_tensors_moved_since_capture(fake_cuda):
     w.data = torch.randn(3)  # new memory under the same tensor: a real graph would read the old
     with pytest.raises(AssertionError, match="moved since capture"):
         cache.run("step", lambda x: x * w, (torch.randn(3),))
+
+
+def test_cuda_timing_helpers_run_their_event_paths(fake_cuda):
+    from xa_runtime.runtime.timing import EventClock, StageTimer, time_callable, time_cuda_graph
+
+    timer = StageTimer("cuda")
+    with timer.stage("a"):
+        torch.ones(3).sum()
+    with timer.stage("a"):
+        pass
+    assert set(timer.seconds) == {"a"} and timer.total == 0.0  # the stand-in's events measure 0 s
+    x, calls = torch.randn(4), []
+
+    def fn():
+        calls.append(1)
+        return x * 2
+
+    assert len(time_callable(fn, "cuda", warmup=2, iters=3)) == 3 and len(calls) == 5
+    samples = time_cuda_graph(fn, reps=2, iters=4, warmup=1)
+    assert len(samples) == 4 and len(calls) == 5 + 1 + 2  # warm-up, then the captured reps only
+    assert fake_cuda.graphs[-1].replays == 1 + 4
+    clock = EventClock("cuda")
+    assert clock.seconds(clock.mark(), clock.mark()) == 0.0
