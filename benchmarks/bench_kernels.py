@@ -27,11 +27,34 @@ from xa_runtime.kernels import conv_epilogue_triton, remap_inject_reference, rem
 from xa_runtime.kernels.geglu import geglu_triton
 from xa_runtime.kernels.group_norm import group_norm_triton
 from xa_runtime.kernels.guided_step import StepCoefficients, guided_step_reference, guided_step_triton
-from xa_runtime.kernels.remap_inject import _remap_inject_tuned
+from xa_runtime.kernels.remap_inject import _remap_inject_tuned, interpreted
 from xa_runtime.models import get_preset
 from xa_runtime.models.mapping import ResidualBlock
 from xa_runtime.pipeline.schedulers import make_scheduler
 from xa_runtime.runtime.timing import time_callable, time_cuda_graph
+
+DEV = "cuda"  # "cpu" only for --smoke
+PEAK_SIZES = (8192, 1 << 30)  # matmul side, bytes copied
+LATENT = 128  # the sampler step's latent side (SDXL 1024 px)
+
+
+def gpu_time(fn, iters: int) -> list[float]:
+    """Seconds of GPU time per call (CUDA graph replays); plain calls on the smoke run."""
+    if DEV == "cuda":
+        return time_cuda_graph(fn, reps=20, iters=max(1, iters // 10))
+    return time_callable(fn, DEV, 1, max(1, iters // 10))
+
+
+def use_smoke_shapes() -> None:
+    """--smoke: every row at toy sizes on the CPU (Triton's interpreter): the script's code
+    runs end to end, its numbers mean nothing."""
+    global DEV, PEAK_SIZES, LATENT, SITES, MAPPING_STAGES, GROUP_NORM_SHAPES, GEGLU_SHAPES
+    DEV, PEAK_SIZES, LATENT = "cpu", (64, 1 << 16), 8
+    SITES = [("r0 tiny", 24, 3, 5)]
+    MAPPING_STAGES = [("stage tiny", 16, 4, 4)]
+    GROUP_NORM_SHAPES = [("gn tiny", 64, 4, 5)]
+    GEGLU_SHAPES = [("geglu tiny", 6, 40)]
+
 
 SITES = [  # (name, C, H, W): zero_out.k input/output channels and grid at SDXL 1024 px
     ("r0 mid", 1280, 32, 32),
@@ -48,12 +71,13 @@ MAPPING_STAGES = [  # (name, C, H, W): a residual block of each mapping stage at
 
 
 def peaks(dtype: torch.dtype, iters: int) -> dict[str, float]:
-    a = torch.randn(8192, 8192, device="cuda", dtype=dtype)
-    mm = statistics.median(time_callable(lambda: a @ a, "cuda", 5, iters))
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    side, nbytes = PEAK_SIZES
+    a = torch.randn(side, side, device=DEV, dtype=dtype)
+    mm = statistics.median(time_callable(lambda: a @ a, DEV, 5, iters))
+    src = torch.empty(nbytes, dtype=torch.uint8, device=DEV)
     dst = torch.empty_like(src)
-    cp = statistics.median(time_callable(lambda: dst.copy_(src), "cuda", 5, iters))
-    return {"tflops": 2 * 8192**3 / mm / 1e12, "gbps": 2 * src.numel() / cp / 1e9}
+    cp = statistics.median(time_callable(lambda: dst.copy_(src), DEV, 5, iters))
+    return {"tflops": 2 * side**3 / mm / 1e12, "gbps": 2 * src.numel() / cp / 1e9}
 
 
 GROUP_NORM_SHAPES = [  # (name, C, H, W): GroupNorm inputs of the UNets at SDXL 1024 / SD1.5 512 px, 32 groups
@@ -70,16 +94,16 @@ def group_norm_rows(args, dtype, elt, peak) -> list[dict]:
     on NCHW input for reference. Bytes: x read twice (statistics, then normalise), y written."""
     rows = []
     for name, c, h, w in GROUP_NORM_SHAPES:
-        x_cl = torch.randn(args.batch, c, h, w, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
+        x_cl = torch.randn(args.batch, c, h, w, device=DEV, dtype=dtype).contiguous(memory_format=torch.channels_last)
         x_nchw = x_cl.contiguous()
-        weight, bias = torch.randn(c, device="cuda", dtype=dtype), torch.randn(c, device="cuda", dtype=dtype)
+        weight, bias = torch.randn(c, device=DEV, dtype=dtype), torch.randn(c, device=DEV, dtype=dtype)
         fns = {
             "torch_cl": lambda: torch.nn.functional.group_norm(x_cl, 32, weight, bias, 1e-5),
             "torch_nchw": lambda: torch.nn.functional.group_norm(x_nchw, 32, weight, bias, 1e-5),
             "triton_cl": lambda: group_norm_triton(x_cl, 32, weight, bias, 1e-5),
         }
-        ms = {k: statistics.median(time_cuda_graph(f, reps=20, iters=args.iters // 10)) * 1e3 for k, f in fns.items()}
-        eager = {k: statistics.median(time_callable(f, "cuda", 10, args.iters)) * 1e3 for k, f in fns.items()}
+        ms = {k: statistics.median(gpu_time(f, args.iters)) * 1e3 for k, f in fns.items()}
+        eager = {k: statistics.median(time_callable(f, DEV, 10, args.iters)) * 1e3 for k, f in fns.items()}
         bytes_ = elt * 3 * x_cl.numel()
         rows.append({
             "kernel": "group_norm", "site": name, "layout": "nhwc", "torch_ms": ms["torch_cl"], "triton_ms": ms["triton_cl"],
@@ -102,7 +126,7 @@ def geglu_rows(args, dtype, elt, peak) -> list[dict]:
     """The transformer feed-forward's gated GELU: torch's split + GELU + multiply vs the kernel."""
     rows = []
     for name, tokens, d in GEGLU_SHAPES:
-        h = torch.randn(args.batch, tokens, 2 * d, device="cuda", dtype=dtype)
+        h = torch.randn(args.batch, tokens, 2 * d, device=DEV, dtype=dtype)
 
         def plain():
             a, g = h.chunk(2, dim=-1)
@@ -111,9 +135,9 @@ def geglu_rows(args, dtype, elt, peak) -> list[dict]:
         def fused():
             return geglu_triton(h)
 
-        ms = {k: statistics.median(time_cuda_graph(f, reps=20, iters=args.iters // 10)) * 1e3
+        ms = {k: statistics.median(gpu_time(f, args.iters)) * 1e3
               for k, f in (("plain", plain), ("fused", fused))}
-        eager = {k: statistics.median(time_callable(f, "cuda", 10, args.iters)) * 1e3
+        eager = {k: statistics.median(time_callable(f, DEV, 10, args.iters)) * 1e3
                  for k, f in (("plain", plain), ("fused", fused))}
         bytes_ = elt * 3 * args.batch * tokens * d  # 2D read, D written per token
         rows.append({
@@ -131,8 +155,8 @@ def residual_block_rows(args, dtype, elt, fmt, layout, peak) -> list[dict]:
     bias + ReLU epilogue kernel alone against its bandwidth roofline."""
     rows = []
     for name, c, h, w in MAPPING_STAGES:
-        block = ResidualBlock(c, c).to("cuda", dtype).eval().requires_grad_(False).to(memory_format=fmt)
-        x = torch.randn(args.batch, c, h, w, device="cuda", dtype=dtype).contiguous(memory_format=fmt)
+        block = ResidualBlock(c, c).to(DEV, dtype).eval().requires_grad_(False).to(memory_format=fmt)
+        x = torch.randn(args.batch, c, h, w, device=DEV, dtype=dtype).contiguous(memory_format=fmt)
         y = torch.randn_like(x)
 
         def plain():
@@ -148,9 +172,9 @@ def residual_block_rows(args, dtype, elt, fmt, layout, peak) -> list[dict]:
             torch.relu_(y.add_(block.block1.bias.view(1, -1, 1, 1)))
 
         with torch.no_grad():
-            ms = {k: statistics.median(time_cuda_graph(f, reps=20, iters=args.iters // 10)) * 1e3
+            ms = {k: statistics.median(gpu_time(f, args.iters)) * 1e3
                   for k, f in (("plain", plain), ("fused", fused), ("epilogue", epilogue), ("torch_epilogue", torch_epilogue))}
-            eager = {k: statistics.median(time_callable(f, "cuda", 10, args.iters)) * 1e3
+            eager = {k: statistics.median(time_callable(f, DEV, 10, args.iters)) * 1e3
                      for k, f in (("plain", plain), ("fused", fused))}
         flops = 2 * 2 * args.batch * c * c * 9 * h * w
         bytes_ = elt * 2 * x.numel()  # the epilogue: y read + written
@@ -176,9 +200,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--output", default=None, help="JSON file to write")
+    ap.add_argument("--smoke", action="store_true",
+                    help="toy shapes on the CPU under TRITON_INTERPRET=1: checks that the script runs (no figures)")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("error: bench_kernels needs a CUDA GPU (the kernels run compiled there)", file=sys.stderr)
+    if args.smoke:
+        if not interpreted():
+            print("error: --smoke runs the kernels on Triton's interpreter: set TRITON_INTERPRET=1", file=sys.stderr)
+            return 2
+        use_smoke_shapes()
+    elif not torch.cuda.is_available():
+        print("error: bench_kernels needs a CUDA GPU (the kernels run compiled there); --smoke runs it on the CPU "
+              "at toy sizes", file=sys.stderr)
         return 2
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     elt = torch.finfo(dtype).bits // 8
@@ -187,10 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     for layout in ("nchw", "nhwc"):
         fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
         for name, c, h, w in SITES:
-            x = torch.randn(args.batch, c, h, w, device="cuda", dtype=dtype).contiguous(memory_format=fmt)
-            weight = (torch.randn(c, c, 1, 1, device="cuda", dtype=dtype) / c**0.5).contiguous(memory_format=fmt)
-            bias = torch.randn(c, device="cuda", dtype=dtype)
-            hidden = torch.randn(args.batch, c, h, w, device="cuda", dtype=dtype).contiguous(memory_format=fmt)
+            x = torch.randn(args.batch, c, h, w, device=DEV, dtype=dtype).contiguous(memory_format=fmt)
+            weight = (torch.randn(c, c, 1, 1, device=DEV, dtype=dtype) / c**0.5).contiguous(memory_format=fmt)
+            bias = torch.randn(c, device=DEV, dtype=dtype)
+            hidden = torch.randn(args.batch, c, h, w, device=DEV, dtype=dtype).contiguous(memory_format=fmt)
 
             def ref():  # the pipeline's torch path: conv -> residual, then the hook's h + s * r
                 remap_inject_reference(x, weight, bias, hidden, 1.0)
@@ -200,8 +232,8 @@ def main(argv: list[str] | None = None) -> int:
 
             # GPU time (CUDA graph replays: no launch overhead) decides the kernel's worth;
             # the eager time, launch overhead included, is what an un-captured run pays.
-            torch_s, triton_s = (statistics.median(time_cuda_graph(f, reps=20, iters=args.iters // 10)) for f in (ref, fused))
-            torch_eager, triton_eager = (statistics.median(time_callable(f, "cuda", 10, args.iters)) for f in (ref, fused))
+            torch_s, triton_s = (statistics.median(gpu_time(f, args.iters)) for f in (ref, fused))
+            torch_eager, triton_eager = (statistics.median(time_callable(f, DEV, 10, args.iters)) for f in (ref, fused))
             flops = 2 * args.batch * c * c * h * w
             bytes_ = elt * (args.batch * c * h * w * 3 + c * c)  # x read, hidden read + write, W
             fused()  # the config the autotuner chose for this site (its last call)
@@ -218,9 +250,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.extend(residual_block_rows(args, dtype, elt, fmt, layout, peak))
     rows.extend(group_norm_rows(args, dtype, elt, peak))
     rows.extend(geglu_rows(args, dtype, elt, peak))
-    latents = torch.randn(1, 4, 128, 128, device="cuda", dtype=dtype)
-    eps = torch.randn(2, 4, 128, 128, device="cuda", dtype=dtype)
-    prev = torch.randn(1, 4, 128, 128, device="cuda")
+    latents = torch.randn(1, 4, LATENT, LATENT, device=DEV, dtype=dtype)
+    eps = torch.randn(2, 4, LATENT, LATENT, device=DEV, dtype=dtype)
+    prev = torch.randn(1, 4, LATENT, LATENT, device=DEV)
     k = StepCoefficients(sig=0.5, inv_alpha=1.1, a=0.9, b=0.1, p=0.05)
     def ref_step():
         guided_step_reference(eps, latents, prev, 7.5, k)
@@ -228,8 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     def fused_step():
         guided_step_triton(eps, latents, prev, 7.5, k)
 
-    torch_s, triton_s = (statistics.median(time_cuda_graph(f, reps=20, iters=args.iters // 10)) for f in (ref_step, fused_step))
-    torch_eager, triton_eager = (statistics.median(time_callable(f, "cuda", 10, args.iters)) for f in (ref_step, fused_step))
+    torch_s, triton_s = (statistics.median(gpu_time(f, args.iters)) for f in (ref_step, fused_step))
+    torch_eager, triton_eager = (statistics.median(time_callable(f, DEV, 10, args.iters)) for f in (ref_step, fused_step))
     bytes_ = latents.numel() * (elt * 4 + 4 * 2)  # eps (2x), x, out; prev and x0 in fp32
     rows.append({"kernel": "guided_step", "site": "dpmpp-2m order 2", "layout": "nchw", "torch_ms": torch_s * 1e3,
                  "triton_ms": triton_s * 1e3, "speedup": torch_s / triton_s, "triton_gbps": bytes_ / triton_s / 1e9,
@@ -239,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # What the pipeline runs without the kernel: CFG combine + diffusers' DPM-Solver++ 2M step.
     sched = make_scheduler("dpmpp-2m", get_preset("sdxl").scheduler)
-    sched.set_timesteps(30, device="cuda")
+    sched.set_timesteps(30, device=DEV)
     t = sched.timesteps[10]
 
     def diffusers_step():
@@ -247,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         u, c = eps.chunk(2)
         sched.step(u + 7.5 * (c - u), t, latents, return_dict=False)
 
-    diffusers_eager = statistics.median(time_callable(diffusers_step, "cuda", 10, args.iters))
+    diffusers_eager = statistics.median(time_callable(diffusers_step, DEV, 10, args.iters))
     rows[-1]["diffusers_step_eager_ms"] = diffusers_eager * 1e3
     print("GPU time per call (CUDA graph replays), then eager time per call (launch overhead included)")
     print(f"{'kernel':<13} {'site':<17} {'layout':<6} {'torch ms':>9} {'triton ms':>9} {'x':>6} {'roof ms':>8} "
@@ -263,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"measured peaks: {peak['tflops']:.0f} TFLOP/s ({args.dtype} matmul), {peak['gbps']:.0f} GB/s (copy)")
     result = {
         "benchmark": "kernels", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
+        "device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu (smoke run: no figures)", "torch": torch.__version__, "python": platform.python_version(),
         "command": " ".join(sys.argv), "dtype": args.dtype, "batch": args.batch, "iters": args.iters,
         "peaks": peak, "rows": rows,
     }
