@@ -5,6 +5,7 @@ and SDXL alone (eager and with the same lean backend), in one process.
 
     python benchmarks/bench_runtime.py --output benchmarks/results/runtime-h100.json
     python benchmarks/bench_runtime.py --skip-compile --runs 2      # fits a short GPU slot
+    python benchmarks/bench_runtime.py --smoke --steps 2 --runs 1   # CPU, tiny models: the script runs
 
 Standard workload: SDXL 1024 px + SD1.5 512 px, 30 steps, adapter guidance start 0.9,
 CFG 7.5, batch 1, DPM-Solver++ 2M, fp16, VAE decode included. Each variant: warm-up
@@ -40,6 +41,7 @@ from xa_runtime.pipeline.schedulers import Sampler, make_scheduler  # noqa: E402
 from xa_runtime.pipeline.text import encode_sdxl, sdxl_time_ids  # noqa: E402
 from xa_runtime.bench.report import write_atomic  # noqa: E402
 from xa_runtime.runtime import MIXED_LAYOUT, RuntimeConfig, StageTimer, peak_memory_bytes, reset_peak_memory  # noqa: E402
+from xa_runtime.runtime.timing import synchronize  # noqa: E402
 
 # Cumulative: each row adds one switch to the row before it.
 STEPS_ADDED = [
@@ -65,8 +67,14 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--compile-mode", default=None, choices=["default", "max-autotune-no-cudagraphs"],
                     help="torch.compile mode of the +compile row (default: torch's default)")
     ap.add_argument("--output", help="JSON file to write")
+    ap.add_argument("--smoke", action="store_true",
+                    help="the tiny models on the CPU, no compile, no CUDA graphs: checks that the script runs "
+                         "(its figures mean nothing)")
     args = ap.parse_args(argv)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if args.smoke:
+        args.skip_compile = True
+        args.variants = [v for v in args.variants if v != "+graphs"]  # CUDA only
     unknown = [v for v in args.variants if v not in ALL_VARIANTS]
     if unknown:
         ap.error(f"--variants: unknown {unknown}; accepted: {', '.join(ALL_VARIANTS)}")
@@ -77,17 +85,19 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def params(steps: int, seed: int) -> GenerationParams:
+def params(steps: int, seed: int, smoke: bool = False) -> GenerationParams:
+    sizes = {} if smoke else dict(height=1024, width=1024, height_sd15=512, width_sd15=512)  # smoke: model defaults
     return GenerationParams(prompt="a photo of a cat", num_inference_steps=steps, guidance_scale=7.5,
-                            adapter_guidance_start=0.9, height=1024, width=1024, height_sd15=512, width_sd15=512,
-                            scheduler="dpmpp-2m", seed=seed, output_type="np")
+                            adapter_guidance_start=0.9, scheduler="dpmpp-2m", seed=seed, output_type="np", **sizes)
 
 
-def configs(skip_compile: bool, compile_mode: str | None = None) -> dict[str, RuntimeConfig]:
+def configs(skip_compile: bool, compile_mode: str | None = None, graphs: bool = True) -> dict[str, RuntimeConfig]:
     out, acc = {}, {}
     for name, added in STEPS_ADDED:
         if name == "+compile" and compile_mode:
             added = added | {"compile_mode": compile_mode}
+        if not graphs:
+            added = {k: v for k, v in added.items() if k != "cuda_graphs"}
         if not (skip_compile and name == "+compile"):
             acc = acc | added
         out[name] = RuntimeConfig(**acc)
@@ -128,7 +138,7 @@ def sdxl_alone(pipe: XAdapterPipeline, p: GenerationParams) -> dict:
             "peak_memory": peak_memory_bytes(dev)}
 
 
-def measure(run, warmup: int, runs: int) -> dict:
+def measure(run, warmup: int, runs: int, device: torch.device) -> dict:
     """run(seed) -> {"timings", "overheads", "peak_memory"}; wall seconds around each call."""
     overheads: dict[str, float] = {}
     for i in range(warmup):
@@ -137,10 +147,10 @@ def measure(run, warmup: int, runs: int) -> dict:
             overheads[k] = overheads.get(k, 0.0) + v
     totals, stages, peaks = [], {}, []
     for r in range(runs):
-        torch.cuda.synchronize()
+        synchronize(device)
         start = time.perf_counter()
         out = run(1000 + r)
-        torch.cuda.synchronize()
+        synchronize(device)
         totals.append(time.perf_counter() - start)
         for k, v in out["timings"].items():
             stages.setdefault(k, []).append(v)
@@ -149,15 +159,16 @@ def measure(run, warmup: int, runs: int) -> dict:
             overheads[k] = overheads.get(k, 0.0) + v
     return {"total_median_s": statistics.median(totals), "total_s": totals,
             "stages_median_s": {k: statistics.median(v) for k, v in stages.items()},
-            "overheads_s": overheads, "peak_memory_gib": max(peaks) / 2**30}
+            "overheads_s": overheads,
+            "peak_memory_gib": max(peaks) / 2**30 if None not in peaks else None}  # None: not on CUDA
 
 
-def _runner(pipe: XAdapterPipeline, name: str, steps: int):
+def _runner(pipe: XAdapterPipeline, name: str, steps: int, smoke: bool):
     if name.startswith("sdxl-alone"):
-        return lambda seed: sdxl_alone(pipe, params(steps, seed))
+        return lambda seed: sdxl_alone(pipe, params(steps, seed, smoke))
 
     def run(seed: int) -> dict:
-        out = pipe.generate(params(steps, seed))
+        out = pipe.generate(params(steps, seed, smoke))
         return {"timings": out.timings, "overheads": out.overheads, "peak_memory": out.peak_memory}
 
     return run
@@ -165,18 +176,19 @@ def _runner(pipe: XAdapterPipeline, name: str, steps: int):
 
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
-    if not torch.cuda.is_available():
-        print("error: bench_runtime.py needs a CUDA GPU (none is visible); the CPU latency baseline is xa-bench",
-              file=sys.stderr)
+    if not args.smoke and not torch.cuda.is_available():
+        print("error: bench_runtime.py needs a CUDA GPU (none is visible); the CPU latency baseline is xa-bench; "
+              "--smoke runs the script on the tiny models", file=sys.stderr)
         return 2
-    dev, dt = torch.device("cuda"), torch.float16
+    dev, dt = (torch.device("cpu"), torch.float32) if args.smoke else (torch.device("cuda"), torch.float16)
+    prefix = "tiny-" if args.smoke else ""
     t0 = time.perf_counter()
-    sd15 = build_random_components("sd15", 0, device=dev, dtype=dt)
-    sdxl = build_random_components("sdxl", 1, device=dev, dtype=dt)
+    sd15 = build_random_components(prefix + "sd15", 0, device=dev, dtype=dt)
+    sdxl = build_random_components(prefix + "sdxl", 1, device=dev, dtype=dt)
     mapping = MappingLayers(MappingConfig.from_unet_configs(sd15.unet.config, sdxl.unet.config))
     models = (sd15, sdxl, mapping)
     print(f"models built in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    cfgs = configs(args.skip_compile, args.compile_mode)
+    cfgs = configs(args.skip_compile, args.compile_mode, graphs=not args.smoke)
     lean_cfg = cfgs["+kernels"]
     plan = [v for v in ["sdxl-alone", "eager", "+mixed-layout", "+compile", "+graphs", "+streams", "+kernels", "sdxl-alone-lean"]
             if v in args.variants]  # eager rows first: compile changes the models in place
@@ -192,8 +204,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             lean.set_runtime(runtime)  # drops the previous row's graphs
             pipe = lean
-        torch.cuda.empty_cache()
-        results[name] = measure(_runner(pipe, name, args.steps), args.warmup, args.runs) | {"runtime": repr(runtime)}
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        results[name] = measure(_runner(pipe, name, args.steps, args.smoke), args.warmup, args.runs, dev) | {
+            "runtime": repr(runtime)}
         print(f"  median {results[name]['total_median_s']:.3f} s", file=sys.stderr)
         del pipe
 
@@ -203,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         speed = f"{base / r['total_median_s']:8.2f}" if base else f"{'-':>8}"
         over = " ".join(f"{k}={v:.1f}" for k, v in r["overheads_s"].items() if v)
         stages = "  ".join(f"{k}={v:.3f}" for k, v in r["stages_median_s"].items())
-        lines.append(f"{name:<16} {r['total_median_s']:9.3f} {speed} {r['peak_memory_gib']:9.2f}  {over or '-'}  {stages}")
+        peak = f"{r['peak_memory_gib']:9.2f}" if r["peak_memory_gib"] is not None else f"{'-':>9}"
+        lines.append(f"{name:<16} {r['total_median_s']:9.3f} {speed} {peak}  {over or '-'}  {stages}")
     ratios = {}
     if "eager" in results and "sdxl-alone" in results:
         ratios["eager_xadapter_over_sdxl_alone"] = results["eager"]["total_median_s"] / results["sdxl-alone"]["total_median_s"]
@@ -220,12 +235,15 @@ def main(argv: list[str] | None = None) -> int:
 
         record = {
             "benchmark": "lean-runtime", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-            "command": " ".join([sys.executable, *sys.argv]), "device": torch.cuda.get_device_name(dev),
+            "command": " ".join([sys.executable, *sys.argv]),
+            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (smoke run: no figures)",
             "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "cuda": torch.version.cuda,
                          "python": platform.python_version()},
-            "workload": {"sdxl": 1024, "sd15": 512, "steps": args.steps, "adapter_guidance_start": 0.9,
-                         "guidance_scale": 7.5, "batch": 1, "scheduler": "dpmpp-2m", "dtype": "fp16",
-                         "weights": "random, full size"},
+            "workload": {"sdxl": "tiny default" if args.smoke else 1024, "sd15": "tiny default" if args.smoke else 512,
+                         "steps": args.steps, "adapter_guidance_start": 0.9,
+                         "guidance_scale": 7.5, "batch": 1, "scheduler": "dpmpp-2m",
+                         "dtype": "fp32" if args.smoke else "fp16",
+                         "weights": "tiny random (smoke)" if args.smoke else "random, full size"},
             "warmup": args.warmup, "runs": args.runs, "skip_compile": args.skip_compile,
             "results": results, "ratios": ratios, "table": lines,
         }
