@@ -346,8 +346,14 @@ def test_kernels_off_scope_restores_the_flags(tiny_models):
     with kernels_off(unet):  # what export_graph wraps torch.onnx.export in
         assert flags() == {False}
     assert flags() == {True}
-    sync_kernel_modules(unet, channels_last=True, use_triton=False)
+    sync_kernel_modules(unet, channels_last=True, use_triton=False)  # from the cached module list
     assert flags() == {False}
+    other = copy.deepcopy(tiny_models[1].unet)
+    sync_kernel_modules(other, channels_last=False, use_triton=True)  # a swap elsewhere: caches go stale
+    unet.to(memory_format=torch.contiguous_format)
+    before = [type(m) for m in unet.modules()]
+    sync_kernel_modules(unet, channels_last=True, use_triton=True)
+    assert [type(m) for m in unet.modules()] == before and flags() == {True}
 
 
 def test_pipelines_sharing_models_each_get_their_own_kernel_setting():

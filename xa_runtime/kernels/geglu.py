@@ -79,6 +79,7 @@ def _fused_forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.
 
 
 _FUSED: dict[type, type] = {}
+SWAPS = [0]  # how many GEGLU modules were ever swapped (in this process)
 
 
 def _fused_class(cls: type) -> type:
@@ -96,6 +97,7 @@ def install_fused_geglu(model: nn.Module, use_triton: bool) -> list[nn.Module]:
         name = type(m).__name__
         if name == "GEGLU" and isinstance(getattr(m, "proj", None), nn.Linear):
             m.__class__ = _fused_class(type(m))
+            SWAPS[0] += 1
         elif not name == "FusedGEGLU":
             continue
         m.use_triton = use_triton

@@ -200,7 +200,7 @@ class ChannelsLastGroupNorm(nn.GroupNorm):
     parameters and state-dict names (installed by swapping the class in place)."""
 
     use_triton: bool = False
-    instances = 0  # how many modules were ever swapped to this class (in this process)
+    instances = 0  # how many modules were ever swapped by install_channels_last_modules (in this process)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_triton and x.dim() == 4 and not x.is_contiguous() and _channels_last(x):
@@ -251,4 +251,5 @@ def install_channels_last_modules(model: nn.Module, use_triton: bool) -> int:
             count += 1
         elif type(m).__name__ == "Transformer2DModel" and hasattr(m, "_get_output_for_continuous_inputs"):
             m.__class__ = _layout_keeping_class(type(m))
+            ChannelsLastGroupNorm.instances += 1  # any swap changes what a cached module list holds
     return count
