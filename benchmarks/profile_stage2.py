@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16")
     ap.add_argument("--batch", type=int, default=2, help="UNet rows (2 = one image with CFG)")
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3, help="untimed calls per region before --iters timed ones")
     ap.add_argument("--profile-steps", type=int, default=3)
     ap.add_argument("--pipeline-steps", type=int, default=10,
                     help="also profile one whole generate() of this many steps (half in stage 2); 0: skip")
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             if layout == "mixed" and name in ("mapping_all", "sdxl_unet_alone", "sdxl_unet+inject",
                                               "sdxl_unet_alone+unet_kernels"):
                 continue  # the same modules in the same layout as a run above
-            samples = time_callable(fn, device, warmup=3, iters=args.iters)
+            samples = time_callable(fn, device, warmup=args.warmup, iters=args.iters)
             row = {"layout": layout, "region": name, "median_ms": statistics.median(samples) * 1e3,
                    "min_ms": min(samples) * 1e3}
             if device == "cuda":  # GPU time alone: the region captured as a CUDA graph
