@@ -44,7 +44,6 @@ def _merge(a: dict[int, int], b: dict[int, int]) -> None:
 class FakeEvent:
     def __init__(self, enable_timing: bool = False, **_: Any):
         self.vc: dict[int, int] | None = None
-        self.host: dict[int, int] | None = None  # the host clock, set by FakeCuda
 
     def record(self, stream: "FakeStream | None" = None) -> None:
         stream = stream if stream is not None else FakeCuda.active.current

@@ -200,7 +200,6 @@ class ChannelsLastGroupNorm(nn.GroupNorm):
     parameters and state-dict names (installed by swapping the class in place)."""
 
     use_triton: bool = False
-    instances = 0  # how many modules were ever swapped by install_channels_last_modules (in this process)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_triton and x.dim() == 4 and not x.is_contiguous() and _channels_last(x):
@@ -227,6 +226,7 @@ def _keep_layout_output(self, hidden_states, residual, batch_size, height, width
 
 
 _LAYOUT_KEEPING: dict[type, type] = {}
+SWAPS = [0]  # GroupNorm and Transformer2D modules ever swapped by install_channels_last_modules (this process)
 
 
 def _layout_keeping_class(cls: type) -> type:
@@ -246,10 +246,10 @@ def install_channels_last_modules(model: nn.Module, use_triton: bool) -> int:
         if type(m) is nn.GroupNorm or isinstance(m, ChannelsLastGroupNorm):
             if type(m) is nn.GroupNorm:
                 m.__class__ = ChannelsLastGroupNorm
-                ChannelsLastGroupNorm.instances += 1
+                SWAPS[0] += 1
             m.use_triton = use_triton
             count += 1
         elif type(m).__name__ == "Transformer2DModel" and hasattr(m, "_get_output_for_continuous_inputs"):
             m.__class__ = _layout_keeping_class(type(m))
-            ChannelsLastGroupNorm.instances += 1  # any swap changes what a cached module list holds
+            SWAPS[0] += 1
     return count

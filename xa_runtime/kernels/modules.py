@@ -15,7 +15,9 @@ from typing import Iterator
 
 from torch import nn
 
-from .geglu import _FUSED, SWAPS, install_fused_geglu
+from .geglu import _FUSED, install_fused_geglu
+from .geglu import SWAPS as GEGLU_SWAPS
+from .group_norm import SWAPS as CHANNELS_LAST_SWAPS
 from .group_norm import ChannelsLastGroupNorm, install_channels_last_modules
 
 
@@ -25,7 +27,7 @@ def _swapped_types() -> tuple[type, ...]:
 
 def _generation() -> int:
     """Changes whenever any module anywhere is swapped (cached lists are then stale)."""
-    return ChannelsLastGroupNorm.instances + SWAPS[0]
+    return CHANNELS_LAST_SWAPS[0] + GEGLU_SWAPS[0]
 
 
 # unet -> (generation, channels_last, GEGLU installed, its swapped modules): a request
