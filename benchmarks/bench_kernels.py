@@ -28,6 +28,8 @@ from xa_runtime.kernels.geglu import geglu_triton
 from xa_runtime.kernels.group_norm import group_norm_triton
 from xa_runtime.kernels.guided_step import StepCoefficients, guided_step_reference, guided_step_triton
 from xa_runtime.kernels.remap_inject import _remap_inject_tuned, interpreted
+from xa_runtime.kernels.shapes import GEGLU_SHAPES, GROUP_NORM_SHAPES, LATENT, MAPPING_STAGES
+from xa_runtime.kernels.shapes import REMAP_SITES as SITES
 from xa_runtime.models import get_preset
 from xa_runtime.models.mapping import ResidualBlock
 from xa_runtime.pipeline.schedulers import make_scheduler
@@ -35,7 +37,6 @@ from xa_runtime.runtime.timing import time_callable, time_cuda_graph
 
 DEV = "cuda"  # "cpu" only for --smoke
 PEAK_SIZES = (8192, 1 << 30)  # matmul side, bytes copied
-LATENT = 128  # the sampler step's latent side (SDXL 1024 px)
 
 
 def gpu_time(fn, iters: int) -> list[float]:
@@ -56,18 +57,6 @@ def use_smoke_shapes() -> None:
     GEGLU_SHAPES = [("geglu tiny", 6, 40)]
 
 
-SITES = [  # (name, C, H, W): zero_out.k input/output channels and grid at SDXL 1024 px
-    ("r0 mid", 1280, 32, 32),
-    ("r1 up0", 1280, 64, 64),
-    ("r2 up1", 640, 128, 128),
-]
-
-
-MAPPING_STAGES = [  # (name, C, H, W): a residual block of each mapping stage at SDXL 1024 px
-    ("stage0", 1280, 32, 32),
-    ("stage1", 1280, 64, 64),
-    ("stage2", 640, 128, 128),
-]
 
 
 def peaks(dtype: torch.dtype, iters: int) -> dict[str, float]:
@@ -80,12 +69,6 @@ def peaks(dtype: torch.dtype, iters: int) -> dict[str, float]:
     return {"tflops": 2 * side**3 / mm / 1e12, "gbps": 2 * src.numel() / cp / 1e9}
 
 
-GROUP_NORM_SHAPES = [  # (name, C, H, W): GroupNorm inputs of the UNets at SDXL 1024 / SD1.5 512 px, 32 groups
-    ("sdxl 320ch 128^2", 320, 128, 128),
-    ("sdxl 640ch 64^2", 640, 64, 64),
-    ("sdxl 1280ch 32^2", 1280, 32, 32),
-    ("sd15 320ch 64^2", 320, 64, 64),
-]
 
 
 def group_norm_rows(args, dtype, elt, peak) -> list[dict]:
@@ -115,11 +98,6 @@ def group_norm_rows(args, dtype, elt, peak) -> list[dict]:
     return rows
 
 
-GEGLU_SHAPES = [  # (name, tokens, D): the feed-forward GEGLU input is tokens x 2D, per image row
-    ("sdxl 64^2 D=2560", 4096, 2560),
-    ("sdxl 32^2 D=5120", 1024, 5120),
-    ("sd15 64^2 D=1280", 4096, 1280),
-]
 
 
 def geglu_rows(args, dtype, elt, peak) -> list[dict]:
