@@ -24,9 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _nvidia_tools() -> bool:
-    from triton import knobs
-
     try:
+        from triton import knobs
+
         return all(os.access(t.path, os.X_OK) for t in (knobs.nvidia.ptxas, knobs.nvidia.cuobjdump))
     except Exception:  # noqa: BLE001 - no NVIDIA backend in this triton build
         return False

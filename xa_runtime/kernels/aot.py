@@ -267,15 +267,15 @@ def compile_launch(launch: Launch, arch: int = 90, config: dict[str, Any] | None
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
 
+    if not compilable():
+        raise RuntimeError("this process imported triton with TRITON_INTERPRET=1, so it cannot compile kernels; "
+                           "compile in a process without it (e.g. python benchmarks/kernels_static.py)")
     config = dict(config or {})
     kwargs = {**launch.kwargs, **config}
     grid = launch.grid(kwargs) if callable(launch.grid) else launch.grid
     grid = tuple(int(g) for g in grid) + (1,) * (3 - len(grid))
     result = Compiled(launch.kernel, launch.site, launch.variant, launch.dtype, arch,
                       {k: v for k, v in config.items() if v is not None}, grid)
-    if not compilable():
-        raise RuntimeError("this process imported triton with TRITON_INTERPRET=1, so it cannot compile kernels; "
-                           "compile in a process without it (e.g. python benchmarks/kernels_static.py)")
     jit = _base_fn(launch.fn)
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
