@@ -35,6 +35,17 @@ def config_name(cfg: dict) -> str:
     return f"{tiles} w{cfg.get('num_warps')} s{cfg.get('num_stages')}{pre}"
 
 
+def _access(ops: dict) -> str:
+    """{"ld.global.v4.b32": 2, "ld.global.b16": 8, ...} -> "ld 2 v4.b32 + 8 b16; st ..."."""
+    out = []
+    for kind in ("ld", "st"):
+        parts = [f"{n} {op.split('.global.', 1)[1] if '.global.' in op else '?'}" for op, n in ops.items()
+                 if op.startswith(kind + ".")]
+        if parts:
+            out.append(f"{kind} {' + '.join(parts)}")
+    return "; ".join(out)
+
+
 def _occ(o: dict) -> str:
     return f"{o['waves']:.2f}, {o['balance']:.2f}, {o['occupancy']:.2f}"
 
@@ -54,8 +65,9 @@ def markdown(results: list[aot.Compiled], gpus: list[str], arch: int, dtypes: li
     if tuned:
         sites = list(dict.fromkeys(r.site for r in tuned))
         lines += ["## remap-inject autotune configs (fp16/first dtype, NCHW, add)", "",
-                  "| config | regs | smem KiB | CTAs/SM (limit) | " + " | ".join(f"{s}: waves, balance, occ" for s in sites) + " |",
-                  "|---|---|---|---|" + "---|" * len(sites)]
+                  "| config | tensor cores | regs | smem KiB | CTAs/SM (limit) | "
+                  + " | ".join(f"{s}: waves, balance, occ" for s in sites) + " |",
+                  "|---|---|---|---|---|" + "---|" * len(sites)]
         by_cfg: dict[str, dict[str, aot.Compiled]] = defaultdict(dict)
         for r in tuned:
             if r.dtype == dtypes[0] and r.variant == "nchw":
@@ -65,17 +77,19 @@ def markdown(results: list[aot.Compiled], gpus: list[str], arch: int, dtypes: li
             occ = any_r.occupancy[g0]
             cells = [_occ(per_site[s].occupancy[g0])
                      if s in per_site else "" for s in sites]
-            lines.append(f"| {name} | {any_r.regs} | {any_r.shared_bytes / 1024:.0f} | {occ['ctas_per_sm']} ({occ['limit']}) | "
+            lines.append(f"| {name} | {any_r.tensor_cores or 'none'} | {any_r.regs} | {any_r.shared_bytes / 1024:.0f} | {occ['ctas_per_sm']} ({occ['limit']}) | "
                          + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["## the other kernels", "", "| kernel | site | variant | dtype | regs | spill B | smem KiB | CTAs | "
-              "CTAs/SM (limit) | waves, balance, occ |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["## the other kernels", "", "global loads and stores: PTX instructions per thread by width (`v4.b32`: "
+              "16 bytes; a scalar `b16` in a stream means Triton could not prove it contiguous)", "",
+              "| kernel | site | variant | dtype | regs | spill B | smem KiB | global loads / stores | CTAs | "
+              "CTAs/SM (limit) | waves, balance, occ |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if r.kernel == "remap_inject_kernel" or r.error:
             continue
         occ = r.occupancy[g0]
         lines.append(f"| {r.kernel} | {r.site} | {r.variant or '-'} | {r.dtype} | {r.regs} | {r.local_bytes} | "
-                     f"{r.shared_bytes / 1024:.1f} | {r.ctas} | {occ['ctas_per_sm']} ({occ['limit']}) | "
+                     f"{r.shared_bytes / 1024:.1f} | {_access(r.global_ops)} | {r.ctas} | {occ['ctas_per_sm']} ({occ['limit']}) | "
                      f"{_occ(occ)} |")
     failed = [r for r in results if r.error]
     if failed:

@@ -52,6 +52,8 @@ def run_static(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess,
 KERNELS = {"remap_inject_kernel", "conv_epilogue_kernel", "gn_partials_kernel", "gn_stats_kernel", "gn_apply_kernel",
            "geglu_kernel", "guided_step_kernel"}
 H100 = aot.GPUS["h100"]
+VECTOR_STORES = KERNELS - {"gn_partials_kernel", "gn_stats_kernel"}  # those two write per-channel / per-group stats
+VECTOR_LOADS = KERNELS - {"gn_stats_kernel"}  # which gathers the partial statistics of its group
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +82,14 @@ def test_every_kernel_and_autotune_config_compiles_for_sm90_fp16(fp16_sm90):
         assert r["shared_bytes"] <= H100.smem_per_cta, (r["kernel"], r["config"])
         assert r["occupancy"]["h100"]["ctas_per_sm"] >= 1
         assert r["occupancy"]["h200"] == r["occupancy"]["h100"]  # same SM, same count
+        # speed properties visible in the PTX: Hopper tensor cores for the GEMM, 16-byte
+        # vector accesses for every stream a kernel reads or writes in bulk
+        if r["kernel"] == "remap_inject_kernel":
+            assert r["tensor_cores"] == "wgmma", (r["variant"], r["config"])
+        if r["kernel"] in VECTOR_LOADS:
+            assert r["global_ops"].get("ld.global.v4.b32", 0) >= 1, (r["kernel"], r["variant"], r["global_ops"])
+        if r["kernel"] in VECTOR_STORES:
+            assert r["global_ops"].get("st.global.v4.b32", 0) >= 1, (r["kernel"], r["variant"], r["global_ops"])
 
 
 def _tuned():
@@ -116,6 +126,9 @@ def test_bf16_and_fp32_compile_for_sm90(tmp_path):
     assert {r["dtype"] for r in rows} == {"bf16", "fp32"} and {r["kernel"] for r in rows} == KERNELS
     assert len([r for r in rows if r["kernel"] == "remap_inject_kernel"]) == 2 * 3 * 6
     assert not [r for r in rows if r["error"] or r["local_bytes"]]
+    for r in rows:
+        if r["kernel"] == "remap_inject_kernel":  # fp32 takes the IEEE dot: FMA on CUDA cores, not TF32
+            assert r["tensor_cores"] == ("wgmma" if r["dtype"] == "bf16" else ""), (r["dtype"], r["variant"])
 
 
 def test_recording_puts_the_kernels_back():

@@ -98,6 +98,8 @@ class Compiled:
     compile_s: float = 0.0  # 0 when an identical specialisation was compiled before
     error: str = ""
     ptx_sha1: str = ""  # to compare with what the JIT compiles on a GPU
+    tensor_cores: str = ""  # "wgmma" (Hopper), "mma" (mma.sync, Ampere and later), "" (none: CUDA cores)
+    global_ops: dict[str, int] = field(default_factory=dict)  # ld/st.global instructions in the PTX, by width
     occupancy: dict[str, Any] = field(default_factory=dict)  # gpu key -> occupancy(): ctas_per_sm, limit, waves, balance, ...
 
     @property
@@ -245,6 +247,19 @@ def cubin_resources(cubin: bytes) -> dict[str, int]:
     return {k: int(v) for k, v in found.items()}
 
 
+def ptx_summary(ptx: str) -> dict[str, Any]:
+    """What the PTX says about speed before anything runs: whether the matrix products use
+    tensor cores, and how wide each global load and store is (static instruction counts:
+    a `.v4.b32` moves 16 bytes per thread, a scalar `.b16` two; scalar loads of a
+    contiguous stream mean Triton could not prove it contiguous)."""
+    tensor_cores = "wgmma" if "wgmma.mma_async" in ptx else "mma" if re.search(r"\bmma\.sync", ptx) else ""
+    ops: dict[str, int] = {}
+    for op in re.findall(r"\b((?:ld|st)\.global(?:\.[A-Za-z0-9_:]+)*)", ptx):
+        op = ".".join(part for part in op.split(".") if "::" not in part)  # without cache hints
+        ops[op] = ops.get(op, 0) + 1
+    return {"tensor_cores": tensor_cores, "global_ops": dict(sorted(ops.items()))}
+
+
 def compilable() -> bool:
     """Whether this process can compile kernels: not when it imported triton with
     TRITON_INTERPRET=1 (as the CPU tests do), since triton.language's own jitted helpers
@@ -294,7 +309,7 @@ def compile_launch(launch: Launch, arch: int = 90, config: dict[str, Any] | None
             done = {"num_warps": kernel.metadata.num_warps, "num_stages": kernel.metadata.num_stages,
                     "regs": res["REG"], "local_bytes": res.get("LOCAL", 0) + res.get("STACK", 0),
                     "shared_bytes": kernel.metadata.shared + res.get("SHARED", 0), "error": "",
-                    "ptx_sha1": hashlib.sha1(kernel.asm["ptx"].encode()).hexdigest()}
+                    "ptx_sha1": hashlib.sha1(kernel.asm["ptx"].encode()).hexdigest(), **ptx_summary(kernel.asm["ptx"])}
         except Exception as e:  # noqa: BLE001 - recorded per config; the caller decides
             lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
             where = f"{lines[0]} ... " if len(lines) > 1 else ""  # Triton: "at L:C:", source, message last
