@@ -22,6 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+import triton
 
 from xa_runtime.bench.report import write_atomic
 from xa_runtime.kernels import aot
@@ -53,8 +54,6 @@ def _occ(o: dict) -> str:
 def markdown(results: list[aot.Compiled], gpus: list[str], arch: int, dtypes: list[str]) -> str:
     g0 = gpus[0]
     spec = aot.GPUS[g0]
-    import triton
-
     lines = [f"# Kernels compiled for sm_{arch} ({', '.join(dtypes)}), static resources", "",
              f"{datetime.date.today().isoformat()}, triton {triton.__version__}, on a CPU: "
              f"`python {' '.join(['benchmarks/kernels_static.py', *sys.argv[1:]])}`", "",
@@ -152,8 +151,6 @@ def main(argv: list[str] | None = None) -> int:
           f"({len(spilled_fixed)} outside autotuning); {sum(r.compile_s for r in results):.0f} s compiling",
           file=sys.stderr)
     if args.output:
-        import triton
-
         result = {
             "benchmark": "kernels-static", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "device": f"none (compiled for sm_{args.arch} on {platform.machine()} CPU)", "arch": args.arch,

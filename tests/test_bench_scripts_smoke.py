@@ -3,22 +3,12 @@ toy sizes on Triton's interpreter, bench_runtime.py and profile_stage2.py on the
 the JSON written; the figures mean nothing. This keeps a GPU session from being spent on
 a Python error in a script that only a GPU runs for real."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from bench_scripts import load_script
 
 pytest.importorskip("triton")
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name="bench_kernels"):
-    spec = importlib.util.spec_from_file_location(f"{name}_smoke", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_smoke_run_writes_every_row_kind(tmp_path, monkeypatch):
@@ -27,7 +17,7 @@ def test_smoke_run_writes_every_row_kind(tmp_path, monkeypatch):
     if not interpreted():
         pytest.skip("needs TRITON_INTERPRET=1 (set by conftest.py on machines without CUDA)")
     out = tmp_path / "kernels.json"
-    assert _load().main(["--smoke", "--iters", "10", "--output", str(out)]) == 0
+    assert load_script("bench_kernels").main(["--smoke", "--iters", "10", "--output", str(out)]) == 0
     data = json.loads(out.read_text())
     kinds = {r["kernel"] for r in data["rows"]}
     assert kinds == {"remap_inject", "residual_block", "conv_epilogue", "group_norm", "geglu", "guided_step"}
@@ -36,13 +26,13 @@ def test_smoke_run_writes_every_row_kind(tmp_path, monkeypatch):
 
 def test_smoke_needs_the_interpreter(monkeypatch, capsys):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert _load().main(["--smoke"]) == 2
+    assert load_script("bench_kernels").main(["--smoke"]) == 2
     assert "TRITON_INTERPRET=1" in capsys.readouterr().err
 
 
 def test_bench_runtime_smoke_runs_every_cpu_row(tmp_path):
     out = tmp_path / "runtime.json"
-    assert _load("bench_runtime").main(["--smoke", "--steps", "2", "--runs", "1", "--warmup", "0",
+    assert load_script("bench_runtime").main(["--smoke", "--steps", "2", "--runs", "1", "--warmup", "0",
                                          "--output", str(out)]) == 0
     data = json.loads(out.read_text())
     # every row but +compile (skipped: inductor) and +graphs (CUDA only)
@@ -57,7 +47,7 @@ def test_profile_stage2_tiny_times_every_region_and_layout(tmp_path):
     if not interpreted():
         pytest.skip("needs TRITON_INTERPRET=1 (set by conftest.py on machines without CUDA)")
     out = tmp_path / "profile.json"
-    assert _load("profile_stage2").main(["--tiny", "--iters", "1", "--warmup", "0", "--profile-steps", "1",
+    assert load_script("profile_stage2").main(["--tiny", "--iters", "1", "--warmup", "0", "--profile-steps", "1",
                                           "--pipeline-steps", "2", "--output", str(out)]) == 0
     regions = {(r["layout"], r["region"]) for r in json.loads(out.read_text())["regions"]}
     assert {layout for layout, _ in regions} == {"nchw", "channels_last", "mixed"}

@@ -15,12 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from bench_scripts import BENCHMARKS, load_script
 
 triton = pytest.importorskip("triton")
 
 from xa_runtime.kernels import aot  # noqa: E402
+from xa_runtime.kernels.remap_inject import _remap_inject_tuned  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = BENCHMARKS.parent
 
 
 def _nvidia_tools() -> bool:
@@ -44,7 +46,7 @@ def _compiling_env() -> dict:
 
 def run_static(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict | None]:
     out = tmp_path / "static.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels_static.py"), *args, "--output", str(out)],
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "kernels_static.py"), *args, "--output", str(out)],
                           capture_output=True, text=True, env=_compiling_env(), timeout=1200)
     return proc, (json.loads(out.read_text()) if out.exists() else None)
 
@@ -72,7 +74,7 @@ def test_every_kernel_and_autotune_config_compiles_for_sm90_fp16(fp16_sm90):
     assert {r["kernel"] for r in rows} == KERNELS
     assert not [(r["kernel"], r["site"], r["variant"], r["config"], r["error"]) for r in rows if r["error"]]
     tuned = [r for r in rows if r["kernel"] == "remap_inject_kernel"]
-    n_configs = len(aot.configs(aot.Launch("remap_inject_kernel", _tuned(), (1,), (), {})))
+    n_configs = len(_remap_inject_tuned().configs)
     assert n_configs >= 16
     assert len(tuned) == n_configs * 3 * 6  # 3 sites x (3 layouts x add / lerp)
     assert len({json.dumps(r["config"], sort_keys=True) for r in tuned}) == n_configs
@@ -90,12 +92,6 @@ def test_every_kernel_and_autotune_config_compiles_for_sm90_fp16(fp16_sm90):
             assert r["global_ops"].get("ld.global.v4.b32", 0) >= 1, (r["kernel"], r["variant"], r["global_ops"])
         if r["kernel"] in VECTOR_STORES:
             assert r["global_ops"].get("st.global.v4.b32", 0) >= 1, (r["kernel"], r["variant"], r["global_ops"])
-
-
-def _tuned():
-    from xa_runtime.kernels.remap_inject import _remap_inject_tuned
-
-    return _remap_inject_tuned()
 
 
 @needs_ptxas
@@ -207,17 +203,8 @@ def test_compile_all_checks_its_gpus():
         aot.full_size_launches("fp8")
 
 
-def _script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("kernels_static", ROOT / "benchmarks" / "kernels_static.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
-
-
 def test_kernels_static_checks_its_arguments_first(capsys):
-    script = _script()
+    script = load_script("kernels_static")
     for argv, message in ((["--gpus", "a100"], "--gpus: GPUs of sm_90"), (["--arch", "75"], "no GPU of that architecture"),
                           (["--dtypes", "fp8"], "--dtypes: each one of"), (["--output", "/no/such/dir/x.json"], "not in an existing folder")):
         with pytest.raises(SystemExit):

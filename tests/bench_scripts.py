@@ -1,0 +1,15 @@
+"""The benchmark scripts (benchmarks/*.py are scripts, not a package), loaded as modules
+so that tests can call their main()."""
+
+import importlib.util
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_script(name: str):
+    """benchmarks/<name>.py as a fresh module."""
+    spec = importlib.util.spec_from_file_location(f"{name}_under_test", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
