@@ -22,7 +22,7 @@ from xa_runtime.serve.cli import main as serve_main  # noqa: E402
 from xa_runtime.serve.config import ConfigError, Limits, ServeConfig, load_config, parse_config  # noqa: E402
 from xa_runtime.serve.service import Cancelled, QueueFull, Service, Unavailable, build_service  # noqa: E402
 
-FAST = dict(prompt="a cat", num_inference_steps=2, adapter_guidance_start=1.0)
+FAST = dict(prompt="a cat", num_inference_steps=2, adapter_guidance_start=1.0, seed=0)
 
 
 def b64_image(size=(40, 24), seed=0, fmt="PNG"):

@@ -20,6 +20,7 @@ import contextlib
 import io
 import json
 import math
+import sys
 from typing import Any
 
 from ..errors import ParameterError
@@ -30,12 +31,13 @@ DISCONNECT_POLL_S = 0.1
 
 
 def _request_model() -> Any:
-    from pydantic import BaseModel, ConfigDict, Field
+    from pydantic import BaseModel, ConfigDict, Field, field_validator
 
     d = GenerationParams(prompt="")
 
     class GenerateRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+        # strict: JSON true is not an integer (lax mode would run 1 step for "num_inference_steps": true)
+        model_config = ConfigDict(extra="forbid", strict=True)
 
         prompt: str | list[str]
         prompt_sd15: str | list[str] | None = None
@@ -51,18 +53,35 @@ def _request_model() -> Any:
         width_sd15: int | None = None
         scheduler: str = d.scheduler
         strength: float = d.strength
-        seed: int | None = 0
+        seed: int | None = None  # None: the pipeline draws one, returned in X-Seed and "parameters"
         num_images_per_prompt: int = d.num_images_per_prompt
         plugins: list[str] = Field(default_factory=list)
         images: dict[str, str] = Field(default_factory=dict)  # plugin name -> base64 image
         init_image: str | None = None  # base64; img2img with strength < 1
         timeout_s: float | None = None
 
+        @field_validator("prompt", "prompt_sd15", "negative_prompt", "scheduler")
+        @classmethod
+        def _encodable(cls, value: Any) -> Any:
+            # JSON may carry lone surrogates ("\\ud800"), which no tokenizer can encode.
+            for text in [value] if isinstance(value, str) else value or []:
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError("text that is valid Unicode (no lone surrogate code points)") from None
+            return value
+
     return GenerateRequest
 
 
-def decode_image(field: str, text: str, max_pixels: int) -> Any:
-    """A base64 (optionally a data: URL) PNG / JPEG / WebP -> RGB PIL image; ParameterError naming `field`."""
+def request_schema() -> dict[str, Any]:
+    """The JSON schema of POST /v1/generate's body (for /openapi.json and generated clients)."""
+    return _request_model().model_json_schema()
+
+
+def _open_image(field: str, text: str, max_pixels: int) -> Any:
+    """A base64 (optionally a data: URL) PNG / JPEG / WebP, opened lazily: only its header is
+    read, so its declared size can be checked before any pixel is decoded."""
     import binascii
 
     from PIL import Image
@@ -74,16 +93,47 @@ def decode_image(field: str, text: str, max_pixels: int) -> Any:
     except (binascii.Error, ValueError):
         raise ParameterError(field, "<not base64>", "a base64-encoded PNG, JPEG or WebP image") from None
     try:
-        with Image.open(io.BytesIO(raw)) as im:
-            if im.format not in ("PNG", "JPEG", "WEBP"):
-                raise ParameterError(field, f"<{im.format} image>", "a PNG, JPEG or WebP image")
-            if im.width * im.height > max_pixels:
-                raise ParameterError(field, f"<{im.width}x{im.height} image>", f"at most {max_pixels} pixels")
-            return im.convert("RGB")
-    except ParameterError:
-        raise
+        im = Image.open(io.BytesIO(raw))
     except Exception as e:  # noqa: BLE001 -- PIL raises several kinds for bad bytes
         raise ParameterError(field, "<undecodable image>", f"a PNG, JPEG or WebP image ({type(e).__name__})") from None
+    if im.format not in ("PNG", "JPEG", "WEBP"):
+        raise ParameterError(field, f"<{im.format} image>", "a PNG, JPEG or WebP image")
+    if im.width * im.height > max_pixels:
+        raise ParameterError(field, f"<{im.width}x{im.height} image>", f"at most {max_pixels} pixels")
+    return im
+
+
+def _decode(field: str, im: Any) -> Any:
+    try:
+        return im.convert("RGB")
+    except Exception as e:  # noqa: BLE001 -- a header that opened can still hide a corrupt stream
+        raise ParameterError(field, "<undecodable image>", f"a PNG, JPEG or WebP image ({type(e).__name__})") from None
+
+
+def decode_image(field: str, text: str, max_pixels: int) -> Any:
+    """A base64 (optionally a data: URL) PNG / JPEG / WebP -> RGB PIL image; ParameterError naming `field`."""
+    return _decode(field, _open_image(field, text, max_pixels))
+
+
+def decode_request_images(images: dict[str, str], init_image: str | None, max_pixels: int,
+                          max_request_pixels: int) -> tuple[dict[str, Any], Any]:
+    """The request's images, decoded one at a time after every header was checked: each image
+    within `max_pixels`, all of them together within `max_request_pixels` (so a body of many
+    small decompression bombs is refused before any of them is decoded)."""
+    texts = {f"images.{name}": text for name, text in images.items()}
+    if init_image is not None:
+        texts["init_image"] = init_image
+    opened: dict[str, Any] = {}
+    total = 0
+    for field, text in texts.items():
+        opened[field] = im = _open_image(field, text, max_pixels)
+        total += im.width * im.height
+        if total > max_request_pixels:
+            raise ParameterError(field, f"<{im.width}x{im.height} image>",
+                                 f"images of at most {max_request_pixels} pixels in all per request")
+    decoded = {field: _decode(field, opened.pop(field)) for field in list(opened)}
+    init = decoded.pop("init_image", None)
+    return {field.partition(".")[2]: im for field, im in decoded.items()}, init
 
 
 def _png(image: Any) -> bytes:
@@ -143,7 +193,11 @@ def create_app(service: Service, shutdown_on_exit: bool = True) -> Any:
     def metrics():
         return Response(service.metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.post("/v1/generate")
+    # The handler reads the raw body itself (size limit while streaming, one error format), so
+    # FastAPI cannot infer the body's schema: it is declared here for /openapi.json.
+    body_doc = {"required": True, "content": {"application/json": {"schema": GenerateRequest.model_json_schema()}}}
+
+    @app.post("/v1/generate", openapi_extra={"requestBody": body_doc})
     async def generate(request: Request):
         limit = service.limits.max_body_bytes
         declared = request.headers.get("content-length")
@@ -158,6 +212,8 @@ def create_app(service: Service, shutdown_on_exit: bool = True) -> Any:
                 return error(413, f"request body over {limit} bytes", "body")
         try:
             data = json.loads(body)
+        except RecursionError:
+            return invalid("body", f"JSON nested deeper than Python can read ({sys.getrecursionlimit()} levels)")
         except ValueError as e:
             return invalid("body", f"not JSON: {e}")
         if not isinstance(data, dict):
@@ -172,12 +228,11 @@ def create_app(service: Service, shutdown_on_exit: bool = True) -> Any:
         params = GenerationParams(**fields, output_type="pil")
         if req.timeout_s is not None and not (math.isfinite(req.timeout_s) and req.timeout_s > 0):
             return invalid("timeout_s", f"invalid timeout_s={req.timeout_s!r}: a positive number of seconds")
-        pixels = service.limits.max_image_pixels
+        lim = service.limits
         try:
-            images = {name: await asyncio.to_thread(decode_image, f"images.{name}", text, pixels)
-                      for name, text in req.images.items()}
-            init_image = (None if req.init_image is None else
-                          await asyncio.to_thread(decode_image, "init_image", req.init_image, pixels))
+            service.check_plugins(req.plugins, list(req.images))  # names first: no image of an unknown plugin is read
+            images, init_image = await asyncio.to_thread(decode_request_images, req.images, req.init_image,
+                                                         lim.max_image_pixels, lim.max_request_pixels)
         except ParameterError as e:
             return invalid(e.name, str(e))
         try:

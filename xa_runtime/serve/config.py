@@ -52,6 +52,7 @@ class Limits:
     deadline_s: float = 300.0      # queue + run, per request; past it the run stops between steps -> 504
     max_body_bytes: int = 16 << 20     # JSON with base64 images
     max_image_pixels: int = 4096 * 4096  # per image sent in a request (decoded size)
+    max_request_pixels: int = 4 * 4096 * 4096  # all images of one request together, checked before decoding
     max_prompt_chars: int = 2000
     max_steps: int = 150
     max_side: int = 2048           # SDXL height/width in pixels

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import random
 import re
 import threading
 import time
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..errors import ParameterError
-from ..pipeline.params import GenerationParams, SizeRules, validate
+from ..pipeline.params import MAX_SEED, GenerationParams, SizeRules, validate
 from .config import IMAGE_KINDS, Limits, PluginSpec, ServeConfig
 
 log = logging.getLogger("xa_runtime.serve")
@@ -192,6 +193,20 @@ class Service:
         if isinstance(batch, int) and n * batch > lim.max_batch:
             raise ParameterError("num_images_per_prompt", batch,
                                  f"at most {lim.max_batch} images per request ({n} prompts x {batch})")
+        images = images or {}
+        self.check_plugins(plugins, list(images))
+        for name in plugins:
+            if name in self.needs_image and name not in images:
+                raise ParameterError(f"images.{name}", None, f"an image: plugin {name} has no configured image")
+        if init_image is None and params.strength != 1.0:
+            raise ParameterError("init_image", None, f"an image: strength={params.strength} needs one")
+        if params.seed is None:  # drawn here, not by the pipeline, so that the response can name it
+            params = replace(params, seed=random.SystemRandom().randrange(MAX_SEED + 1))
+        return validate(params, self.rules)
+
+    def check_plugins(self, plugins: list[str], image_names: list[str]) -> None:
+        """The plugin names of a request, and the names its images are sent under (cheap: no
+        image is decoded); ParameterError naming the field."""
         for name in plugins:
             if not isinstance(name, str) or not PLUGIN_NAME.match(name) or ".." in name:
                 raise ParameterError("plugins", name, "a configured plugin name (never a path)")
@@ -203,18 +218,11 @@ class Service:
         ip = [n for n in plugins if _kind(self.plugins[n]) == "ip_adapter"]
         if len(ip) > 1:
             raise ParameterError("plugins", plugins, f"at most one IP-Adapter per request (got {', '.join(ip)})")
-        images = images or {}
-        for name in images:
+        for name in image_names:
             if name not in plugins or not self.takes_image(name):
                 takers = ", ".join(n for n in plugins if self.takes_image(n)) or "none in this request"
                 raise ParameterError(f"images.{name}", "<image>",
                                      f"an image for a plugin named in this request that takes one: {takers}")
-        for name in plugins:
-            if name in self.needs_image and name not in images:
-                raise ParameterError(f"images.{name}", None, f"an image: plugin {name} has no configured image")
-        if init_image is None and params.strength != 1.0:
-            raise ParameterError("init_image", None, f"an image: strength={params.strength} needs one")
-        return validate(params, self.rules)
 
     def submit(self, params: GenerationParams, plugins: list[str] = (), timeout_s: float | None = None,
                images: dict[str, Any] | None = None, init_image: Any = None) -> Ticket:
