@@ -569,3 +569,23 @@ def test_readme_config_example_parses():
 
     assert not cfg.tiny and set(cfg.plugins) == {"anime", "edges", "face"} and cfg.limits == Limits()
     assert cfg.ray == RayOptions() and cfg.plugins["face"].image is None
+
+
+def test_two_configured_loras_of_one_branch_start_and_switch(tmp_path):
+    from xa_runtime.pipeline import XAdapterPipeline
+    from xa_runtime.plugins.lora_testing import write_random_lora
+    from xa_runtime.serve.config import PluginSpec
+
+    pipe = XAdapterPipeline.from_tiny(progress=False)  # the server's tiny models: same shapes
+    specs = {name: PluginSpec(name, "lora", str(write_random_lora(tmp_path / f"{name}.safetensors", pipe.sd15.unet,
+                                                                  pipe.sd15.text_encoder, std=0.5, seed=k)), 1.0)
+             for k, name in enumerate(("anime", "ink"))}
+    service = build_service(ServeConfig(plugins=specs), warm=False).start()  # exited at start before
+    with TestClient(create_app(service)) as client:
+        def png(plugins):
+            r = client.post("/v1/generate", json={**FAST, "plugins": plugins}, headers={"Accept": "image/png"})
+            assert r.status_code == 200, r.text
+            return r.content
+
+        plain, anime, ink, both = png([]), png(["anime"]), png(["ink"]), png(["anime", "ink"])
+        assert len({plain, anime, ink, both}) == 4 and png([]) == plain

@@ -393,7 +393,9 @@ def load_plugins(specs: dict[str, PluginSpec], pipe: Any) -> dict[str, Any]:
     for name, s in specs.items():
         if s.kind in ("lora", "sdxl_lora"):
             branch = pipe.sd15 if s.kind == "lora" else pipe.sdxl
-            manager = managers.setdefault(s.kind, LoraManager.for_branch(branch, "unfused"))
+            if s.kind not in managers:  # one manager per branch, made once (a model takes one)
+                managers[s.kind] = LoraManager.for_branch(branch, "unfused")
+            manager = managers[s.kind]
             manager.add(name, load_lora(s.path), 0.0)
             out[name] = ("lora", manager, name, s.scale)
             continue
