@@ -142,3 +142,27 @@ def test_a_request_without_a_seed_gets_a_drawn_one_and_is_told(client):
     assert len(seeds) == 3  # drawn, not a fixed default
     r = client.post("/v1/generate", json={**FAST, "seed": 5}, headers={"Accept": "image/png"})
     assert r.headers["x-seed"] == "5"
+
+
+class AllocFails(StubPipe):
+    """Holds a large tensor in its frame, then fails the way torch's CPU allocator does."""
+
+    held = None
+
+    def generate(self, params, plugins=(), step_callback=None, init_image=None):
+        import weakref
+
+        import torch
+
+        block = torch.ones(1 << 22)  # 16 MB, referenced only from this frame (and its traceback)
+        AllocFails.held = weakref.ref(block)
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 21474836480 bytes. Error code 12 (Cannot allocate memory)")
+
+
+def test_cpu_out_of_memory_is_503_and_the_request_memory_is_released():
+    service = Service(AllocFails(), Limits(retry_after_s=4)).start()
+    with TestClient(create_app(service)) as c:
+        r = c.post("/v1/generate", json=FAST)
+        assert r.status_code == 503 and r.headers["retry-after"] == "4" and "out of device memory" in r.json()["error"]
+        assert AllocFails.held() is None  # not kept alive by the failed request's traceback

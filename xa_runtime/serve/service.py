@@ -16,6 +16,7 @@ import random
 import re
 import threading
 import time
+import traceback
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -303,9 +304,15 @@ class Service:
             m.requests.labels("invalid").inc()
             job.future.set_exception(e)
         except Exception as e:  # noqa: BLE001 -- reported as 500 (503 out of memory); the worker keeps serving
-            log.exception("generation failed")
+            # formatted here: a log record holding exc_info would keep the frames alive too
+            log.error("generation failed\n%s", traceback.format_exc().rstrip())
             m.requests.labels("error").inc()
+            # The traceback's frames hold the request's tensors; the future keeps the exception
+            # until the client has read it, so without this nothing below could be freed.
+            e.__traceback__ = None
+            e.__context__ = e.__cause__ = None
             job.future.set_exception(e)
+            del e
             _free_device_memory()
         else:
             for stage, seconds in getattr(out, "timings", {}).items():
@@ -342,9 +349,17 @@ def _kind(plugin: Any) -> str:
     return plugin[0] if isinstance(plugin, tuple) else "step"
 
 
+# torch's CPU allocator reports a failed allocation as a plain RuntimeError with this text
+_CPU_OOM = re.compile(r"DefaultCPUAllocator: (can't allocate memory|not enough memory)")
+
+
 def is_out_of_memory(error: BaseException) -> bool:
-    """torch's CUDA (and other devices') out-of-memory error, without importing torch here."""
-    return any(t.__name__ == "OutOfMemoryError" for t in type(error).__mro__)
+    """torch's CUDA (and other devices') out-of-memory error, or the CPU allocator's, without
+    importing torch here."""
+    if any(t.__name__ == "OutOfMemoryError" for t in type(error).__mro__):
+        return True
+    return isinstance(error, (RuntimeError, MemoryError)) and (
+        isinstance(error, MemoryError) or bool(_CPU_OOM.search(str(error))))
 
 
 def _free_device_memory() -> None:
