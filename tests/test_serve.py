@@ -557,6 +557,50 @@ def test_xa_serve_process_serves_and_exits_0_on_sigterm(tmp_path):
             proc.wait()
 
 
+def _in_flight(url):
+    import httpx
+
+    return 'xa_in_flight 1.0' in httpx.get(f"{url}/metrics", timeout=5).text
+
+
+@pytest.mark.parametrize("shutdown_timeout_s, in_flight_status", [(60, 200), (1, 503)])
+def test_sigterm_drains(tmp_path, shutdown_timeout_s, in_flight_status):
+    """SIGTERM mid-request: the port stays open while draining (/readyz and new requests 503
+    with Retry-After); the running request finishes (200) or, past shutdown_timeout_s, is
+    stopped between steps (503, not a bare 500); exit 0 and no traceback in the log."""
+    import os
+    import signal
+
+    import httpx
+
+    config = tmp_path / "serve.toml"
+    config.write_text(f"[limits]\nshutdown_timeout_s = {shutdown_timeout_s}\nretry_after_s = 2\nmax_steps = 1000\n")
+    proc, url = serve_process("--config", str(config), env={**os.environ, "OMP_NUM_THREADS": "1"}, ready_s=60)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            steps = 40 if in_flight_status == 200 else 1000
+            slow = pool.submit(httpx.post, f"{url}/v1/generate", json={**FAST, "num_inference_steps": steps}, timeout=120)
+            deadline = time.monotonic() + 30
+            while not _in_flight(url):
+                assert time.monotonic() < deadline and not slow.done(), "the request never started"
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            ready = httpx.get(f"{url}/readyz", timeout=5)
+            assert ready.status_code == 503 and ready.headers["retry-after"] == "2"
+            refused = httpx.post(f"{url}/v1/generate", json=FAST, timeout=5)
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "2"
+            assert not slow.done()  # all of that while the request still ran
+            r = slow.result()
+        assert r.status_code == in_flight_status, r.text
+        assert proc.wait(30) == 0
+        log = proc.stdout.read().decode()
+        assert "Traceback" not in log and "CancelledError" not in log, log[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_readme_config_example_parses():
     from pathlib import Path
 

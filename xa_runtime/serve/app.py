@@ -187,7 +187,8 @@ def create_app(service: Service, shutdown_on_exit: bool = True) -> Any:
     def readyz():
         if service.ready:
             return {"status": "ready"}
-        return error(503, "not ready: models loading or warming up, or shutting down")
+        return error(503, "not ready: models loading or warming up, or shutting down",
+                     headers={"Retry-After": str(service.limits.retry_after_s)})
 
     @app.get("/metrics")
     def metrics():
@@ -242,7 +243,7 @@ def create_app(service: Service, shutdown_on_exit: bool = True) -> Any:
         except QueueFull as e:
             return error(429, str(e), headers={"Retry-After": str(e.retry_after)})
         except Unavailable as e:
-            return error(503, str(e))
+            return error(503, str(e), headers={"Retry-After": str(service.limits.retry_after_s)})
         try:
             out = await _wait_or_abandon(ticket, request)
         except Cancelled as e:  # the client is gone: nobody reads this response
@@ -252,7 +253,7 @@ def create_app(service: Service, shutdown_on_exit: bool = True) -> Any:
         except DeadlineExceeded as e:
             return error(504, f"deadline exceeded: {e}")
         except Unavailable as e:
-            return error(503, str(e))
+            return error(503, str(e), headers={"Retry-After": str(service.limits.retry_after_s)})
         except Exception as e:  # noqa: BLE001 -- the worker logged it and keeps serving
             if is_out_of_memory(e):
                 return error(503, f"out of device memory for this request (freed; retry, or ask less): {e}",

@@ -1,8 +1,9 @@
 """`xa-serve [--config FILE] [--host 127.0.0.1] [--port 8000] [--ray]`: serve X-Adapter over HTTP.
 
 Without --config the built-in tiny random models are served (noise-like images). Models and
-plugins are loaded and warmed before the port opens; SIGINT/SIGTERM stop accepting, let the
-request in flight (and those queued) finish within limits.shutdown_timeout_s, and exit 0.
+plugins are loaded and warmed before the port opens; SIGINT/SIGTERM drain: /readyz and new
+requests answer 503, the request in flight (and those queued) finish within
+limits.shutdown_timeout_s (then the running one is stopped between steps: 503), exit 0.
 --ray serves the same API from Ray Serve replicas (one per GPU; the config's [ray] table).
 """
 
@@ -12,6 +13,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from .config import ConfigError, load_config
 
@@ -45,8 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     service = build_service(cfg).start()
     app = create_app(service)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=int(cfg.limits.shutdown_timeout_s))
-    _server_class()(config).run()
+                            timeout_graceful_shutdown=5)  # after the drain: only responses left to write
+    _server_class()(config, service).run()
     return 0
 
 
@@ -61,20 +63,42 @@ def _serve_on_ray(cfg, host: str, port: int) -> int:
 
 
 def _server_class() -> type:
+    import threading
+
     import uvicorn
 
     class Server(uvicorn.Server):
-        """uvicorn >= 0.29 re-raises SIGINT/SIGTERM after its graceful shutdown (exit -15); a
-        finished graceful shutdown is a clean exit here, so the signal is not re-raised."""
+        """Drains before it stops. On SIGINT/SIGTERM the port stays open while the service
+        stops accepting (/readyz and new requests answer 503 with Retry-After), finishes what it
+        was given within limits.shutdown_timeout_s (then stops the running request between
+        steps: 503), and only then does uvicorn shut down; a second signal exits at once.
+        uvicorn >= 0.29 re-raises the signal after a graceful shutdown (exit -15); a finished
+        drain is a clean exit here, so the signal is not re-raised."""
+
+        def __init__(self, config: uvicorn.Config, service: Any):
+            super().__init__(config)
+            self.service = service
+            self._drain: threading.Thread | None = None
 
         def handle_exit(self, sig, frame):  # noqa: ANN001
+            if self._drain is None:
+                self._drain = threading.Thread(target=self._drain_then_exit, args=(sig, frame), name="xa-serve-drain",
+                                               daemon=True)
+                self._drain.start()
+            else:
+                self._exit(sig, frame)
+
+        def _drain_then_exit(self, sig, frame) -> None:  # noqa: ANN001
+            self.service.shutdown()
+            self._exit(sig, frame)
+
+        def _exit(self, sig, frame) -> None:  # noqa: ANN001
             super().handle_exit(sig, frame)
             captured = getattr(self, "_captured_signals", None)
             if isinstance(captured, list):
                 captured.clear()
 
     return Server
-
 
 
 if __name__ == "__main__":
