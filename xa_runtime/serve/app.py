@@ -6,6 +6,9 @@ POST /v1/generate  JSON body with the pipeline's parameter names (+ plugins, ima
                    the parameters used and seconds per stage (queue included). A client
                    that disconnects abandons its request (dropped from the queue, or
                    stopped at the next denoising step).
+GET /              the playground: a page to try the server from a browser (no external assets)
+GET /v1/plugins    the configured plugins: name, kind, scale, whether they take / need an image
+GET /docs, /redoc  the API docs (Swagger UI, ReDoc) from packaged assets, offline; /openapi.json
 GET /healthz       200 while the process serves
 GET /readyz        200 when the models are loaded and warm and requests are accepted; else 503
 GET /metrics       Prometheus text
@@ -21,6 +24,7 @@ import io
 import json
 import math
 import sys
+from pathlib import Path
 from typing import Any
 
 from ..errors import ParameterError
@@ -28,6 +32,7 @@ from ..pipeline.params import GenerationParams
 from .service import Cancelled, DeadlineExceeded, QueueFull, Service, Ticket, Unavailable, is_out_of_memory
 
 DISCONNECT_POLL_S = 0.1
+PLAYGROUND = Path(__file__).with_name("static") / "playground.html"
 
 
 def _request_model() -> Any:
@@ -154,8 +159,9 @@ def _jsonable(value: Any) -> Any:
 
 def create_app(service: Service, shutdown_on_exit: bool = True) -> Any:
     """A FastAPI app serving `service` (already started); its shutdown shuts the service down."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, Response
+    from fastapi import Request
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from fastapi_offline import FastAPIOffline  # /docs and /redoc from packaged assets, no CDN
     from pydantic import ValidationError
 
     GenerateRequest = _request_model()
@@ -166,7 +172,7 @@ def create_app(service: Service, shutdown_on_exit: bool = True) -> Any:
         if shutdown_on_exit:
             await asyncio.to_thread(service.shutdown)
 
-    app = FastAPI(title="xa-serve", lifespan=lifespan)
+    app = FastAPIOffline(title="xa-serve", lifespan=lifespan)
     app.state.service = service
 
     def error(status: int, message: str, field: str | None = None, headers: dict[str, str] | None = None):
@@ -178,6 +184,14 @@ def create_app(service: Service, shutdown_on_exit: bool = True) -> Any:
     def invalid(field: str, message: str):
         service.metrics.requests.labels("invalid").inc()
         return error(422, message, field)
+
+    @app.get("/", response_class=HTMLResponse)
+    def playground():
+        return HTMLResponse(PLAYGROUND.read_text(encoding="utf-8"))
+
+    @app.get("/v1/plugins")
+    def plugins():
+        return {"plugins": service.describe_plugins()}
 
     @app.get("/healthz")
     def healthz():

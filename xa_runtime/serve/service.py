@@ -112,9 +112,11 @@ class Service:
     """
 
     def __init__(self, pipeline: Any, limits: Limits = Limits(), plugins: dict[str, Any] | None = None,
-                 warmup: GenerationParams | None = None, needs_image: Any = ()):
+                 warmup: GenerationParams | None = None, needs_image: Any = (),
+                 specs: dict[str, PluginSpec] | None = None):
         self.pipeline, self.limits, self.plugins = pipeline, limits, dict(plugins or {})
         self.needs_image = set(needs_image)
+        self.specs = dict(specs or {})  # the config's plugin entries, for describe_plugins
         self.rules: SizeRules = getattr(pipeline, "size_rules", SizeRules())
         self.metrics = Metrics()
         self._queue: queue.Queue[Job] = queue.Queue(maxsize=limits.queue_size)
@@ -168,6 +170,17 @@ class Service:
         self.metrics.queue_depth.set(0)
 
     # ------------------------------------------------------------------ requests
+    def describe_plugins(self) -> list[dict[str, Any]]:
+        """What a client may name in `plugins`: name, kind, configured scale (None when the
+        config did not say), whether it takes a per-request image and whether it needs one."""
+        out = []
+        for name in sorted(self.plugins):
+            spec = self.specs.get(name)
+            out.append({"name": name, "kind": spec.kind if spec else _kind(self.plugins[name]),
+                        "scale": spec.scale if spec else None, "takes_image": self.takes_image(name),
+                        "needs_image": name in self.needs_image})
+        return out
+
     def takes_image(self, name: str) -> bool:
         plugin = self.plugins.get(name)
         return _kind(plugin) == "ip_adapter" or _kind(plugin) == "step" and hasattr(plugin, "with_image")
@@ -393,7 +406,8 @@ def build_service(cfg: ServeConfig, warm: bool = True) -> Service:
                               height=rules.sdxl_multiple, width=rules.sdxl_multiple,
                               height_sd15=rules.sd15_multiple, width_sd15=rules.sd15_multiple, seed=0)
     needs_image = [n for n, s in cfg.plugins.items() if s.kind in IMAGE_KINDS and s.image is None]
-    return Service(pipe, cfg.limits, plugins, warmup=replace(warmup) if warm else None, needs_image=needs_image)
+    return Service(pipe, cfg.limits, plugins, warmup=replace(warmup) if warm else None, needs_image=needs_image,
+                   specs=cfg.plugins)
 
 
 def load_plugins(specs: dict[str, PluginSpec], pipe: Any) -> dict[str, Any]:

@@ -1,0 +1,75 @@
+"""xa-serve's playground page in a real headless browser (Debian's chromium driven by
+Playwright) against a live `xa-serve` process on the tiny models: the page lists the
+configured plugins, generates an image from the form, shows its parameters, and shows the
+server's message for a bad value; /docs renders offline (the browser reaches nothing but
+loopback here). Skips with the reason where chromium or playwright is missing (.ci/run
+installs both)."""
+
+import os
+import shutil
+
+import pytest
+
+pytest.importorskip("fastapi")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+if CHROMIUM is None:
+    pytest.skip("no chromium on PATH (Debian: apt-get install chromium; .ci/run installs it)", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (the [test] extra has it)")
+
+from test_serve import serve_process  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from xa_runtime.pipeline import XAdapterPipeline
+    from xa_runtime.plugins.lora_testing import write_random_lora
+
+    folder = tmp_path_factory.mktemp("playground")
+    pipe = XAdapterPipeline.from_tiny(progress=False)
+    lora = write_random_lora(folder / "anime.safetensors", pipe.sd15.unet, pipe.sd15.text_encoder, std=0.5)
+    config = folder / "serve.toml"
+    config.write_text(f'[plugins.anime]\nkind = "lora"\npath = "{lora}"\nscale = 0.8\n')
+    proc, url = serve_process("--config", str(config), env={**os.environ, "OMP_NUM_THREADS": "1"}, ready_s=90)
+    yield url
+    proc.terminate()
+    proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def page():
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            yield browser.new_page()
+        finally:
+            browser.close()
+
+
+def test_playground_generates_and_shows_errors(server, page):
+    page.goto(server + "/")
+    page.wait_for_selector("input[name=plugin][value=anime]")
+    assert "anime (lora, scale 0.8)" in page.inner_text("#plugins")
+    page.fill("#prompt", "a lighthouse")
+    page.fill("#num_inference_steps", "4")
+    page.fill("#adapter_guidance_start", "0.5")
+    page.fill("#seed", "7")
+    page.check("input[name=plugin][value=anime]")
+    page.click("#generate")
+    image = page.wait_for_selector("#result img", timeout=120_000)
+    assert page.evaluate("(img) => img.complete && img.naturalWidth > 0", image)
+    shown = page.inner_text("#params")
+    assert '"seed": 7' in shown and '"prompt": "a lighthouse"' in shown and '"anime"' in shown
+    assert page.inner_text("#error") == ""
+
+    page.fill("#num_inference_steps", "0")  # the server refuses it and the page says why
+    page.click("#generate")
+    page.wait_for_function("document.getElementById('error').textContent.length > 0", timeout=30_000)
+    error = page.inner_text("#error")
+    assert error.startswith("422") and "num_inference_steps" in error
+
+
+def test_api_docs_render_offline(server, page):
+    page.goto(server + "/docs")
+    title = page.wait_for_selector(".swagger-ui .info .title", timeout=30_000)
+    assert "xa-serve" in title.inner_text()
+    page.get_by_text("/v1/generate", exact=True).first.wait_for(timeout=10_000)
