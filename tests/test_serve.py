@@ -546,7 +546,10 @@ def test_xa_serve_process_serves_and_exits_0_on_sigterm(tmp_path):
         assert r.status_code == 200 and r.content.startswith(b"\x89PNG")
         with ThreadPoolExecutor(1) as pool:  # SIGTERM while a request runs: it still gets its image
             slow = pool.submit(httpx.post, f"{url}/v1/generate", json={**FAST, "num_inference_steps": 8}, timeout=60)
-            time.sleep(0.5)
+            deadline = time.monotonic() + 30
+            while not _in_flight(url) and not slow.done():  # on a busy machine 0.5 s may not reach the worker
+                assert time.monotonic() < deadline, "the request never started"
+                time.sleep(0.02)
             proc.send_signal(signal.SIGTERM)
             r = slow.result()
         assert r.status_code == 200 and len(r.json()["images"]) == 1

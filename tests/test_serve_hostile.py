@@ -79,15 +79,16 @@ def test_lone_surrogate_is_422_naming_the_field(client, field):
 
 @pytest.mark.parametrize("field, value", [
     ("num_inference_steps", True), ("seed", False), ("num_images_per_prompt", True), ("guidance_scale", True),
-    ("num_inference_steps", 2.0), ("prompt", 5),
+    ("num_inference_steps", 2.5), ("prompt", 5), ("num_inference_steps", "2"),
 ])
 def test_no_type_coercion(client, field, value):
     r = client.post("/v1/generate", json={**FAST, field: value})
     assert r.status_code == 422 and r.json()["field"] == field, r.text
 
 
-def test_integer_for_a_float_field_is_accepted(client):
+def test_integer_for_a_float_field_and_integral_float_for_an_integer_field_are_accepted(client):
     assert client.post("/v1/generate", json={**FAST, "guidance_scale": 7}).status_code == 200
+    assert client.post("/v1/generate", json={**FAST, "num_inference_steps": 2.0}).status_code == 200  # JSON Schema: an integer
 
 
 def test_images_of_unknown_plugins_are_refused_unread(client, image_reads):

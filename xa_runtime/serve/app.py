@@ -25,45 +25,68 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from ..errors import ParameterError
-from ..pipeline.params import GenerationParams
+from ..pipeline.params import MAX_SD15_SIDE, MAX_SDXL_SIDE, MAX_SEED, MAX_STEPS, GenerationParams, SizeRules
+from ..pipeline.schedulers import SCHEDULERS
+from .config import Limits
 from .service import Cancelled, DeadlineExceeded, QueueFull, Service, Ticket, Unavailable, is_out_of_memory
 
 DISCONNECT_POLL_S = 0.1
 PLAYGROUND = Path(__file__).with_name("static") / "playground.html"
 
 
-def _request_model() -> Any:
+def _request_model(limits: Limits = Limits(), rules: SizeRules = SizeRules(), plugin_names: Sequence[str] = (),
+                   image_names: Sequence[str] = ()) -> Any:
+    """The request body's pydantic model. Validation beyond types stays with GenerationParams'
+    validate() and the service (their errors name the field and the accepted range); the ranges
+    are also written into the JSON schema (`doc`) so that /openapi.json tells clients and
+    fuzzers what is accepted on this server."""
     from pydantic import BaseModel, ConfigDict, Field, field_validator
 
     d = GenerationParams(prompt="")
+
+    def doc(default: Any = None, **schema: Any) -> Any:
+        return Field(default=default, json_schema_extra=schema)
+
+    texts = {"maxLength": limits.max_prompt_chars}
+    sdxl = {"multipleOf": rules.sdxl_multiple, "minimum": rules.sdxl_multiple, "maximum": min(limits.max_side, MAX_SDXL_SIDE)}
+    sd15 = {"multipleOf": rules.sd15_multiple, "minimum": rules.sd15_multiple, "maximum": MAX_SD15_SIDE}
 
     class GenerateRequest(BaseModel):
         # strict: JSON true is not an integer (lax mode would run 1 step for "num_inference_steps": true)
         model_config = ConfigDict(extra="forbid", strict=True)
 
-        prompt: str | list[str]
-        prompt_sd15: str | list[str] | None = None
-        negative_prompt: str | list[str] | None = None
-        num_inference_steps: int = d.num_inference_steps
-        guidance_scale: float = d.guidance_scale
-        adapter_guidance_start: float = d.adapter_guidance_start
-        adapter_condition_scale: float = d.adapter_condition_scale
-        fusion_guidance_scale: float | None = None
-        height: int | None = None
-        width: int | None = None
-        height_sd15: int | None = None
-        width_sd15: int | None = None
-        scheduler: str = d.scheduler
-        strength: float = d.strength
-        seed: int | None = None  # None: the pipeline draws one, returned in X-Seed and "parameters"
-        num_images_per_prompt: int = d.num_images_per_prompt
-        plugins: list[str] = Field(default_factory=list)
-        images: dict[str, str] = Field(default_factory=dict)  # plugin name -> base64 image
+        prompt: str | list[str] = doc(..., **texts)
+        prompt_sd15: str | list[str] | None = doc(None, **texts)
+        negative_prompt: str | list[str] | None = doc(None, **texts)
+        num_inference_steps: int = doc(d.num_inference_steps, minimum=1, maximum=min(limits.max_steps, MAX_STEPS))
+        guidance_scale: float = doc(d.guidance_scale, minimum=0, maximum=100)
+        adapter_guidance_start: float = doc(d.adapter_guidance_start, exclusiveMinimum=0, maximum=1)
+        adapter_condition_scale: float = doc(d.adapter_condition_scale, minimum=0, maximum=10)
+        fusion_guidance_scale: float | None = doc(None, minimum=0, maximum=1)
+        height: int | None = doc(None, **sdxl)
+        width: int | None = doc(None, **sdxl)
+        height_sd15: int | None = doc(None, **sd15)
+        width_sd15: int | None = doc(None, **sd15)
+        scheduler: str = doc(d.scheduler, enum=list(SCHEDULERS))
+        strength: float = doc(d.strength, exclusiveMinimum=0, maximum=1)
+        seed: int | None = doc(None, minimum=0, maximum=MAX_SEED)  # None: drawn, returned in X-Seed and "parameters"
+        num_images_per_prompt: int = doc(d.num_images_per_prompt, minimum=1, maximum=limits.max_batch)
+        plugins: list[str] = Field(default_factory=list, json_schema_extra={"items": {"enum": list(plugin_names)},
+                                                                            "uniqueItems": True})
+        # plugin name -> base64 image, for the plugins that take one
+        images: dict[str, str] = Field(default_factory=dict, json_schema_extra={"propertyNames": {"enum": list(image_names)}})
         init_image: str | None = None  # base64; img2img with strength < 1
-        timeout_s: float | None = None
+        timeout_s: float | None = doc(None, exclusiveMinimum=0)
+
+        @field_validator("num_inference_steps", "height", "width", "height_sd15", "width_sd15", "seed",
+                         "num_images_per_prompt", mode="before")
+        @classmethod
+        def _integral(cls, value: Any) -> Any:
+            # JSON Schema counts 2.0 as an integer; strict mode alone would refuse it (true stays refused)
+            return int(value) if isinstance(value, float) and value.is_integer() else value
 
         @field_validator("prompt", "prompt_sd15", "negative_prompt", "scheduler")
         @classmethod
@@ -79,9 +102,10 @@ def _request_model() -> Any:
     return GenerateRequest
 
 
-def request_schema() -> dict[str, Any]:
+def request_schema(limits: Limits = Limits(), rules: SizeRules = SizeRules(), plugin_names: Sequence[str] = (),
+                   image_names: Sequence[str] = ()) -> dict[str, Any]:
     """The JSON schema of POST /v1/generate's body (for /openapi.json and generated clients)."""
-    return _request_model().model_json_schema()
+    return _request_model(limits, rules, plugin_names, image_names).model_json_schema()
 
 
 def _open_image(field: str, text: str, max_pixels: int) -> Any:
@@ -164,7 +188,8 @@ def create_app(service: Service, shutdown_on_exit: bool = True) -> Any:
     from fastapi_offline import FastAPIOffline  # /docs and /redoc from packaged assets, no CDN
     from pydantic import ValidationError
 
-    GenerateRequest = _request_model()
+    names = sorted(service.plugins)
+    GenerateRequest = _request_model(service.limits, service.rules, names, [n for n in names if service.takes_image(n)])
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any):
