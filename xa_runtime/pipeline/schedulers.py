@@ -53,6 +53,25 @@ def schedule_mismatch(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     return [k for k in SCHEDULE_FIELDS if a.get(k) != b.get(k)]
 
 
+def stage2_schedulers(
+    name: str, sd15_config: dict[str, Any], sdxl_config: dict[str, Any], steps: int, k: int, device: torch.device
+) -> tuple[SchedulerMixin, SchedulerMixin]:
+    """Fresh stage-2 schedulers for SD1.5 and SDXL on SDXL's schedule, starting at index N - k.
+
+    Both come from SDXL's scheduler config (same timesteps by construction); SD1.5's
+    keeps its own prediction type.
+    """
+    cfg15 = {"prediction_type": sd15_config.get("prediction_type", "epsilon")}
+    out = []
+    for overrides in (cfg15, {}):
+        s = make_scheduler(name, sdxl_config, **overrides)
+        s.set_timesteps(steps, device=device)
+        if hasattr(s, "set_begin_index"):
+            s.set_begin_index((steps - k) * s.order)
+        out.append(s)
+    return out[0], out[1]
+
+
 class StepCoefficients(NamedTuple):
     """One guided step as five numbers (fp32 math; p = 0 for first-order steps):
     eps = u + g*(c - u);  x0 = (x - sig*eps) * inv_alpha;  x' = a*x + b*x0 + p*x0_prev."""

@@ -33,7 +33,7 @@ from ..runtime.timing import StageTimer
 from .construction import XAdapterPipelineBase, vae_factor
 from .images import image_to_tensor
 from .params import GenerationParams, validate
-from .schedulers import Sampler, make_scheduler
+from .schedulers import Sampler, make_scheduler, stage2_schedulers
 from .text import encode_sd15, encode_sdxl, sdxl_time_ids
 
 StepCallback = Callable[[str, int, int], None]  # (stage name, step index, steps in stage)
@@ -54,6 +54,21 @@ class XAdapterOutput:
     timings: dict[str, float] = field(default_factory=dict)
     overheads: dict[str, float] = field(default_factory=dict)
     peak_memory: int | None = None
+
+
+@dataclass
+class _Request:
+    """One request as stage 1 and the hand-over see it."""
+
+    p: GenerationParams
+    generator: torch.Generator
+    cfg: bool
+    guidance: float | None
+    emb15: torch.Tensor
+    unet_kwargs: Callable[[str, int, int, torch.Tensor, torch.Tensor], dict[str, Any]]
+    step_callback: StepCallback | None
+    shape15: tuple[int, ...]
+    shapexl: tuple[int, ...]
 
 
 @dataclass
@@ -121,12 +136,7 @@ class XAdapterPipeline(XAdapterPipelineBase):
         timer = StageTimer(self.device)
         dev, dt = self.device, self.dtype
         cfg = p.guidance_scale > 1.0
-        guidance = p.guidance_scale if cfg else None
         batch = len(p.prompts) * p.num_images_per_prompt
-
-        def noise(shape: tuple[int, ...]) -> torch.Tensor:
-            # Drawn on a CPU generator: the same seed gives the same noise on any device.
-            return torch.randn(shape, generator=generator, dtype=torch.float32).to(dev, dt)
 
         with timer.stage("text_encoders"), self.residency.use(
             self.sd15.text_encoder, self.sdxl.text_encoder, self.sdxl.text_encoder_2
@@ -146,49 +156,21 @@ class XAdapterPipeline(XAdapterPipelineBase):
             return merge_unet_kwargs([pl.unet_kwargs(ctx, StepInfo(stage, i, steps, t), x) for pl in plugins])
 
         f15, fxl = vae_factor(self.sd15.vae), vae_factor(self.sdxl.vae)
-        shape15 = (batch, self.sd15.unet.config.in_channels, p.height_sd15 // f15, p.width_sd15 // f15)
-        shapexl = (batch, self.sdxl.unet.config.in_channels, p.height // fxl, p.width // fxl)
-
-        with timer.stage("stage1"):  # SD1.5 alone over the whole schedule (or img2img from the init image)
-            sched1 = make_scheduler(p.scheduler, self.sd15.scheduler_config)
-            sched1.set_timesteps(p.num_inference_steps, device=dev)
-            if init_image is None:
-                steps1 = sched1.timesteps
-                lat15 = noise(shape15) * sched1.init_noise_sigma
-            else:  # img2img: start from the init image noised to the strength's timestep
-                n1 = int(p.num_inference_steps * p.strength)
-                start = (p.num_inference_steps - n1) * sched1.order
-                steps1 = sched1.timesteps[start:]
-                if hasattr(sched1, "set_begin_index"):
-                    sched1.set_begin_index(start)
-                pixels = image_to_tensor(init_image, p.height_sd15, p.width_sd15, batch, "init_image").to(dev, dt) * 2 - 1
-                with self.residency.use(self.sd15.vae):
-                    init15 = self._vae_sample(self.sd15.vae, pixels, generator).to(dt)
-                lat15 = sched1.add_noise(init15, noise(shape15), steps1[:1].repeat(batch))
-            sampler1 = self._sampler(sched1, generator)
-            for i, t in enumerate(tqdm(steps1, desc="stage 1 (SD1.5)", disable=not self.progress, leave=False)):
-                x = sampler1.scale_model_input(self._cfg_batch(lat15, cfg), t)
-                eps, *_ = self.executor.run("sd15", self._sd15_forward, (x, t, emb15, unet_kwargs("stage1", i, len(steps1), t, x)))
-                lat15 = sampler1.step(eps, t, lat15, guidance)
-                if step_callback:
-                    step_callback("stage1", i, len(steps1))
-
-        k = p.stage2_steps
+        r = _Request(
+            p=p, generator=generator, cfg=cfg, guidance=p.guidance_scale if cfg else None, emb15=emb15,
+            unet_kwargs=unet_kwargs, step_callback=step_callback,
+            shape15=(batch, self.sd15.unet.config.in_channels, p.height_sd15 // f15, p.width_sd15 // f15),
+            shapexl=(batch, self.sdxl.unet.config.in_channels, p.height // fxl, p.width // fxl),
+        )
+        with timer.stage("stage1"):
+            lat15 = self._stage1(r, init_image)
         with timer.stage("handover"), self.residency.use(self.sd15.vae, self.sdxl.vae):
-            sched15, schedxl = self._stage2_schedulers(p.scheduler, p.num_inference_steps, k)
-            t0 = schedxl.timesteps[-k:][:1].repeat(batch)
-            image = self.sd15.vae.decode(lat15 / self.sd15.vae.config.scaling_factor).sample
-            image = F.interpolate(image.float(), size=(p.height, p.width), mode="bicubic", antialias=True, align_corners=False)
-            image = image.clamp(-1.0, 1.0).to(self.vae_xl_dtype)
-            init_xl = self._vae_sample(self.sdxl.vae, image, generator)
-            latxl = schedxl.add_noise(init_xl.to(dt), noise(shapexl), t0)
-            lat15 = sched15.add_noise(lat15, noise(shape15), t0)
-
+            lat15, latxl, sched15, schedxl = self._handover(r, lat15)
         with timer.stage("stage2"):
             st = _Stage2(
-                timesteps=schedxl.timesteps[-k:], lat15=lat15, latxl=latxl,
+                timesteps=schedxl.timesteps[-p.stage2_steps:], lat15=lat15, latxl=latxl,
                 sampler15=self._sampler(sched15, generator), samplerxl=self._sampler(schedxl, generator),
-                emb15=emb15, embxl=embxl, xl_cond=xl_cond, guidance=guidance, cfg=cfg, latent_hw=shapexl[-2:],
+                emb15=emb15, embxl=embxl, xl_cond=xl_cond, guidance=r.guidance, cfg=cfg, latent_hw=r.shapexl[-2:],
                 unet_kwargs=unet_kwargs, step_callback=step_callback,
             )
             latxl = self._stage2(st, p)
@@ -221,6 +203,47 @@ class XAdapterPipeline(XAdapterPipelineBase):
         embxl, pooled = encode_sdxl(self.sdxl, p.prompts, negatives, repeat, cfg, dev)
         xl_cond = {"text_embeds": pooled.to(dt), "time_ids": sdxl_time_ids(p.height, p.width, embxl.shape[0], dt, dev)}
         return emb15, embxl.to(dt), xl_cond
+
+    def _stage1(self, r: _Request, init_image: Any) -> torch.Tensor:
+        """SD1.5 alone over the whole schedule (img2img: from the init image noised to the
+        strength's timestep). Returns SD1.5's final latents."""
+        p, batch = r.p, r.shape15[0]
+        sched = make_scheduler(p.scheduler, self.sd15.scheduler_config)
+        sched.set_timesteps(p.num_inference_steps, device=self.device)
+        if init_image is None:
+            steps = sched.timesteps
+            lat = self._noise(r, r.shape15) * sched.init_noise_sigma
+        else:
+            start = (p.num_inference_steps - int(p.num_inference_steps * p.strength)) * sched.order
+            steps = sched.timesteps[start:]
+            if hasattr(sched, "set_begin_index"):
+                sched.set_begin_index(start)
+            pixels = image_to_tensor(init_image, p.height_sd15, p.width_sd15, batch, "init_image")
+            with self.residency.use(self.sd15.vae):
+                init = self._vae_sample(self.sd15.vae, pixels.to(self.device, self.dtype) * 2 - 1, r.generator)
+            lat = sched.add_noise(init.to(self.dtype), self._noise(r, r.shape15), steps[:1].repeat(batch))
+        sampler = self._sampler(sched, r.generator)
+        for i, t in enumerate(tqdm(steps, desc="stage 1 (SD1.5)", disable=not self.progress, leave=False)):
+            x = sampler.scale_model_input(self._cfg_batch(lat, r.cfg), t)
+            eps, *_ = self.executor.run("sd15", self._sd15_forward, (x, t, r.emb15, r.unet_kwargs("stage1", i, len(steps), t, x)))
+            lat = sampler.step(eps, t, lat, r.guidance)
+            if r.step_callback:
+                r.step_callback("stage1", i, len(steps))
+        return lat
+
+    def _handover(self, r: _Request, lat15: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any, Any]:
+        """SD1.5 VAE decode -> resize -> SDXL VAE encode -> noise to t0, and SD1.5's latents
+        re-noised to t0, with fresh stage-2 schedulers: (lat15, latxl, sched15, schedxl)."""
+        p, k = r.p, r.p.stage2_steps
+        sched15, schedxl = stage2_schedulers(p.scheduler, self.sd15.scheduler_config, self.sdxl.scheduler_config,
+                                             p.num_inference_steps, k, self.device)
+        t0 = schedxl.timesteps[-k:][:1].repeat(r.shape15[0])
+        image = self.sd15.vae.decode(lat15 / self.sd15.vae.config.scaling_factor).sample
+        image = F.interpolate(image.float(), size=(p.height, p.width), mode="bicubic", antialias=True, align_corners=False)
+        init_xl = self._vae_sample(self.sdxl.vae, image.clamp(-1.0, 1.0).to(self.vae_xl_dtype), r.generator)
+        latxl = schedxl.add_noise(init_xl.to(self.dtype), self._noise(r, r.shapexl), t0)
+        lat15 = sched15.add_noise(lat15, self._noise(r, r.shape15), t0)
+        return lat15, latxl, sched15, schedxl
 
     def _stage2(self, st: _Stage2, p: GenerationParams) -> torch.Tensor:
         """k steps of both branches; the Stage2Scheduler decides the order on the device.
@@ -270,6 +293,10 @@ class XAdapterPipeline(XAdapterPipelineBase):
         return self.sdxl_branch(x, t, emb, cond, injections=injections).contiguous()
 
     # ------------------------------------------------------------------ pieces
+    def _noise(self, r: _Request, shape: tuple[int, ...]) -> torch.Tensor:
+        # Drawn on a CPU generator: the same seed gives the same noise on any device.
+        return torch.randn(shape, generator=r.generator, dtype=torch.float32).to(self.device, self.dtype)
+
     @staticmethod
     def _cfg_batch(latents: torch.Tensor, cfg: bool) -> torch.Tensor:
         return torch.cat([latents, latents]) if cfg else latents
@@ -277,22 +304,6 @@ class XAdapterPipeline(XAdapterPipelineBase):
     def _sampler(self, scheduler: Any, generator: torch.Generator) -> Sampler:
         """A prepared scheduler, stepped by the fused CFG + update kernel when the runtime hands one over."""
         return Sampler(scheduler, generator, guided_step=self.kernel_hooks.guided_step)
-
-    def _stage2_schedulers(self, name: str, steps: int, k: int) -> tuple[Any, Any]:
-        """Fresh stage-2 schedulers for SD1.5 and SDXL on SDXL's schedule, starting at index N - k.
-
-        Both come from SDXL's scheduler config (same timesteps by construction); SD1.5's
-        keeps its own prediction type.
-        """
-        cfg15 = {"prediction_type": self.sd15.scheduler_config.get("prediction_type", "epsilon")}
-        out = []
-        for overrides in (cfg15, {}):
-            s = make_scheduler(name, self.sdxl.scheduler_config, **overrides)
-            s.set_timesteps(steps, device=self.device)
-            if hasattr(s, "set_begin_index"):
-                s.set_begin_index((steps - k) * s.order)
-            out.append(s)
-        return out[0], out[1]
 
     def _injections(self, feats: tuple[torch.Tensor, ...], acs: float, fusion: float | None) -> list[Injection]:
         """One callable per SDXL injection site: mapping -> r -> h + acs*r (or the lerp), or
