@@ -37,7 +37,7 @@ from xa_runtime.models.components import build_random_components  # noqa: E402
 from xa_runtime.models.mapping import MappingConfig, MappingLayers  # noqa: E402
 from xa_runtime.pipeline import GenerationParams, XAdapterPipeline  # noqa: E402
 from xa_runtime.pipeline.params import validate  # noqa: E402
-from xa_runtime.pipeline.schedulers import Sampler, make_scheduler  # noqa: E402
+from xa_runtime.pipeline.schedulers import make_scheduler  # noqa: E402
 from xa_runtime.pipeline.text import encode_sdxl, sdxl_time_ids  # noqa: E402
 from xa_runtime.bench.report import write_atomic  # noqa: E402
 from xa_runtime.runtime import MIXED_LAYOUT, RuntimeConfig, StageTimer, peak_memory_bytes, reset_peak_memory  # noqa: E402
@@ -124,8 +124,7 @@ def sdxl_alone(pipe: XAdapterPipeline, p: GenerationParams) -> dict:
     with timer.stage("denoise"):
         sched = make_scheduler(p.scheduler, pipe.sdxl.scheduler_config)
         sched.set_timesteps(p.num_inference_steps, device=dev)
-        fused = pipe.runtime.kernels_active(dev)
-        sampler = Sampler(sched, gen, fused=fused, use_triton=fused)
+        sampler = pipe._sampler(sched, gen)  # the variant's sampler (fused kernel or diffusers)
         shape = (1, pipe.sdxl.unet.config.in_channels, p.height // 8, p.width // 8)
         lat = torch.randn(shape, generator=gen).to(dev, dt) * sched.init_noise_sigma
         for t in sched.timesteps:

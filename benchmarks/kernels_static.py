@@ -4,7 +4,7 @@ occupancy and waves that follow on a given GPU. Static figures: nothing runs.
 
 Every launch the pipeline makes (each layout and variant, every autotune config of the
 remap-inject kernel) goes through Triton's NVIDIA backend and the ptxas in the triton
-wheel, exactly as the JIT would compile it on that GPU (`xa_runtime.kernels.aot`).
+wheel, exactly as the JIT would compile it on that GPU (kernels_aot.py, beside this script).
 Exit status 1 if any compile fails, or a kernel that is not autotuned spills registers.
 
     python benchmarks/kernels_static.py --arch 90 --gpus h100,h200 \\
@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 import triton
 
+import kernels_aot as aot  # beside this script (a script's folder is first on sys.path)
 from xa_runtime.bench.report import write_atomic
-from xa_runtime.kernels import aot
 
 
 def config_name(cfg: dict) -> str:
@@ -59,7 +59,7 @@ def markdown(results: list[aot.Compiled], gpus: list[str], arch: int, dtypes: li
              f"`python {' '.join(['benchmarks/kernels_static.py', *sys.argv[1:]])}`", "",
              f"On {spec.name} ({spec.sms} SMs). `balance`: the mean SM's share of the busiest SM's CTAs (tile "
              "quantisation: 1.00 = every SM gets as many); `occ`: warps resident per SM over the maximum. "
-             "Static: nothing was run (xa_runtime.kernels.aot).", ""]
+             "Static: nothing was run (benchmarks/kernels_aot.py).", ""]
     tuned = [r for r in results if r.kernel == "remap_inject_kernel" and not r.error]
     if tuned:
         sites = list(dict.fromkeys(r.site for r in tuned))

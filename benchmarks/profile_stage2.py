@@ -28,6 +28,7 @@ import torch
 from xa_runtime.bench.report import write_atomic
 from xa_runtime.kernels import remap_inject
 from xa_runtime.kernels.modules import sync_kernel_modules
+from xa_runtime.runtime.kernel_hooks import install_fused_epilogues
 from xa_runtime.models import MappingConfig, MappingLayers, build_random_components, get_preset
 from xa_runtime.models.branches import SD15Branch, SDXLBranch, inject_residual
 from xa_runtime.runtime import CHANNELS_LAST_PARTS, MIXED_LAYOUT
@@ -132,6 +133,17 @@ def main(argv: list[str] | None = None) -> int:
         for name, unet in unets.items():
             sync_kernel_modules(unet, name in parts, on)
 
+    blocks = install_fused_epilogues(mapping, use_triton=False)  # the runtime's swap, off until asked for
+
+    def fused_epilogues(f: tuple) -> tuple:  # the mapping's blocks with the epilogue kernels, as triton_kernels
+        for b in blocks:
+            b.use_triton = True
+        try:
+            return mapping.features(*f)
+        finally:
+            for b in blocks:
+                b.use_triton = False
+
     for layout, parts in LAYOUTS.items():
         for m in (sd15, mapping, sdxl):
             to_layout(m, m in (parts_of(sd15, mapping, sdxl, parts)))
@@ -150,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             return mapping.features(*feats)
 
         def mapping_blocks_epilogues():
-            return mapping.features(*feats, fused_epilogues=True)
+            return fused_epilogues(feats)
 
         def mapping_all():
             return mapping(*feats)
@@ -182,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         def step_kernels():  # what the pipeline runs with triton_kernels=True: epilogues, remap-inject,
             unet_kernels(True)  # GEGLU, and GroupNorm in the channels-last UNets
             _, f = sd15_step()
-            p = mapping.features(*f, fused_epilogues=True)
+            p = fused_epilogues(f)
             out = sdxl(xxl, inp["t"], inp["embxl"], inp["cond"], injections=fused_injections(p))
             unet_kernels(False)
             return out

@@ -358,7 +358,9 @@ def test_pipeline_refuses_a_call_without_the_installed_ip_adapter(tmp_path):
     paths = write_tiny_ip_adapter(tmp_path, sd15.unet)
     adapter = load_ip_adapter(paths["safetensors"], sd15.unet)
     pipe = XAdapterPipeline(sd15, sdxl, mapping, progress=False)
-    with pytest.raises(ParameterError, match="IPAdapterPlugin"):
+    with pytest.raises(ParameterError, match="IPAdapterPlugin") as refused:
         pipe("a cat", num_inference_steps=2, adapter_guidance_start=1.0, output_type="latent")
+    assert str(refused.value) == ("invalid plugins=[]: an IPAdapterPlugin (an IP-Adapter is installed on the SD1.5 "
+                                  "UNet: give an image, or unload it)")
     adapter.unload()
     pipe("a cat", num_inference_steps=2, adapter_guidance_start=1.0, output_type="latent")

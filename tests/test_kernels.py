@@ -7,6 +7,8 @@ import torch
 # conftest.py sets TRITON_INTERPRET=1 on machines without CUDA, before triton is imported.
 pytest.importorskip("triton")
 
+import importlib  # noqa: E402
+
 from xa_runtime.kernels import remap_inject, remap_inject_reference, remap_inject_triton  # noqa: E402
 from xa_runtime.models.tiny import build_tiny_models  # noqa: E402
 from xa_runtime.pipeline import XAdapterPipeline  # noqa: E402
@@ -113,9 +115,22 @@ def test_dispatch_falls_back_to_reference_without_triton_device(monkeypatch):
     torch.testing.assert_close(out, want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("fusion", [None, 0.3])
+def test_remap_inject_reference_is_the_models_injection(fusion):
+    """The kernel's own reference (kernels import no models) equals the mapping's zero_out
+    conv followed by models.branches.inject_residual, the pipeline's plain path."""
+    from xa_runtime.models.branches import inject_residual
+
+    x, weight, bias, hidden = _inputs(SHAPES[0], torch.float32, False, "cpu", seed=3)
+    residual = torch.nn.functional.conv2d(x, weight, bias)
+    want = inject_residual(hidden, residual, 1.3, fusion)
+    torch.testing.assert_close(remap_inject_reference(x, weight, bias, hidden, 1.3, fusion), want, rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------- conv epilogues (mapping residual blocks)
 from xa_runtime.kernels import conv_epilogue, conv_epilogue_reference, conv_epilogue_triton  # noqa: E402
 from xa_runtime.models.mapping import ResidualBlock  # noqa: E402
+from xa_runtime.runtime.kernel_hooks import FusedEpilogueResidualBlock, install_fused_epilogues  # noqa: E402
 
 EPILOGUE_SHAPES = [(2, 5, 7, 9), (1, 16, 8, 8), (3, 3, 1, 13)]  # (B, C, H, W): 630, 1024, 117 elements
 EPILOGUE_MODES = {"relu": dict(relu=True), "skip": dict(skip="same"), "skip-other-layout": dict(skip="other"),
@@ -192,13 +207,18 @@ def test_residual_block_with_fused_epilogues_equals_plain(device, block, layout)
     size = (10, 14) if block == "upsample" else None
     with torch.no_grad():
         want = module(x, size)
-        got = module(x, size, fused_epilogues=True)
+        assert install_fused_epilogues(module, use_triton=True) == [module]  # the runtime's module swap
+        assert type(module) is FusedEpilogueResidualBlock
+        got = module(x, size)
+        module.use_triton = False
+        off = module(x, size)
+    torch.testing.assert_close(off, want, rtol=0, atol=0)
     # fp32: the only difference is where the bias is added (inside cuDNN/oneDNN or after)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- GroupNorm on channels-last activations
-from xa_runtime.kernels import group_norm as gn  # noqa: E402
+gn = importlib.import_module("xa_runtime.kernels.group_norm")  # the module (kernels.group_norm is the function)
 
 GN_CASES = [  # (B, C, H, W, groups): tails in pixels and channels, 1-channel and 40-channel groups
     (2, 12, 5, 7, 4),
@@ -285,7 +305,7 @@ def test_channels_last_unet_swaps_keep_values_and_layout(tiny_models, monkeypatc
 
 
 # ---------------------------------------------------------------- GEGLU (transformer feed-forwards)
-from xa_runtime.kernels import geglu as gg  # noqa: E402
+gg = importlib.import_module("xa_runtime.kernels.geglu")  # the module (kernels.geglu is the function)
 
 
 @pytest.mark.parametrize("device", [pytest.param(d, marks=pytest.mark.gpu) if d == "cuda" else d for d in DEVICES])
@@ -356,6 +376,19 @@ def test_kernels_off_scope_restores_the_flags(tiny_models):
     assert [type(m) for m in unet.modules()] == before and flags() == {True}
 
 
+def test_kernels_off_covers_the_runtimes_mapping_swap(tiny_models):
+    import copy
+
+    from xa_runtime.kernels.modules import kernels_off
+
+    mapping = copy.deepcopy(tiny_models[2])
+    blocks = install_fused_epilogues(mapping, use_triton=True)
+    assert len(blocks) == len(mapping.body)
+    with kernels_off(mapping):  # export traces torch's ops
+        assert not any(b.use_triton for b in blocks)
+    assert all(b.use_triton for b in blocks)
+
+
 def test_pipelines_sharing_models_each_get_their_own_kernel_setting():
     # xa-bench runs eager and kernels variants on the same modules: the kernels pipeline's
     # swaps must not leak into the eager pipeline's requests.
@@ -366,8 +399,10 @@ def test_pipelines_sharing_models_each_get_their_own_kernel_setting():
     kernels = XAdapterPipeline(*models, progress=False, runtime=RuntimeConfig(triton_kernels=True))
     with_kernels = kernels("a cat", **kwargs).images
     assert any(type(m).__name__ == "FusedGEGLU" and m.use_triton for m in models[0].unet.modules())
+    assert all(type(m) is FusedEpilogueResidualBlock and m.use_triton for m in models[2].body)  # runtime's swap
     after = plain("a cat", **kwargs).images
     assert not any(getattr(m, "use_triton", False) for m in models[0].unet.modules())
+    assert not any(m.use_triton for m in models[2].body)
     assert torch.equal(after, before)
     torch.testing.assert_close(with_kernels, before, rtol=1e-4, atol=1e-4)
 
@@ -386,14 +421,9 @@ def test_pipeline_with_kernels_equals_without(tiny_models, fusion, scheduler, gu
 
 
 # ---------------------------------------------------------------- guided step (CFG + update)
-from xa_runtime.kernels.guided_step import (  # noqa: E402
-    GuidedSampler,
-    StepCoefficients,
-    guided_step_reference,
-    guided_step_triton,
-)
+from xa_runtime.kernels.guided_step import guided_step_reference, guided_step_triton  # noqa: E402
 from xa_runtime.models import get_preset  # noqa: E402
-from xa_runtime.pipeline.schedulers import make_scheduler  # noqa: E402
+from xa_runtime.pipeline.schedulers import GuidedSampler, StepCoefficients, make_scheduler  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
@@ -422,7 +452,7 @@ def test_guided_sampler_replays_diffusers_schedule(name, steps, begin, use_trito
     for s in (ref, ours):
         s.set_timesteps(steps)
         s.set_begin_index(begin)
-    fused = GuidedSampler(ours, use_triton=use_triton)
+    fused = GuidedSampler(ours, guided_step_triton if use_triton else guided_step_reference)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 8, 8, generator=g) * ref.init_noise_sigma
     y = x.clone()

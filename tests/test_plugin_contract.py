@@ -53,3 +53,31 @@ def test_plugin_acts_in_both_stages_and_zero_changes_nothing(tiny_models):
     assert zero.calls == [("stage1", i, 4) for i in range(4)] + [("stage2", i, 2) for i in range(2)]
     changed = pipe("a cat", plugins=[ConstantAdapter(0.5)], **kwargs).images
     assert (changed - plain).abs().max() > 1e-3
+
+
+def test_a_plugin_class_can_require_itself_for_a_unet_state(tiny_models):
+    """The pipeline asks the plugin contract, not a plugin by name: a class registered with
+    requires_plugin is demanded while its required_for(unet) says so."""
+    from xa_runtime.errors import ParameterError
+    from xa_runtime.plugins import base
+    from xa_runtime.plugins.base import requires_plugin
+
+    @requires_plugin
+    class MarkerPlugin(ConstantAdapter):
+        name = "marker"
+
+        @classmethod
+        def required_for(cls, unet):
+            return "a MarkerPlugin (the test marked the UNet)" if getattr(unet, "_test_marker", False) else None
+
+    pipe = XAdapterPipeline(*tiny_models, progress=False)
+    kwargs = dict(num_inference_steps=2, adapter_guidance_start=1.0, seed=3, output_type="latent")
+    pipe("a cat", **kwargs)  # unmarked: nothing required
+    pipe.sd15.unet._test_marker = True
+    try:
+        with pytest.raises(ParameterError, match=r"invalid plugins=\['constant-adapter'\]: a MarkerPlugin \(the test marked"):
+            pipe("a cat", plugins=[ConstantAdapter(0.0)], **kwargs)
+        pipe("a cat", plugins=[MarkerPlugin(0.0)], **kwargs)
+    finally:
+        del pipe.sd15.unet._test_marker
+        base._REQUIRED.remove(MarkerPlugin)

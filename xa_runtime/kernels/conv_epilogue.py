@@ -11,16 +11,16 @@ through torch) and one pass over the conv output does the rest, in place:
 fp32 math, one rounding to y's dtype. y dense in NCHW or channels-last; skip in either
 layout (any strides whose spatial dims flatten); fp16, bf16, fp32.
 
-Why not implicit-GEMM 3x3 convolutions: the stage-2 profile on an H100 (2026-11-23,
-benchmarks/results/stage2-profile-h100-2026-11-23.log) had cuDNN running the mapping's
-3x3 convs at 58-75% of peak, so only the epilogues are fused (issue 6, part 2).
+Why not implicit-GEMM 3x3 convolutions: the stage-2 profile on an H100
+(benchmarks/results/stage2-profile-h100-2026-11-23.log) had cuDNN running the mapping's
+3x3 convs at 58-75% of peak, so only the epilogues are fused.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .remap_inject import triton
+from .availability import launch, triton, triton_usable
 
 if triton is not None:
     import triton.language as tl
@@ -102,8 +102,20 @@ def conv_epilogue_triton(
     if n == 0:
         return y
     s = skip if skip is not None else y
-    _conv_epilogue_kernel[(triton.cdiv(n, block),)](
-        y, bias, s, n, y.shape[1], y.shape[2] * y.shape[3], s.stride(0), s.stride(1), s.stride(3),
+    launch(
+        _conv_epilogue_kernel, (triton.cdiv(n, block),), y, bias, s, n, y.shape[1], y.shape[2] * y.shape[3], s.stride(0), s.stride(1), s.stride(3),
         RELU=relu, SKIP=skip is not None, CHANNELS_LAST=channels_last, BLOCK=block,
     )
     return y
+
+
+def conv_epilogue(
+    y: torch.Tensor, bias: torch.Tensor, *, relu: bool = False, skip: torch.Tensor | None = None
+) -> torch.Tensor:
+    """y <- relu(y + b) and/or y + b + skip, in place on a bias-free conv output; returns y.
+
+    Triton on CUDA (or under the interpreter), the torch reference otherwise."""
+    if triton_usable(y.device):
+        return conv_epilogue_triton(y, bias, relu=relu, skip=skip)
+    check_conv_epilogue_args(y, bias, skip)
+    return y.copy_(conv_epilogue_reference(y, bias, relu=relu, skip=skip))

@@ -5,7 +5,7 @@ diffusers' GEGLU projects to 2D features, splits them into (hidden, gate) and re
 and writes the result (three passes over D-wide tensors after the projection). The
 kernel reads the projection once and writes the result once.
 
-Why (issue 6, part 4: what the profile showed): in the H100 stage-2 profile the GELU and
+Why (what the profile showed): in the H100 stage-2 profile the GELU and
 the multiply that follows it are two of the largest elementwise ops (aten::gelu 3.1 ms
 and aten::mul 3.1 ms of GPU time per step, 86 calls each;
 benchmarks/results/stage2-profile-h100-2026-11-23.log).
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .remap_inject import triton
+from .availability import launch, triton, triton_usable
 
 if triton is not None:
     import triton.language as tl
@@ -61,19 +61,26 @@ def geglu_triton(h: torch.Tensor, block: int = 1024) -> torch.Tensor:
     out = torch.empty((*h.shape[:-1], d), device=h.device, dtype=h.dtype)
     n = out.numel()
     if n:
-        _geglu_kernel[(triton.cdiv(n, block),)](h, out, n, d, BLOCK=block)
+        launch(_geglu_kernel, (triton.cdiv(n, block),), h, out, n, d, BLOCK=block)
     return out
 
 
+def geglu(h: torch.Tensor) -> torch.Tensor:
+    """hidden * gelu(gate) of h = [hidden | gate]: Triton on CUDA (or under the
+    interpreter), the torch reference otherwise."""
+    if triton_usable(h.device):
+        return geglu_triton(h)
+    check_geglu_args(h)
+    return geglu_reference(h)
+
+
 def _fused_forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """GEGLU.forward with the split and the gated GELU in the kernel when `use_triton`."""
+    """GEGLU.forward with the split and the gated GELU in `geglu` (the kernel) when `use_triton`."""
     if not self.use_triton:
         return super(type(self), self).forward(hidden_states, *args, **kwargs)
-    from . import triton_usable
-
     h = self.proj(hidden_states)  # a module call: hooks on proj (unfused LoRA) still run
-    if triton_usable(h.device) and h.is_contiguous() and h.dtype in (torch.float16, torch.bfloat16, torch.float32):
-        return geglu_triton(h)
+    if h.is_contiguous() and h.dtype in (torch.float16, torch.bfloat16, torch.float32):
+        return geglu(h)
     a, g = h.chunk(2, dim=-1)
     return a * F.gelu(g)
 

@@ -1,7 +1,7 @@
 """GroupNorm on channels-last activations, and the module swaps that keep diffusers' UNets
 channels-last end to end.
 
-Why (issue 6, part 4: what the profile showed): torch's CUDA GroupNorm makes its input
+Why (what the profile showed): torch's CUDA GroupNorm makes its input
 contiguous (NCHW) and returns NCHW (pytorch/pytorch#111824), and diffusers' Transformer2D
 blocks end with `.permute(0, 3, 1, 2).contiguous()`. In a channels-last UNet every
 GroupNorm and every transformer block therefore transposes the activations to NCHW, and the
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .remap_inject import interpreted, triton
+from .availability import interpreted, launch, triton, triton_usable
 
 if triton is not None:
     import triton.language as tl
@@ -173,40 +173,49 @@ def group_norm_triton(
     part_m2 = torch.empty_like(part_mean)
     gmean = torch.empty(b, num_groups, device=x.device, dtype=torch.float32)
     grstd = torch.empty_like(gmean)
-    _gn_partials_kernel[(triton.cdiv(c, block_c), s, b)](
-        x, part_mean, part_m2, p, c, s, x.stride(0), BLOCK_P=block_p, BLOCK_C=block_c,
+    launch(
+        _gn_partials_kernel, (triton.cdiv(c, block_c), s, b), x, part_mean, part_m2, p, c, s, x.stride(0), BLOCK_P=block_p, BLOCK_C=block_c,
     )
     block_cg = triton.next_power_of_2(cg)
     if groups_per_program is None:
         groups_per_program = num_groups if slow else 1
     block_g = triton.next_power_of_2(groups_per_program)
-    _gn_stats_kernel[(triton.cdiv(num_groups, block_g), b)](
-        part_mean, part_m2, gmean, grstd, p, c, s, cg, num_groups, float(eps), BLOCK_P=block_p,
+    launch(
+        _gn_stats_kernel, (triton.cdiv(num_groups, block_g), b), part_mean, part_m2, gmean, grstd, p, c, s, cg, num_groups, float(eps), BLOCK_P=block_p,
         BLOCK_S=max(1, min(triton.next_power_of_2(s), 4096 // (block_g * block_cg))), BLOCK_G=block_g,
         BLOCK_CG=block_cg,
     )
     affine = weight is not None
-    _gn_apply_kernel[(triton.cdiv(c, block_c), triton.cdiv(p, block_p), b)](
-        x, y, weight if affine else x, bias if affine else x, gmean, grstd, p, c, cg, num_groups, x.stride(0),
+    launch(
+        _gn_apply_kernel, (triton.cdiv(c, block_c), triton.cdiv(p, block_p), b), x, y, weight if affine else x, bias if affine else x, gmean, grstd, p, c, cg, num_groups, x.stride(0),
         AFFINE=affine, BLOCK_P=block_p, BLOCK_C=block_c,
     )
     return y
 
 
+def group_norm(
+    x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float = 1e-5
+) -> torch.Tensor:
+    """GroupNorm of a channels-last x (a new channels-last tensor): Triton on CUDA (or
+    under the interpreter), the torch reference otherwise."""
+    if triton_usable(x.device):
+        return group_norm_triton(x, num_groups, weight, bias, eps)
+    check_group_norm_args(x, num_groups, weight, bias)
+    return group_norm_reference(x, num_groups, weight, bias, eps)
+
+
 # ---------------------------------------------------------------- module swaps
 class ChannelsLastGroupNorm(nn.GroupNorm):
-    """nn.GroupNorm that runs the Triton kernel on channels-last input when `use_triton`
-    is set and Triton can run on the input's device; torch's GroupNorm otherwise. Same
-    parameters and state-dict names (installed by swapping the class in place)."""
+    """nn.GroupNorm that runs `group_norm` (the kernel) on channels-last input when
+    `use_triton` is set; torch's GroupNorm otherwise. Same parameters and state-dict names
+    (installed by swapping the class in place)."""
 
     use_triton: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_triton and x.dim() == 4 and not x.is_contiguous() and _channels_last(x):
-            from . import triton_usable
-
-            if triton_usable(x.device) and x.dtype in (torch.float16, torch.bfloat16, torch.float32):
-                return group_norm_triton(x, self.num_groups, self.weight, self.bias, self.eps)
+        if (self.use_triton and x.dim() == 4 and not x.is_contiguous() and _channels_last(x)
+                and x.dtype in (torch.float16, torch.bfloat16, torch.float32)):
+            return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         return super().forward(x)
 
 

@@ -1,10 +1,13 @@
-"""Which kernel-backed module swaps a UNet carries, kept in line with a RuntimeConfig.
+"""Which kernel-backed module swaps a UNet carries, and a scope that turns every swapped
+module's kernel off.
 
 Two swaps (same parameters, same state-dict names, same values within the kernels'
 tolerances): GroupNorm + Transformer2D for channels-last UNets (kernels.group_norm) and
-GEGLU (kernels.geglu). Each swapped module carries a `use_triton` flag. Modules may be
-shared between pipelines (xa-bench's variants, from_diffusers), so a pipeline sets the
-flags of its UNets at the start of every request, not only when it is built.
+GEGLU (kernels.geglu). Each swapped module carries a `use_triton` flag (a class attribute
+of its swapped class; other layers' swaps, e.g. the mapping's fused epilogues installed
+by xa_runtime.runtime.kernel_hooks, follow the same rule, so `kernels_off` covers them).
+Modules may be shared between pipelines (xa-bench's variants, from_diffusers), so the
+runtime sets the flags of a pipeline's UNets at the start of every request.
 """
 
 from __future__ import annotations
@@ -56,12 +59,16 @@ def sync_kernel_modules(unet: nn.Module, channels_last: bool, use_triton: bool) 
     _CACHE[unet] = (_generation(), channels_last, geglu, swapped)
 
 
+def is_swapped(module: nn.Module) -> bool:
+    """Whether `module` is a kernel-backed swap: its class declares a `use_triton` flag."""
+    return hasattr(type(module), "use_triton")
+
+
 @contextmanager
 def kernels_off(*modules: nn.Module) -> Iterator[None]:
     """Swapped modules under `modules` run torch's ops inside the block (e.g. while the
     ONNX exporter traces them); their `use_triton` flags are restored after it."""
-    kinds = _swapped_types()
-    saved = [(m, m.use_triton) for root in modules for m in root.modules() if isinstance(m, kinds)]
+    saved = [(m, m.use_triton) for root in modules for m in root.modules() if is_swapped(m)]
     for m, _ in saved:
         m.use_triton = False
     try:

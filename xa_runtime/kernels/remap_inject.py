@@ -12,30 +12,28 @@ reads/writes the residual three times (conv out, scale, add); here it never exis
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-from ..models.branches import inject_residual
-
-try:  # triton is optional: on CPU without the interpreter the reference runs
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised where triton is absent
-    triton = None
+from .availability import interpreted, launch, triton, triton_usable
 
 
 def remap_inject_reference(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, hidden: torch.Tensor, scale: float,
     fusion_guidance_scale: float | None = None,
 ) -> torch.Tensor:
-    """The plain torch ops the kernel replaces (returns a new tensor)."""
+    """The plain torch ops the kernel replaces (returns a new tensor): the 1x1 conv, then
+    the injection of models.branches.inject_residual (tests keep the two equal)."""
     residual = F.conv2d(x, weight.reshape(weight.shape[0], -1, 1, 1), bias)
-    return inject_residual(hidden, residual, scale, fusion_guidance_scale)
+    r = residual.to(hidden.dtype) * scale
+    if fusion_guidance_scale is None:
+        return hidden + r
+    return hidden + fusion_guidance_scale * (r - hidden)
 
 
 if triton is not None:
+    import triton.language as tl
+
 
     @triton.jit
     def _remap_inject_kernel(
@@ -77,11 +75,6 @@ if triton is not None:
         hf = h.to(tl.float32)
         out = hf + fusion * (r - hf) if USE_LERP else hf + r
         tl.store(h_ptrs, out.to(h.dtype), mask=mask)
-
-
-def interpreted() -> bool:
-    """True when Triton runs kernels on the CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _spatial_stride(t: torch.Tensor, name: str) -> int:
@@ -142,13 +135,27 @@ def remap_inject_triton(
     if any(v is not None for v in fixed) or interpreted():
         bm, bn, bk = (v if v is not None else d for v, d in zip(fixed, (64, 64, 32)))
         grid = (triton.cdiv(c_out, bm), triton.cdiv(p, bn), b)
-        _remap_inject_kernel[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PREFETCH_H=prefetch_hidden)
+        launch(_remap_inject_kernel, grid, *args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PREFETCH_H=prefetch_hidden)
     else:
         def grid(meta):
             return (triton.cdiv(c_out, meta["BLOCK_M"]), triton.cdiv(p, meta["BLOCK_N"]), b)
 
-        _remap_inject_tuned()[grid](*args, **flags)
+        launch(_remap_inject_tuned(), grid, *args, **flags)
     return hidden
+
+
+
+def remap_inject(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, hidden: torch.Tensor, scale: float,
+    fusion_guidance_scale: float | None = None,
+) -> torch.Tensor:
+    """hidden <- hidden + s*(W x + b) (or the fusion lerp), in place; returns hidden.
+
+    Triton on CUDA (or under the interpreter), the torch reference otherwise."""
+    if triton_usable(hidden.device):
+        return remap_inject_triton(x, weight, bias, hidden, scale, fusion_guidance_scale)
+    check_remap_inject_args(x, weight, bias, hidden)
+    return hidden.copy_(remap_inject_reference(x, weight, bias, hidden, scale, fusion_guidance_scale))
 
 
 _TUNED = None
@@ -166,8 +173,8 @@ def _remap_inject_tuned():
             (128, 128, 128, 8, 3), (128, 64, 128, 4, 3), (64, 128, 128, 4, 3), (64, 256, 64, 8, 3),
         )
         # The hidden-state read early (PREFETCH_H, its latency hidden behind the GEMM, at the
-        # cost of registers) is tried with the tiles that leave room for it; added 2026-11-30
-        # for the 49-63%-of-roofline sites, not yet measured on a GPU.
+        # cost of registers) is tried with the tiles that leave room for it (for the sites
+        # furthest from the memory roofline).
         prefetch = {(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)}
         configs = [
             triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "PREFETCH_H": pre}, num_warps=w, num_stages=st)

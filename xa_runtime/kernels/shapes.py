@@ -1,6 +1,6 @@
 """The kernels' full-size shapes: SDXL at 1024 px and SD1.5 at 512 px, batch 2 (the CFG
 rows). Shared by benchmarks/bench_kernels.py (timings on a GPU) and
-`xa_runtime.kernels.aot` (compiled for a GPU architecture without one)."""
+benchmarks/kernels_aot.py (compiled for a GPU architecture without one)."""
 
 from __future__ import annotations
 

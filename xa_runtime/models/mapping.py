@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -63,21 +62,17 @@ class ResidualBlock(nn.Module):
         self.act = nn.ReLU()
         self.block2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
 
-    def forward(
-        self, x: torch.Tensor, output_size: tuple[int, int] | None = None, *, fused_epilogues: bool = False
-    ) -> torch.Tensor:
-        """fused_epilogues: the two 3x3 convs without bias, each followed by one fused pass
-        (bias + ReLU, then bias + residual add) of xa_runtime.kernels.conv_epilogue."""
+    def block_input(self, x: torch.Tensor, output_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """x' = in_conv(up_opt(x)) where those exist: what the residual branch and the skip read."""
         if self.up_opt is not None:
             assert output_size is not None
             x = self.up_opt(x, output_size)
         if self.in_conv is not None:
             x = self.in_conv(x)
-        if fused_epilogues:
-            from ..kernels import conv_epilogue
+        return x
 
-            h = conv_epilogue(F.conv2d(x, self.block1.weight, None, padding=1), self.block1.bias, relu=True)
-            return conv_epilogue(F.conv2d(h, self.block2.weight, None, padding=1), self.block2.bias, skip=x)
+    def forward(self, x: torch.Tensor, output_size: tuple[int, int] | None = None) -> torch.Tensor:
+        x = self.block_input(x, output_size)
         return x + self.block2(self.act(self.block1(x)))
 
 
@@ -100,26 +95,21 @@ class MappingLayers(nn.Module):
         self.body = nn.ModuleList(body)
         self.zero_out = nn.ModuleList(nn.Conv2d(c, c, 1) for c in config.out_channels)
 
-    def stage(
-        self, index: int, feature: torch.Tensor, output_size: tuple[int, int] | None = None, *,
-        fused_epilogues: bool = False,
-    ) -> torch.Tensor:
+    def stage(self, index: int, feature: torch.Tensor, output_size: tuple[int, int] | None = None) -> torch.Tensor:
         """The residual blocks of one stage, without its zero_out conv (kernels fuse that part)."""
         n = self.config.blocks_per_stage
         h = feature
         for j in range(n):
-            h = self.body[index * n + j](h, output_size if j == 0 else None, fused_epilogues=fused_epilogues)
+            h = self.body[index * n + j](h, output_size if j == 0 else None)
         return h
 
-    def features(
-        self, f0: torch.Tensor, f1: torch.Tensor, f2: torch.Tensor, *, fused_epilogues: bool = False
-    ) -> tuple[torch.Tensor, ...]:
+    def features(self, f0: torch.Tensor, f1: torch.Tensor, f2: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The three stages' outputs before their zero_out conv (what a fused
-        remap-inject kernel consumes); fused_epilogues: see ResidualBlock.forward."""
+        remap-inject kernel consumes)."""
         # The release sizes the stage-2 upsample as 4x f0's grid (= SDXL's latent grid).
         out_size = (f0.shape[-2] * 4, f0.shape[-1] * 4)
         sizes = (None, None, out_size)
-        return tuple(self.stage(i, f, sizes[i], fused_epilogues=fused_epilogues) for i, f in enumerate((f0, f1, f2)))
+        return tuple(self.stage(i, f, sizes[i]) for i, f in enumerate((f0, f1, f2)))
 
     def forward(self, f0: torch.Tensor, f1: torch.Tensor, f2: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(conv(h) for conv, h in zip(self.zero_out, self.features(f0, f1, f2)))

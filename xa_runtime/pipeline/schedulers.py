@@ -2,12 +2,15 @@
 
 Multistep solvers keep a step index and a history of model outputs, so no scheduler
 object is ever shared between stages or branches (a quirk of the authors' code we fix).
+GuidedSampler replays a prepared Euler or DPM-Solver++ 2M schedule as per-step
+coefficients, for a fused CFG + update step that the runtime hands in (kernels.guided_step).
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Any
+import math
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -50,20 +53,127 @@ def schedule_mismatch(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     return [k for k in SCHEDULE_FIELDS if a.get(k) != b.get(k)]
 
 
+def stage2_schedulers(
+    name: str, sd15_config: dict[str, Any], sdxl_config: dict[str, Any], steps: int, k: int, device: torch.device
+) -> tuple[SchedulerMixin, SchedulerMixin]:
+    """Fresh stage-2 schedulers for SD1.5 and SDXL on SDXL's schedule, starting at index N - k.
+
+    Both come from SDXL's scheduler config (same timesteps by construction); SD1.5's
+    keeps its own prediction type.
+    """
+    cfg15 = {"prediction_type": sd15_config.get("prediction_type", "epsilon")}
+    out = []
+    for overrides in (cfg15, {}):
+        s = make_scheduler(name, sdxl_config, **overrides)
+        s.set_timesteps(steps, device=device)
+        if hasattr(s, "set_begin_index"):
+            s.set_begin_index((steps - k) * s.order)
+        out.append(s)
+    return out[0], out[1]
+
+
+class StepCoefficients(NamedTuple):
+    """One guided step as five numbers (fp32 math; p = 0 for first-order steps):
+    eps = u + g*(c - u);  x0 = (x - sig*eps) * inv_alpha;  x' = a*x + b*x0 + p*x0_prev."""
+
+    sig: float
+    inv_alpha: float
+    a: float
+    b: float
+    p: float = 0.0
+
+
+# (eps, x, x0_prev, guidance, coefficients) -> (x' in x's dtype, x0 in fp32): kernels.guided_step's contract
+GuidedStep = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", "float | None", StepCoefficients],
+                      tuple[torch.Tensor, torch.Tensor]]
+
+
+def _vp(sigma: float) -> tuple[float, float]:
+    """VP (alpha_t, sigma_t) of a VE sigma, as diffusers' DPM-Solver converts them."""
+    alpha = 1.0 / math.sqrt(sigma * sigma + 1.0)
+    return alpha, sigma * alpha
+
+
+class GuidedSampler:
+    """Replays a prepared diffusers Euler or DPM-Solver++ 2M schedule with a fused step.
+
+    Euler (epsilon prediction): sig = sigma, inv_alpha = 1, a = sigma_next / sigma, b = 1 - a.
+    DPM-Solver++ 2M (midpoint): VP alpha/sigma from the scheduler's sigmas (`coefficients`).
+    Build it from a scheduler after `set_timesteps` (and `set_begin_index`): it reads the
+    sigmas and starts, like a fresh diffusers scheduler, with a first-order step. `step`
+    takes the raw UNet output ([uncond; cond] when guidance is not None) and runs `step_fn`.
+    """
+
+    def __init__(self, scheduler: SchedulerMixin, step_fn: GuidedStep):
+        if not self.supports(scheduler):
+            raise ValueError(f"no fused step for {type(scheduler).__name__} with this config")
+        self.kind = "euler" if type(scheduler).__name__ == "EulerDiscreteScheduler" else "dpmpp-2m"
+        self.sigmas = [float(s) for s in scheduler.sigmas.double().cpu()]
+        self.num_timesteps = len(scheduler.timesteps)
+        self.index = scheduler.begin_index or 0
+        self.steps_done = 0
+        self.x0_prev: torch.Tensor | None = None
+        self.step_fn = step_fn
+
+    @staticmethod
+    def supports(scheduler: SchedulerMixin) -> bool:
+        c = scheduler.config
+        name = type(scheduler).__name__
+        if c.get("prediction_type", "epsilon") != "epsilon":
+            return False
+        if name == "EulerDiscreteScheduler":
+            return True  # any sigma spacing: the sigmas are read, not recomputed
+        if name == "DPMSolverMultistepScheduler":
+            return (
+                c.algorithm_type == "dpmsolver++" and c.solver_order == 2 and c.solver_type == "midpoint"
+                and not c.thresholding and c.final_sigmas_type == "zero" and not c.euler_at_final
+            )
+        return False
+
+    def scale_model_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "euler":
+            return x / math.sqrt(self.sigmas[self.index] ** 2 + 1.0)
+        return x
+
+    def coefficients(self) -> StepCoefficients:
+        i = self.index
+        s0, t = self.sigmas[i], self.sigmas[i + 1]
+        if self.kind == "euler":
+            a = t / s0
+            return StepCoefficients(sig=s0, inv_alpha=1.0, a=a, b=1.0 - a)
+        alpha_s0, sig_s0 = _vp(s0)
+        alpha_t, sig_t = _vp(t)
+        if t == 0.0:  # final step to sigma 0: the update returns x0
+            return StepCoefficients(sig=sig_s0, inv_alpha=1.0 / alpha_s0, a=0.0, b=1.0)
+        lam = lambda al, si: math.log(al) - math.log(si)  # noqa: E731
+        h = lam(alpha_t, sig_t) - lam(alpha_s0, sig_s0)
+        phi = alpha_t * (math.exp(-h) - 1.0)
+        a = sig_t / sig_s0
+        first_order = self.steps_done == 0 or i == self.num_timesteps - 1
+        if first_order:
+            return StepCoefficients(sig=sig_s0, inv_alpha=1.0 / alpha_s0, a=a, b=-phi)
+        alpha_s1, sig_s1 = _vp(self.sigmas[i - 1])
+        r0 = (lam(alpha_s0, sig_s0) - lam(alpha_s1, sig_s1)) / h
+        return StepCoefficients(sig=sig_s0, inv_alpha=1.0 / alpha_s0, a=a, b=-phi * (1 + 0.5 / r0), p=0.5 * phi / r0)
+
+    def step(self, eps: torch.Tensor, x: torch.Tensor, guidance: float | None) -> torch.Tensor:
+        out, x0 = self.step_fn(eps, x, self.x0_prev, guidance, self.coefficients())
+        self.x0_prev, self.index, self.steps_done = x0, self.index + 1, self.steps_done + 1
+        return out
+
+
 class Sampler:
     """One branch's denoising state for one stage: a fresh diffusers scheduler whose
-    `step` gets the CFG-combined prediction, or, with `fused`, the Triton CFG + update
-    kernel replaying the same schedule (xa_runtime.kernels.guided_step)."""
+    `step` gets the CFG-combined prediction, or, given `guided_step` (a fused CFG + update
+    function the runtime hands in, kernels.guided_step), a GuidedSampler replaying the
+    same schedule with it where the scheduler allows."""
 
-    def __init__(self, scheduler: SchedulerMixin, generator: torch.Generator, fused: bool = False, use_triton: bool = False):
+    def __init__(self, scheduler: SchedulerMixin, generator: torch.Generator, guided_step: GuidedStep | None = None):
         self.scheduler = scheduler
         self._kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
         self._fused = None
-        if fused:
-            from ..kernels.guided_step import GuidedSampler
-
-            if GuidedSampler.supports(scheduler):
-                self._fused = GuidedSampler(scheduler, use_triton=use_triton)
+        if guided_step is not None and GuidedSampler.supports(scheduler):
+            self._fused = GuidedSampler(scheduler, guided_step)
 
     @property
     def is_fused(self) -> bool:

@@ -6,15 +6,14 @@ re-noised to t0 too. Stage 2: k steps where SD1.5's decoder features go through 
 mapping layers into SDXL's decoder, both branches at the same timestep, each with its
 own fresh scheduler. Finally SDXL VAE decode.
 
-How the steps execute (eager, compiled, CUDA graphs, two streams in stage 2, offload)
-is the runtime's business (xa_runtime.runtime): the branch steps are named functions of
-tensors handed to a StepExecutor, and stage 2's loop is a Stage2Scheduler.
+How the steps execute (eager, compiled, CUDA graphs, two streams in stage 2, offload,
+Triton kernels) is the runtime's business (xa_runtime.runtime): the branch steps are named
+functions of tensors handed to a StepExecutor, stage 2's loop is a Stage2Scheduler, and
+the kernels come as hooks. Construction and backend switching: construction.py.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import functools
 import random
 from dataclasses import dataclass, field
@@ -26,20 +25,15 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..models.branches import Injection, ResidualInjection, SD15Branch, SDXLBranch
-from ..models.components import SD15Components, SDXLComponents
-from ..models.mapping import MappingConfig, MappingLayers
-from ..plugins.base import PluginContext, SD15StepPlugin, StepInfo, merge_unet_kwargs
-from ..plugins.ip_adapter import IPAdapterPlugin
-from ..runtime.config import RuntimeConfig
-from ..runtime.executor import StepExecutor, prepare_models
-from ..runtime.memory import Residency, peak_memory_bytes, reset_peak_memory
-from ..runtime.stage2 import Stage2Scheduler
-from ..runtime.timing import StageTimer
 from ..errors import NonFiniteError, ParameterError
+from ..models.branches import Injection, ResidualInjection
+from ..plugins.base import PluginContext, SD15StepPlugin, StepInfo, check_required_plugins, merge_unet_kwargs
+from ..runtime.memory import peak_memory_bytes, reset_peak_memory
+from ..runtime.timing import StageTimer
+from .construction import XAdapterPipelineBase, vae_factor
 from .images import image_to_tensor
-from .params import GenerationParams, SizeRules, validate
-from .schedulers import Sampler, make_scheduler, schedule_mismatch
+from .params import GenerationParams, validate
+from .schedulers import Sampler, make_scheduler, stage2_schedulers
 from .text import encode_sd15, encode_sdxl, sdxl_time_ids
 
 StepCallback = Callable[[str, int, int], None]  # (stage name, step index, steps in stage)
@@ -63,6 +57,21 @@ class XAdapterOutput:
 
 
 @dataclass
+class _Request:
+    """One request as stage 1 and the hand-over see it."""
+
+    p: GenerationParams
+    generator: torch.Generator
+    cfg: bool
+    guidance: float | None
+    emb15: torch.Tensor
+    unet_kwargs: Callable[[str, int, int, torch.Tensor, torch.Tensor], dict[str, Any]]
+    step_callback: StepCallback | None
+    shape15: tuple[int, ...]
+    shapexl: tuple[int, ...]
+
+
+@dataclass
 class _Stage2:
     """What stage 2 starts from (one request)."""
 
@@ -81,22 +90,7 @@ class _Stage2:
     step_callback: StepCallback | None
 
 
-def _vae_factor(vae: torch.nn.Module) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
-def _upcast_vae(vae: torch.nn.Module, dtype: torch.dtype) -> bool:
-    # SDXL's VAE overflows in fp16 (force_upcast in its config); the fp16-fix variant does not.
-    return dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
-
-
-def _fused(hidden: torch.Tensor, *, x: torch.Tensor, conv: torch.nn.Conv2d, scale: float, fusion: float | None):
-    from ..kernels import remap_inject
-
-    return remap_inject(x, conv.weight, conv.bias, hidden, scale, fusion)
-
-
-class XAdapterPipeline:
+class XAdapterPipeline(XAdapterPipelineBase):
     """SD1.5 plugins on SDXL through X-Adapter, in plain PyTorch (the reference backend).
 
     Build it with `from_pretrained(sd15, sdxl, adapter)` from local paths, from already
@@ -104,185 +98,6 @@ class XAdapterPipeline:
     the generation parameters (see GenerationParams) and get an XAdapterOutput.
     """
 
-    def __init__(
-        self,
-        sd15: SD15Components,
-        sdxl: SDXLComponents,
-        mapping: MappingLayers,
-        *,
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
-        progress: bool = True,
-        runtime: RuntimeConfig = RuntimeConfig(),
-    ):
-        self.device, self.dtype, self.progress, self.runtime = torch.device(device), dtype, progress, runtime
-        runtime.check_device(self.device)
-        self.sd15, self.sdxl = sd15, sdxl
-        mismatch = schedule_mismatch(sd15.scheduler_config, sdxl.scheduler_config)
-        if mismatch:
-            raise ValueError(
-                f"SD1.5 and SDXL scheduler configs differ on {mismatch}; X-Adapter runs both branches on one "
-                "noise schedule in stage 2"
-            )
-        expected = MappingConfig.from_unet_configs(sd15.unet.config, sdxl.unet.config)
-        if mapping.config != expected:
-            raise ValueError(f"mapping layers are built for {mapping.config}, but these UNets need {expected}")
-        self.residency = Residency(self.device, runtime.offload_active(self.device))
-        for module in (sd15.unet, sdxl.unet, mapping):
-            module.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
-        for module in (sd15.vae, sd15.text_encoder, sdxl.text_encoder, sdxl.text_encoder_2):
-            module.to(device=self.residency.home(module), dtype=dtype).eval().requires_grad_(False)
-        self.vae_xl_dtype = torch.float32 if _upcast_vae(sdxl.vae, dtype) else dtype
-        sdxl.vae.to(device=self.residency.home(sdxl.vae), dtype=self.vae_xl_dtype).eval().requires_grad_(False)
-        self.mapping = mapping
-        prepare_models(runtime, self._parts())
-        self._sync_kernel_modules()
-        self.sd15_branch = SD15Branch(sd15.unet)
-        self.sdxl_branch = SDXLBranch(sdxl.unet)
-        self.executor = StepExecutor(runtime, self.device)
-        self.stage2_scheduler = Stage2Scheduler(self.device, runtime.streams)
-
-    def _parts(self) -> dict[str, torch.nn.Module]:
-        """The modules RuntimeConfig's model-level switches change, by CHANNELS_LAST_PARTS name."""
-        return {"sd15_unet": self.sd15.unet, "mapping": self.mapping, "sdxl_unet": self.sdxl.unet}
-
-    def _sync_kernel_modules(self) -> None:
-        """The UNets' kernel-backed module swaps in line with the runtime (called when it
-        is set and at the start of every request: modules may be shared between pipelines).
-        Channels-last UNets keep their layout through GroupNorm and the transformer blocks;
-        with the kernels active, GroupNorm (channels-last) and GEGLU run Triton kernels."""
-        from ..kernels.modules import sync_kernel_modules
-
-        parts, on = self._parts(), self.runtime.traced_kernels_active(self.device)
-        for name in ("sd15_unet", "sdxl_unet"):
-            sync_kernel_modules(parts[name], name in self.runtime.channels_last_parts(), on)
-
-    def set_runtime(self, runtime: RuntimeConfig) -> None:
-        """Switch how this pipeline executes without rebuilding it. Compiled steps are kept
-        when the compile settings are unchanged (so a benchmark adding graphs or streams on
-        top of compile does not compile again); captured graphs are dropped. channels_last
-        (per part) and fuse_qkv can only be turned on (they changed the models); offload
-        cannot change."""
-        runtime.check_device(self.device)
-        old = self.runtime
-        if runtime.offload != old.offload:
-            raise ParameterError("offload", runtime.offload, f"{old.offload!r} (fixed when the pipeline was built)")
-        if old.fuse_qkv and not runtime.fuse_qkv:
-            raise ParameterError("fuse_qkv", False, "True: it changed the models when it was turned on; build a new pipeline")
-        dropped = set(old.channels_last_parts()) - set(runtime.channels_last_parts())
-        if dropped:
-            raise ParameterError("channels_last", runtime.channels_last,
-                                 f"parts including {', '.join(sorted(dropped))}: they changed when it was turned on; "
-                                 "build a new pipeline")
-        added = RuntimeConfig(channels_last=tuple(set(runtime.channels_last_parts()) - set(old.channels_last_parts())),
-                              fuse_qkv=runtime.fuse_qkv and not old.fuse_qkv)
-        prepare_models(added, self._parts())
-        self.runtime = runtime
-        self._sync_kernel_modules()
-        self.executor = self.executor.reconfigured(runtime)
-        if runtime.streams != old.streams:
-            self.stage2_scheduler = Stage2Scheduler(self.device, runtime.streams)
-
-    # ------------------------------------------------------------------ construction
-    @classmethod
-    def from_pretrained(
-        cls,
-        sd15: str,
-        sdxl: str,
-        adapter: str,
-        *,
-        sdxl_vae: str | None = None,
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
-        progress: bool = True,
-        runtime: RuntimeConfig = RuntimeConfig(),
-    ) -> "XAdapterPipeline":
-        """Load SD1.5 and SDXL (diffusers folders or single .safetensors files) and the
-        X-Adapter checkpoint (.bin or .safetensors) from local paths; never from a hub."""
-        from ..loading import check_model_path, load_mapping, load_sd15, load_sdxl
-
-        check_model_path(sd15, "sd15", "sd15")
-        check_model_path(sdxl, "sdxl", "sdxl")
-        check_model_path(adapter, "adapter", "adapter")
-        if sdxl_vae is not None:
-            check_model_path(sdxl_vae, "vae", "sdxl_vae")
-        sd15_c = load_sd15(sd15, dtype=dtype, device=device)
-        sdxl_c = load_sdxl(sdxl, dtype=dtype, device=device, vae_path=sdxl_vae)
-        config = MappingConfig.from_unet_configs(sd15_c.unet.config, sdxl_c.unet.config)
-        mapping = load_mapping(adapter, config, dtype=dtype, device=device)
-        return cls(sd15_c, sdxl_c, mapping, device=device, dtype=dtype, progress=progress, runtime=runtime)
-
-    @classmethod
-    def from_diffusers(
-        cls,
-        sd15_pipeline: Any,
-        sdxl_pipeline: Any,
-        adapter: str | MappingLayers,
-        *,
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
-        progress: bool = True,
-    ) -> "XAdapterPipeline":
-        """From already loaded diffusers pipelines (StableDiffusionPipeline and
-        StableDiffusionXLPipeline, or anything with the same attributes); `adapter` is a
-        checkpoint path or a MappingLayers module. The modules are shared, not copied."""
-        sd15 = SD15Components(
-            unet=sd15_pipeline.unet, vae=sd15_pipeline.vae, text_encoder=sd15_pipeline.text_encoder,
-            tokenizer=sd15_pipeline.tokenizer, scheduler_config=dict(sd15_pipeline.scheduler.config),
-        )
-        sdxl = SDXLComponents(
-            unet=sdxl_pipeline.unet, vae=sdxl_pipeline.vae, text_encoder=sdxl_pipeline.text_encoder,
-            text_encoder_2=sdxl_pipeline.text_encoder_2, tokenizer=sdxl_pipeline.tokenizer,
-            tokenizer_2=sdxl_pipeline.tokenizer_2, scheduler_config=dict(sdxl_pipeline.scheduler.config),
-        )
-        if isinstance(adapter, MappingLayers):
-            mapping = adapter
-        else:
-            from ..loading import load_mapping
-
-            config = MappingConfig.from_unet_configs(sd15.unet.config, sdxl.unet.config)
-            mapping = load_mapping(adapter, config, dtype=dtype, device=device)
-        return cls(sd15, sdxl, mapping, device=device, dtype=dtype, progress=progress)
-
-    @classmethod
-    def from_tiny(
-        cls, seed: int = 0, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, progress: bool = True,
-        runtime: RuntimeConfig = RuntimeConfig(),
-    ) -> "XAdapterPipeline":
-        """The built-in tiny random models (real topology, noise-like images): a smoke run."""
-        from ..models.tiny import build_tiny_models
-
-        sd15, sdxl, mapping = build_tiny_models(seed)
-        return cls(sd15, sdxl, mapping, device=device, dtype=dtype, progress=progress, runtime=runtime)
-
-    def with_backend(self, backend: Any) -> "XAdapterPipeline":
-        """A copy of this pipeline whose SD1.5 UNet, mapping layers and SDXL UNet run on
-        `backend`: an object with `sd15_branch`, `sdxl_branch` and `mapping` callable like
-        SD15Branch, SDXLBranch and MappingLayers (e.g. runtime.onnxruntime_backend's
-        OnnxRuntimeBackend). Text encoders, VAEs, schedulers and plugins stay in PyTorch;
-        the fused kernels are off (they act inside the torch SDXL UNet). This pipeline is
-        left as it was; the modules are shared."""
-        pipe = copy.copy(self)
-        pipe.sd15_branch, pipe.sdxl_branch, pipe.mapping = backend.sd15_branch, backend.sdxl_branch, backend.mapping
-        attach = getattr(pipe.sd15_branch, "attach_torch_unet", None)
-        if attach is not None:  # the IP-Adapter's image projection and scales stay on the torch SD1.5 UNet
-            pipe.sd15_branch = attach(self.sd15.unet)
-        pipe.runtime = dataclasses.replace(self.runtime, triton_kernels=False)
-        return pipe
-
-    @property
-    def size_rules(self) -> SizeRules:
-        f15, fxl = _vae_factor(self.sd15.vae), _vae_factor(self.sdxl.vae)
-        n15 = len(self.sd15.unet.config.block_out_channels) - 1
-        nxl = len(self.sdxl.unet.config.block_out_channels) - 1
-        return SizeRules(
-            sd15_multiple=f15 * 2**n15,
-            sdxl_multiple=fxl * 2**nxl,
-            sd15_default=self.sd15.unet.config.sample_size * f15,
-            sdxl_default=self.sdxl.unet.config.sample_size * fxl,
-        )
-
-    # ------------------------------------------------------------------ generation
     def __call__(
         self,
         prompt: str | list[str],
@@ -311,13 +126,7 @@ class XAdapterPipeline:
         p = validate(params, self.size_rules)
         if init_image is None and p.strength != 1.0:
             raise ParameterError("strength", p.strength, "1.0 unless an init image is given")
-        if getattr(self.sd15.unet.config, "encoder_hid_dim_type", None) == "ip_image_proj" and not any(
-            isinstance(pl, IPAdapterPlugin) for pl in plugins
-        ):
-            raise ParameterError(
-                "plugins", [getattr(pl, "name", type(pl).__name__) for pl in plugins],
-                "an IPAdapterPlugin (an IP-Adapter is installed on the SD1.5 UNet: give an image, or unload it)",
-            )
+        check_required_plugins(self.sd15.unet, plugins)
         if p.seed is None:
             p.seed = random.SystemRandom().randrange(2**63)
         generator = torch.Generator("cpu").manual_seed(p.seed)
@@ -327,32 +136,12 @@ class XAdapterPipeline:
         timer = StageTimer(self.device)
         dev, dt = self.device, self.dtype
         cfg = p.guidance_scale > 1.0
-        guidance = p.guidance_scale if cfg else None
-        prompts = p.prompts
-        n_prompts, repeat = len(prompts), p.num_images_per_prompt
-        batch = n_prompts * repeat
-
-        def per_prompt(value: str | list[str] | None, default: list[str] | None) -> list[str] | None:
-            if value is None:
-                return default
-            return [value] * n_prompts if isinstance(value, str) else list(value)
-
-        prompts15 = per_prompt(p.prompt_sd15, prompts)
-        negatives = per_prompt(p.negative_prompt, None)
-        assert prompts15 is not None
-
-        def noise(shape: tuple[int, ...]) -> torch.Tensor:
-            # Drawn on a CPU generator: the same seed gives the same noise on any device.
-            return torch.randn(shape, generator=generator, dtype=torch.float32).to(dev, dt)
+        batch = len(p.prompts) * p.num_images_per_prompt
 
         with timer.stage("text_encoders"), self.residency.use(
             self.sd15.text_encoder, self.sdxl.text_encoder, self.sdxl.text_encoder_2
         ):
-            emb15 = encode_sd15(self.sd15, prompts15, negatives or [""] * n_prompts, repeat, cfg, dev).to(dt)
-            embxl, pooled = encode_sdxl(self.sdxl, prompts, negatives, repeat, cfg, dev)
-            rows = embxl.shape[0]
-            xl_cond = {"text_embeds": pooled.to(dt), "time_ids": sdxl_time_ids(p.height, p.width, rows, dt, dev)}
-            embxl = embxl.to(dt)
+            emb15, embxl, xl_cond = self._encode_prompts(p, cfg)
 
         ctx = PluginContext(
             batch=batch, cfg=cfg, device=dev, dtype=dt, height=p.height_sd15, width=p.width_sd15,
@@ -366,53 +155,22 @@ class XAdapterPipeline:
         def unet_kwargs(stage: str, i: int, steps: int, t: torch.Tensor, x: torch.Tensor) -> dict[str, Any]:
             return merge_unet_kwargs([pl.unet_kwargs(ctx, StepInfo(stage, i, steps, t), x) for pl in plugins])
 
-        def sd15(stage: str, i: int, steps: int, t: torch.Tensor, x: torch.Tensor):
-            eps, *feats = self.executor.run("sd15", self._sd15_forward, (x, t, emb15, unet_kwargs(stage, i, steps, t, x)))
-            return eps, tuple(feats)
-
-        f15, fxl = _vae_factor(self.sd15.vae), _vae_factor(self.sdxl.vae)
-        shape15 = (batch, self.sd15.unet.config.in_channels, p.height_sd15 // f15, p.width_sd15 // f15)
-        shapexl = (batch, self.sdxl.unet.config.in_channels, p.height // fxl, p.width // fxl)
-
+        f15, fxl = vae_factor(self.sd15.vae), vae_factor(self.sdxl.vae)
+        r = _Request(
+            p=p, generator=generator, cfg=cfg, guidance=p.guidance_scale if cfg else None, emb15=emb15,
+            unet_kwargs=unet_kwargs, step_callback=step_callback,
+            shape15=(batch, self.sd15.unet.config.in_channels, p.height_sd15 // f15, p.width_sd15 // f15),
+            shapexl=(batch, self.sdxl.unet.config.in_channels, p.height // fxl, p.width // fxl),
+        )
         with timer.stage("stage1"):
-            sched1 = make_scheduler(p.scheduler, self.sd15.scheduler_config)
-            sched1.set_timesteps(p.num_inference_steps, device=dev)
-            if init_image is None:
-                steps1 = sched1.timesteps
-                lat15 = noise(shape15) * sched1.init_noise_sigma
-            else:  # img2img: start from the init image noised to the strength's timestep
-                n1 = int(p.num_inference_steps * p.strength)
-                start = (p.num_inference_steps - n1) * sched1.order
-                steps1 = sched1.timesteps[start:]
-                if hasattr(sched1, "set_begin_index"):
-                    sched1.set_begin_index(start)
-                pixels = image_to_tensor(init_image, p.height_sd15, p.width_sd15, batch, "init_image").to(dev, dt) * 2 - 1
-                with self.residency.use(self.sd15.vae):
-                    init15 = self._vae_sample(self.sd15.vae, pixels, generator).to(dt)
-                lat15 = sched1.add_noise(init15, noise(shape15), steps1[:1].repeat(batch))
-            sampler1 = self._sampler(sched1, generator)
-            for i, t in enumerate(self._bar(steps1, "stage 1 (SD1.5)")):
-                eps, _ = sd15("stage1", i, len(steps1), t, sampler1.scale_model_input(self._cfg_batch(lat15, cfg), t))
-                lat15 = sampler1.step(eps, t, lat15, guidance)
-                if step_callback:
-                    step_callback("stage1", i, len(steps1))
-
-        k = p.stage2_steps
+            lat15 = self._stage1(r, init_image)
         with timer.stage("handover"), self.residency.use(self.sd15.vae, self.sdxl.vae):
-            sched15, schedxl = self._stage2_schedulers(p.scheduler, p.num_inference_steps, k)
-            t0 = schedxl.timesteps[-k:][:1].repeat(batch)
-            image = self.sd15.vae.decode(lat15 / self.sd15.vae.config.scaling_factor).sample
-            image = F.interpolate(image.float(), size=(p.height, p.width), mode="bicubic", antialias=True, align_corners=False)
-            image = image.clamp(-1.0, 1.0).to(self.vae_xl_dtype)
-            init_xl = self._vae_sample(self.sdxl.vae, image, generator)
-            latxl = schedxl.add_noise(init_xl.to(dt), noise(shapexl), t0)
-            lat15 = sched15.add_noise(lat15, noise(shape15), t0)
-
+            lat15, latxl, sched15, schedxl = self._handover(r, lat15)
         with timer.stage("stage2"):
             st = _Stage2(
-                timesteps=schedxl.timesteps[-k:], lat15=lat15, latxl=latxl,
+                timesteps=schedxl.timesteps[-p.stage2_steps:], lat15=lat15, latxl=latxl,
                 sampler15=self._sampler(sched15, generator), samplerxl=self._sampler(schedxl, generator),
-                emb15=emb15, embxl=embxl, xl_cond=xl_cond, guidance=guidance, cfg=cfg, latent_hw=shapexl[-2:],
+                emb15=emb15, embxl=embxl, xl_cond=xl_cond, guidance=r.guidance, cfg=cfg, latent_hw=r.shapexl[-2:],
                 unet_kwargs=unet_kwargs, step_callback=step_callback,
             )
             latxl = self._stage2(st, p)
@@ -428,6 +186,64 @@ class XAdapterPipeline:
             images=images, params=p, timings=dict(timer.seconds), overheads=self.executor.request_overheads(),
             peak_memory=peak_memory_bytes(self.device),
         )
+
+    def _encode_prompts(self, p: GenerationParams, cfg: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """SD1.5's CLIP-L embeddings, SDXL's CLIP-L + OpenCLIP-bigG embeddings and its added
+        conditions (pooled text embeddings, size time ids), rows [uncond; cond] with CFG."""
+        n_prompts, repeat, dev, dt = len(p.prompts), p.num_images_per_prompt, self.device, self.dtype
+
+        def per_prompt(value: str | list[str] | None, default: list[str] | None) -> list[str] | None:
+            if value is None:
+                return default
+            return [value] * n_prompts if isinstance(value, str) else list(value)
+
+        prompts15 = per_prompt(p.prompt_sd15, p.prompts)
+        negatives = per_prompt(p.negative_prompt, None)
+        emb15 = encode_sd15(self.sd15, prompts15, negatives or [""] * n_prompts, repeat, cfg, dev).to(dt)
+        embxl, pooled = encode_sdxl(self.sdxl, p.prompts, negatives, repeat, cfg, dev)
+        xl_cond = {"text_embeds": pooled.to(dt), "time_ids": sdxl_time_ids(p.height, p.width, embxl.shape[0], dt, dev)}
+        return emb15, embxl.to(dt), xl_cond
+
+    def _stage1(self, r: _Request, init_image: Any) -> torch.Tensor:
+        """SD1.5 alone over the whole schedule (img2img: from the init image noised to the
+        strength's timestep). Returns SD1.5's final latents."""
+        p, batch = r.p, r.shape15[0]
+        sched = make_scheduler(p.scheduler, self.sd15.scheduler_config)
+        sched.set_timesteps(p.num_inference_steps, device=self.device)
+        if init_image is None:
+            steps = sched.timesteps
+            lat = self._noise(r, r.shape15) * sched.init_noise_sigma
+        else:
+            start = (p.num_inference_steps - int(p.num_inference_steps * p.strength)) * sched.order
+            steps = sched.timesteps[start:]
+            if hasattr(sched, "set_begin_index"):
+                sched.set_begin_index(start)
+            pixels = image_to_tensor(init_image, p.height_sd15, p.width_sd15, batch, "init_image")
+            with self.residency.use(self.sd15.vae):
+                init = self._vae_sample(self.sd15.vae, pixels.to(self.device, self.dtype) * 2 - 1, r.generator)
+            lat = sched.add_noise(init.to(self.dtype), self._noise(r, r.shape15), steps[:1].repeat(batch))
+        sampler = self._sampler(sched, r.generator)
+        for i, t in enumerate(tqdm(steps, desc="stage 1 (SD1.5)", disable=not self.progress, leave=False)):
+            x = sampler.scale_model_input(self._cfg_batch(lat, r.cfg), t)
+            eps, *_ = self.executor.run("sd15", self._sd15_forward, (x, t, r.emb15, r.unet_kwargs("stage1", i, len(steps), t, x)))
+            lat = sampler.step(eps, t, lat, r.guidance)
+            if r.step_callback:
+                r.step_callback("stage1", i, len(steps))
+        return lat
+
+    def _handover(self, r: _Request, lat15: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any, Any]:
+        """SD1.5 VAE decode -> resize -> SDXL VAE encode -> noise to t0, and SD1.5's latents
+        re-noised to t0, with fresh stage-2 schedulers: (lat15, latxl, sched15, schedxl)."""
+        p, k = r.p, r.p.stage2_steps
+        sched15, schedxl = stage2_schedulers(p.scheduler, self.sd15.scheduler_config, self.sdxl.scheduler_config,
+                                             p.num_inference_steps, k, self.device)
+        t0 = schedxl.timesteps[-k:][:1].repeat(r.shape15[0])
+        image = self.sd15.vae.decode(lat15 / self.sd15.vae.config.scaling_factor).sample
+        image = F.interpolate(image.float(), size=(p.height, p.width), mode="bicubic", antialias=True, align_corners=False)
+        init_xl = self._vae_sample(self.sdxl.vae, image.clamp(-1.0, 1.0).to(self.vae_xl_dtype), r.generator)
+        latxl = schedxl.add_noise(init_xl.to(self.dtype), self._noise(r, r.shapexl), t0)
+        lat15 = sched15.add_noise(lat15, self._noise(r, r.shape15), t0)
+        return lat15, latxl, sched15, schedxl
 
     def _stage2(self, st: _Stage2, p: GenerationParams) -> torch.Tensor:
         """k steps of both branches; the Stage2Scheduler decides the order on the device.
@@ -477,43 +293,27 @@ class XAdapterPipeline:
         return self.sdxl_branch(x, t, emb, cond, injections=injections).contiguous()
 
     # ------------------------------------------------------------------ pieces
-    def _bar(self, timesteps: torch.Tensor, desc: str):
-        return tqdm(timesteps, desc=desc, disable=not self.progress, leave=False)
+    def _noise(self, r: _Request, shape: tuple[int, ...]) -> torch.Tensor:
+        # Drawn on a CPU generator: the same seed gives the same noise on any device.
+        return torch.randn(shape, generator=r.generator, dtype=torch.float32).to(self.device, self.dtype)
 
     @staticmethod
     def _cfg_batch(latents: torch.Tensor, cfg: bool) -> torch.Tensor:
         return torch.cat([latents, latents]) if cfg else latents
 
     def _sampler(self, scheduler: Any, generator: torch.Generator) -> Sampler:
-        """A prepared scheduler, stepped by the fused CFG + update kernel when it is on."""
-        fused = self.runtime.kernels_active(self.device)
-        return Sampler(scheduler, generator, fused=fused, use_triton=fused)
-
-    def _stage2_schedulers(self, name: str, steps: int, k: int) -> tuple[Any, Any]:
-        """Fresh stage-2 schedulers for SD1.5 and SDXL on SDXL's schedule, starting at index N - k.
-
-        Both come from SDXL's scheduler config (same timesteps by construction); SD1.5's
-        keeps its own prediction type.
-        """
-        cfg15 = {"prediction_type": self.sd15.scheduler_config.get("prediction_type", "epsilon")}
-        out = []
-        for overrides in (cfg15, {}):
-            s = make_scheduler(name, self.sdxl.scheduler_config, **overrides)
-            s.set_timesteps(steps, device=self.device)
-            if hasattr(s, "set_begin_index"):
-                s.set_begin_index((steps - k) * s.order)
-            out.append(s)
-        return out[0], out[1]
+        """A prepared scheduler, stepped by the fused CFG + update kernel when the runtime hands one over."""
+        return Sampler(scheduler, generator, guided_step=self.kernel_hooks.guided_step)
 
     def _injections(self, feats: tuple[torch.Tensor, ...], acs: float, fusion: float | None) -> list[Injection]:
         """One callable per SDXL injection site: mapping -> r -> h + acs*r (or the lerp), or
-        with the kernels: the residual blocks with fused conv epilogues, then the fused
-        Triton remap-inject on the stage outputs before their zero_out conv."""
-        if self.runtime.traced_kernels_active(self.device):
-            pre = self.mapping.features(*feats, fused_epilogues=True)
+        with the runtime's remap-inject hook: the residual blocks (their conv epilogues fused
+        when the kernels are on), then the hook on the stage outputs before their zero_out conv."""
+        inject = self.kernel_hooks.inject
+        if inject is not None:
             return [
-                functools.partial(_fused, x=x, conv=conv, scale=acs, fusion=fusion)
-                for x, conv in zip(pre, self.mapping.zero_out)
+                functools.partial(inject, x=x, conv=conv, scale=acs, fusion=fusion)
+                for x, conv in zip(self.mapping.features(*feats), self.mapping.zero_out)
             ]
         return [ResidualInjection(r, acs, fusion) for r in self.mapping(*feats)]
 

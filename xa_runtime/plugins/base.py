@@ -5,14 +5,20 @@ being generated (`prepare`), then asked at every SD1.5 UNet call for extra keywo
 arguments in diffusers' own vocabulary (`unet_kwargs`). The pipeline merges what several
 plugins return (`merge_unet_kwargs`). Plugins never see which backend runs the UNet.
 Weight plugins (LoRA) change the models instead and do not use this interface.
+
+A plugin class may also declare UNet states that cannot generate without one of its
+instances (an IP-Adapter installed on the UNet needs its image): `@requires_plugin` and a
+classmethod `required_for(unet)`; the pipeline calls `check_required_plugins` per request.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, Sequence, TypeVar, runtime_checkable
 
 import torch
+
+from ..errors import ParameterError
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,28 @@ class SD15StepPlugin(Protocol):
 
     def unet_kwargs(self, ctx: PluginContext, step: StepInfo, sample: torch.Tensor) -> dict[str, Any]:
         """Extra SD1.5 UNet kwargs for this call; `sample` is the scaled UNet input."""
+
+
+_REQUIRED: list[type] = []
+P = TypeVar("P", bound=type)
+
+
+def requires_plugin(cls: P) -> P:
+    """Class decorator: `cls.required_for(unet)` returns None, or, when `unet`'s state needs
+    an instance of `cls` among a request's plugins, what the request must include (words)."""
+    if not callable(getattr(cls, "required_for", None)):
+        raise TypeError(f"{cls.__name__} needs a classmethod required_for(unet) to be a required plugin")
+    _REQUIRED.append(cls)
+    return cls
+
+
+def check_required_plugins(unet: torch.nn.Module, plugins: Sequence[Any]) -> None:
+    """ParameterError("plugins", ...) when `unet` is in a state that a registered plugin
+    class requires (requires_plugin) and no plugin of that class is given."""
+    for cls in _REQUIRED:
+        needed = cls.required_for(unet)
+        if needed is not None and not any(isinstance(pl, cls) for pl in plugins):
+            raise ParameterError("plugins", [getattr(pl, "name", type(pl).__name__) for pl in plugins], needed)
 
 
 _SUMMED_TUPLES = ("down_block_additional_residuals", "down_intrablock_additional_residuals")

@@ -31,7 +31,7 @@ from diffusers.models.attention_processor import (
 from diffusers.models.embeddings import MultiIPAdapterImageProjection
 
 from ..errors import CheckpointError, ParameterError
-from .base import PluginContext, StepInfo
+from .base import PluginContext, StepInfo, requires_plugin
 from .ip_adapter_image import CLIPImageEncoder, load_image_encoder
 from .ip_adapter_loading import Tensors, check_fits_unet, image_proj_dims, read_ip_adapter_file
 
@@ -235,6 +235,7 @@ def default_image_encoder_path(ip_adapter_path: str | Path) -> Path | None:
     return None
 
 
+@requires_plugin
 class IPAdapterPlugin:
     """The image prompt as an SD1.5 step plugin (see plugins/base.py).
 
@@ -259,6 +260,13 @@ class IPAdapterPlugin:
         self._images: Sequence[Any] = _image_list(image)
         self._encoded: tuple[Any, torch.Tensor, torch.Tensor] | None = None
         self._embeds: torch.Tensor | None = None
+
+    @classmethod
+    def required_for(cls, unet: torch.nn.Module) -> str | None:
+        """An IP-Adapter installed on `unet` changes its inputs: a request needs the image."""
+        if getattr(unet.config, "encoder_hid_dim_type", None) == "ip_image_proj":
+            return "an IPAdapterPlugin (an IP-Adapter is installed on the SD1.5 UNet: give an image, or unload it)"
+        return None
 
     def with_image(self, image: Any) -> "IPAdapterPlugin":
         """The same adapter, encoder and scale on another image prompt (a per-request image)."""

@@ -1,9 +1,5 @@
-"""Runtime switches that change how, not what, the pipeline computes.
-
-CPU-tested: validation, the sequential fallback of `streams`, `compile` (dynamo with the
-"eager"/"aot_eager" backends), `offload` as a no-op. GPU-untested-yet at the time of
-writing: `streams`, `cuda_graphs`, inductor, channels-last and fused QKV on CUDA.
-"""
+"""Runtime switches that change how, not what, the pipeline computes (RuntimeConfig), and
+which of them can act on a given device."""
 
 from __future__ import annotations
 
@@ -105,7 +101,7 @@ class RuntimeConfig:
     def kernels_active(self, device: torch.device) -> bool:
         if not self.triton_kernels:
             return False
-        from ..kernels import triton_usable
+        from ..kernels.availability import triton_usable
 
         return triton_usable(device)
 

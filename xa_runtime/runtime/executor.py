@@ -1,9 +1,7 @@
 """Runs a branch step (a function of tensors and constants) eagerly, compiled, and/or as a
 replayed CUDA graph, as the RuntimeConfig asks. The pipeline names its steps and passes
-them here; it never sees torch.compile or CUDA graphs.
-
-CPU-tested: eager, compile with the "eager"/"aot_eager" backends, model preparation
-(channels-last, fused QKV), the model fingerprint. GPU-untested-yet: graphs, inductor.
+them here; it never sees torch.compile or CUDA graphs. Also the model-level switches
+(channels-last, fused QKV) and the fingerprint that tells when captured graphs are stale.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 With offload "encoders_vaes" the text encoders and VAEs live on the CPU and are moved to
 the device only while they run (a plain .to() around the use); the UNets and mapping
-layers stay resident. CPU-tested as a no-op (nothing to offload to); GPU-untested-yet.
+layers stay resident. On the CPU offload is a no-op (nothing to offload to).
 """
 
 from __future__ import annotations

@@ -7,11 +7,8 @@ through a ring of 2 preallocated feature buffers, so the caching allocator never
 a feature's memory while the other stream still reads it. The host enqueues exactly the
 sequential order (so CPU generators are drawn in the same order) and never synchronises
 inside the loop: progress is read from events. Anywhere else it is the plain loop.
-
-CPU-tested: the sequential path (equal to the pipeline's former loop), and the two-stream
-path against a stand-in torch.cuda (tests/test_runtime_fake_cuda.py: same result, and a
-vector-clock race check finds every cross-stream access ordered by the events).
-GPU-untested-yet at the time of writing.
+tests/test_runtime_fake_cuda.py checks the two-stream path against a stand-in torch.cuda
+(same result; a vector-clock race check finds every cross-stream access ordered by events).
 """
 
 from __future__ import annotations

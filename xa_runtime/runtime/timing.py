@@ -2,7 +2,7 @@
 
 On CUDA a stage is bracketed by CUDA events on the current stream (no host
 synchronisation between stages; the times are read once, when `seconds` is first asked
-for); elsewhere by perf_counter. Event timing was CPU-untestable: GPU-untested-yet.
+for); elsewhere by perf_counter.
 """
 
 from __future__ import annotations

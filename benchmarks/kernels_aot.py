@@ -9,10 +9,13 @@ shared memory per CTA. What this cannot say: whether the code is correct on the 
 
 How: in a process that did not import triton with TRITON_INTERPRET=1 (`compilable()`),
 each kernel's launcher runs on uninitialised CPU tensors at the full-size shapes
-(`shapes.py`) with its kernels replaced by recorders and `interpreted()` false, so it
-takes the GPU path (GPU tiles, the autotuned remap-inject). Each recorded launch is then
-compiled with the argument specialisation Triton's JIT makes at launch (pointer dtypes,
-16-byte alignment, integers equal to 1 turned into constants), once per autotune config.
+(xa_runtime/kernels/shapes.py) inside the library's `recording_launches` scope: every
+launch is handed to a recorder instead of running, and `interpreted()` is false, so the
+launcher takes its GPU path (GPU tiles, the autotuned remap-inject). Each recorded launch
+is then compiled with the argument specialisation Triton's JIT makes at launch (pointer
+dtypes, 16-byte alignment, integers equal to 1 turned into constants), once per autotune
+config. Build tooling, not part of the runtime package: benchmarks/kernels_static.py
+runs it, tests/test_kernels_aot.py checks it.
 
 From the resources and a GPU's limits (`GPUS`, from the CUDA programming guide's table of
 compute capabilities) follow CTAs per SM and the waves a launch's grid takes: a static
@@ -22,7 +25,6 @@ model of occupancy and tile quantisation, no timing.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import math
 import re
 import subprocess
@@ -35,10 +37,9 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from . import shapes
-from .remap_inject import triton
+from xa_runtime.kernels import shapes
+from xa_runtime.kernels.availability import recording_launches, triton
 
-KERNEL_MODULES = ("conv_epilogue", "geglu", "group_norm", "guided_step", "remap_inject")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -110,54 +111,24 @@ class Compiled:
         return asdict(self) | {"ctas": self.ctas}
 
 
-class _Recorder:
-    """Stands in for a kernel: `kernel[grid](...)` records the launch instead of running it."""
-
-    def __init__(self, name: str, fn: Any, launches: list[Launch]):
-        self.name, self.fn, self.launches = name, fn, launches
-
-    def __getitem__(self, grid: Any) -> Callable[..., None]:
-        def launch(*args: Any, **kwargs: Any) -> None:
-            self.launches.append(Launch(self.name, self.fn, grid, args, kwargs))
-
-        return launch
-
-
-def _is_kernel(obj: Any) -> bool:
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
-    return isinstance(obj, (JITFunction, InterpretedFunction))
+def _kernel_name(fn: Any) -> str:
+    """The jitted function's name without its leading underscore (an autotuned kernel: the
+    function it tunes)."""
+    base = getattr(fn, "base_fn", None) or getattr(fn, "fn", fn)
+    return base.__name__.strip("_")
 
 
 @contextmanager
 def recording() -> Iterator[list[Launch]]:
-    """Within: the kernel modules' kernels record their launches (nothing runs) and the
-    launchers take their GPU path. Everything is put back on exit."""
-    if triton is None:
-        raise RuntimeError("triton is not installed")
+    """Within: kernel launches are recorded into the yielded list (nothing runs) and the
+    launchers take their GPU path (kernels.availability.recording_launches)."""
     launches: list[Launch] = []
-    saved: list[tuple[Any, str, Any]] = []
-    modules = [importlib.import_module(f"{__package__}.{name}") for name in KERNEL_MODULES]
-    from .remap_inject import _remap_inject_tuned
 
-    tuned = _remap_inject_tuned()  # built around the real kernel before it is replaced below
-    try:
-        for module in modules:
-            for attr, obj in list(vars(module).items()):
-                if _is_kernel(obj):
-                    saved.append((module, attr, obj))
-                    setattr(module, attr, _Recorder(attr.strip("_"), obj, launches))
-            if hasattr(module, "interpreted"):
-                saved.append((module, "interpreted", module.interpreted))
-                module.interpreted = lambda: False
-            if hasattr(module, "_remap_inject_tuned"):
-                saved.append((module, "_remap_inject_tuned", module._remap_inject_tuned))
-                module._remap_inject_tuned = lambda: _Recorder("remap_inject_kernel", tuned, launches)
+    def record(kernel: Any, grid: Any, args: tuple, meta: dict) -> None:
+        launches.append(Launch(_kernel_name(kernel), kernel, grid, args, meta))
+
+    with recording_launches(record):
         yield launches
-    finally:
-        for module, attr, obj in reversed(saved):
-            setattr(module, attr, obj)
 
 
 def full_size_launches(dtype: str = "fp16") -> list[Launch]:
@@ -165,11 +136,9 @@ def full_size_launches(dtype: str = "fp16") -> list[Launch]:
     pipeline uses, in `dtype` (fp16, bf16, fp32)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    from .conv_epilogue import conv_epilogue_triton
-    from .geglu import geglu_triton
-    from .group_norm import group_norm_triton
-    from .guided_step import StepCoefficients, guided_step_triton
-    from .remap_inject import remap_inject_triton
+    from xa_runtime.kernels import (
+        conv_epilogue_triton, geglu_triton, group_norm_triton, guided_step_triton, remap_inject_triton,
+    )
 
     dt, b = DTYPES[dtype], shapes.BATCH
     nchw, nhwc = torch.contiguous_format, torch.channels_last
@@ -206,9 +175,9 @@ def full_size_launches(dtype: str = "fp16") -> list[Launch]:
     for name, tokens, d in shapes.GEGLU_SHAPES:
         run(name, "", geglu_triton, empty(b, tokens, 2 * d))
     n = shapes.LATENT
-    k = StepCoefficients(sig=0.5, inv_alpha=1.1, a=0.9, b=0.1, p=0.05)
+    k = (0.5, 1.1, 0.9, 0.1, 0.05)  # (sig, inv_alpha, a, b, p): any numbers, the kernel is the same
     latents, eps = empty(1, 4, n, n), empty(2, 4, n, n)
-    run("1x4x128x128", "cfg", guided_step_triton, eps, latents, None, 7.5, StepCoefficients(0.5, 1.1, 0.9, 0.1))
+    run("1x4x128x128", "cfg", guided_step_triton, eps, latents, None, 7.5, (0.5, 1.1, 0.9, 0.1, 0.0))
     run("1x4x128x128", "cfg 2nd order", guided_step_triton, eps, latents, empty(1, 4, n, n, of=torch.float32), 7.5, k)
     return out
 

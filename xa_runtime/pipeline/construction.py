@@ -1,0 +1,219 @@
+"""How an XAdapterPipeline is built and reconfigured: from local paths, from loaded
+diffusers pipelines or the built-in tiny models; device and dtype placement; switching the
+runtime (RuntimeConfig) or the backend that runs the UNets and mapping layers.
+
+The algorithm itself is in xadapter.py; this base class gives it the models, the runtime
+pieces (step executor, stage-2 scheduler, residency) and the kernel hooks the runtime hands
+over (xa_runtime.runtime.kernel_hooks).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any, Self
+
+import torch
+
+from ..errors import ParameterError
+from ..models.branches import SD15Branch, SDXLBranch
+from ..models.components import SD15Components, SDXLComponents
+from ..models.mapping import MappingConfig, MappingLayers
+from ..runtime.config import RuntimeConfig
+from ..runtime.executor import StepExecutor, prepare_models
+from ..runtime.kernel_hooks import kernel_hooks, sync_kernel_modules
+from ..runtime.memory import Residency
+from ..runtime.stage2 import Stage2Scheduler
+from .params import SizeRules
+from .schedulers import schedule_mismatch
+
+
+def vae_factor(vae: torch.nn.Module) -> int:
+    """Pixels per latent along each side."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def _upcast_vae(vae: torch.nn.Module, dtype: torch.dtype) -> bool:
+    # SDXL's VAE overflows in fp16 (force_upcast in its config); the fp16-fix variant does not.
+    return dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+
+
+class XAdapterPipelineBase:
+    """The models of an X-Adapter pipeline, placed on one device in one dtype, and how they
+    execute. Build it with `from_pretrained(sd15, sdxl, adapter)` from local paths, from
+    already loaded components, `from_diffusers(...)`, or `from_tiny()` for the built-in tiny
+    random models."""
+
+    def __init__(
+        self,
+        sd15: SD15Components,
+        sdxl: SDXLComponents,
+        mapping: MappingLayers,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        progress: bool = True,
+        runtime: RuntimeConfig = RuntimeConfig(),
+    ):
+        self.device, self.dtype, self.progress, self.runtime = torch.device(device), dtype, progress, runtime
+        runtime.check_device(self.device)
+        self.sd15, self.sdxl = sd15, sdxl
+        mismatch = schedule_mismatch(sd15.scheduler_config, sdxl.scheduler_config)
+        if mismatch:
+            raise ValueError(
+                f"SD1.5 and SDXL scheduler configs differ on {mismatch}; X-Adapter runs both branches on one "
+                "noise schedule in stage 2"
+            )
+        expected = MappingConfig.from_unet_configs(sd15.unet.config, sdxl.unet.config)
+        if mapping.config != expected:
+            raise ValueError(f"mapping layers are built for {mapping.config}, but these UNets need {expected}")
+        self.residency = Residency(self.device, runtime.offload_active(self.device))
+        for module in (sd15.unet, sdxl.unet, mapping):
+            module.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
+        for module in (sd15.vae, sd15.text_encoder, sdxl.text_encoder, sdxl.text_encoder_2):
+            module.to(device=self.residency.home(module), dtype=dtype).eval().requires_grad_(False)
+        self.vae_xl_dtype = torch.float32 if _upcast_vae(sdxl.vae, dtype) else dtype
+        sdxl.vae.to(device=self.residency.home(sdxl.vae), dtype=self.vae_xl_dtype).eval().requires_grad_(False)
+        self.mapping = mapping
+        prepare_models(runtime, self._parts())
+        self._sync_kernel_modules()
+        self.kernel_hooks = kernel_hooks(runtime, self.device)
+        self.sd15_branch = SD15Branch(sd15.unet)
+        self.sdxl_branch = SDXLBranch(sdxl.unet)
+        self.executor = StepExecutor(runtime, self.device)
+        self.stage2_scheduler = Stage2Scheduler(self.device, runtime.streams)
+
+    def _parts(self) -> dict[str, torch.nn.Module]:
+        """The modules RuntimeConfig's model-level switches change, by CHANNELS_LAST_PARTS name."""
+        return {"sd15_unet": self.sd15.unet, "mapping": self.mapping, "sdxl_unet": self.sdxl.unet}
+
+    def _sync_kernel_modules(self) -> None:
+        """The models' kernel-backed module swaps in line with the runtime (called when it
+        is set and at the start of every request: modules may be shared between pipelines)."""
+        sync_kernel_modules(self._parts(), self.runtime, self.device)
+
+    def set_runtime(self, runtime: RuntimeConfig) -> None:
+        """Switch how this pipeline executes without rebuilding it. Compiled steps are kept
+        when the compile settings are unchanged (so a benchmark adding graphs or streams on
+        top of compile does not compile again); captured graphs are dropped. channels_last
+        (per part) and fuse_qkv can only be turned on (they changed the models); offload
+        cannot change."""
+        runtime.check_device(self.device)
+        old = self.runtime
+        if runtime.offload != old.offload:
+            raise ParameterError("offload", runtime.offload, f"{old.offload!r} (fixed when the pipeline was built)")
+        if old.fuse_qkv and not runtime.fuse_qkv:
+            raise ParameterError("fuse_qkv", False, "True: it changed the models when it was turned on; build a new pipeline")
+        dropped = set(old.channels_last_parts()) - set(runtime.channels_last_parts())
+        if dropped:
+            raise ParameterError("channels_last", runtime.channels_last,
+                                 f"parts including {', '.join(sorted(dropped))}: they changed when it was turned on; "
+                                 "build a new pipeline")
+        added = RuntimeConfig(channels_last=tuple(set(runtime.channels_last_parts()) - set(old.channels_last_parts())),
+                              fuse_qkv=runtime.fuse_qkv and not old.fuse_qkv)
+        prepare_models(added, self._parts())
+        self.runtime = runtime
+        self._sync_kernel_modules()
+        self.kernel_hooks = kernel_hooks(runtime, self.device)
+        self.executor = self.executor.reconfigured(runtime)
+        if runtime.streams != old.streams:
+            self.stage2_scheduler = Stage2Scheduler(self.device, runtime.streams)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        sd15: str,
+        sdxl: str,
+        adapter: str,
+        *,
+        sdxl_vae: str | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        progress: bool = True,
+        runtime: RuntimeConfig = RuntimeConfig(),
+    ) -> Self:
+        """Load SD1.5 and SDXL (diffusers folders or single .safetensors files) and the
+        X-Adapter checkpoint (.bin or .safetensors) from local paths; never from a hub."""
+        from ..loading import check_model_path, load_mapping, load_sd15, load_sdxl
+
+        check_model_path(sd15, "sd15", "sd15")
+        check_model_path(sdxl, "sdxl", "sdxl")
+        check_model_path(adapter, "adapter", "adapter")
+        if sdxl_vae is not None:
+            check_model_path(sdxl_vae, "vae", "sdxl_vae")
+        sd15_c = load_sd15(sd15, dtype=dtype, device=device)
+        sdxl_c = load_sdxl(sdxl, dtype=dtype, device=device, vae_path=sdxl_vae)
+        config = MappingConfig.from_unet_configs(sd15_c.unet.config, sdxl_c.unet.config)
+        mapping = load_mapping(adapter, config, dtype=dtype, device=device)
+        return cls(sd15_c, sdxl_c, mapping, device=device, dtype=dtype, progress=progress, runtime=runtime)
+
+    @classmethod
+    def from_diffusers(
+        cls,
+        sd15_pipeline: Any,
+        sdxl_pipeline: Any,
+        adapter: str | MappingLayers,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        progress: bool = True,
+    ) -> Self:
+        """From already loaded diffusers pipelines (StableDiffusionPipeline and
+        StableDiffusionXLPipeline, or anything with the same attributes); `adapter` is a
+        checkpoint path or a MappingLayers module. The modules are shared, not copied."""
+        sd15 = SD15Components(
+            unet=sd15_pipeline.unet, vae=sd15_pipeline.vae, text_encoder=sd15_pipeline.text_encoder,
+            tokenizer=sd15_pipeline.tokenizer, scheduler_config=dict(sd15_pipeline.scheduler.config),
+        )
+        sdxl = SDXLComponents(
+            unet=sdxl_pipeline.unet, vae=sdxl_pipeline.vae, text_encoder=sdxl_pipeline.text_encoder,
+            text_encoder_2=sdxl_pipeline.text_encoder_2, tokenizer=sdxl_pipeline.tokenizer,
+            tokenizer_2=sdxl_pipeline.tokenizer_2, scheduler_config=dict(sdxl_pipeline.scheduler.config),
+        )
+        if isinstance(adapter, MappingLayers):
+            mapping = adapter
+        else:
+            from ..loading import load_mapping
+
+            config = MappingConfig.from_unet_configs(sd15.unet.config, sdxl.unet.config)
+            mapping = load_mapping(adapter, config, dtype=dtype, device=device)
+        return cls(sd15, sdxl, mapping, device=device, dtype=dtype, progress=progress)
+
+    @classmethod
+    def from_tiny(
+        cls, seed: int = 0, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, progress: bool = True,
+        runtime: RuntimeConfig = RuntimeConfig(),
+    ) -> Self:
+        """The built-in tiny random models (real topology, noise-like images): a smoke run."""
+        from ..models.tiny import build_tiny_models
+
+        sd15, sdxl, mapping = build_tiny_models(seed)
+        return cls(sd15, sdxl, mapping, device=device, dtype=dtype, progress=progress, runtime=runtime)
+
+    def with_backend(self, backend: Any) -> Self:
+        """A copy of this pipeline whose SD1.5 UNet, mapping layers and SDXL UNet run on
+        `backend`: an object with `sd15_branch`, `sdxl_branch` and `mapping` callable like
+        SD15Branch, SDXLBranch and MappingLayers (e.g. runtime.onnxruntime_backend's
+        OnnxRuntimeBackend). Text encoders, VAEs, schedulers and plugins stay in PyTorch;
+        the fused kernels are off (they act inside the torch SDXL UNet). This pipeline is
+        left as it was; the modules are shared."""
+        pipe = copy.copy(self)
+        pipe.sd15_branch, pipe.sdxl_branch, pipe.mapping = backend.sd15_branch, backend.sdxl_branch, backend.mapping
+        attach = getattr(pipe.sd15_branch, "attach_torch_unet", None)
+        if attach is not None:  # the IP-Adapter's image projection and scales stay on the torch SD1.5 UNet
+            pipe.sd15_branch = attach(self.sd15.unet)
+        pipe.runtime = dataclasses.replace(self.runtime, triton_kernels=False)
+        pipe.kernel_hooks = kernel_hooks(pipe.runtime, pipe.device)
+        return pipe
+
+    @property
+    def size_rules(self) -> SizeRules:
+        f15, fxl = vae_factor(self.sd15.vae), vae_factor(self.sdxl.vae)
+        n15 = len(self.sd15.unet.config.block_out_channels) - 1
+        nxl = len(self.sdxl.unet.config.block_out_channels) - 1
+        return SizeRules(
+            sd15_multiple=f15 * 2**n15,
+            sdxl_multiple=fxl * 2**nxl,
+            sd15_default=self.sd15.unet.config.sample_size * f15,
+            sdxl_default=self.sdxl.unet.config.sample_size * fxl,
+        )
