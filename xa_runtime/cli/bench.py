@@ -329,7 +329,7 @@ def _install_random_lora(branches: Any) -> None:
     import tempfile
 
     from ..plugins.lora import LoraManager, load_lora
-    from ..plugins.lora_testing import write_random_lora
+    from ..testing import write_random_lora
 
     for components in branches:
         with tempfile.TemporaryDirectory(prefix="xa-bench-lora-") as tmp:
