@@ -13,6 +13,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+import xa_runtime
+
 from .config import ConfigError, load_config
 
 
@@ -24,6 +26,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     ap.add_argument("--ray", action="store_true",
                     help="serve on Ray Serve (local Ray, or the cluster named by RAY_ADDRESS); needs the ray extra")
+    ap.add_argument("--version", action="version", version=f"%(prog)s {xa_runtime.__version__}")
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config)
