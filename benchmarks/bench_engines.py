@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     from xa_runtime.engines.run import TensorRTBackend
     from xa_runtime.export import build_graph_module, example_inputs, export_graphs, model_dims
     from xa_runtime.plugins.lora import LoraManager, load_lora
-    from xa_runtime.plugins.lora_testing import write_random_lora
+    from xa_runtime.testing import write_random_lora
     from xa_runtime.runtime.graphs_table import get_graph
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.precision]

@@ -29,7 +29,7 @@ from xa_runtime.plugins import ControlNetPlugin, IPAdapter, LoraManager, load_lo
 from xa_runtime.plugins.base import PluginContext, StepInfo, merge_unet_kwargs
 from xa_runtime.plugins.controlnet import build_tiny_controlnet
 from xa_runtime.plugins.ip_adapter_loading import tiny_ip_adapter_state
-from xa_runtime.plugins.lora import write_random_lora
+from xa_runtime.testing import write_random_lora
 from xa_runtime.runtime.timing import synchronize, time_callable
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -14,7 +14,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from xa_runtime.models.tiny import build_tiny_models, save_tiny_models  # noqa: E402
+from xa_runtime.models.tiny import build_tiny_models  # noqa: E402
+from xa_runtime.testing import save_tiny_models  # noqa: E402
 
 
 @pytest.fixture(scope="session")

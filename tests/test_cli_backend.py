@@ -44,7 +44,7 @@ def test_loras_on_onnxruntime_equal_torch(tiny_onnx, tmp_path, capsys):
     """--lora / --sdxl-lora on the onnxruntime backend: text encoders fused in torch, the UNet deltas
     written into the graphs (what TensorRT refit feeds), on the fly and from an xa-export folder
     (its SDXL side the fused graph); the image equals torch's with the LoRAs fused."""
-    from xa_runtime.plugins.lora_testing import write_random_lora
+    from xa_runtime.testing import write_random_lora
 
     bundle, folder = tiny_onnx
     sd15 = write_random_lora(tmp_path / "sd15.safetensors", bundle.sd15.unet, bundle.sd15.text_encoder, std=0.3)
@@ -66,8 +66,8 @@ def test_ip_and_t2i_adapters_on_onnxruntime_equal_torch(tiny_onnx, tmp_path, cap
     """--ip-adapter (sd15_unet_ip: exported on the fly from the file, or the xa-export folder of the
     same file) and --t2i-adapter (sd15_unet_t2i, from the folder) on onnxruntime: the image equals
     torch's within one 8-bit step; a folder without the IP graph is refused."""
-    from xa_runtime.plugins.ip_adapter_loading import save_ip_adapter, write_tiny_image_encoder
-    from xa_runtime.plugins.t2i_adapter import write_tiny_t2i_adapter
+    from xa_runtime.plugins.ip_adapter_loading import save_ip_adapter
+    from xa_runtime.testing import write_tiny_image_encoder, write_tiny_t2i_adapter
 
     bundle, folder = tiny_onnx
     ip = save_ip_adapter(bundle.ip_adapter, tmp_path / "models" / "ip-adapter_sd15.safetensors")  # the graph's file

@@ -9,11 +9,14 @@ from PIL import Image
 
 from xa_runtime.cli.generate import main
 from xa_runtime.pipeline import XAdapterPipeline
-from xa_runtime.plugins.controlnet import write_tiny_controlnet
-from xa_runtime.plugins.ip_adapter_loading import write_tiny_image_encoder, write_tiny_ip_adapter
-from xa_runtime.plugins.lora import write_random_lora
-from xa_runtime.plugins.nexus import write_tiny_nexus
-from xa_runtime.plugins.t2i_adapter import write_tiny_t2i_adapter
+from xa_runtime.testing import (
+    write_random_lora,
+    write_tiny_controlnet,
+    write_tiny_image_encoder,
+    write_tiny_ip_adapter,
+    write_tiny_nexus,
+    write_tiny_t2i_adapter,
+)
 
 FAST = ["--steps", "3", "--adapter-guidance-start", "1.0", "--no-progress", "--seed", "1"]
 

@@ -19,11 +19,10 @@ from xa_runtime.plugins.controlnet import (
     build_tiny_controlnet,
     control_keep,
     controlnet_config_from_state,
-    controlnet_to_original,
     load_controlnet,
     load_controlnet_plugin,
-    write_tiny_controlnet,
 )
+from xa_runtime.testing import controlnet_to_original, write_tiny_controlnet
 
 EXACT = dict(rtol=0, atol=0)
 GEN = dict(num_inference_steps=4, adapter_guidance_start=0.5, seed=3, output_type="latent")

@@ -23,7 +23,7 @@ from xa_runtime.errors import ParameterError
 from xa_runtime.export import ModuleBundle, build_graph_module, example_inputs, export_graphs, model_dims
 from xa_runtime.export.refit import names_path, read_name_map
 from xa_runtime.plugins.lora import LoraManager, load_lora
-from xa_runtime.plugins.lora_testing import write_random_lora
+from xa_runtime.testing import write_random_lora
 from xa_runtime.runtime.graphs_table import GRAPHS, DimRange
 from xa_runtime.runtime.onnxruntime_backend import GraphSession
 

@@ -105,7 +105,7 @@ def test_lora_refit_then_unload(engines, tmp_path):
     from xa_runtime.engines.run import TensorRTBackend
     from xa_runtime.export import ModuleBundle
     from xa_runtime.plugins.lora import LoraManager, load_lora
-    from xa_runtime.plugins.lora_testing import write_random_lora
+    from xa_runtime.testing import write_random_lora
 
     bundle, onnx_dir, folder = engines
     backend = TensorRTBackend(folder, onnx_dir)

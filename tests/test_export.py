@@ -223,7 +223,7 @@ def test_cli_exports_the_ip_adapter_graph(tiny_paths, tmp_path, capsys):
     from xa_runtime.cli.export import main
     from xa_runtime.export.manifest import file_sha256
     from xa_runtime.models.tiny import build_tiny_models
-    from xa_runtime.plugins.ip_adapter_loading import write_tiny_ip_adapter
+    from xa_runtime.testing import write_tiny_ip_adapter
 
     ip = write_tiny_ip_adapter(tmp_path / "ip", build_tiny_models(0)[0].unet)["safetensors"]
     out = tmp_path / "graphs"

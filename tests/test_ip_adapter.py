@@ -26,9 +26,8 @@ from xa_runtime.plugins.ip_adapter_loading import (
     read_ip_adapter_file,
     save_ip_adapter,
     tiny_ip_adapter_state,
-    write_tiny_image_encoder,
-    write_tiny_ip_adapter,
 )
+from xa_runtime.testing import write_tiny_image_encoder, write_tiny_ip_adapter
 
 EXACT = dict(rtol=0, atol=0)
 CLOSE = dict(rtol=1e-5, atol=1e-5)
@@ -352,7 +351,7 @@ def test_pipeline_refuses_a_call_without_the_installed_ip_adapter(tmp_path):
     from xa_runtime.models.tiny import build_tiny_models
     from xa_runtime.pipeline import XAdapterPipeline
     from xa_runtime.plugins import load_ip_adapter
-    from xa_runtime.plugins.ip_adapter_loading import write_tiny_ip_adapter
+    from xa_runtime.testing import write_tiny_ip_adapter
 
     sd15, sdxl, mapping = build_tiny_models(5)
     paths = write_tiny_ip_adapter(tmp_path, sd15.unet)

@@ -21,7 +21,8 @@ from xa_runtime.pipeline import XAdapterPipeline
 from xa_runtime.plugins.controlnet import ControlNetPlugin
 from xa_runtime.plugins.ip_adapter import IPAdapter, IPAdapterPlugin, ip_layer_scales, ip_tokens
 from xa_runtime.plugins.ip_adapter_image import load_image_encoder
-from xa_runtime.plugins.ip_adapter_loading import tiny_ip_adapter_state, write_tiny_image_encoder
+from xa_runtime.plugins.ip_adapter_loading import tiny_ip_adapter_state
+from xa_runtime.testing import write_tiny_image_encoder
 from xa_runtime.runtime.graphs_table import GRAPHS
 from xa_runtime.runtime.onnxruntime_backend import GraphSession, OnnxRuntimeBackend
 

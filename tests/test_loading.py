@@ -32,8 +32,9 @@ from xa_runtime.loading.family import family_of_checkpoint, preset_for_checkpoin
 from xa_runtime.models import MappingConfig, MappingLayers, get_preset
 from xa_runtime.models.components import SD15Components, SDXLComponents
 from xa_runtime.models.original_layout import sd15_to_original, sdxl_to_original, vae_to_original
-from xa_runtime.models.tiny import TinyModelPaths, build_tiny_models
+from xa_runtime.models.tiny import build_tiny_models
 from xa_runtime.pipeline import XAdapterPipeline
+from xa_runtime.testing import TinyModelPaths
 
 MODULES = {"sd15": ("unet", "vae", "text_encoder"), "sdxl": ("unet", "vae", "text_encoder", "text_encoder_2")}
 LOADERS = {"sd15": load_sd15, "sdxl": load_sdxl}

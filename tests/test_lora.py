@@ -20,8 +20,8 @@ from xa_runtime.plugins.lora import (
     module_index,
     parse_lora,
     parse_lora_argument,
-    write_random_lora,
 )
+from xa_runtime.testing import write_random_lora
 
 # fp32 on the CPU: a weight edit vs the same edit computed elsewhere (fused) or a low-rank
 # side path (unfused) differ by summation order only.
@@ -407,7 +407,7 @@ def test_each_plugin_family_with_an_sdxl_lora(models, tmp_path):
         load_ip_adapter,
     )
     from xa_runtime.plugins.controlnet import build_tiny_controlnet
-    from xa_runtime.plugins.ip_adapter_loading import write_tiny_image_encoder, write_tiny_ip_adapter
+    from xa_runtime.testing import write_tiny_image_encoder, write_tiny_ip_adapter
     from xa_runtime.plugins.nexus import NexusAdapterPlugin, build_tiny_nexus
     from xa_runtime.plugins.t2i_adapter import build_tiny_t2i_adapter
 

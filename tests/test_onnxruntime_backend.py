@@ -204,7 +204,7 @@ def test_set_lora_deltas_switches_and_restores(tiny_onnx):
 
     from xa_runtime.export import example_inputs, model_dims
     from xa_runtime.plugins.lora import LoraManager, load_lora
-    from xa_runtime.plugins.lora_testing import write_random_lora
+    from xa_runtime.testing import write_random_lora
     from xa_runtime.runtime.graphs_table import get_graph
 
     bundle, folder = tiny_onnx

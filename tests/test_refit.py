@@ -16,7 +16,7 @@ from xa_runtime.errors import ParameterError
 from xa_runtime.export import ModuleBundle, apply_weight_deltas, build_graph_module, example_inputs, model_dims
 from xa_runtime.export.refit import names_path, read_name_map
 from xa_runtime.plugins.lora import LoraManager, load_lora
-from xa_runtime.plugins.lora_testing import write_random_lora
+from xa_runtime.testing import write_random_lora
 from xa_runtime.runtime.graphs_table import GRAPHS
 from xa_runtime.runtime.onnxruntime_backend import GraphSession
 

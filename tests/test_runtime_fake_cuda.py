@@ -179,7 +179,7 @@ def test_graphs_replay_across_requests_recapture_on_new_shapes_and_controlnet(mo
 
 def test_lora_switches_between_requests_reach_the_captured_graphs(models, plain, fake_cuda, tmp_path):
     from runtime_checks import assert_lora_switches_reach
-    from xa_runtime.plugins.lora_testing import write_random_lora
+    from xa_runtime.testing import write_random_lora
 
     lean = _lean(models, fake_cuda)
     path = write_random_lora(tmp_path / "style.safetensors", models[0].unet, std=0.3)

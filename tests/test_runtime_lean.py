@@ -321,7 +321,7 @@ def test_shape_change_recaptures_and_same_shape_replays(cuda_models):
 @gpu
 def test_consecutive_requests_do_not_leak_state(cuda_models, tmp_path):
     from runtime_checks import assert_lora_switches_reach
-    from xa_runtime.plugins.lora_testing import write_random_lora
+    from xa_runtime.testing import write_random_lora
 
     a = dict(GEN, seed=1)
     b = dict(GEN, seed=2, scheduler="euler", fusion_guidance_scale=0.5, num_images_per_prompt=2, height=96, width=160)

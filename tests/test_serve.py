@@ -358,7 +358,7 @@ def test_service_check_needs_no_http():
 
 
 def test_configured_lora_on_the_tiny_model(tiny_client, tmp_path):
-    from xa_runtime.plugins.lora_testing import write_random_lora
+    from xa_runtime.testing import write_random_lora
     from xa_runtime.serve.config import PluginSpec
     from xa_runtime.serve.service import load_plugins
 
@@ -383,8 +383,7 @@ def test_request_images_on_the_tiny_model(tiny_client, tmp_path):
     image changes the output; an IP-Adapter is on only for the requests naming it; img2img."""
     import base64
 
-    from xa_runtime.plugins.controlnet import write_tiny_controlnet
-    from xa_runtime.plugins.ip_adapter_loading import write_tiny_image_encoder, write_tiny_ip_adapter
+    from xa_runtime.testing import write_tiny_controlnet, write_tiny_image_encoder, write_tiny_ip_adapter
     from xa_runtime.serve.config import PluginSpec
     from xa_runtime.serve.service import load_plugins
 

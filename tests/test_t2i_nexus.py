@@ -19,15 +19,14 @@ from xa_runtime.plugins.nexus import (
     build_tiny_nexus,
     load_nexus_adapter,
     load_nexus_adapter_plugin,
-    write_tiny_nexus,
 )
 from xa_runtime.plugins.t2i_adapter import (
     T2IAdapterPlugin,
     build_tiny_t2i_adapter,
     load_t2i_adapter,
     load_t2i_adapter_plugin,
-    write_tiny_t2i_adapter,
 )
+from xa_runtime.testing import write_tiny_nexus, write_tiny_t2i_adapter
 
 EXACT = dict(rtol=0, atol=0)
 GEN = dict(num_inference_steps=4, adapter_guidance_start=0.5, seed=3, output_type="latent")

@@ -21,16 +21,18 @@ import json
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+import xa_runtime
 
 from ..errors import ParameterError
 from ..models.presets import get_preset
-from ..pipeline.params import MAX_BATCH, SizeRules, validate
-from ..pipeline.schedulers import SCHEDULERS
+from ..pipeline.params import MAX_BATCH, SCHEDULERS, SizeRules, validate
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+if TYPE_CHECKING:  # torch is imported once the arguments parse (--help and argparse errors answer at once)
+    import torch
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # --dtype -> torch dtype name
 MODES = ("latency", "throughput", "components")
 BASELINE_NAMES = ("sdxl-alone", "mapping")
 MAX_CONCURRENCY = 16
@@ -70,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", choices=list(DTYPES), default=None, help="default fp16 on CUDA, fp32 on CPU")
     ap.add_argument("--output", help="JSON file to write (a .md summary is written beside it)")
     ap.add_argument("--plots", help="folder for PNG plots (created if missing; needs matplotlib)")
+    ap.add_argument("--version", action="version", version=f"%(prog)s {xa_runtime.__version__}")
     return ap
 
 
@@ -127,15 +130,17 @@ def _check_variants(args: argparse.Namespace) -> list[str]:
 def _check(args: argparse.Namespace):
     """Every argument checked before anything is loaded; returns (variants, workload, device, dtype,
     options per mode)."""
-    from ..bench import Workload
-    from ..bench.suite import SuiteOptions
-
     modes = _names("--mode", args.mode)
     for m in modes:
         if m not in MODES:
             raise ParameterError("--mode", m, f"one of {', '.join(MODES)}, or several comma-separated")
     if not modes:
         raise ParameterError("--mode", args.mode, f"one of {', '.join(MODES)}, or several comma-separated")
+    import torch
+
+    from ..bench import Workload
+    from ..bench.suite import SuiteOptions
+
     cuda = torch.cuda.is_available()
     args.device = args.device or ("cuda" if cuda else "cpu")
     if args.device == "cuda" and not cuda:
@@ -212,7 +217,7 @@ def _check(args: argparse.Namespace):
                  and not any(b in o.baselines for o in options)]
         options.append(SuiteOptions(mode=m, warmup=args.warmup, runs=args.runs, batches=batches,
                                     concurrency=concurrency, baselines=taken, flops=not args.no_flops))
-    return variants, workload, torch.device(args.device), DTYPES[args.dtype], options
+    return variants, workload, torch.device(args.device), getattr(torch, DTYPES[args.dtype]), options
 
 
 def _onnxruntime_pipeline(args: argparse.Namespace, models: tuple, device: torch.device, dtype: torch.dtype):
@@ -241,6 +246,8 @@ def _tensorrt_pipeline(args: argparse.Namespace, models: tuple, device: torch.de
     no timing cache; minutes at full size) and run by the tensorrt backend."""
     import atexit
 
+    import torch
+
     from ..engines import build
     from ..engines.run import TensorRTBackend
     from ..export import ModuleBundle, export_graphs
@@ -261,6 +268,8 @@ def _tensorrt_pipeline(args: argparse.Namespace, models: tuple, device: torch.de
 
 
 def _build(args: argparse.Namespace, variants: list[str], device: torch.device, dtype: torch.dtype):
+    import torch
+
     from ..bench import VARIANTS
     from ..bench.runner import BACKEND_VARIANTS
     from ..models.components import build_random_components
@@ -329,7 +338,7 @@ def _install_random_lora(branches: Any) -> None:
     import tempfile
 
     from ..plugins.lora import LoraManager, load_lora
-    from ..plugins.lora_testing import write_random_lora
+    from ..testing import write_random_lora
 
     for components in branches:
         with tempfile.TemporaryDirectory(prefix="xa-bench-lora-") as tmp:
@@ -350,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     except ParameterError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    import torch
+
     from ..bench.plots import write_plots
     from ..bench.report import markdown, table
     from ..bench.suite import run_suite

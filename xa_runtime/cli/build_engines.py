@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+import xa_runtime
+
 from ..errors import CheckpointError, ParameterError
 from ..runtime.graphs_table import GRAPHS, DimRange
 from .usage import CheckedParser, UsageError, parameter_error_line
@@ -41,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timing-cache", help="timing cache file, read and updated (default OUTPUT/timing.cache)")
     p.add_argument("--no-timing-cache", action="store_true", help="use no persistent timing cache")
     p.add_argument("--no-progress", action="store_true", help="no builder progress on stderr")
+    p.add_argument("--version", action="version", version=f"%(prog)s {xa_runtime.__version__}")
     return p
 
 

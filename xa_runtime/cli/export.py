@@ -5,7 +5,8 @@ names other source weights is refused unless --force.
 
 Every input is checked before any model is loaded (graph names, dtype, opset, device,
 output folder, model paths, which models the chosen graphs need); a bad one exits with
-code 2 and a one-line `error:` naming the flag, and writes nothing.
+code 2 and a one-line `error:` naming the flag, and writes nothing. The checks that need
+nothing but the command line run before torch is imported.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Sequence
+
+import xa_runtime
 
 from ..errors import CheckpointError, ParameterError
 from ..runtime.graphs_table import GRAPHS
@@ -50,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="export into a folder whose manifest.json names other source weights (replacing it)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--version", action="version", version=f"%(prog)s {xa_runtime.__version__}")
     return p
 
 
@@ -63,14 +67,14 @@ def _flag_value(args: argparse.Namespace, flag: str):
 
 def check_inputs(args: argparse.Namespace) -> tuple[list[str], Path]:
     """Validated graph names and output folder; raises ParameterError / UsageError."""
-    from ..export.onnx_export import DEFAULT_OPSET, check_dtype, check_graph_names, check_opset
+    from ..export.options import DEFAULT_OPSET, check_dtype_name, check_graph_names, check_opset
 
     given = _given(args)
     if args.tiny and given:
         raise UsageError(f"--tiny takes no model paths (got {', '.join(sorted(given))})")
     if not args.tiny and not given:
         raise UsageError(f"give model paths ({', '.join(MODEL_FLAGS)}) or --tiny")
-    check_dtype(args.dtype)
+    check_dtype_name(args.dtype)
     args.opset = check_opset(DEFAULT_OPSET if args.opset is None else args.opset)
     if args.device not in ("cpu", "cuda"):
         raise ParameterError("--device", args.device, "cpu or cuda")

@@ -3,13 +3,14 @@
 Every input is checked before any model is loaded (parameters, output path, model paths,
 device); a bad one exits with code 2 and a one-line `error:` naming the flag, and
 writes nothing. Without --sd15/--sdxl/--adapter it runs the built-in tiny random models.
+The checks that need nothing but the command line run before torch is imported, so
+--help, --version and their errors answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.metadata
 import logging
 import os
 import platform
@@ -25,8 +26,7 @@ import xa_runtime
 
 from ..errors import CheckpointError, ParameterError
 from ..models.presets import get_preset
-from ..pipeline.params import MAX_SEED, GenerationParams, SizeRules, validate
-from ..pipeline.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
+from ..pipeline.params import DEFAULT_SCHEDULER, MAX_SEED, SCHEDULERS, GenerationParams, SizeRules, validate
 from .backend_args import add_backend_arguments, check_backend, cleanup, loras_to_backend, to_backend
 from .output_files import write_outputs
 from .plugin_args import add_plugin_arguments, apply_loras, build_plugins, check_plugin_arguments, load_init_image
@@ -253,10 +253,8 @@ RUNTIME_SWITCHES = {  # --runtime names -> RuntimeConfig fields
 }
 
 
-def runtime_config(args: argparse.Namespace) -> Any:
-    """The RuntimeConfig that --runtime and --offload name, checked against --device."""
-    from ..runtime import MIXED_LAYOUT, RuntimeConfig
-
+def runtime_names(args: argparse.Namespace) -> list[str]:
+    """The --runtime names (lean expanded), checked against --backend and --device; needs no torch."""
     names = [n.strip() for n in args.runtime.split(",") if n.strip()]
     if "lean" in names:
         names = [n for n in names if n != "lean"] + list(RUNTIME_SWITCHES)
@@ -267,6 +265,14 @@ def runtime_config(args: argparse.Namespace) -> Any:
         raise ParameterError("--runtime", args.runtime, "nothing with --backend " + args.backend + " (it optimises the torch backend)")
     if args.device != "cuda" and "cuda-graphs" in names:
         raise ParameterError("--runtime", "cuda-graphs", "names without cuda-graphs (or lean) unless --device cuda")
+    return names
+
+
+def runtime_config(args: argparse.Namespace) -> Any:
+    """The RuntimeConfig that --runtime and --offload name, checked against --device."""
+    from ..runtime import MIXED_LAYOUT, RuntimeConfig
+
+    names = runtime_names(args)
     fields: dict[str, Any] = {RUNTIME_SWITCHES[n]: True for n in names}
     if "mixed-layout" in names and "channels-last" not in names:  # channels-last (all parts) includes it
         fields["channels_last"] = MIXED_LAYOUT
@@ -302,6 +308,8 @@ def _blame(error: Exception, args: argparse.Namespace) -> str:
 
 
 def versions() -> dict[str, str]:
+    import importlib.metadata  # here, not at the top: ~0.1 s that --help and bad arguments need not pay
+
     found = {"xa_runtime": xa_runtime.__version__, "python": platform.python_version()}
     for name in VERSIONED:
         try:
@@ -367,6 +375,8 @@ def check_inputs(args: argparse.Namespace) -> tuple[bool, GenerationParams, Path
     # A check only: sizes left unset resolve to the loaded models' own defaults in generate.
     validate(params, size_rules(tiny))
     output = check_output(args.output)
+    runtime_names(args)
+    # From here on the checks read files or ask torch (model headers, CUDA, plugin files).
     if not tiny:
         check_models(args)
     check_device(args.device)

@@ -32,9 +32,9 @@ from ..errors import ParameterError
 from ..kernels.modules import kernels_off
 from ..runtime.graphs_table import GRAPHS, SDXL_LATENT, GraphSpec, get_graph, resolve_dim
 from .wrappers import ModuleBundle, build_graph_module, example_inputs, model_dims
+from .options import DEFAULT_OPSET, DTYPE_NAMES, DTYPES_ACCEPTED, check_graph_names, check_opset
 
-MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 17, 20, 17  # 17: LayerNormalization; 20: TorchScript exporter's last
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+DTYPES = {name: getattr(torch, torch_name) for name, torch_name in DTYPE_NAMES.items()}
 # protobuf cannot serialise a message over 2 GiB; stay well below it.
 EXTERNAL_DATA_BYTES = 1_800_000_000
 # Trace sizes: small (fast), not square (a swapped H/W would show), divisible by every
@@ -42,26 +42,13 @@ EXTERNAL_DATA_BYTES = 1_800_000_000
 EXAMPLE_DIMS = {"B": 2, "T": 77, "N": 8, "sd15": (16, 24), "sdxl": (16, 24)}
 
 
-def check_opset(opset: object) -> int:
-    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
-        raise ParameterError("opset", opset, f"an integer {MIN_OPSET}..{MAX_OPSET} (the TorchScript exporter's range)")
-    return opset
-
-
 def check_dtype(dtype: object) -> torch.dtype:
+    """The torch dtype of an export dtype name (or of a torch dtype already given)."""
     if isinstance(dtype, str) and dtype in DTYPES:
         return DTYPES[dtype]
     if dtype in DTYPES.values():
         return dtype  # type: ignore[return-value]
-    raise ParameterError("dtype", dtype, "fp32 or fp16 (torch.float32 / torch.float16)")
-
-
-def check_graph_names(names: Iterable[str]) -> list[str]:
-    names = list(names)
-    bad = [n for n in names if n not in GRAPHS]
-    if bad or not names:
-        raise ParameterError("graphs", ",".join(bad) if bad else "", f"graph names among {', '.join(GRAPHS)}")
-    return names
+    raise ParameterError("dtype", dtype, DTYPES_ACCEPTED)
 
 
 def check_bundle(spec: GraphSpec, bundle: ModuleBundle) -> None:

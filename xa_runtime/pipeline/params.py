@@ -1,7 +1,8 @@
 """Generation parameters (the official names), their defaults and their validation.
 
-Validation needs no model: it runs before anything is loaded, and every error names
-the parameter, the value and the accepted range (xa_runtime.errors.ParameterError).
+Validation needs no model and no torch: it runs before anything is loaded (the CLIs call it
+before importing torch), and every error names the parameter, the value and the accepted
+range (xa_runtime.errors.ParameterError).
 """
 
 from __future__ import annotations
@@ -11,8 +12,18 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import ParameterError
-from .schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 
+# Sampler name -> (diffusers scheduler class, config overrides): the accepted values of
+# `scheduler`. Classes are named, not imported, so that checking a request needs no torch;
+# pipeline/schedulers.py builds them.
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "dpmpp-2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+DEFAULT_SCHEDULER = "dpmpp-2m"
 OUTPUT_TYPES = ("pil", "np", "latent")
 MAX_STEPS = 1000
 MAX_BATCH = 64

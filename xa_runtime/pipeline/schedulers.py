@@ -12,26 +12,11 @@ import inspect
 import math
 from typing import Any, Callable, NamedTuple
 
+import diffusers
 import torch
-
-from diffusers import (
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    UniPCMultistepScheduler,
-)
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-# name -> (class, config overrides)
-SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
-    "dpmpp-2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "euler": (EulerDiscreteScheduler, {}),
-    "euler-a": (EulerAncestralDiscreteScheduler, {}),
-    "ddim": (DDIMScheduler, {}),
-    "unipc": (UniPCMultistepScheduler, {}),
-}
-DEFAULT_SCHEDULER = "dpmpp-2m"
+from .params import SCHEDULERS
 
 # Fields that define the noise schedule; both branches must agree on them in stage 2.
 SCHEDULE_FIELDS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")
@@ -41,7 +26,8 @@ def make_scheduler(name: str, base_config: dict[str, Any], **overrides: Any) -> 
     """A new scheduler of kind `name` built from a model's scheduler config."""
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; accepted: {', '.join(SCHEDULERS)}")
-    cls, fixed = SCHEDULERS[name]
+    class_name, fixed = SCHEDULERS[name]
+    cls = getattr(diffusers, class_name)
     config = {k: v for k, v in base_config.items() if not k.startswith("_")}
     config.update(fixed)
     config.update(overrides)

@@ -41,7 +41,6 @@ from ..loading.checkpoint_files import (
     read_state_dict,
 )
 from ..loading.exact_state import assign_exact, build_empty
-from ..models.original_layout import unet_to_original
 from ..models.presets import PRESETS, ModelPreset
 from .base import PluginContext, StepInfo
 from .control_images import CONTROL_TYPES, control_image_tensor
@@ -258,36 +257,7 @@ def load_controlnet_plugin(
     )
 
 
-# ---------------------------------------------------------------------------------- tiny files
-def controlnet_to_original(controlnet: ControlNetModel) -> dict[str, torch.Tensor]:
-    """A ControlNetModel's weights in the original (lllyasviel v1.1) layout, no prefix: the
-    inverse of diffusers' `convert_controlnet_checkpoint`, for writing test files."""
-    state = {k: v.detach().contiguous() for k, v in controlnet.state_dict().items()}
-    shared = ("time_embedding.", "conv_in.", "down_blocks.", "mid_block.")
-    out = unet_to_original({k: v for k, v in state.items() if k.startswith(shared)}, dict(controlnet.config))
-    emb = "controlnet_cond_embedding."
-    n_blocks = len({k.split(".")[2] for k in state if k.startswith(emb + "blocks.")})
-    for key, value in state.items():
-        if key.startswith(shared):
-            continue
-        if key.startswith(emb + "conv_in."):
-            new = "input_hint_block.0." + key.rsplit(".", 1)[1]
-        elif key.startswith(emb + "blocks."):
-            _, _, i, leaf = key.split(".")
-            new = f"input_hint_block.{2 * (int(i) + 1)}.{leaf}"
-        elif key.startswith(emb + "conv_out."):
-            new = f"input_hint_block.{2 * (n_blocks + 1)}." + key.rsplit(".", 1)[1]
-        elif key.startswith("controlnet_down_blocks."):
-            _, i, leaf = key.split(".")
-            new = f"zero_convs.{i}.0.{leaf}"
-        elif key.startswith("controlnet_mid_block."):
-            new = "middle_block_out.0." + key.rsplit(".", 1)[1]
-        else:
-            raise KeyError(f"no original-layout name for ControlNet parameter {key!r}")
-        out[new] = value
-    return out
-
-
+# ---------------------------------------------------------------------------------- tiny model
 def build_tiny_controlnet(sd15_unet: torch.nn.Module, seed: int = 0) -> ControlNetModel:
     """`ControlNetModel.from_unet(sd15_unet)` with its zero-initialised convs (hint output, zero
     convs) randomised, so that it visibly acts in tests."""
@@ -299,17 +269,3 @@ def build_tiny_controlnet(sd15_unet: torch.nn.Module, seed: int = 0) -> ControlN
         for p in module.parameters():
             torch.nn.init.normal_(p, std=0.05)
     return controlnet.eval().requires_grad_(False)
-
-
-def write_tiny_controlnet(root: str | Path, sd15_unet: torch.nn.Module, seed: int = 0) -> tuple[Path, Path]:
-    """Write `build_tiny_controlnet` as a diffusers folder `root/controlnet` and an
-    original-layout single file `root/control_tiny_sd15.safetensors`; returns both paths."""
-    from safetensors.torch import save_file
-
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    controlnet = build_tiny_controlnet(sd15_unet, seed)
-    folder, file = root / "controlnet", root / "control_tiny_sd15.safetensors"
-    controlnet.save_pretrained(folder, safe_serialization=True)
-    save_file(controlnet_to_original(controlnet), file)
-    return folder, file

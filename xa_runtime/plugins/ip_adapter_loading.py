@@ -5,13 +5,12 @@ projection: a linear layer + LayerNorm for `ip-adapter_sd15`, a Perceiver Resamp
 `ip-adapter-plus_sd15`) and `ip_adapter` (`{n}.to_k_ip.weight` / `{n}.to_v_ip.weight` for
 every cross-attention layer, n = its index among all of the UNet's attention processors).
 A `.bin` is one pickled dict (read with weights_only=True); a `.safetensors` copy is flat,
-with `image_proj.` / `ip_adapter.` prefixes. Tiny files in the same layout are written
-here for tests and the CLI smoke run.
+with `image_proj.` / `ip_adapter.` prefixes. `tiny_ip_adapter_state` builds random weights in
+this layout for a given UNet (the tiny ONNX export uses it; xa_runtime.testing writes them as files).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError, ParameterError
-from .ip_adapter_image import CLIP_MEAN, CLIP_STD
 
 Tensors = dict[str, torch.Tensor]
 IP_ADAPTER_SUFFIXES = (".bin", ".pt", ".pth", ".safetensors")
@@ -213,41 +211,3 @@ def save_ip_adapter(state: dict[str, Tensors], path: str | Path) -> Path:
     else:
         torch.save(state, str(p))
     return p
-
-
-def write_tiny_ip_adapter(directory: str | Path, sd15_unet: torch.nn.Module, variant: str = "plain", seed: int = 0) -> dict[str, Path]:
-    """Tiny random ip-adapter_sd15 ("plain"), ip-adapter-plus_sd15 ("plus") or
-    ip-adapter-full-face_sd15 ("full") files fitting `sd15_unet`, with the released names, for
-    the tiny image encoder (embeddings of width 32). Returns {"bin": path, "safetensors": path}
-    (same weights)."""
-    state = tiny_ip_adapter_state(sd15_unet, variant, seed=seed)
-    stem = {"plain": "ip-adapter_sd15", "plus": "ip-adapter-plus_sd15", "full": "ip-adapter-full-face_sd15"}[variant]
-    d = Path(directory)
-    return {ext: save_ip_adapter(state, d / f"{stem}.{ext}") for ext in ("bin", "safetensors")}
-
-
-TINY_IMAGE_ENCODER = dict(
-    hidden_size=32, intermediate_size=64, projection_dim=32, num_hidden_layers=3, num_attention_heads=4,
-    image_size=32, patch_size=8, hidden_act="quick_gelu",
-)
-
-
-def write_tiny_image_encoder(directory: str | Path, seed: int = 0) -> Path:
-    """A tiny random CLIPVisionModelWithProjection (hidden 32, projection 32, 32 px images) saved
-    as a local folder with a CLIP preprocessor_config.json; returns the folder."""
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    d = Path(directory)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY_IMAGE_ENCODER))
-    model.save_pretrained(str(d))
-    size = TINY_IMAGE_ENCODER["image_size"]
-    config = {
-        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": size},
-        "resample": 3, "do_center_crop": True, "crop_size": {"height": size, "width": size}, "do_rescale": True,
-        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
-        "do_convert_rgb": True,
-    }
-    (d / "preprocessor_config.json").write_text(json.dumps(config, indent=2))
-    return d

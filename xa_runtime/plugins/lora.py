@@ -24,11 +24,9 @@ from torch import nn
 
 from ..errors import CheckpointError, ParameterError
 from .lora_formats import LoraLayer, guess_base, parse_lora_state, read_lora_file
-from .lora_testing import write_random_lora
 
 __all__ = ["MODES", "LoraLayer", "LoraManager", "LoraWeights", "layer_delta", "ldm_module_names", "load_lora",
-           "loha_delta", "lokr_delta", "lora_delta", "module_index", "parse_lora", "parse_lora_argument",
-           "write_random_lora"]
+           "loha_delta", "lokr_delta", "lora_delta", "module_index", "parse_lora", "parse_lora_argument"]
 
 MODES = ("fused", "unfused")
 _EXAMPLES = 5  # keys named in warnings and errors

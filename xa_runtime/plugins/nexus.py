@@ -284,27 +284,3 @@ def build_tiny_nexus(
                          hetconv_bias=hetconv and hetconv_bias)
     torch.manual_seed(seed)
     return NexusAdapter(config).eval().requires_grad_(False)
-
-
-def write_tiny_nexus(
-    folder: str | Path, sd15_unet: torch.nn.Module, hetconv: bool = True, groups: int = 4, seed: int = 0,
-    weights_format: str = "safetensors", hetconv_bias: bool = False,
-) -> Path:
-    """Write `build_tiny_nexus` as config.json + diffusion_pytorch_model.{safetensors,bin}."""
-    from safetensors.torch import save_file
-
-    if weights_format not in ("safetensors", "bin"):
-        raise ParameterError("weights_format", weights_format, "'safetensors' or 'bin'")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    adapter = build_tiny_nexus(sd15_unet, hetconv, groups, seed, hetconv_bias)
-    raw = config_to_json(adapter.config)
-    if not hetconv:
-        raw["groups"] = groups  # as the public code: HetConv configured, plain convs saved
-    (folder / "config.json").write_text(json.dumps(raw, indent=2))
-    state = {k: v.contiguous() for k, v in adapter.state_dict().items()}
-    if weights_format == "safetensors":
-        save_file(state, folder / "diffusion_pytorch_model.safetensors")
-    else:
-        torch.save(state, folder / "diffusion_pytorch_model.bin")
-    return folder

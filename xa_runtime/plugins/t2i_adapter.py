@@ -156,12 +156,3 @@ def build_tiny_t2i_adapter(sd15_unet: torch.nn.Module, adapter_type: str = "full
     else:
         raise ParameterError("adapter_type", adapter_type, f"one of {', '.join(SD15_ADAPTER_TYPES)}")
     return adapter.eval().requires_grad_(False)
-
-
-def write_tiny_t2i_adapter(
-    folder: str | Path, sd15_unet: torch.nn.Module, adapter_type: str = "full_adapter", seed: int = 0
-) -> Path:
-    """Write `build_tiny_t2i_adapter` as a diffusers folder (safetensors); returns the folder."""
-    folder = Path(folder)
-    build_tiny_t2i_adapter(sd15_unet, adapter_type, seed).save_pretrained(folder, safe_serialization=True)
-    return folder

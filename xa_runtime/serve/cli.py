@@ -15,6 +15,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import xa_runtime
+
 from .config import ConfigError, load_config
 
 
@@ -26,6 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     ap.add_argument("--ray", action="store_true",
                     help="serve on Ray Serve (local Ray, or the cluster named by RAY_ADDRESS); needs the ray extra")
+    ap.add_argument("--version", action="version", version=f"%(prog)s {xa_runtime.__version__}")
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config)

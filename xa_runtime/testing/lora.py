@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import ParameterError
+from ..plugins.lora import ldm_module_names
 
 FORMATS = ("kohya", "kohya-ldm", "peft", "diffusers-old", "loha", "lokr")
 _UNET_LINEAR = r"(attn[12]\.to_(q|k|v|out\.0)|ff\.net\.2)$"
@@ -46,8 +47,6 @@ def write_random_lora(
     targets += [(t, m, _TEXT) for t, m in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)) if m is not None]
     ldm = {}
     if fmt == "kohya-ldm":
-        from .lora import ldm_module_names
-
         ldm = ldm_module_names(unet)
     state: dict[str, torch.Tensor] = {}
     metadata: dict[str, object] = {}
