@@ -22,7 +22,7 @@ from test_serve import serve_process  # noqa: E402
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     from xa_runtime.pipeline import XAdapterPipeline
-    from xa_runtime.plugins.lora_testing import write_random_lora
+    from xa_runtime.testing import write_random_lora
 
     folder = tmp_path_factory.mktemp("playground")
     pipe = XAdapterPipeline.from_tiny(progress=False)

@@ -619,7 +619,7 @@ def test_readme_config_example_parses():
 
 def test_two_configured_loras_of_one_branch_start_and_switch(tmp_path):
     from xa_runtime.pipeline import XAdapterPipeline
-    from xa_runtime.plugins.lora_testing import write_random_lora
+    from xa_runtime.testing import write_random_lora
     from xa_runtime.serve.config import PluginSpec
 
     pipe = XAdapterPipeline.from_tiny(progress=False)  # the server's tiny models: same shapes
