@@ -31,7 +31,7 @@ from ..plugins.base import PluginContext, SD15StepPlugin, StepInfo, check_requir
 from ..runtime.memory import peak_memory_bytes, reset_peak_memory
 from ..runtime.timing import StageTimer
 from .construction import XAdapterPipelineBase, vae_factor
-from .images import image_to_tensor
+from ..loading.images import image_to_tensor
 from .params import GenerationParams, validate
 from .schedulers import Sampler, make_scheduler, stage2_schedulers
 from .text import encode_sd15, encode_sdxl, sdxl_time_ids

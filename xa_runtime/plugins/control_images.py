@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import ParameterError
-from ..pipeline.images import image_to_tensor
+from ..loading.images import image_to_tensor
 
 CONTROL_TYPES = ("none", "canny")
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, what PIL's "L" mode and OpenCV's grey conversion use

@@ -1,4 +1,4 @@
-"""Images in, as tensors: PIL / numpy / torch to B x 3 x H x W in [0, 1], resized."""
+"""Images a user hands in (PIL, numpy, torch) as tensors: B x 3 x H x W in [0, 1], resized."""
 
 from __future__ import annotations
 
