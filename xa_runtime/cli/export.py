@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import CheckpointError, ParameterError
-from ..runtime.graphs_table import GRAPHS
+from ..graphs import GRAPHS
 from .usage import CheckedParser, UsageError, parameter_error_line
 
 PROG = "xa-export"

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ..errors import CheckpointError, ParameterError
-from ..runtime.graphs_table import DimRange, GraphSpec
+from ..graphs import DimRange, GraphSpec
 
 ENGINE_FORMAT = 1
 PRECISIONS = ("fp16", "bf16", "fp32")
