@@ -224,3 +224,24 @@ def test_set_lora_deltas_switches_and_restores(tiny_onnx):
     assert (backend.sessions["sd15_unet"](*x)[0] - base).abs().max() > 1e-3
     assert backend.set_lora_deltas({}, "sd15")["sd15_unet"] == 0
     torch.testing.assert_close(backend.sessions["sd15_unet"](*x)[0], base, rtol=0, atol=0)
+
+
+def test_open_backend_handle_owns_its_exported_graphs(pipes, tiny_onnx):
+    """open_backend: torch hands the pipeline back as is; onnxruntime over a folder runs it; the
+    on-the-fly export goes to a temporary folder the handle removes on close."""
+    from xa_runtime.runtime.backends import open_backend
+
+    pipe, ort_pipe = pipes
+    with open_backend("torch", pipe) as torch_backend:
+        assert torch_backend.pipeline is pipe and torch_backend.set_lora_deltas({"unet.x": 1}) == {}
+    given = open_backend("onnxruntime", pipe, onnx_dir=tiny_onnx[1], sdxl_mode="split")
+    assert given.onnx_dir == tiny_onnx[1] and given.graphs.sdxl_mode == "split"
+    given.close()
+    assert tiny_onnx[1].is_dir()  # a given folder is never removed
+    with open_backend("onnxruntime", pipe) as made:
+        folder = made.onnx_dir
+        assert sorted(p.name for p in folder.glob("*.onnx")) == ["mapping.onnx", "sd15_unet.onnx", "sdxl_unet.onnx"]
+        _close(made.pipeline("a cat", **GEN).images, ort_pipe("a cat", **GEN).images)
+    assert not folder.exists()
+    with pytest.raises(ParameterError, match="backend"):
+        open_backend("openvino", pipe)

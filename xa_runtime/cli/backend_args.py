@@ -22,7 +22,7 @@ import importlib.util
 from typing import Any
 
 from ..errors import ParameterError
-from ..graphs import BACKEND_PLUGINS, folder_problem, has_graph, plugin_graphs
+from ..graphs import BACKEND_PLUGINS, PLUGIN_GRAPHS, folder_problem, has_graph, plugin_graphs
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 _PLUGIN_FLAGS = {"controlnet": "--controlnet", "t2i": "--t2i-adapter", "nexus": "--nexus-adapter", "ip": "--ip-adapter"}
@@ -86,7 +86,7 @@ def check_backend(args: argparse.Namespace, tiny: bool, plugin_specs: dict[str, 
     if args.onnx_dir is not None:
         missing = [g for g in graphs if not has_graph(args.onnx_dir, "onnx")(g)]
         if missing:
-            hint = " (xa-export --ip-adapter FILE)" if "sd15_unet_ip" in missing else ""
+            hint = " (xa-export --ip-adapter FILE)" if PLUGIN_GRAPHS["ip"] in missing else ""
             raise ParameterError("--onnx-dir", args.onnx_dir, f"an xa-export folder with {missing[0]}.onnx for these "
                                  f"plugins{hint}")
 

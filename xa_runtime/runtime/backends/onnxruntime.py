@@ -6,8 +6,8 @@ runs stage 1 and stage 2 on onnxruntime. Inputs and outputs are checked against 
 table. Two ways to pass tensors: plain `session.run` with numpy arrays (host copies), or IO
 binding (`io_binding=True`, the default with the CUDA provider): torch tensors bound by
 data_ptr as inputs, outputs allocated as torch tensors of the table's shapes on the inputs'
-device and bound too, so on CUDA nothing crosses to the host between graphs. CPU-tested:
-both paths (equal); GPU-untested-yet: the CUDA provider and CUDA binding (no GPU here).
+device and bound too, so on CUDA nothing crosses to the host between graphs. The branch
+adapters over the sessions are adapters.py's, shared with the tensorrt backend.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 
 from ...errors import CheckpointError, ParameterError
 from ...export.refit import RefitPlan, apply_weight_deltas, refit_branch
-from ...graphs import PREFERRED_SDXL_MODE, GraphSpec, get_graph, graphs_wanted, has_graph, select_graphs, solve_dims
+from ...graphs import GraphSpec, get_graph, graphs_wanted, has_graph, select_graphs, solve_dims
 from .adapters import build_branches
 
 PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -155,7 +155,7 @@ class OnnxRuntimeBackend:
     providers: "cpu", "cuda" or onnxruntime provider names, in order of preference.
     sdxl_mode: how the SDXL side of stage 2 runs: "split" (the mapping graph, then sdxl_unet),
     "fused" (sdxl_unet_fused: mapping inside the SDXL UNet graph, one call per step), or
-    "auto" (default): PREFERRED_SDXL_MODE when the folder has its graphs, else the other.
+    "auto" (default): graphs.PREFERRED_SDXL_MODE when the folder has its graphs, else the other.
     Needs sd15_unet and the chosen mode's graphs; loads sd15_unet_control, sd15_unet_t2i and
     sd15_unet_ip if present.
     verify: check the graphs' files against the folder's manifest.json first (sha256 of each;
