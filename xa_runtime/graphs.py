@@ -309,6 +309,7 @@ PREFERRED_SDXL_MODE = "fused"
 LORA_BRANCH_ROLES = {"sd15": ("sd15_unet",), "sdxl": ("sdxl_split", "sdxl_fused")}
 # The plugin kinds each non-torch backend runs through graph variants (the others need torch).
 BACKEND_PLUGINS = {"onnxruntime": ("controlnet", "t2i", "nexus", "ip"), "tensorrt": ("controlnet",)}
+BACKENDS = ("torch", *BACKEND_PLUGINS)  # torch runs the modules themselves, every plugin included
 # How a folder holds each graph: an xa-export folder NAME.onnx (+ manifest.json); an
 # xa-build-engines folder NAME.engine.json beside NAME.plan.
 FOLDER_KINDS = ("onnx", "engine")

@@ -22,9 +22,8 @@ import importlib.util
 from typing import Any
 
 from ..errors import ParameterError
-from ..graphs import BACKEND_PLUGINS, PLUGIN_GRAPHS, folder_problem, has_graph, plugin_graphs
+from ..graphs import BACKEND_PLUGINS, BACKENDS, PLUGIN_GRAPHS, folder_problem, has_graph, plugin_graphs
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
 _PLUGIN_FLAGS = {"controlnet": "--controlnet", "t2i": "--t2i-adapter", "nexus": "--nexus-adapter", "ip": "--ip-adapter"}
 LORA_BRANCHES = {"lora": "sd15", "sdxl_lora": "sdxl"}
 

@@ -47,7 +47,6 @@ else:  # pragma: no cover -- Python 3.10
     import tomli as tomllib
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
 # serve's plugin kind -> the kind the graph table names it by
 _GRAPH_PLUGIN_KINDS = {"controlnet": "controlnet", "t2i": "t2i", "nexus": "nexus"}
 
@@ -183,7 +182,7 @@ def parse_config(data: dict[str, Any], base: Path = Path(".")) -> ServeConfig:
 def _backend_options(table: dict[str, Any], cfg: ServeConfig, base: Path) -> BackendOptions:
     """[backend], checked as xa-generate checks --backend / --onnx-dir / --engine-dir (the
     folders by graphs.folder_problem); nothing is loaded."""
-    from ..graphs import BACKEND_PLUGINS, folder_problem
+    from ..graphs import BACKEND_PLUGINS, BACKENDS, folder_problem
 
     opts = BackendOptions()
     for key, value in table.items():

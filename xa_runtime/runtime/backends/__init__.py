@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ...errors import ParameterError
-from ...graphs import check_sdxl_mode, plugin_graphs, required_graphs
+from ...graphs import BACKENDS, check_sdxl_mode, plugin_graphs, required_graphs
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
 # The SDXL mode of graphs exported on the fly when "auto" is asked: split, as xa-generate's
 # on-the-fly export has always run it.
 ON_THE_FLY_SDXL_MODE = "split"
