@@ -13,6 +13,10 @@ which is torch's (a 2-D delta given transposed is transposed back). The exporter
 deduplicates initializers of equal values: the duplicates become Identity nodes named by
 their torch names that read one shared initializer. Such a weight cannot take its own
 delta without changing the others: it is reported as `shared`, not applied.
+
+`RefitPlan` and `refit_branch` (which graphs a branch's LoRA changes, graphs.LORA_GRAPHS) are
+framework-free and shared by both backends' set_lora_deltas: onnxruntime reloads refitted
+graphs, TensorRT refits its engines (engines/refit.py).
 """
 
 from __future__ import annotations
