@@ -45,7 +45,7 @@ def _check(args: argparse.Namespace) -> str | None:
         return "--runs must be in 1..1000 and --warmup in 0..100"
     if not 1 <= args.rank <= 256:
         return "--rank must be in 1..256"
-    from xa_runtime.engines.manifest import tensorrt_installed
+    from xa_runtime.availability import tensorrt_installed
 
     if not tensorrt_installed():
         return "bench_engines needs TensorRT (pip install tensorrt, NVIDIA's index; tensorrt-stubs is not enough)"
@@ -90,11 +90,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     from xa_runtime.engines import build
-    from xa_runtime.engines.run import TensorRTBackend
+    from xa_runtime.runtime.backends.tensorrt import TensorRTBackend
     from xa_runtime.export import build_graph_module, example_inputs, export_graphs, model_dims
     from xa_runtime.plugins.lora import LoraManager, load_lora
     from xa_runtime.testing import write_random_lora
-    from xa_runtime.runtime.graphs_table import get_graph
+    from xa_runtime.graphs import get_graph
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.precision]
     bundle = _models(args.models, dtype)

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from xa_runtime.bench.report import write_atomic  # noqa: E402
 from xa_runtime.export.onnx_export import available_graphs, export_graph, trace_dims  # noqa: E402
 from xa_runtime.export.wrappers import ModuleBundle, build_graph_module, example_inputs  # noqa: E402
-from xa_runtime.runtime.graphs_table import GRAPHS  # noqa: E402
+from xa_runtime.graphs import GRAPHS  # noqa: E402
 
 
 def _median_seconds(fn, warmup: int, runs: int) -> tuple[float, list[float]]:

@@ -48,9 +48,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from xa_runtime.bench.report import versions, write_atomic  # noqa: E402
-from xa_runtime.engines.refit import RefitPlan, base_weights, plan_changes, refit_plan  # noqa: E402
+from xa_runtime.engines.refit import base_weights, plan_changes, refit_plan  # noqa: E402
 from xa_runtime.export.onnx_export import DTYPES, export_graph  # noqa: E402
-from xa_runtime.export.refit import apply_weight_deltas, names_path, plan_weight_deltas, read_name_map  # noqa: E402
+from xa_runtime.export.refit import RefitPlan, apply_weight_deltas, names_path, plan_weight_deltas, read_name_map  # noqa: E402
 from xa_runtime.export.wrappers import ModuleBundle  # noqa: E402
 from xa_runtime.models.components import build_random_components  # noqa: E402
 from xa_runtime.models.presets import PRESETS  # noqa: E402

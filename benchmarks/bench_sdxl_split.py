@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from xa_runtime.bench.report import write_atomic  # noqa: E402
 from xa_runtime.export.onnx_export import export_graph  # noqa: E402
 from xa_runtime.export.wrappers import ModuleBundle, example_inputs, model_dims  # noqa: E402
-from xa_runtime.runtime.graphs_table import GRAPHS  # noqa: E402
+from xa_runtime.graphs import GRAPHS  # noqa: E402
 
 # label -> (model widths: "tiny" or "small", rows B, SDXL latent H = W)
 CONFIGS = {

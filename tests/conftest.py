@@ -34,7 +34,7 @@ def tiny_paths(tmp_path_factory):
 def tiny_onnx(tmp_path_factory):
     """(ModuleBundle.tiny(0), folder): every graph of the table exported once, fp32, opset 17."""
     from xa_runtime.export import ModuleBundle, export_graphs
-    from xa_runtime.runtime.graphs_table import GRAPHS
+    from xa_runtime.graphs import GRAPHS
 
     bundle = ModuleBundle.tiny(0)
     folder = tmp_path_factory.mktemp("onnx")

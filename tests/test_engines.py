@@ -16,6 +16,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
+from xa_runtime import availability
 from xa_runtime.cli import build_engines as cli
 from xa_runtime.engines import manifest as mf
 from xa_runtime.engines.refit import base_weights, plan_changes, refit_plan
@@ -24,8 +25,8 @@ from xa_runtime.export import ModuleBundle, build_graph_module, example_inputs, 
 from xa_runtime.export.refit import names_path, read_name_map
 from xa_runtime.plugins.lora import LoraManager, load_lora
 from xa_runtime.testing import write_random_lora
-from xa_runtime.runtime.graphs_table import GRAPHS, DimRange
-from xa_runtime.runtime.onnxruntime_backend import GraphSession
+from xa_runtime.graphs import GRAPHS, DimRange, default_build_graphs
+from xa_runtime.runtime.backends.onnxruntime import GraphSession
 
 FACTS = mf.DeviceFacts("NVIDIA H100 80GB HBM3", "9.0", "10.13.0.35")
 
@@ -241,11 +242,11 @@ def test_cli_without_tensorrt_says_how_to_install(tmp_path, capsys):
 
     if hasattr(sys.modules["tensorrt"], "Builder"):
         pytest.skip("TensorRT is installed here")
-    for name in cli.DEFAULT_GRAPHS:
+    for name in default_build_graphs(cli.DEFAULT_SDXL_MODE):
         (tmp_path / f"{name}.onnx").write_bytes(b"x")
         (tmp_path / f"{name}.names.json").write_text("{}")
     assert cli.main(["--onnx-dir", str(tmp_path), "--output", str(tmp_path / "engines")]) == 2
-    assert mf.NOT_INSTALLED in capsys.readouterr().err
+    assert availability.NOT_INSTALLED in capsys.readouterr().err
     assert not (tmp_path / "engines").exists()
 
 
@@ -260,11 +261,11 @@ def test_require_tensorrt_refuses_the_stub_namespace():
         __path__ = ["site-packages/tensorrt"]
 
     with pytest.raises(ImportError, match="pip install tensorrt"):
-        mf.require_tensorrt(Namespace())
+        availability.require_tensorrt(Namespace())
 
 
 @pytest.mark.parametrize("extra,needle", [
-    (["--backend", "tensorrt"], mf.NOT_INSTALLED),
+    (["--backend", "tensorrt"], availability.NOT_INSTALLED),
     (["--engine-dir", "{tmp}"], "--engine-dir only applies to --backend tensorrt"),
 ])
 def test_generate_tensorrt_backend_checked_first(tmp_path, capsys, extra, needle):
@@ -280,7 +281,7 @@ def test_generate_tensorrt_backend_checked_first(tmp_path, capsys, extra, needle
 def test_lora_deltas_go_to_their_branch_engines():
     """set_lora_deltas' routing (CPU, fake refitters): SD1.5 deltas to every SD1.5 UNet engine,
     SDXL deltas to the SDXL ones (split or fused), text encoder keys and unknown branches refused."""
-    from xa_runtime.engines.refit import RefitPlan, refit_branch
+    from xa_runtime.export.refit import RefitPlan, refit_branch
     from xa_runtime.errors import ParameterError
 
     class Fake:

@@ -34,7 +34,7 @@ def engines(tmp_path_factory):
     from xa_runtime.engines import build
     from xa_runtime.engines import manifest as mf
     from xa_runtime.export import ModuleBundle, export_graphs
-    from xa_runtime.runtime.graphs_table import GRAPHS
+    from xa_runtime.graphs import GRAPHS
 
     bundle = ModuleBundle.tiny(0)
     onnx_dir, folder = tmp_path_factory.mktemp("onnx"), tmp_path_factory.mktemp("engines")
@@ -47,7 +47,7 @@ def engines(tmp_path_factory):
 
 def _reference(name, bundle, seed=3):
     from xa_runtime.export import build_graph_module, example_inputs, model_dims
-    from xa_runtime.runtime.graphs_table import GRAPHS
+    from xa_runtime.graphs import GRAPHS
 
     spec = GRAPHS[name]
     dims = {**model_dims(spec, bundle), **DIMS}
@@ -70,7 +70,7 @@ def _close(out, ref):
 
 
 def test_engines_match_torch(engines):
-    from xa_runtime.engines.run import TensorRTBackend
+    from xa_runtime.runtime.backends.tensorrt import TensorRTBackend
 
     bundle, onnx_dir, folder = engines
     assert (folder / "timing.cache").is_file()
@@ -85,7 +85,7 @@ def test_engines_match_torch(engines):
 def test_cuda_graph_replays_equal_plain_execution(engines):
     """Each session captures its execution once per shape and replays it: the replay sees new
     input values (same shape) and equals a backend without graphs."""
-    from xa_runtime.engines.run import TensorRTBackend
+    from xa_runtime.runtime.backends.tensorrt import TensorRTBackend
 
     bundle, onnx_dir, folder = engines
     graphs, plain = TensorRTBackend(folder, onnx_dir), TensorRTBackend(folder, onnx_dir, cuda_graphs=False)
@@ -102,7 +102,7 @@ def test_cuda_graph_replays_equal_plain_execution(engines):
 
 
 def test_lora_refit_then_unload(engines, tmp_path):
-    from xa_runtime.engines.run import TensorRTBackend
+    from xa_runtime.runtime.backends.tensorrt import TensorRTBackend
     from xa_runtime.export import ModuleBundle
     from xa_runtime.plugins.lora import LoraManager, load_lora
     from xa_runtime.testing import write_random_lora

@@ -15,10 +15,10 @@ import torch
 
 from xa_runtime.errors import ParameterError
 from xa_runtime.export import ModuleBundle, build_graph_module, example_inputs, export_graph, model_dims
-from xa_runtime.runtime.graphs_table import (
+from xa_runtime.graphs import (
     DYNAMIC_DIMS, GRAPHS, SD15_LATENT, SDXL_LATENT, DimRange, TensorSpec, get_graph, resolve_dim,
 )
-from xa_runtime.runtime.onnxruntime_backend import GraphSession
+from xa_runtime.runtime.backends.onnxruntime import GraphSession
 
 RTOL, ATOL_REL = 1e-4, 1e-4
 ONNX_TYPES = {"float": onnx.TensorProto.FLOAT, "float32": onnx.TensorProto.FLOAT, "int64": onnx.TensorProto.INT64}

@@ -23,8 +23,8 @@ from xa_runtime.plugins.ip_adapter import IPAdapter, IPAdapterPlugin, ip_layer_s
 from xa_runtime.plugins.ip_adapter_image import load_image_encoder
 from xa_runtime.plugins.ip_adapter_loading import tiny_ip_adapter_state
 from xa_runtime.testing import write_tiny_image_encoder
-from xa_runtime.runtime.graphs_table import GRAPHS
-from xa_runtime.runtime.onnxruntime_backend import GraphSession, OnnxRuntimeBackend
+from xa_runtime.graphs import GRAPHS
+from xa_runtime.runtime.backends.onnxruntime import GraphSession, OnnxRuntimeBackend
 
 GEN = dict(num_inference_steps=4, adapter_guidance_start=0.5, seed=3, output_type="latent")
 

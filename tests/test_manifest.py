@@ -14,7 +14,7 @@ from xa_runtime.cli.export import main
 from xa_runtime.errors import CheckpointError, ParameterError
 from xa_runtime.export import ModuleBundle, export_graphs
 from xa_runtime.export.manifest import MANIFEST, file_sha256, modules_fingerprint, read_manifest
-from xa_runtime.runtime.onnxruntime_backend import OnnxRuntimeBackend
+from xa_runtime.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
 
 def _one_error_line(capsys):

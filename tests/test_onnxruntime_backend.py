@@ -16,9 +16,8 @@ from xa_runtime.models.branches import SDXLBranch
 from xa_runtime.pipeline import XAdapterPipeline
 from xa_runtime.plugins.controlnet import ControlNetPlugin
 from xa_runtime.runtime.config import RuntimeConfig
-from xa_runtime.runtime.onnxruntime_backend import (
-    OnnxRuntimeBackend, OrtMapping, OrtSD15Branch, OrtSDXLBranch, resolve_providers,
-)
+from xa_runtime.runtime.backends.adapters import OrtMapping, OrtSD15Branch, OrtSDXLBranch
+from xa_runtime.runtime.backends.onnxruntime import OnnxRuntimeBackend, resolve_providers
 
 GEN = dict(num_inference_steps=4, adapter_guidance_start=0.5, seed=3, output_type="latent")
 
@@ -54,7 +53,8 @@ def test_pipeline_on_onnxruntime_equals_torch(pipes, fused_pipe, fusion):
 
 
 def test_sdxl_mode_choice(tiny_onnx, tmp_path):
-    from xa_runtime.runtime.onnxruntime_backend import PREFERRED_SDXL_MODE, OrtDeferredMapping
+    from xa_runtime.graphs import PREFERRED_SDXL_MODE
+    from xa_runtime.runtime.backends.adapters import OrtDeferredMapping
 
     _, folder = tiny_onnx
     auto = OnnxRuntimeBackend(folder, verify=False)
@@ -171,8 +171,8 @@ def test_io_binding_equals_plain_run(tiny_onnx, name):
     """The IO-binding path (torch tensors bound by data_ptr, outputs preallocated from the
     table's shapes) gives exactly the plain numpy path's outputs on the CPU provider."""
     from xa_runtime.export import example_inputs, model_dims
-    from xa_runtime.runtime.graphs_table import GRAPHS
-    from xa_runtime.runtime.onnxruntime_backend import GraphSession
+    from xa_runtime.graphs import GRAPHS
+    from xa_runtime.runtime.backends.onnxruntime import GraphSession
 
     bundle, folder = tiny_onnx
     spec = GRAPHS[name]
@@ -205,7 +205,7 @@ def test_set_lora_deltas_switches_and_restores(tiny_onnx):
     from xa_runtime.export import example_inputs, model_dims
     from xa_runtime.plugins.lora import LoraManager, load_lora
     from xa_runtime.testing import write_random_lora
-    from xa_runtime.runtime.graphs_table import get_graph
+    from xa_runtime.graphs import get_graph
 
     bundle, folder = tiny_onnx
     backend = OnnxRuntimeBackend(folder)
@@ -224,3 +224,24 @@ def test_set_lora_deltas_switches_and_restores(tiny_onnx):
     assert (backend.sessions["sd15_unet"](*x)[0] - base).abs().max() > 1e-3
     assert backend.set_lora_deltas({}, "sd15")["sd15_unet"] == 0
     torch.testing.assert_close(backend.sessions["sd15_unet"](*x)[0], base, rtol=0, atol=0)
+
+
+def test_open_backend_handle_owns_its_exported_graphs(pipes, tiny_onnx):
+    """open_backend: torch hands the pipeline back as is; onnxruntime over a folder runs it; the
+    on-the-fly export goes to a temporary folder the handle removes on close."""
+    from xa_runtime.runtime.backends import open_backend
+
+    pipe, ort_pipe = pipes
+    with open_backend("torch", pipe) as torch_backend:
+        assert torch_backend.pipeline is pipe and torch_backend.set_lora_deltas({"unet.x": 1}) == {}
+    given = open_backend("onnxruntime", pipe, onnx_dir=tiny_onnx[1], sdxl_mode="split")
+    assert given.onnx_dir == tiny_onnx[1] and given.graphs.sdxl_mode == "split"
+    given.close()
+    assert tiny_onnx[1].is_dir()  # a given folder is never removed
+    with open_backend("onnxruntime", pipe) as made:
+        folder = made.onnx_dir
+        assert sorted(p.name for p in folder.glob("*.onnx")) == ["mapping.onnx", "sd15_unet.onnx", "sdxl_unet.onnx"]
+        _close(made.pipeline("a cat", **GEN).images, ort_pipe("a cat", **GEN).images)
+    assert not folder.exists()
+    with pytest.raises(ParameterError, match="backend"):
+        open_backend("openvino", pipe)

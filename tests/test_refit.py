@@ -17,8 +17,8 @@ from xa_runtime.export import ModuleBundle, apply_weight_deltas, build_graph_mod
 from xa_runtime.export.refit import names_path, read_name_map
 from xa_runtime.plugins.lora import LoraManager, load_lora
 from xa_runtime.testing import write_random_lora
-from xa_runtime.runtime.graphs_table import GRAPHS
-from xa_runtime.runtime.onnxruntime_backend import GraphSession
+from xa_runtime.graphs import GRAPHS
+from xa_runtime.runtime.backends.onnxruntime import GraphSession
 
 
 def _compare(out, ref):

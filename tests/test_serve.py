@@ -337,10 +337,25 @@ def test_config_file(tmp_path):
     ({"ray": {"min_replicas": 2, "max_replicas": 1}}, "max_replicas"),
     ({"ray": {"gpus": 1}}, "gpus"),
     ({"server": {}}, "server"),
+    ({"backend": {"kind": "openvino"}}, "backend.kind"),
+    ({"backend": {"onnx_dir": "x"}}, "onnx_dir"),
+    ({"backend": {"kind": "onnxruntime", "onnx_dir": "nope"}}, "onnx_dir"),
+    ({"backend": {"kind": "onnxruntime"}, "plugins": {"x": {"kind": "lora", "path": "p"}}}, "plugins.x.kind"),
+    ({"models": {"sd15": "a", "sdxl": "b", "adapter": "c"}, "backend": {"kind": "onnxruntime"}}, "onnx_dir"),
 ])
 def test_bad_config(data, word):
     with pytest.raises(ConfigError, match=word):
         parse_config(data)
+
+
+def test_service_on_the_onnxruntime_backend():
+    """[backend] kind = "onnxruntime" with the tiny models: open_backend exports their graphs and
+    the service's pipeline runs its UNets and mapping on onnxruntime."""
+    pytest.importorskip("onnxruntime")
+    from xa_runtime.runtime.backends.adapters import OrtSD15Branch
+
+    service = build_service(parse_config({"backend": {"kind": "onnxruntime"}}), warm=False)
+    assert isinstance(service.pipeline.sd15_branch, OrtSD15Branch)
 
 
 def test_cli_bad_config_exits_2(tmp_path, capsys):

@@ -19,7 +19,6 @@ import copy
 import importlib.util
 import json
 import sys
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -68,6 +67,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--no-flops", action="store_true", help="skip the FLOP-counter run (analytic FLOPs only)")
+    ap.add_argument("--onnx-dir", metavar="DIR", help="onnxruntime variant: this xa-export folder's graphs (of the "
+                    "benchmarked models) instead of exporting them; tensorrt variant: its engines' source")
+    ap.add_argument("--engine-dir", metavar="DIR", help="tensorrt variant: this xa-build-engines folder's engines "
+                    "instead of exporting and building throw-away ones")
     ap.add_argument("--device", choices=["cpu", "cuda"], default=None)
     ap.add_argument("--dtype", choices=list(DTYPES), default=None, help="default fp16 on CUDA, fp32 on CPU")
     ap.add_argument("--output", help="JSON file to write (a .md summary is written beside it)")
@@ -111,7 +114,7 @@ def _check_variants(args: argparse.Namespace) -> list[str]:
         if missing:
             raise ParameterError("--compare", v, f"the package {package} installed (pip install {package})")
         if v == "tensorrt":
-            from ..engines.manifest import NOT_INSTALLED, tensorrt_installed
+            from ..availability import NOT_INSTALLED, tensorrt_installed
 
             if not tensorrt_installed():  # tensorrt-stubs alone installs a package without the library
                 raise ParameterError("--compare", v, f"the other variants: {NOT_INSTALLED}")
@@ -124,7 +127,26 @@ def _check_variants(args: argparse.Namespace) -> list[str]:
 
             if not triton_usable(args.device):
                 raise ParameterError("--compare", v, "a CUDA device with triton installed (or TRITON_INTERPRET=1 on CPU)")
+    _check_backend_folders(args, variants)
     return variants
+
+
+def _check_backend_folders(args: argparse.Namespace, variants: list[str]) -> None:
+    """--onnx-dir / --engine-dir: given only with the variants that read them, each a usable set
+    (graphs.folder_problem, as xa-generate and xa-serve check them)."""
+    from ..graphs import folder_problem
+
+    for flag, folder, kind, readers in (("--engine-dir", args.engine_dir, "engine", ("tensorrt",)),
+                                        ("--onnx-dir", args.onnx_dir, "onnx", ("onnxruntime", "tensorrt"))):
+        if folder is None:
+            continue
+        if not any(v in variants for v in readers):
+            raise ParameterError(flag, folder, f"no {flag} without the {' or '.join(readers)} variant (--compare)")
+        if kind == "onnx" and "onnxruntime" not in variants:
+            continue  # the engines' source: read by the tensorrt backend's own checks
+        problem = folder_problem(folder, kind)
+        if problem:
+            raise ParameterError(flag, folder, problem)
 
 
 def _check(args: argparse.Namespace):
@@ -220,51 +242,24 @@ def _check(args: argparse.Namespace):
     return variants, workload, torch.device(args.device), getattr(torch, DTYPES[args.dtype]), options
 
 
-def _onnxruntime_pipeline(args: argparse.Namespace, models: tuple, device: torch.device, dtype: torch.dtype):
-    """The models' SD1.5 UNet, mapping and SDXL UNet exported to a temporary folder (removed
-    at exit) and run on onnxruntime; the rest of the pipeline stays in PyTorch. Full-size
-    models export several GB (fp32 SDXL: ~10 GB with external data) and take minutes."""
+def _backend_pipeline(args: argparse.Namespace, variant: str, models: tuple, device: torch.device,
+                      dtype: torch.dtype):
+    """The models on the onnxruntime or tensorrt backend (runtime.backends.open_backend): the
+    graphs of --onnx-dir / the engines of --engine-dir, or the SD1.5 UNet, mapping and SDXL
+    UNet exported (and for tensorrt built into engines: graph table profiles, the run's dtype
+    as precision, no refit) to a temporary folder removed at exit. Full-size models export
+    several GB (fp32 SDXL: ~10 GB with external data) and take minutes; the rest of the
+    pipeline stays in PyTorch."""
     import atexit
 
-    from ..export import ModuleBundle, export_graphs
     from ..pipeline import XAdapterPipeline
-    from ..runtime.onnxruntime_backend import OnnxRuntimeBackend
-    from .backend_args import ORT_GRAPHS
+    from ..runtime.backends import open_backend
 
-    tmp = tempfile.TemporaryDirectory(prefix="xa-bench-onnx-")
-    atexit.register(tmp.cleanup)
-    sd15, sdxl, mapping = models
-    export_graphs([g for g in ORT_GRAPHS if g != "sd15_unet_control"], ModuleBundle(sd15=sd15, sdxl=sdxl, mapping=mapping),
-                  tmp.name, dtype, progress=True)
-    pipe = XAdapterPipeline(sd15, sdxl, mapping, device=device, dtype=dtype, progress=False)
-    return pipe.with_backend(OnnxRuntimeBackend(tmp.name, providers=[device.type]))
-
-
-def _tensorrt_pipeline(args: argparse.Namespace, models: tuple, device: torch.device, dtype: torch.dtype):
-    """The models' SD1.5 UNet, mapping and SDXL UNet exported to a temporary folder, built
-    into TensorRT engines there (graph table profiles, the run's dtype as precision, no refit,
-    no timing cache; minutes at full size) and run by the tensorrt backend."""
-    import atexit
-
-    import torch
-
-    from ..engines import build
-    from ..engines.run import TensorRTBackend
-    from ..export import ModuleBundle, export_graphs
-    from ..pipeline import XAdapterPipeline
-    from ..runtime.graphs_table import get_graph
-
-    tmp = tempfile.TemporaryDirectory(prefix="xa-bench-trt-")
-    atexit.register(tmp.cleanup)
-    names = ["sd15_unet", "mapping", "sdxl_unet"]
-    sd15, sdxl, mapping = models
-    export_graphs(names, ModuleBundle(sd15=sd15, sdxl=sdxl, mapping=mapping), tmp.name, dtype, progress=True)
-    engines = Path(tmp.name) / "engines"
-    precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
-    build.build_engines(names, Path(tmp.name), engines, precision, {n: get_graph(n).profiles for n in names}, "none",
-                        None, progress=True)
-    pipe = XAdapterPipeline(sd15, sdxl, mapping, device=device, dtype=dtype, progress=False)
-    return pipe.with_backend(TensorRTBackend(engines, tmp.name))
+    pipe = XAdapterPipeline(*models, device=device, dtype=dtype, progress=False)
+    backend = open_backend(variant, pipe, onnx_dir=args.onnx_dir, engine_dir=args.engine_dir, device=device.type,
+                           dtype=dtype, progress=True)
+    atexit.register(backend.close)
+    return backend.pipeline
 
 
 def _build(args: argparse.Namespace, variants: list[str], device: torch.device, dtype: torch.dtype):
@@ -295,8 +290,7 @@ def _build(args: argparse.Namespace, variants: list[str], device: torch.device, 
     pipes = {}
     for v in variants:
         if v in BACKEND_VARIANTS:
-            make = _tensorrt_pipeline if v == "tensorrt" else _onnxruntime_pipeline
-            pipes[v] = make(args, models, device, dtype)
+            pipes[v] = _backend_pipeline(args, v, models, device, dtype)
             continue
         config = VARIANTS[v]
         # channels-last and fused QKV change the modules in place: such a variant gets its own

@@ -14,11 +14,12 @@ from typing import Sequence
 import xa_runtime
 
 from ..errors import CheckpointError, ParameterError
-from ..runtime.graphs_table import GRAPHS, DimRange
+from ..graphs import GRAPHS, SDXL_MODE_ROLES, DimRange, check_sdxl_mode, default_build_graphs, has_graph
 from .usage import CheckedParser, UsageError, parameter_error_line
 
 PROG = "xa-build-engines"
-DEFAULT_GRAPHS = ("sd15_unet", "mapping", "sdxl_unet")
+# split by default: the set xa-build-engines has always built; --sdxl-mode fused builds sdxl_unet_fused
+DEFAULT_SDXL_MODE = "split"
 MODEL_FLAGS = ("--sd15", "--sdxl", "--adapter", "--controlnet")
 
 
@@ -31,8 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in MODEL_FLAGS:
         p.add_argument(flag, help=f"model path: export {flag[2:]} into --onnx-dir first (as xa-export {flag})")
     p.add_argument("--tiny", action="store_true", help="export the built-in tiny random models first")
-    p.add_argument("--graphs", help=f"comma-separated graph names (default {','.join(DEFAULT_GRAPHS)}, plus "
-                   "sd15_unet_control when exported)")
+    p.add_argument("--graphs", help="comma-separated graph names (default: those of --sdxl-mode, plus the ControlNet "
+                   "variant sd15_unet_control when exported)")
+    p.add_argument("--sdxl-mode", default=DEFAULT_SDXL_MODE, help=f"{' or '.join(SDXL_MODE_ROLES)}: the SDXL graphs "
+                   f"built without --graphs (split: {','.join(default_build_graphs('split'))}; fused: "
+                   f"{','.join(default_build_graphs('fused'))}; default %(default)s)")
     p.add_argument("--precision", default="fp16", help=f"{', '.join(PRECISIONS)} (default fp16)")
     p.add_argument("--preset", help=f"profile preset in pixels: {', '.join(PRESETS)} ('1024 only', '512-1536')")
     for which in ("min", "opt", "max"):
@@ -53,6 +57,7 @@ def check_inputs(args: argparse.Namespace) -> tuple[list[str], Path, Path, dict[
 
     mf.check_choice("--precision", args.precision, mf.PRECISIONS)
     mf.check_choice("--refit", args.refit, mf.REFIT_MODES)
+    check_sdxl_mode(args.sdxl_mode, "--sdxl-mode", auto=False)
     if args.static and args.min is not None or args.static and args.max is not None:
         raise UsageError("--static takes --opt only (min = max = opt)")
     if args.no_timing_cache and args.timing_cache:
@@ -63,9 +68,7 @@ def check_inputs(args: argparse.Namespace) -> tuple[list[str], Path, Path, dict[
     exporting = args.tiny or bool(given)
     onnx_dir, out = Path(args.onnx_dir), Path(args.output)
     if args.graphs is None:
-        names = list(DEFAULT_GRAPHS)
-        if not exporting and (onnx_dir / "sd15_unet_control.onnx").is_file():
-            names.append("sd15_unet_control")
+        names = default_build_graphs(args.sdxl_mode, has_graph(onnx_dir, "onnx") if not exporting else lambda g: False)
     else:
         names = [n.strip() for n in args.graphs.split(",") if n.strip()]
         bad = [n for n in names if n not in GRAPHS]

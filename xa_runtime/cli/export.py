@@ -20,7 +20,7 @@ from typing import Sequence
 import xa_runtime
 
 from ..errors import CheckpointError, ParameterError
-from ..runtime.graphs_table import GRAPHS
+from ..graphs import GRAPHS
 from .usage import CheckedParser, UsageError, parameter_error_line
 
 PROG = "xa-export"

@@ -27,7 +27,7 @@ import xa_runtime
 from ..errors import CheckpointError, ParameterError
 from ..models.presets import get_preset
 from ..pipeline.params import DEFAULT_SCHEDULER, MAX_SEED, SCHEDULERS, GenerationParams, SizeRules, validate
-from .backend_args import add_backend_arguments, check_backend, cleanup, loras_to_backend, to_backend
+from .backend_args import add_backend_arguments, check_backend, loras_to_backend, open_cli_backend
 from .output_files import write_outputs
 from .plugin_args import add_plugin_arguments, apply_loras, build_plugins, check_plugin_arguments, load_init_image
 from .usage import CheckedParser, UsageError, parameter_error_line
@@ -456,12 +456,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     with _library_output(progress=not args.no_progress):
+        backend = None
         try:
             t0 = time.perf_counter()
             pipe = load_pipeline(args, tiny)
             t1 = time.perf_counter()
-            pipe = to_backend(args, pipe, tiny)  # before the LoRAs: exported / checked graphs are the base weights
-            loras_to_backend(args, apply_loras(args.plugin_specs, pipe))
+            backend = open_cli_backend(args, pipe, tiny)  # before the LoRAs: exported / checked graphs are the base weights
+            pipe = backend.pipeline
+            loras_to_backend(backend, apply_loras(args.plugin_specs, pipe))
             plugins = build_plugins(args.plugin_specs, pipe.sd15.unet)
             result = pipe.generate(params, plugins=plugins, init_image=load_init_image(args.init_image))
             t2 = time.perf_counter()
@@ -472,7 +474,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {_blame(e, args)}", file=sys.stderr)
             return 2
         finally:
-            cleanup(args)
+            if backend is not None:
+                backend.close()
 
     seconds = {"load_seconds": t1 - t0, "generate_seconds": t2 - t1, "total_seconds": t2 - started}
     record, per_image = records(args, tiny, result, seconds, command)

@@ -16,12 +16,13 @@ from typing import Mapping
 
 import tensorrt as trt
 
+from ..availability import require_tensorrt
 from ..errors import CheckpointError
 from ..export.refit import names_path, read_name_map
-from ..runtime.graphs_table import DimRange, GraphSpec
+from ..graphs import DimRange, GraphSpec
 from . import manifest as mf
 
-mf.require_tensorrt(trt)
+require_tensorrt(trt)
 
 TIMING_CACHE = "timing.cache"
 
@@ -130,7 +131,7 @@ def tensorrt_facts() -> mf.DeviceFacts:
 def build_engines(names: list[str], onnx_dir: Path, folder: Path, precision: str,
                   profiles: Mapping[str, Mapping[str, DimRange]], refit: str, timing_cache: Path | None,
                   progress: bool = True) -> list[Path]:
-    from ..runtime.graphs_table import get_graph
+    from ..graphs import get_graph
 
     facts = tensorrt_facts()
     folder.mkdir(exist_ok=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ..errors import CheckpointError, ParameterError
-from ..runtime.graphs_table import DimRange, GraphSpec
+from ..graphs import DimRange, GraphSpec
 
 ENGINE_FORMAT = 1
 PRECISIONS = ("fp16", "bf16", "fp32")
@@ -31,26 +31,6 @@ PRESETS = {"1024": (1024, 1024, 1024), "512-1536": (512, 1024, 1536)}
 MAX_ROWS = 64
 SIDE_MULTIPLE, MIN_SIDE, MAX_SIDE = 64, 64, 4096
 _SHAPE = re.compile(r"^(\d+)[,x](\d+)[,x](\d+)$")
-NOT_INSTALLED = "TensorRT is not installed: pip install tensorrt (NVIDIA's index)"
-
-
-def tensorrt_installed() -> bool:
-    """Whether the real TensorRT library imports here (tensorrt-stubs alone does not count)."""
-    try:
-        import tensorrt
-    except ImportError:
-        return False
-    return hasattr(tensorrt, "Builder")
-
-
-def require_tensorrt(module: Any) -> Any:
-    """The real tensorrt module, or ImportError. With only tensorrt-stubs installed, `import
-    tensorrt` gives an empty namespace package (a folder of .pyi files): no Builder."""
-    if not hasattr(module, "Builder"):
-        raise ImportError(NOT_INSTALLED)
-    return module
-
-
 class EngineMismatchError(CheckpointError):
     """A cached engine does not fit this machine or its source; the message says how to rebuild."""
 

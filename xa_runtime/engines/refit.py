@@ -11,32 +11,16 @@ one reader) are in the plan; others are reported, never fed.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
-from ..errors import CheckpointError, ParameterError
-from ..export.refit import RefitReport, merged_value, names_path, plan_weight_deltas, read_name_map
+from ..errors import CheckpointError
+from ..export.refit import RefitPlan, merged_value, names_path, plan_weight_deltas, read_name_map
 
 if TYPE_CHECKING:
     import tensorrt as trt
-
-
-# The graphs holding each branch's UNet: a LoRA of that branch refits all of them (deltas are
-# keyed "unet.*" for both branches, so the branch decides which engines they go to).
-LORA_GRAPHS = {"sd15": ("sd15_unet", "sd15_unet_control", "sd15_unet_t2i", "sd15_unet_ip"),
-               "sdxl": ("sdxl_unet", "sdxl_unet_fused")}
-
-
-@dataclass
-class RefitPlan:
-    """weights: engine weight name -> merged value (base + deltas) in the initializer's layout
-    and dtype; report: what apply_weight_deltas did (unmapped, shared, not_refittable)."""
-
-    weights: dict[str, np.ndarray] = field(default_factory=dict)
-    report: RefitReport = field(default_factory=RefitReport)
 
 
 def _load(onnx_path: str | os.PathLike) -> Any:
@@ -152,18 +136,3 @@ def refit_from_onnx(engine: trt.ICudaEngine, onnx_path: str | os.PathLike, logge
     if not parser_refitter.refit_from_file(str(onnx_path)) or not refitter.refit_cuda_engine():
         raise CheckpointError(f"could not refit the weight-stripped engine from {onnx_path}; rebuild it with "
                               "xa-build-engines")
-
-
-def refit_branch(refitters: Mapping[str, Any], deltas: Mapping[str, Any], branch: str) -> dict[str, int]:
-    """set_lora_deltas without the engines (refitters: graph -> object with apply(deltas))."""
-    if branch not in LORA_GRAPHS:
-        raise ParameterError("branch", branch, " or ".join(LORA_GRAPHS))
-    foreign = sorted(k for k in deltas if not k.startswith("unet."))
-    if foreign:
-        raise ParameterError("deltas", foreign[:3], "UNet deltas (\"unet.*\"); text encoders run in PyTorch: fuse "
-                             "their LoRA there (LoraManager on the branch)")
-    mine = {g: r for g, r in refitters.items() if g in LORA_GRAPHS[branch]}
-    if deltas and not mine:
-        raise ParameterError("loras", sorted(deltas)[:3], f"{branch} UNet engines built refittable (xa-build-engines "
-                             "--refit refit or strip) and the backend's onnx_dir")
-    return {g: len(r.apply(deltas).weights) for g, r in mine.items()}

@@ -1,4 +1,4 @@
-"""PyTorch -> ONNX for each graph of the table (xa_runtime.runtime.graphs_table).
+"""PyTorch -> ONNX for each graph of the table (xa_runtime.graphs).
 
 `export_graph(name, bundle, path, dtype, opset)` writes one graph; `export_graphs` several
 with a progress bar; `ModuleBundle` holds the modules; `xa-export` is the CLI;

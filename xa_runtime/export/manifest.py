@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from ..errors import CheckpointError, ParameterError
-from ..runtime.graphs_table import GRAPHS
+from ..graphs import GRAPHS
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1

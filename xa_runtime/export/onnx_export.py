@@ -1,4 +1,4 @@
-"""PyTorch -> ONNX for each graph of the table (runtime/graphs_table.py).
+"""PyTorch -> ONNX for each graph of the table (xa_runtime/graphs.py).
 
 Exporter: the TorchScript-based one (`dynamo=False`). The dynamo exporter (torch 2.13,
 onnxscript 0.7) fails on the diffusers UNet with dynamic height/width: torch.export
@@ -30,7 +30,7 @@ import xa_runtime
 
 from ..errors import ParameterError
 from ..kernels.modules import kernels_off
-from ..runtime.graphs_table import GRAPHS, SDXL_LATENT, GraphSpec, get_graph, resolve_dim
+from ..graphs import GRAPHS, SDXL_LATENT, GraphSpec, get_graph, resolve_dim
 from .wrappers import ModuleBundle, build_graph_module, example_inputs, model_dims
 from .options import DEFAULT_OPSET, DTYPE_NAMES, DTYPES_ACCEPTED, check_graph_names, check_opset
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Iterable
 
 from ..errors import ParameterError
-from ..runtime.graphs_table import GRAPHS
+from ..graphs import GRAPHS
 
 MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 17, 20, 17  # 17: LayerNormalization; 20: TorchScript exporter's last
 DTYPE_NAMES = {"fp32": "float32", "fp16": "float16"}  # export dtype -> torch dtype name

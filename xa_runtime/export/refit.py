@@ -13,6 +13,10 @@ which is torch's (a 2-D delta given transposed is transposed back). The exporter
 deduplicates initializers of equal values: the duplicates become Identity nodes named by
 their torch names that read one shared initializer. Such a weight cannot take its own
 delta without changing the others: it is reported as `shared`, not applied.
+
+`RefitPlan` and `refit_branch` (which graphs a branch's LoRA changes, graphs.LORA_GRAPHS) are
+framework-free and shared by both backends' set_lora_deltas: onnxruntime reloads refitted
+graphs, TensorRT refits its engines (engines/refit.py).
 """
 
 from __future__ import annotations
@@ -29,18 +33,9 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from ..errors import ParameterError
-from ..runtime.graphs_table import GraphSpec
+from ..graphs import LORA_GRAPHS, LORA_TARGETS, GraphSpec
 
 NAME_MAP_FORMAT = 1
-# graph -> the pipeline component its wrapper's weights belong to (the LoRA target name)
-LORA_TARGETS = {
-    "sd15_unet": "unet", "sd15_unet_control": "unet", "sd15_unet_t2i": "unet", "sd15_unet_ip": "unet",
-    "sdxl_unet": "unet", "sdxl_unet_fused": "unet",
-    "controlnet": "controlnet",
-    "sd15_text_encoder": "text_encoder", "sdxl_text_encoder": "text_encoder", "sdxl_text_encoder_2": "text_encoder_2",
-}
-
-
 def names_path(onnx_path: str | os.PathLike) -> Path:
     """`NAME.onnx` -> `NAME.names.json`, the name map beside it."""
     p = Path(onnx_path)
@@ -275,3 +270,29 @@ def _copy(model: Any) -> Any:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     return out
+
+
+@dataclass
+class RefitPlan:
+    """weights: engine weight name -> merged value (base + deltas) in the initializer's layout
+    and dtype; report: what apply_weight_deltas did (unmapped, shared, not_refittable)."""
+
+    weights: dict[str, np.ndarray] = field(default_factory=dict)
+    report: RefitReport = field(default_factory=RefitReport)
+
+
+def refit_branch(refitters: Mapping[str, Any], deltas: Mapping[str, Any], branch: str) -> dict[str, int]:
+    """A backend's set_lora_deltas over its refitters (graph -> object whose apply(deltas)
+    returns a RefitPlan): the UNet graphs of `branch` (graphs.LORA_GRAPHS) take the deltas.
+    Returns graph -> number of weights now differing from base."""
+    if branch not in LORA_GRAPHS:
+        raise ParameterError("branch", branch, " or ".join(LORA_GRAPHS))
+    foreign = sorted(k for k in deltas if not k.startswith("unet."))
+    if foreign:
+        raise ParameterError("deltas", foreign[:3], "UNet deltas (\"unet.*\"); text encoders run in PyTorch: fuse "
+                             "their LoRA there (LoraManager on the branch)")
+    mine = {g: r for g, r in refitters.items() if g in LORA_GRAPHS[branch]}
+    if deltas and not mine:
+        raise ParameterError("loras", sorted(deltas)[:3], f"{branch} UNet engines built refittable (xa-build-engines "
+                             "--refit refit or strip) and the backend's onnx_dir")
+    return {g: len(r.apply(deltas).weights) for g, r in mine.items()}

@@ -1,7 +1,8 @@
 """Flat-tensor wrappers around the models, one per graph of the table, for tracing.
 
 The models package stays pure; these adapt its branches (hooks, kwargs, tuples) to the
-positional tensor inputs and tuple outputs of runtime/graphs_table.py. Each wrapper
+positional tensor inputs and tuple outputs of xa_runtime/graphs.py, chosen by the graph's
+role in the table. Each wrapper
 registers the wrapped model as `unet` / `vae` / `text_encoder` / ..., so exported weight
 names read as the diffusers pipeline's (`unet.down_blocks.0...`), which the refit name
 mapping relies on.
@@ -18,7 +19,7 @@ from torch import nn
 from ..models.branches import SD15Branch, SDXLBranch
 from ..models.components import SD15Components, SDXLComponents
 from ..models.mapping import MappingLayers
-from ..runtime.graphs_table import CONTROL_RESIDUALS, GraphSpec
+from ..graphs import CONTROL_RESIDUALS, FUSION_NONE, GraphSpec
 
 
 @dataclass
@@ -138,12 +139,6 @@ class SD15IPUNetGraph(nn.Module):
             self.adapter.unload()
 
 
-def _inject(h: torch.Tensor, r: torch.Tensor, acs: torch.Tensor, fusion: torch.Tensor) -> torch.Tensor:
-    # inject_residual with tensor scales; fusion < 0 selects the plain add (fusion None).
-    r = r.to(h.dtype) * acs.to(h.dtype)
-    return torch.where(fusion < 0, h + r, h + fusion.to(h.dtype) * (r - h))
-
-
 class SDXLUNetGraph(nn.Module):
     """sdxl_unet: (sample, timestep, text, pooled, time_ids, r0, r1, r2, acs, fusion) -> eps."""
 
@@ -153,11 +148,11 @@ class SDXLUNetGraph(nn.Module):
         self.__dict__["branch"] = SDXLBranch(unet)
 
     def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, r0, r1, r2, acs, fusion):
-        injections: list[Callable[[torch.Tensor], torch.Tensor]] = [
-            lambda h, r=r: _inject(h, r, acs, fusion) for r in (r0, r1, r2)
-        ]
+        # the branch's own injection (models.branches.inject_residual) with tensor scales;
+        # fusion carries graphs.encode_fusion's value (negative: plain add)
         cond = {"text_embeds": text_embeds, "time_ids": time_ids}
-        return self.branch(sample, timestep, encoder_hidden_states, cond, injections=injections)
+        return self.branch(sample, timestep, encoder_hidden_states, cond, residuals=(r0, r1, r2),
+                           adapter_condition_scale=acs, fusion_guidance_scale=fusion)
 
     def release(self) -> None:
         self.branch.remove_hooks()
@@ -252,45 +247,59 @@ class TextEncoderGraph(nn.Module):
         return (hidden, out[0]) if self.pooled else hidden
 
 
+def _sd15_unet_graph(spec: GraphSpec, b: ModuleBundle, c: Callable[[nn.Module], nn.Module]) -> nn.Module:
+    if spec.variant == "ip":
+        return SD15IPUNetGraph(c(b.sd15.unet), b.ip_adapter)
+    return SD15UNetGraph(c(b.sd15.unet), control=spec.variant == "control", adapter=spec.variant == "t2i")
+
+
+def _vae_graph(spec: GraphSpec, b: ModuleBundle, c: Callable[[nn.Module], nn.Module]) -> nn.Module:
+    vae = c(getattr(b, spec.needs[0]).vae)
+    return VAEDecoderGraph(vae) if spec.input_names == ("latent",) else VAEEncoderGraph(vae)
+
+
+def _text_encoder_graph(spec: GraphSpec, b: ModuleBundle, c: Callable[[nn.Module], nn.Module]) -> nn.Module:
+    # SDXL conditions on the penultimate hidden state; a second output is the pooled embedding
+    part = spec.needs[0]
+    return TextEncoderGraph(c(getattr(getattr(b, part), spec.lora_target)), penultimate=part == "sdxl",
+                            pooled=len(spec.outputs) == 2)
+
+
+_Builder = Callable[[GraphSpec, ModuleBundle, Callable[[nn.Module], nn.Module]], nn.Module]
+# graph role -> its wrapper (plugin graphs by the bundle part they export)
+_ROLE_WRAPPERS: dict[str, _Builder] = {
+    "sd15_unet": _sd15_unet_graph,
+    "mapping": lambda s, b, c: MappingGraph(c(b.mapping)),
+    "sdxl_split": lambda s, b, c: SDXLUNetGraph(c(b.sdxl.unet)),
+    "sdxl_fused": lambda s, b, c: SDXLUNetFusedGraph(c(b.sdxl.unet), c(b.mapping)),
+    "vae": _vae_graph,
+    "text_encoder": _text_encoder_graph,
+}
+_PLUGIN_WRAPPERS: dict[str, _Builder] = {
+    "controlnet": lambda s, b, c: ControlNetGraph(c(b.controlnet)),
+    "t2i_adapter": lambda s, b, c: T2IAdapterGraph(c(b.t2i_adapter)),
+}
+
+
 def build_graph_module(spec: GraphSpec, bundle: ModuleBundle,
                        convert: Callable[[nn.Module], nn.Module] | None = None) -> nn.Module:
     """The wrapper of `spec` around the bundle's module (call .release() if it has one);
     `convert` maps that module first (e.g. to a converted copy)."""
-    n, b = spec.name, bundle
     c = convert or (lambda m: m)
-    if n in ("sd15_unet", "sd15_unet_control", "sd15_unet_t2i"):
-        return SD15UNetGraph(c(b.sd15.unet), control=n.endswith("control"), adapter=n.endswith("t2i"))
-    if n == "sd15_unet_ip":
-        return SD15IPUNetGraph(c(b.sd15.unet), b.ip_adapter)
-    if n == "t2i_adapter":
-        return T2IAdapterGraph(c(b.t2i_adapter))
-    if n == "sdxl_unet":
-        return SDXLUNetGraph(c(b.sdxl.unet))
-    if n == "sdxl_unet_fused":
-        return SDXLUNetFusedGraph(c(b.sdxl.unet), c(b.mapping))
-    if n == "mapping":
-        return MappingGraph(c(b.mapping))
-    if n == "controlnet":
-        return ControlNetGraph(c(b.controlnet))
-    if n.endswith(("_vae_decoder", "_vae_encoder")):
-        vae = c((b.sd15 if n.startswith("sd15") else b.sdxl).vae)
-        return VAEDecoderGraph(vae) if n.endswith("decoder") else VAEEncoderGraph(vae)
-    if n == "sd15_text_encoder":
-        return TextEncoderGraph(c(b.sd15.text_encoder), penultimate=False, pooled=False)
-    if n == "sdxl_text_encoder":
-        return TextEncoderGraph(c(b.sdxl.text_encoder), penultimate=True, pooled=False)
-    if n == "sdxl_text_encoder_2":
-        return TextEncoderGraph(c(b.sdxl.text_encoder_2), penultimate=True, pooled=True)
-    raise KeyError(n)
+    if spec.role == "plugin":
+        return _PLUGIN_WRAPPERS[spec.needs[-1]](spec, bundle, c)
+    if spec.role not in _ROLE_WRAPPERS:
+        raise KeyError(spec.name)
+    return _ROLE_WRAPPERS[spec.role](spec, bundle, c)
 
 
 def model_dims(spec: GraphSpec, bundle: ModuleBundle) -> dict[str, int]:
     """Values of the graph's model dimensions (channels, text widths), read from the configs."""
     dims: dict[str, int] = {}
-    if spec.name.startswith("sd15_text"):
+    if spec.role == "text_encoder" and spec.needs == ("sd15",):
         dims["ctx"] = bundle.sd15.text_encoder.config.hidden_size
-    elif spec.name.startswith("sdxl_text"):
-        enc = bundle.sdxl.text_encoder_2 if spec.name.endswith("_2") else bundle.sdxl.text_encoder
+    elif spec.role == "text_encoder":
+        enc = getattr(bundle.sdxl, spec.lora_target)
         dims.update(ctx=enc.config.hidden_size, pooled=getattr(enc.config, "projection_dim", 0))
     if bundle.sd15 is not None:
         c = list(bundle.sd15.unet.config.block_out_channels)
@@ -299,7 +308,7 @@ def model_dims(spec: GraphSpec, bundle: ModuleBundle) -> dict[str, int]:
         down = [c[0]] + [c[s] for s in range(len(c)) for _ in range(3)][: len(CONTROL_RESIDUALS) - 2]
         dims.update({f"c_down{i}": ch for i, ch in enumerate(down)})
         dims.update({f"c_block{i}": ch for i, ch in enumerate(c)})
-        if spec.name in ("sd15_unet", "sd15_unet_control", "sd15_unet_t2i", "sd15_unet_ip", "controlnet"):
+        if spec.role == "sd15_unet" or spec.lora_target == "controlnet":
             dims["ctx"] = bundle.sd15.unet.config.cross_attention_dim
         dims["ip_layers"] = sum(n.endswith("attn2.processor") for n in bundle.sd15.unet.attn_processors)
     if bundle.t2i_adapter is not None:
@@ -307,7 +316,7 @@ def model_dims(spec: GraphSpec, bundle: ModuleBundle) -> dict[str, int]:
     if bundle.mapping is not None:
         dims.update({f"c_f{i}": ch for i, ch in enumerate(bundle.mapping.config.in_channels)})
         dims.update({f"c_r{i}": ch for i, ch in enumerate(bundle.mapping.config.out_channels)})
-    if bundle.sdxl is not None and spec.name in ("sdxl_unet", "sdxl_unet_fused"):
+    if bundle.sdxl is not None and spec.role in ("sdxl_split", "sdxl_fused"):
         cfg = bundle.sdxl.unet.config
         rev = list(cfg.block_out_channels)[::-1]
         dims.update(ctx=cfg.cross_attention_dim, c_r0=rev[0], c_r1=rev[0], c_r2=rev[1],
@@ -336,7 +345,7 @@ def example_inputs(spec: GraphSpec, dims: dict[str, int], dtype: torch.dtype, de
         elif t.name == "ip_scale":
             x = 0.5 + torch.rand(shape, generator=g)
         elif t.name == "fusion_guidance_scale":
-            x = -torch.ones(shape)
+            x = torch.full(shape, FUSION_NONE)
         else:
             x = torch.randn(shape, generator=g)
         out.append(x.to(device, dtype if t.dtype == "float" else x.dtype))

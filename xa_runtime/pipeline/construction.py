@@ -193,7 +193,7 @@ class XAdapterPipelineBase:
     def with_backend(self, backend: Any) -> Self:
         """A copy of this pipeline whose SD1.5 UNet, mapping layers and SDXL UNet run on
         `backend`: an object with `sd15_branch`, `sdxl_branch` and `mapping` callable like
-        SD15Branch, SDXLBranch and MappingLayers (e.g. runtime.onnxruntime_backend's
+        SD15Branch, SDXLBranch and MappingLayers (e.g. runtime.backends.onnxruntime's
         OnnxRuntimeBackend). Text encoders, VAEs, schedulers and plugins stay in PyTorch;
         the fused kernels are off (they act inside the torch SDXL UNet). This pipeline is
         left as it was; the modules are shared."""

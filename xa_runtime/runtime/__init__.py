@@ -1,7 +1,7 @@
 """Execution of the graphs: runtime switches, the step executor (eager, compiled, CUDA
-graphs), the stage-2 step scheduler (two CUDA streams), memory residency, stage timing,
-the graph table (`graphs_table`, pure data) and backends (`onnxruntime_backend`, imported
-on demand so that onnxruntime stays optional)."""
+graphs), the stage-2 step scheduler (two CUDA streams), memory residency, stage timing, and
+the backends (`backends`: torch, onnxruntime, tensorrt and their `open_backend`; imported on
+demand so that onnxruntime and tensorrt stay optional)."""
 
 from .config import CHANNELS_LAST_PARTS, MIXED_LAYOUT, RuntimeConfig
 from .executor import StepExecutor, model_fingerprint, prepare_models

@@ -19,6 +19,13 @@
     # a request sends none (without it every request naming the plugin must send one);
     # ip_adapter may take image_encoder = "DIR" (default: image_encoder/ beside the file)
 
+    [backend]                     # where the UNets and mapping layers run; every key optional
+    kind = "onnxruntime"          # torch (default), onnxruntime, tensorrt (device = "cuda")
+    onnx_dir = "export"           # xa-export folder of these models (tiny models: exported at start)
+    engine_dir = "engines"        # xa-build-engines folder (tensorrt)
+    # onnxruntime takes controlnet, t2i and nexus plugins; tensorrt controlnet; LoRAs (per-request
+    # scales) and IP-Adapters need torch
+
     [ray]                         # xa-serve --ray only (Ray Serve); every key optional
     min_replicas = 1
     max_replicas = 1              # > min_replicas: autoscaling on ongoing requests
@@ -40,6 +47,8 @@ else:  # pragma: no cover -- Python 3.10
     import tomli as tomllib
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# serve's plugin kind -> the kind the graph table names it by
+_GRAPH_PLUGIN_KINDS = {"controlnet": "controlnet", "t2i": "t2i", "nexus": "nexus"}
 
 
 class ConfigError(ValueError):
@@ -83,6 +92,15 @@ class RayOptions:
 
 
 @dataclass
+class BackendOptions:
+    """Where the UNets and mapping layers run (runtime.backends.open_backend)."""
+
+    kind: str = "torch"
+    onnx_dir: str | None = None
+    engine_dir: str | None = None
+
+
+@dataclass
 class ServeConfig:
     sd15: str | None = None
     sdxl: str | None = None
@@ -93,6 +111,7 @@ class ServeConfig:
     limits: Limits = field(default_factory=Limits)
     plugins: dict[str, PluginSpec] = field(default_factory=dict)
     ray: RayOptions = field(default_factory=RayOptions)
+    backend: BackendOptions = field(default_factory=BackendOptions)
 
     @property
     def tiny(self) -> bool:
@@ -108,9 +127,9 @@ def _table(data: dict[str, Any], key: str) -> dict[str, Any]:
 
 def parse_config(data: dict[str, Any], base: Path = Path(".")) -> ServeConfig:
     """Check a parsed TOML document; relative paths are taken from `base` (the file's folder)."""
-    unknown = set(data) - {"models", "limits", "plugins", "ray"}
+    unknown = set(data) - {"models", "limits", "plugins", "ray", "backend"}
     if unknown:
-        raise ConfigError(f"unknown top-level keys {sorted(unknown)}: models, limits, plugins, ray")
+        raise ConfigError(f"unknown top-level keys {sorted(unknown)}: models, limits, plugins, ray, backend")
     cfg = ServeConfig()
     models = _table(data, "models")
     for key, value in models.items():
@@ -157,7 +176,58 @@ def parse_config(data: dict[str, Any], base: Path = Path(".")) -> ServeConfig:
                                        None if image is None else str(base / image),
                                        None if encoder is None else str(base / encoder))
     cfg.ray = _ray_options(_table(data, "ray"))
+    cfg.backend = _backend_options(_table(data, "backend"), cfg, base)
     return cfg
+
+
+def _backend_options(table: dict[str, Any], cfg: ServeConfig, base: Path) -> BackendOptions:
+    """[backend], checked as xa-generate checks --backend / --onnx-dir / --engine-dir (the
+    folders by graphs.folder_problem); nothing is loaded."""
+    from ..graphs import BACKEND_PLUGINS, BACKENDS, folder_problem
+
+    opts = BackendOptions()
+    for key, value in table.items():
+        if key == "kind" and value in BACKENDS:
+            opts.kind = value
+        elif key in ("onnx_dir", "engine_dir") and isinstance(value, str):
+            setattr(opts, key, str(base / value))
+        else:
+            raise ConfigError(f"backend.{key}={value!r}: unknown key or bad value (kind: {', '.join(BACKENDS)}; "
+                              "onnx_dir, engine_dir: folders)")
+    if opts.kind == "torch":
+        if opts.onnx_dir or opts.engine_dir:
+            raise ConfigError("backend.onnx_dir / backend.engine_dir: only with backend.kind onnxruntime or tensorrt")
+        return opts
+    if opts.engine_dir is not None and opts.kind != "tensorrt":
+        raise ConfigError("backend.engine_dir: only with backend.kind = \"tensorrt\"")
+    kinds = []
+    for name, spec in cfg.plugins.items():
+        kind = _GRAPH_PLUGIN_KINDS.get(spec.kind)
+        if kind not in BACKEND_PLUGINS[opts.kind]:
+            raise ConfigError(f"plugins.{name}.kind={spec.kind!r}: backend.kind = {opts.kind!r} takes "
+                              f"{', '.join(k for k, v in _GRAPH_PLUGIN_KINDS.items() if v in BACKEND_PLUGINS[opts.kind])} "
+                              "plugins; the others need backend.kind = \"torch\"")
+        kinds.append(kind)
+    if opts.kind == "tensorrt":
+        from ..availability import NOT_INSTALLED, tensorrt_installed
+
+        if not tensorrt_installed():
+            raise ConfigError(f"backend.kind=\"tensorrt\": {NOT_INSTALLED}")
+        if cfg.device != "cuda":
+            raise ConfigError(f"backend.kind=\"tensorrt\": models.device = \"cuda\" (got {cfg.device!r})")
+        if opts.engine_dir is None:
+            raise ConfigError("backend.kind=\"tensorrt\": backend.engine_dir (xa-build-engines' folder)")
+        problem = folder_problem(opts.engine_dir, "engine", kinds)
+        if problem:
+            raise ConfigError(f"backend.engine_dir={opts.engine_dir!r}: {problem}")
+    elif opts.onnx_dir is None and not cfg.tiny:
+        raise ConfigError("backend.kind=\"onnxruntime\" with model paths: backend.onnx_dir (xa-export's folder of "
+                          "these models)")
+    if opts.kind == "onnxruntime" and opts.onnx_dir is not None:
+        problem = folder_problem(opts.onnx_dir, "onnx", kinds)
+        if problem:
+            raise ConfigError(f"backend.onnx_dir={opts.onnx_dir!r}: {problem}")
+    return opts
 
 
 def _ray_options(table: dict[str, Any]) -> RayOptions:

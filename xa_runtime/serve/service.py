@@ -389,9 +389,12 @@ def _free_device_memory() -> None:
 
 def build_service(cfg: ServeConfig, warm: bool = True) -> Service:
     """Load the configured models and plugins (everything is read here, once, at start)."""
+    import atexit
+
     import torch
 
     from ..pipeline import XAdapterPipeline
+    from ..runtime.backends import open_backend
     from .config import DTYPES
 
     dtype = getattr(torch, DTYPES[cfg.dtype])
@@ -400,6 +403,11 @@ def build_service(cfg: ServeConfig, warm: bool = True) -> Service:
     else:
         pipe = XAdapterPipeline.from_pretrained(cfg.sd15, cfg.sdxl, cfg.adapter, device=cfg.device, dtype=dtype,
                                                 progress=False)
+    # the backend lives as long as the process (its temporary graphs go with it)
+    backend = open_backend(cfg.backend.kind, pipe, onnx_dir=cfg.backend.onnx_dir, engine_dir=cfg.backend.engine_dir,
+                           device=cfg.device, plugin_kinds=[s.kind for s in cfg.plugins.values()])
+    atexit.register(backend.close)
+    pipe = backend.pipeline
     plugins = load_plugins(cfg.plugins, pipe)
     rules = pipe.size_rules
     warmup = GenerationParams(prompt="warm-up", num_inference_steps=1, adapter_guidance_start=1.0,

@@ -1,14 +1,16 @@
 """The tensorrt backend: cached engines run on torch CUDA tensors (TensorRT 10 Python API).
 
 `TensorRTBackend(engine_dir, onnx_dir)` gives `sd15_branch`, `sdxl_branch` and `mapping` with
-the onnxruntime backend's call signatures (its branch adapters are reused over an
+the onnxruntime backend's call signatures (adapters.py's branch adapters over an
 EngineSession), so `XAdapterPipeline.with_backend(backend)` works. Each engine is checked
 against its manifest (GPU, TensorRT, source ONNX, plan sha256) before it is deserialized.
 An EngineSession binds device buffers once per input shape (set_input_shape,
 set_tensor_address), copies inputs into them and runs execute_async_v3 on the current torch
 stream. `set_lora_deltas(deltas, branch)` refits the UNet engines of one branch between requests.
 Graph selection (split mapping + sdxl_unet, or sdxl_unet_fused; optional ControlNet / T2I
-variants) is the onnxruntime backend's, over the engines present.
+variants) is the graph table's select_graphs, over the engines present. `build_engines_for`
+exports and builds a temporary engine set (the benchmark's on-the-fly engines). Building,
+refitting and checking engines is xa_runtime.engines'; this module only runs them.
 """
 
 from __future__ import annotations
@@ -20,13 +22,15 @@ from typing import Any, Mapping
 import tensorrt as trt
 import torch
 
-from ..errors import CheckpointError, ParameterError
-from ..runtime.graphs_table import GraphSpec, get_graph
-from ..runtime.onnxruntime_backend import build_branches, graphs_wanted, select_graphs
-from . import manifest as mf
-from .refit import LORA_GRAPHS, EngineRefitter, refit_branch, refit_from_onnx
+from ...availability import require_tensorrt
+from ...engines import manifest as mf
+from ...engines.refit import EngineRefitter, refit_from_onnx
+from ...errors import CheckpointError, ParameterError
+from ...export.refit import refit_branch
+from ...graphs import LORA_GRAPHS, GraphSpec, get_graph, graphs_wanted, has_graph, select_graphs
+from .adapters import build_branches
 
-mf.require_tensorrt(trt)
+require_tensorrt(trt)
 
 _TORCH_DTYPES = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.BF16: torch.bfloat16,
                  trt.DataType.INT64: torch.int64, trt.DataType.INT32: torch.int32, trt.DataType.BOOL: torch.bool}
@@ -138,10 +142,11 @@ class TensorRTBackend:
         if not torch.cuda.is_available():
             raise ParameterError("backend", "tensorrt", "a CUDA GPU (torch.cuda.is_available() is False)")
         folder = Path(engine_dir)
-        self.sdxl_mode, required, optional = select_graphs(lambda g: mf.manifest_path(folder, g).is_file(), sdxl_mode)
-        missing = [g for g in required if not mf.manifest_path(folder, g).is_file()]
+        has = has_graph(folder, "engine")
+        self.sdxl_mode, required, optional = select_graphs(has, sdxl_mode)
+        missing = [g for g in required if not has(g)]
         if not folder.is_dir() or missing:
-            raise ParameterError("engine_dir", str(folder), f"a folder with engines of {graphs_wanted(required, sdxl_mode, '')}"
+            raise ParameterError("engine_dir", str(folder), f"a folder with engines of {graphs_wanted(sdxl_mode)}"
                                  f" (xa-build-engines writes them); missing {', '.join(missing) or 'the folder'}")
         facts = facts or mf.DeviceFacts.current(trt.__version__)
         names = required + optional
@@ -176,3 +181,12 @@ class TensorRTBackend:
             self.sessions[g].invalidate()  # captured graphs may hold the old weights' addresses
         return changed
 
+
+def build_engines_for(names: list[str], onnx_dir: str | os.PathLike, engine_dir: str | os.PathLike, precision: str,
+                      progress: bool = True) -> None:
+    """Engines of the exported graphs `names` (onnx_dir) into engine_dir: the graph table's
+    profiles, no refit, no timing cache (a throw-away set; xa-build-engines builds lasting ones)."""
+    from ...engines import build
+
+    build.build_engines(names, Path(onnx_dir), Path(engine_dir), precision, {n: get_graph(n).profiles for n in names},
+                        "none", None, progress=progress)
