@@ -7,7 +7,7 @@ layout (SD1.5 UNet + mapping channels-last, SDXL NCHW), with the kernels off and
 fused remap-inject alone, then with the mapping's fused conv epilogues, the UNets' GEGLU
 kernel and the GroupNorm kernel in the channels-last UNets too); then torch.profiler over a few steps, grouped by op.
 Channels-last UNets get the pipeline's layout-keeping module swaps.
-This is the profile issue 6 asks for ("anything else a profile shows is worth it").
+It shows where the step time goes, to pick the next optimisation.
 
     python benchmarks/profile_stage2.py --output benchmarks/results/stage2-profile-<gpu>-<date>.json
 """

@@ -15,7 +15,7 @@ import torch
 
 from .components import BREAKDOWN
 
-SDXL_ALONE_GOAL = 1.45  # the lean runtime's goal (issue 7): X-Adapter / SDXL alone
+SDXL_ALONE_GOAL = 1.45  # the lean runtime's goal: X-Adapter / SDXL alone
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:

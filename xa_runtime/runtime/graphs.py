@@ -5,8 +5,8 @@ copied into static input buffers before each replay; its constants (adapter cond
 scale, fusion scale, the structure of plugin kwargs, ...) are baked into the graph and
 part of the cache key with every input's shape, dtype and layout, so a change of any of
 them captures a new graph. CUDA only (`RuntimeConfig.check_device` refuses cuda_graphs
-elsewhere). GPU-untested-yet at the time of writing; on CPU, tests/test_runtime_fake_cuda.py
-runs this code against a stand-in torch.cuda whose "graphs" record and replay aten ops.
+elsewhere; tests/test_runtime_fake_cuda.py runs it on the CPU against a stand-in torch.cuda
+whose "graphs" record and replay aten ops).
 """
 
 from __future__ import annotations
