@@ -389,6 +389,14 @@ def select_graphs(has: Callable[[str], bool], sdxl_mode: str) -> tuple[str, list
     return mode, required_graphs(mode), [g for g in OPTIONAL_GRAPHS if has(g)]
 
 
+def select_folder_graphs(folder: str | Path, kind: str, sdxl_mode: str) -> tuple[str, list[str], list[str], list[str]]:
+    """select_graphs for a backend folder (kind "onnx" or "engine"), plus the required graphs
+    it lacks: (resolved sdxl_mode, required, optional present, missing)."""
+    has = has_graph(folder, kind)
+    mode, required, optional = select_graphs(has, sdxl_mode)
+    return mode, required, optional, [g for g in required if not has(g)]
+
+
 def graphs_wanted(sdxl_mode: str, suffix: str = "") -> str:
     """Words for an error: the graphs a backend folder needs in `sdxl_mode`."""
     if sdxl_mode == "auto":

@@ -7,31 +7,19 @@ with a progress bar; `ModuleBundle` holds the modules; `xa-export` is the CLI;
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+import lazy_loader
 
 from .options import DEFAULT_OPSET
 
 # public name -> the module that defines it, imported on first use: these need torch, and
 # xa-export checks its flags (export/options.py) before importing it
-_LAZY = {
-    "available_graphs": ".onnx_export", "export_graph": ".onnx_export", "export_graphs": ".onnx_export",
-    "RefitReport": ".refit", "apply_weight_deltas": ".refit", "build_name_map": ".refit", "names_path": ".refit",
-    "read_name_map": ".refit", "ModuleBundle": ".wrappers", "build_graph_module": ".wrappers",
-    "example_inputs": ".wrappers", "model_dims": ".wrappers",
-}
+__getattr__, _, _ = lazy_loader.attach(__name__, submod_attrs={
+    "onnx_export": ["available_graphs", "export_graph", "export_graphs"],
+    "refit": ["RefitReport", "apply_weight_deltas", "build_name_map", "names_path", "read_name_map"],
+    "wrappers": ["ModuleBundle", "build_graph_module", "example_inputs", "model_dims"],
+})
 
 __all__ = [
     "DEFAULT_OPSET", "ModuleBundle", "available_graphs", "build_graph_module", "example_inputs", "export_graph",
     "export_graphs", "model_dims", "RefitReport", "apply_weight_deltas", "build_name_map", "names_path", "read_name_map",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))

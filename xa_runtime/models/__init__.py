@@ -6,16 +6,16 @@ read default sizes before importing it; the modules load on first use.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+import lazy_loader
 
 from .presets import PRESETS, ModelPreset, get_preset
 
 # public name -> the module that defines it, imported when the name is first used (these need torch)
-_LAZY = {
-    "MappingConfig": ".mapping", "MappingLayers": ".mapping", "SD15Components": ".components",
-    "SDXLComponents": ".components", "build_random_components": ".components", "build_clip_tokenizer": ".tokenizer",
-}
+__getattr__, _, _ = lazy_loader.attach(__name__, submod_attrs={
+    "mapping": ["MappingConfig", "MappingLayers"],
+    "components": ["SD15Components", "SDXLComponents", "build_random_components"],
+    "tokenizer": ["build_clip_tokenizer"],
+})
 
 __all__ = [
     "PRESETS",
@@ -28,13 +28,3 @@ __all__ = [
     "build_random_components",
     "get_preset",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))

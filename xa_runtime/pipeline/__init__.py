@@ -6,13 +6,15 @@ tools check a request before importing it; the pipeline and the schedulers load 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+import lazy_loader
 
 from .params import DEFAULT_SCHEDULER, SCHEDULERS, GenerationParams, SizeRules, validate
 
 # public name -> the module that defines it, imported when the name is first used (these need torch)
-_LAZY = {"XAdapterOutput": ".xadapter", "XAdapterPipeline": ".xadapter", "make_scheduler": ".schedulers"}
+__getattr__, _, _ = lazy_loader.attach(__name__, submod_attrs={
+    "xadapter": ["XAdapterOutput", "XAdapterPipeline"],
+    "schedulers": ["make_scheduler"],
+})
 
 __all__ = [
     "DEFAULT_SCHEDULER",
@@ -24,13 +26,3 @@ __all__ = [
     "make_scheduler",
     "validate",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))

@@ -181,12 +181,19 @@ def _jsonable(value: Any) -> Any:
     return value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
 
 
+class Refused(Exception):
+    """A request answered with an error status: the JSON body {"error": message, "field": field}."""
+
+    def __init__(self, status: int, message: str, field: str | None = None, retry_after: int | None = None):
+        super().__init__(message)
+        self.status, self.field, self.retry_after = status, field, retry_after
+
+
 def create_app(service: Service, shutdown_on_exit: bool = True) -> Any:
     """A FastAPI app serving `service` (already started); its shutdown shuts the service down."""
     from fastapi import Request
     from fastapi.responses import HTMLResponse, JSONResponse, Response
     from fastapi_offline import FastAPIOffline  # /docs and /redoc from packaged assets, no CDN
-    from pydantic import ValidationError
 
     names = sorted(service.plugins)
     GenerateRequest = _request_model(service.limits, service.rules, names, [n for n in names if service.takes_image(n)])
@@ -200,15 +207,12 @@ def create_app(service: Service, shutdown_on_exit: bool = True) -> Any:
     app = FastAPIOffline(title="xa-serve", lifespan=lifespan)
     app.state.service = service
 
-    def error(status: int, message: str, field: str | None = None, headers: dict[str, str] | None = None):
-        body: dict[str, Any] = {"error": message}
-        if field is not None:
-            body["field"] = field
-        return JSONResponse(body, status_code=status, headers=headers)
-
-    def invalid(field: str, message: str):
-        service.metrics.requests.labels("invalid").inc()
-        return error(422, message, field)
+    def error(e: Refused):
+        body: dict[str, Any] = {"error": str(e)}
+        if e.field is not None:
+            body["field"] = e.field
+        headers = None if e.retry_after is None else {"Retry-After": str(e.retry_after)}
+        return JSONResponse(body, status_code=e.status, headers=headers)
 
     @app.get("/", response_class=HTMLResponse)
     def playground():
@@ -226,8 +230,8 @@ def create_app(service: Service, shutdown_on_exit: bool = True) -> Any:
     def readyz():
         if service.ready:
             return {"status": "ready"}
-        return error(503, "not ready: models loading or warming up, or shutting down",
-                     headers={"Retry-After": str(service.limits.retry_after_s)})
+        return error(Refused(503, "not ready: models loading or warming up, or shutting down", None,
+                             service.limits.retry_after_s))
 
     @app.get("/metrics")
     def metrics():
@@ -239,72 +243,17 @@ def create_app(service: Service, shutdown_on_exit: bool = True) -> Any:
 
     @app.post("/v1/generate", openapi_extra={"requestBody": body_doc})
     async def generate(request: Request):
-        limit = service.limits.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            service.metrics.requests.labels("invalid").inc()
-            return error(413, f"request body over {limit} bytes", "body")
-        body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                service.metrics.requests.labels("invalid").inc()
-                return error(413, f"request body over {limit} bytes", "body")
         try:
-            data = json.loads(body)
-        except RecursionError:
-            return invalid("body", f"JSON nested deeper than Python can read ({sys.getrecursionlimit()} levels)")
-        except ValueError as e:
-            return invalid("body", f"not JSON: {e}")
-        if not isinstance(data, dict):
-            return invalid("body", "a JSON object")
-        try:
-            req = GenerateRequest.model_validate(data)
-        except ValidationError as e:
-            first = e.errors()[0]
-            field = str(first["loc"][0]) if first["loc"] else "body"
-            return invalid(field, f"invalid {field}: {first['msg']}")
-        fields = req.model_dump(exclude={"plugins", "timeout_s", "images", "init_image"})
-        params = GenerationParams(**fields, output_type="pil")
-        if req.timeout_s is not None and not (math.isfinite(req.timeout_s) and req.timeout_s > 0):
-            return invalid("timeout_s", f"invalid timeout_s={req.timeout_s!r}: a positive number of seconds")
-        lim = service.limits
-        try:
-            service.check_plugins(req.plugins, list(req.images))  # names first: no image of an unknown plugin is read
-            images, init_image = await asyncio.to_thread(decode_request_images, req.images, req.init_image,
-                                                         lim.max_image_pixels, lim.max_request_pixels)
-        except ParameterError as e:
-            return invalid(e.name, str(e))
-        try:
-            ticket = service.submit(params, req.plugins, req.timeout_s, images, init_image)
-        except ParameterError as e:
-            return error(422, str(e), e.name)
-        except QueueFull as e:
-            return error(429, str(e), headers={"Retry-After": str(e.retry_after)})
-        except Unavailable as e:
-            return error(503, str(e), headers={"Retry-After": str(service.limits.retry_after_s)})
-        try:
-            out = await _wait_or_abandon(ticket, request)
-        except Cancelled as e:  # the client is gone: nobody reads this response
-            return error(499, f"cancelled: {e}")
-        except ParameterError as e:
-            return error(422, str(e), e.name)
-        except DeadlineExceeded as e:
-            return error(504, f"deadline exceeded: {e}")
-        except Unavailable as e:
-            return error(503, str(e), headers={"Retry-After": str(service.limits.retry_after_s)})
-        except Exception as e:  # noqa: BLE001 -- the worker logged it and keeps serving
-            if is_out_of_memory(e):
-                return error(503, f"out of device memory for this request (freed; retry, or ask less): {e}",
-                             headers={"Retry-After": str(service.limits.retry_after_s)})
-            return error(500, f"internal error: {type(e).__name__}: {e}")
-        results = list(out.images)
-        queue_s = f"{ticket.queue_seconds:.6f}"
+            req, params, images, init_image = await _read_request(request, service, GenerateRequest)
+            ticket = _submit(service, req, params, images, init_image)
+            out = await _outcome(service, ticket, request)
+        except Refused as e:
+            return error(e)
         if "image/png" in request.headers.get("accept", ""):
-            return Response(_png(results[0]), media_type="image/png",
-                            headers={"X-Seed": str(out.params.seed), "X-Queue-Seconds": queue_s})
+            return Response(_png(out.images[0]), media_type="image/png",
+                            headers={"X-Seed": str(out.params.seed), "X-Queue-Seconds": f"{ticket.queue_seconds:.6f}"})
         return {
-            "images": [base64.b64encode(_png(im)).decode() for im in results],
+            "images": [base64.b64encode(_png(im)).decode() for im in out.images],
             "parameters": _jsonable({k: v for k, v in out.params.to_dict().items() if k != "extra"}),
             "plugins": req.plugins,
             "timings": _jsonable({"queue": ticket.queue_seconds, **dict(out.timings)}),
@@ -312,6 +261,83 @@ def create_app(service: Service, shutdown_on_exit: bool = True) -> Any:
         }
 
     return app
+
+
+async def _read_request(request: Any, service: Service, model: Any) -> tuple[Any, GenerationParams, dict, Any]:
+    """The body within its size limit, parsed, typed, its plugin names and then its images
+    checked; Refused (413 / 422, counted as invalid) naming the field otherwise."""
+    from pydantic import ValidationError
+
+    def invalid(status: int, field: str, message: str) -> Refused:
+        service.metrics.requests.labels("invalid").inc()
+        return Refused(status, message, field)
+
+    limit = service.limits.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise invalid(413, "body", f"request body over {limit} bytes")
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise invalid(413, "body", f"request body over {limit} bytes")
+    try:
+        data = json.loads(body)
+    except RecursionError:
+        raise invalid(422, "body", f"JSON nested deeper than Python can read ({sys.getrecursionlimit()} levels)") from None
+    except ValueError as e:
+        raise invalid(422, "body", f"not JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise invalid(422, "body", "a JSON object")
+    try:
+        req = model.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else "body"
+        raise invalid(422, field, f"invalid {field}: {first['msg']}") from None
+    params = GenerationParams(**req.model_dump(exclude={"plugins", "timeout_s", "images", "init_image"}), output_type="pil")
+    if req.timeout_s is not None and not (math.isfinite(req.timeout_s) and req.timeout_s > 0):
+        raise invalid(422, "timeout_s", f"invalid timeout_s={req.timeout_s!r}: a positive number of seconds")
+    lim = service.limits
+    try:
+        service.check_plugins(req.plugins, list(req.images))  # names first: no image of an unknown plugin is read
+        images, init_image = await asyncio.to_thread(decode_request_images, req.images, req.init_image,
+                                                     lim.max_image_pixels, lim.max_request_pixels)
+    except ParameterError as e:
+        raise invalid(422, e.name, str(e)) from None
+    return req, params, images, init_image
+
+
+def _submit(service: Service, req: Any, params: GenerationParams, images: dict, init_image: Any) -> Ticket:
+    """Queue the request (the service counts its own refusals)."""
+    try:
+        return service.submit(params, req.plugins, req.timeout_s, images, init_image)
+    except ParameterError as e:
+        raise Refused(422, str(e), e.name) from None
+    except QueueFull as e:
+        raise Refused(429, str(e), None, e.retry_after) from None
+    except Unavailable as e:
+        raise Refused(503, str(e), None, service.limits.retry_after_s) from None
+
+
+async def _outcome(service: Service, ticket: Ticket, request: Any) -> Any:
+    """The request's XAdapterOutput, or Refused with the status its failure maps to."""
+    retry = service.limits.retry_after_s
+    try:
+        return await _wait_or_abandon(ticket, request)
+    except Cancelled as e:  # the client is gone: nobody reads this response
+        raise Refused(499, f"cancelled: {e}") from None
+    except ParameterError as e:
+        raise Refused(422, str(e), e.name) from None
+    except DeadlineExceeded as e:
+        raise Refused(504, f"deadline exceeded: {e}") from None
+    except Unavailable as e:
+        raise Refused(503, str(e), None, retry) from None
+    except Exception as e:  # noqa: BLE001 -- the worker logged it and keeps serving
+        if is_out_of_memory(e):
+            raise Refused(503, f"out of device memory for this request (freed; retry, or ask less): {e}", None,
+                          retry) from None
+        raise Refused(500, f"internal error: {type(e).__name__}: {e}") from None
 
 
 async def _wait_or_abandon(ticket: Ticket, request: Any) -> Any:

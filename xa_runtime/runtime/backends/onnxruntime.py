@@ -21,7 +21,7 @@ import torch
 
 from ...errors import CheckpointError, ParameterError
 from ...export.refit import RefitPlan, apply_weight_deltas, refit_branch
-from ...graphs import GraphSpec, get_graph, graphs_wanted, has_graph, select_graphs, solve_dims
+from ...graphs import GraphSpec, get_graph, graphs_wanted, select_folder_graphs, solve_dims
 from .adapters import build_branches
 
 PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -172,9 +172,7 @@ class OnnxRuntimeBackend:
                  io_binding: bool | None = None, inter_op_threads: int | None = None):
         folder = Path(folder)
         session_options(threads, optimization, inter_op_threads)  # every option checked before any file is read
-        has = has_graph(folder, "onnx")
-        self.sdxl_mode, required, optional = select_graphs(has, sdxl_mode)
-        missing = [g for g in required if not has(g)]
+        self.sdxl_mode, required, optional, missing = select_folder_graphs(folder, "onnx", sdxl_mode)
         if not folder.is_dir() or missing:
             raise ParameterError("folder", str(folder), f"a folder with {graphs_wanted(sdxl_mode, '.onnx')} "
                                  f"(xa-export writes them){'; missing ' + ', '.join(missing) if folder.is_dir() else ''}")

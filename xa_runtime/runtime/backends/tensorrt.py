@@ -27,7 +27,7 @@ from ...engines import manifest as mf
 from ...engines.refit import EngineRefitter, refit_from_onnx
 from ...errors import CheckpointError, ParameterError
 from ...export.refit import refit_branch
-from ...graphs import LORA_GRAPHS, GraphSpec, get_graph, graphs_wanted, has_graph, select_graphs
+from ...graphs import LORA_GRAPHS, GraphSpec, get_graph, graphs_wanted, select_folder_graphs
 from .adapters import build_branches
 
 require_tensorrt(trt)
@@ -142,9 +142,7 @@ class TensorRTBackend:
         if not torch.cuda.is_available():
             raise ParameterError("backend", "tensorrt", "a CUDA GPU (torch.cuda.is_available() is False)")
         folder = Path(engine_dir)
-        has = has_graph(folder, "engine")
-        self.sdxl_mode, required, optional = select_graphs(has, sdxl_mode)
-        missing = [g for g in required if not has(g)]
+        self.sdxl_mode, required, optional, missing = select_folder_graphs(folder, "engine", sdxl_mode)
         if not folder.is_dir() or missing:
             raise ParameterError("engine_dir", str(folder), f"a folder with engines of {graphs_wanted(sdxl_mode)}"
                                  f" (xa-build-engines writes them); missing {', '.join(missing) or 'the folder'}")
