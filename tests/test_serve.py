@@ -618,11 +618,11 @@ def test_sigterm_drains(tmp_path, shutdown_timeout_s, in_flight_status):
             proc.wait()
 
 
-def test_readme_config_example_parses():
+def test_docs_config_example_parses():
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    block = readme.split("## Serving (xa-serve)")[1].split("```toml\n")[1].split("```")[0]
+    page = (Path(__file__).resolve().parent.parent / "docs" / "serving.md").read_text()
+    block = page.split("```toml\n")[1].split("```")[0]
     from xa_runtime.serve.config import tomllib  # tomli on Python 3.10
 
     cfg = parse_config(tomllib.loads(block))
