@@ -6,7 +6,7 @@ import json
 import pytest
 
 from xa_runtime.bench.schema import validation_errors
-from xa_runtime.cli.bench import _parser, main
+from xa_runtime.cli.bench import build_parser, main
 
 FAST = ["--steps", "2", "--adapter-guidance-start", "1.0", "--runs", "2", "--warmup", "0"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -201,5 +201,5 @@ def test_every_flag_is_documented_in_the_readme():
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     section = readme[readme.index("## Benchmarks"):]
-    flags = [s for a in _parser()._actions for s in a.option_strings if s.startswith("--") and s != "--help"]
+    flags = [s for a in build_parser()._actions for s in a.option_strings if s.startswith("--") and s != "--help"]
     assert [f for f in flags if f"`{f}" not in section] == []
