@@ -410,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
                            progress=lambda m: print(m, file=sys.stderr))
         text = table(result)
         print(text)
+        for line in result["warnings"]:
+            print(f"warning: {line}", file=sys.stderr)
         out = Path(args.output) if args.output else None
         if out is not None and len(options) > 1:
             out = out.with_name(f"{out.stem}-{opts.mode}{out.suffix or '.json'}")

@@ -405,6 +405,12 @@ def load_pipeline(args: argparse.Namespace, tiny: bool) -> Any:
     )
 
 
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()  # as the run used them (--threads / default_threads)
+
+
 def records(args: argparse.Namespace, tiny: bool, result: Any, seconds: dict[str, float], command: list[str]):
     """(the sidecar's record, one PNG text record per image)."""
     p = result.params  # resolved: sizes and the seed as used
@@ -416,7 +422,7 @@ def records(args: argparse.Namespace, tiny: bool, result: Any, seconds: dict[str
     )
     run = {"device": args.device, "device_name": device_name(args.device), "dtype": args.dtype,
            "runtime": args.runtime, "offload": args.offload, "backend": getattr(args, "backend", "torch"),
-           "threads": getattr(args, "threads", None)}
+           "threads": _torch_threads()}
     record = {
         "parameters": parameters,
         "models": models,
