@@ -20,7 +20,7 @@ def run(capsys, *args):
 
 def png_parameters(path):
     with Image.open(path) as image:
-        return image.size, json.loads(image.text["parameters"])
+        return image.size, json.loads(image.text["xa_runtime"])  # the full record (parameters: A1111 infotext)
 
 
 def test_tiny_run_writes_png_of_requested_size_with_metadata(tmp_path, capsys):

@@ -205,7 +205,6 @@ def test_profiles_presets_overrides_static():
 
 
 @pytest.mark.parametrize("argv,flag,accepted", [
-    (["--precision", "int8"], "--precision", "fp16, bf16, fp32"),
     (["--refit", "always"], "--refit", "none, refit, strip"),
     (["--preset", "2048"], "--preset", "1024, 512-1536"),
     (["--min", "0,512,512"], "--min", "rows 1-64"),
@@ -225,11 +224,25 @@ def test_cli_argument_errors(tmp_path, argv, flag, accepted, capsys):
     assert not (tmp_path / "engines").exists()
 
 
+@pytest.mark.parametrize("flag", ["--dtype", "--precision"])
+def test_cli_dtype_choices(tmp_path, flag, capsys):
+    assert cli.main(["--onnx-dir", str(tmp_path), "--output", str(tmp_path / "engines"), flag, "int8"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: argument --dtype/--precision: invalid choice: 'int8'") and "'fp32', 'fp16', 'bf16'" in err
+    assert not (tmp_path / "engines").exists()
+
+
 def test_cli_folders_and_usage(tmp_path, capsys):
     out = ["--output", str(tmp_path / "engines")]
-    assert cli.main(["--onnx-dir", str(tmp_path / "none")] + out) == 2
+    # no model paths and no exported graphs (no NAME.onnx): the tiny models are exported there first
+    for folder in (tmp_path / "none", tmp_path):
+        args = cli.build_parser().parse_args(["--onnx-dir", str(folder)] + out)
+        cli.check_inputs(args)
+        assert args.tiny and cli._export_argv(args, ["mapping"])[-1] == "--tiny"
+    assert cli.main(["--onnx-dir", str(tmp_path / "x" / "y")] + out) == 2
     assert "invalid --onnx-dir" in capsys.readouterr().err
-    assert cli.main(["--onnx-dir", str(tmp_path)] + out) == 2  # no exported graphs there
+    (tmp_path / "controlnet.onnx").write_bytes(b"x")  # an export folder without the default graphs
+    assert cli.main(["--onnx-dir", str(tmp_path)] + out) == 2
     assert "sd15_unet, mapping, sdxl_unet" in capsys.readouterr().err
     assert cli.main(["--onnx-dir", str(tmp_path), "--static", "--min", "1,512,512"] + out) == 2
     assert "--static takes --opt only" in capsys.readouterr().err

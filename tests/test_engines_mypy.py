@@ -18,11 +18,17 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# The README's test command installs the stubs here (pip --target): outside the environment,
+# so that pip check does not count their unmet `tensorrt` requirement.
+STUBS_TARGET = ROOT / ".tensorrt-stubs"
+
+
 def _stub_dirs() -> list[Path]:
     found = []
     for name in ("tensorrt", "tensorrt_bindings"):
         spec = importlib.util.find_spec(name)
         locations = list(spec.submodule_search_locations or []) if spec else []
+        locations.append(str(STUBS_TARGET / name))
         folder = next((Path(p) for p in locations if (Path(p) / "__init__.pyi").is_file()), None)
         if folder is None:
             return []
@@ -41,7 +47,7 @@ def mypypath(tmp_path_factory):
         pytest.skip("mypy is not installed")
     dirs = _stub_dirs()
     if not dirs:
-        pytest.skip("tensorrt-stubs is not installed (pip install --no-deps tensorrt-stubs)")
+        pytest.skip("tensorrt-stubs is not installed (pip install --no-deps --target .tensorrt-stubs tensorrt-stubs)")
     root = tmp_path_factory.mktemp("stubs")
     for d in dirs:
         target = root / d.name

@@ -203,7 +203,8 @@ def test_cli_exports_and_refuses_before_work(tmp_path, capsys):
         ["--tiny", "--output", str(tmp_path / "a"), "--device", "tpu"],
         ["--tiny", "--output", str(tmp_path / "x" / "y")],
         ["--tiny", "--sd15", str(tmp_path), "--output", str(tmp_path / "a")],
-        ["--output", str(tmp_path / "a")],
+        ["--tiny-seed", "-1", "--output", str(tmp_path / "a")],
+        ["--tiny-seed", "1", "--sd15", str(tmp_path), "--output", str(tmp_path / "a")],
         ["--sd15", str(tmp_path / "missing"), "--output", str(tmp_path / "a"), "--graphs", "sd15_unet"],
         ["--sd15", str(tmp_path / "missing"), "--output", str(tmp_path / "a"), "--graphs", "mapping"],
     ]

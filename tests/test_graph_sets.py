@@ -72,11 +72,11 @@ def test_bench_accepts_the_default_engine_folder(tmp_path, mode, tensorrt_here, 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     _, folder = _default_build(tmp_path, mode)
     argv = ["--compare", "tensorrt", "--device", "cuda", "--engine-dir", str(folder), "--models", "tiny"]
-    variants, *_ = bench._check(bench._parser().parse_args(argv))
+    variants, *_ = bench._check(bench.build_parser().parse_args(argv))
     assert variants == ["tensorrt"]
     (folder / "sd15_unet.engine.json").unlink()
     with pytest.raises(ParameterError, match="--engine-dir"):
-        bench._check(bench._parser().parse_args(argv))
+        bench._check(bench.build_parser().parse_args(argv))
 
 
 @pytest.mark.parametrize("mode", ["split", "fused"])

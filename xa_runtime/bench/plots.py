@@ -6,6 +6,7 @@ matplotlib is optional (the `bench` extra) and imported only here, when plots ar
 from __future__ import annotations
 
 import io
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -84,15 +85,32 @@ def components_plot(result: dict[str, Any], path: Path) -> Path:
         plt.close(fig)
 
 
+def throughput_spread(entry: dict[str, Any]) -> tuple[float, float]:
+    """(low, high) images/s of one throughput point over its runs: the images/s its slowest and
+    fastest run would give (a batch point: batch / each run's seconds; a concurrency point:
+    its images/s scaled by median / slowest and median / fastest request)."""
+    ips = entry["images_per_s"]
+    raw = entry.get("raw_seconds") or [x for row in entry.get("raw_request_seconds", []) for x in row]
+    if not raw or min(raw) <= 0:
+        return ips, ips
+    med = entry.get("median_seconds") or entry.get("request_seconds") or statistics.median(raw)
+    return ips * med / max(raw), ips * med / min(raw)
+
+
 def throughput_plot(result: dict[str, Any], path: Path) -> Path:
-    """Images/s against batch size, and against concurrent requests, one line per variant."""
+    """Images/s against batch size, and against concurrent requests, one line per variant,
+    with error bars from the slowest to the fastest run (throughput_spread)."""
     plt = _pyplot()
     fig, (ax_b, ax_c) = plt.subplots(1, 2, figsize=(10, 4))
     for name, r in result["variants"].items():
         for ax, key in ((ax_b, "batches"), (ax_c, "concurrency")):
-            points = sorted((int(k), v["images_per_s"]) for k, v in r.get(key, {}).items())
+            points = sorted((int(k), v) for k, v in r.get(key, {}).items())
             if points:
-                ax.plot(*zip(*points), marker="o", label=name)
+                xs = [x for x, _ in points]
+                ys = [v["images_per_s"] for _, v in points]
+                spread = [throughput_spread(v) for _, v in points]
+                yerr = [[y - lo for y, (lo, _) in zip(ys, spread)], [hi - y for y, (_, hi) in zip(ys, spread)]]
+                ax.errorbar(xs, ys, yerr=yerr, marker="o", capsize=4, label=f"{name} (bars: slowest-fastest run)")
     for ax, label in ((ax_b, "batch size"), (ax_c, "concurrent requests (threads)")):
         ax.set_xlabel(label)
         ax.set_ylabel("images / s")

@@ -14,16 +14,25 @@ from typing import Any
 import torch
 
 from .components import BREAKDOWN
+from .runner import P99_MIN_SAMPLES
 
 SDXL_ALONE_GOAL = 1.45  # the lean runtime's goal: X-Adapter / SDXL alone
 
 
+def _file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write to a temporary file in the same folder, then rename over `path`."""
+    """Write to a temporary file in the same folder, then rename over `path`. The file gets
+    the mode open() would give it (0644 under the usual umask 022): mkstemp makes 0600."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
             f.write(data)
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -78,8 +87,11 @@ def _latency_lines(variants: dict[str, Any]) -> list[str]:
     for name, r in variants.items():
         stages = "  ".join(f"{k}={v['median']:.3f}" for k, v in r["stages"].items())
         t = r["total"]
-        lines.append(f"{name:<11} {t['median']:9.3f} {t['p90']:8.3f} {t['p99']:8.3f} {t['min']:8.3f} "
+        p99 = f"{t['p99']:8.3f}" if "p99" in t else f"{'-':>8}"  # from 100 samples on
+        lines.append(f"{name:<11} {t['median']:9.3f} {t['p90']:8.3f} {p99} {t['min']:8.3f} "
                      f"{r['ratio_to_first']:8.3f}  {stages}")
+    lines.append(f"(p99 from {P99_MIN_SAMPLES} runs on; spread: "
+                 + ", ".join(f"{n} cv {r['total'].get('cv', 0):.1%}" for n, r in variants.items()) + ")")
     return lines
 
 
@@ -142,6 +154,8 @@ def markdown(result: dict[str, Any], text_table: str, plots: list[Path], md_dir:
           f"- models: {result['models']}; workload: {result['workload']}",
           f"- commit: {result['git_commit']}; torch {result['versions']['torch']}", "",
           "```", text_table, "```"]
+    if result.get("warnings"):
+        md += ["", "**Warning: large run-to-run spread**", ""] + [f"- {w}" for w in result["warnings"]]
     if result["mode"] == "throughput" and result.get("concurrency_note"):
         md += ["", f"Concurrency: {result['concurrency_note']}"]
     if plots:

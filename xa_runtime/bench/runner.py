@@ -3,6 +3,7 @@ FLOP-based efficiency and the device's measured peak (a large matmul in the same
 
 from __future__ import annotations
 
+import math
 import statistics
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, fields
@@ -62,15 +63,52 @@ class Workload:
         )
 
 
+P99_MIN_SAMPLES = 100  # a p99 of fewer samples is just the maximum: reported from this many on
+SPREAD_WARN_CV = 0.10  # run-to-run coefficient of variation above which xa-bench warns
+
+
 def summarize(samples: list[float]) -> dict[str, float]:
-    """median, p90, p99, min, max, mean of seconds (nearest-rank percentiles)."""
+    """median, p90, min, max, mean, cv (coefficient of variation: stdev / mean, 0 for one
+    sample) and n of seconds; p99 too from P99_MIN_SAMPLES samples on (nearest-rank percentiles)."""
     s = sorted(samples)
 
-    def pct(q: float) -> float:
-        return s[min(len(s) - 1, max(0, round(q * len(s) + 0.5) - 1))]
+    def pct(q: float) -> float:  # nearest rank: the ceil(q * n)-th smallest
+        return s[min(len(s) - 1, max(0, math.ceil(q * len(s) - 1e-9) - 1))]
 
-    return {"median": statistics.median(s), "p90": pct(0.9), "p99": pct(0.99), "min": s[0], "max": s[-1],
-            "mean": statistics.fmean(s), "n": len(s)}
+    mean = statistics.fmean(s)
+    out = {"median": statistics.median(s), "p90": pct(0.9), "min": s[0], "max": s[-1], "mean": mean,
+           "cv": statistics.stdev(s) / mean if len(s) > 1 and mean > 0 else 0.0, "n": len(s)}
+    if len(s) >= P99_MIN_SAMPLES:
+        out["p99"] = pct(0.99)
+    return out
+
+
+def spread_warnings(result: dict[str, Any], threshold: float = SPREAD_WARN_CV) -> list[str]:
+    """One line per measurement whose run-to-run spread (CV of its raw seconds) exceeds
+    `threshold`, saying what to do about it."""
+    series: list[tuple[str, list[float]]] = []
+    for name, r in result.get("variants", {}).items():
+        if "raw_seconds" in r:
+            series.append((name, r["raw_seconds"]))
+        for key in ("batches", "concurrency"):
+            for level, v in r.get(key, {}).items():
+                raw = v.get("raw_seconds") or [x for row in v.get("raw_request_seconds", []) for x in row]
+                series.append((f"{name} {key[:-2] if key == 'batches' else key} {level}", raw))
+    for name, b in result.get("baselines", {}).items():
+        if "raw_seconds" in b:
+            series.append((name, b["raw_seconds"]))
+    lines = []
+    for name, raw in series:
+        if len(raw) < 2:
+            continue
+        cv = summarize(raw)["cv"]
+        if cv > threshold:
+            lines.append(
+                f"{name}: run-to-run spread {cv:.0%} (coefficient of variation > {threshold:.0%}; {len(raw)} runs, "
+                f"{min(raw):.3g}-{max(raw):.3g} s): the timings are not trustworthy. Something else is using the "
+                f"machine or the threads oversubscribe it: rerun on an idle machine, with fewer threads (--threads 1 "
+                f"on a busy CPU), and more --runs; compare medians only")
+    return lines
 
 
 def peak_tflops(device: torch.device, dtype: torch.dtype, n: int = 4096, iters: int = 20) -> float:

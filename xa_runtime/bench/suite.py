@@ -13,7 +13,7 @@ import torch
 from .baselines import SDXLAlone, mapping_alone
 from .components import compare_with_analytic, timed_components, workload_component_flops
 from .report import device_info, git_commit, versions
-from .runner import Workload, efficiency, peak_tflops, run_latency, workload_dict
+from .runner import Workload, efficiency, peak_tflops, run_latency, spread_warnings, workload_dict
 from .throughput import run_batches, run_concurrency
 
 MODES = ("latency", "throughput", "components")
@@ -76,6 +76,7 @@ def run_suite(
         result["baselines"]["mapping"] = mapping_alone(first, workload.params(seed=0), options.warmup, options.runs)
     result["memory"] = _memory(device, result)
     result["efficiency"] = _efficiency(first, workload, result, options) if options.mode != "throughput" else None
+    result["warnings"] = spread_warnings(result)
     return result
 
 

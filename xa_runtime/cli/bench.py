@@ -8,8 +8,10 @@ several variants in one run (interleaved), with baselines, FLOPs and efficiency.
     xa-bench --mode throughput --batches 1,2,4 --concurrency 1,2 ...
 
 Writes a table to the terminal and, with --output, a JSON file with everything (device,
-driver, versions, command line, git commit, raw samples) and a Markdown summary beside
-it; with --plots DIR, PNG plots (needs matplotlib: the `bench` extra).
+driver, versions, command line, git commit, threads, raw samples), a Markdown summary and
+PNG plots beside it (plots: --plots DIR elsewhere, --no-plots none; need matplotlib, the
+`bench` extra). On CPU, torch runs --threads threads (default: the cores not busy, at most
+4); a run-to-run spread over 10% (coefficient of variation) is warned about.
 """
 
 from __future__ import annotations
@@ -26,12 +28,13 @@ import xa_runtime
 
 from ..errors import ParameterError
 from ..models.presets import get_preset
-from ..pipeline.params import MAX_BATCH, SCHEDULERS, SizeRules, validate
+from ..pipeline.params import DEFAULT_SCHEDULER, MAX_BATCH, SCHEDULERS, SizeRules, validate
+from .vocabulary import DTYPES, add_device_argument, add_dtype_argument, add_model_arguments, add_threads_argument
+from .vocabulary import check_threads, check_tiny_seed, set_threads
 
 if TYPE_CHECKING:  # torch is imported once the arguments parse (--help and argparse errors answer at once)
     import torch
 
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # --dtype -> torch dtype name
 MODES = ("latency", "throughput", "components")
 BASELINE_NAMES = ("sdxl-alone", "mapping")
 MAX_CONCURRENCY = 16
@@ -40,42 +43,58 @@ BENCH_PLUGINS = ("lora", "controlnet", "t2i")  # --plugins: built with random we
 VARIANT_PACKAGES = {"kernels": "triton", "onnxruntime": "onnxruntime", "tensorrt": "tensorrt"}
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="xa-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", default="latency", help=f"one of {', '.join(MODES)}, or several comma-separated "
-                    "(one build of the models; one output file per mode)")
-    ap.add_argument("--models", choices=["tiny", "random", "paths"], default=None,
-                    help="tiny random models (default without CUDA), full-size random weights (default with CUDA), "
-                         "or --sd15/--sdxl/--adapter paths")
-    ap.add_argument("--random-weights", action="store_true", help="the real architectures with random weights "
-                    "(= --models random)")
-    ap.add_argument("--sd15"), ap.add_argument("--sdxl"), ap.add_argument("--adapter")
-    ap.add_argument("--compare", default="eager", help="comma-separated variants; first is the reference")
-    ap.add_argument("--baseline", default="", help="comma-separated: sdxl-alone (latency/components), mapping")
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--adapter-guidance-start", type=float, default=0.9)
-    ap.add_argument("--guidance-scale", type=float, default=7.5)
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--batches", default=None, help="throughput: comma-separated batch sizes (default: --batch)")
-    ap.add_argument("--concurrency", default=None, help="throughput: comma-separated numbers of concurrent requests")
-    ap.add_argument("--height", type=int), ap.add_argument("--width", type=int)
-    ap.add_argument("--height-sd15", type=int), ap.add_argument("--width-sd15", type=int)
-    ap.add_argument("--scheduler", default="dpmpp-2m")
-    ap.add_argument("--plugins", default="", help=f"comma-separated plugins on for every request, built with random "
-                    f"weights to fit the SD1.5 UNet: {', '.join(BENCH_PLUGINS)} (default none; lora: rank 8, unfused, "
-                    "the side path a per-request LoRA costs; fused costs nothing per step)")
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--no-flops", action="store_true", help="skip the FLOP-counter run (analytic FLOPs only)")
-    ap.add_argument("--onnx-dir", metavar="DIR", help="onnxruntime variant: this xa-export folder's graphs (of the "
-                    "benchmarked models) instead of exporting them; tensorrt variant: its engines' source")
-    ap.add_argument("--engine-dir", metavar="DIR", help="tensorrt variant: this xa-build-engines folder's engines "
-                    "instead of exporting and building throw-away ones")
-    ap.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    ap.add_argument("--dtype", choices=list(DTYPES), default=None, help="default fp16 on CUDA, fp32 on CPU")
-    ap.add_argument("--output", help="JSON file to write (a .md summary is written beside it)")
-    ap.add_argument("--plots", help="folder for PNG plots (created if missing; needs matplotlib)")
-    ap.add_argument("--version", action="version", version=f"%(prog)s {xa_runtime.__version__}")
+                    "(one build of the models; one output file per mode) (default %(default)s)")
+    models = ap.add_argument_group("models (none given: the built-in tiny models)")
+    add_model_arguments(models)
+    models.add_argument("--random-weights", action="store_true",
+                        help="the real SD1.5 / SDXL / mapping architectures with random weights (full size: speed "
+                             "does not depend on the values; use with --device cuda)")
+    models.add_argument("--models", choices=["tiny", "random", "paths"], default=None,
+                        help="the older spelling: tiny (= no model paths), random (= --random-weights), paths "
+                             "(= --sd15/--sdxl/--adapter)")
+    work = ap.add_argument_group("workload")
+    work.add_argument("--compare", default="eager", help="comma-separated variants; the first is the reference "
+                      "(default %(default)s)")
+    work.add_argument("--baseline", default="", help="comma-separated: sdxl-alone (latency/components), mapping "
+                      "(default none)")
+    work.add_argument("--steps", type=int, default=30, metavar="N",
+                      help="denoising steps of each run (default %(default)s: the recorded benchmark workload)")
+    work.add_argument("--adapter-guidance-start", type=float, default=0.9, metavar="F",
+                      help="fraction of the steps run with the adapter (default %(default)s)")
+    work.add_argument("--guidance-scale", type=float, default=7.5, metavar="F",
+                      help="classifier-free guidance of both branches (default %(default)s)")
+    work.add_argument("--batch", type=int, default=1, metavar="B", help="images per request (default %(default)s)")
+    work.add_argument("--batches", default=None, help="throughput: comma-separated batch sizes (default: --batch)")
+    work.add_argument("--concurrency", default=None, help="throughput: comma-separated numbers of concurrent requests")
+    for flag, what in (("--height", "SDXL image height"), ("--width", "SDXL image width"),
+                       ("--height-sd15", "SD1.5 height"), ("--width-sd15", "SD1.5 width")):
+        work.add_argument(flag, type=int, metavar="PX", help=f"{what} in pixels (default: the models' own)")
+    work.add_argument("--scheduler", choices=list(SCHEDULERS), default=DEFAULT_SCHEDULER,
+                      help="sampler of both branches (default %(default)s)")
+    work.add_argument("--plugins", default="", help=f"comma-separated plugins on for every request, built with random "
+                      f"weights to fit the SD1.5 UNet: {', '.join(BENCH_PLUGINS)} (default none; lora: rank 8, unfused, "
+                      "the side path a per-request LoRA costs; fused costs nothing per step)")
+    run = ap.add_argument_group("run")
+    run.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed runs first, 0..1000 (default %(default)s)")
+    run.add_argument("--runs", type=int, default=5, metavar="N",
+                     help="timed runs per variant, 1..1000 (default %(default)s; p99 is reported from 100 samples on)")
+    run.add_argument("--no-flops", action="store_true", help="skip the FLOP-counter run (analytic FLOPs only)")
+    run.add_argument("--onnx-dir", metavar="DIR", help="onnxruntime variant: this xa-export folder's graphs (of the "
+                     "benchmarked models) instead of exporting them; tensorrt variant: its engines' source")
+    run.add_argument("--engine-dir", metavar="DIR", help="tensorrt variant: this xa-build-engines folder's engines "
+                     "instead of exporting and building throw-away ones")
+    add_device_argument(run)
+    add_dtype_argument(run)
+    add_threads_argument(run)
+    run.add_argument("--output", metavar="FILE.json", help="JSON file to write (a .md summary is written beside it, and "
+                     "the plots unless --no-plots)")
+    run.add_argument("--plots", metavar="DIR", help="folder for PNG plots (created if missing; default: the --output "
+                     "folder; needs matplotlib, the bench extra)")
+    run.add_argument("--no-plots", action="store_true", help="write no plots")
+    run.add_argument("--version", action="version", version=f"%(prog)s {xa_runtime.__version__}")
     return ap
 
 
@@ -149,6 +168,26 @@ def _check_backend_folders(args: argparse.Namespace, variants: list[str]) -> Non
             raise ParameterError(flag, folder, problem)
 
 
+def _model_kind(args: argparse.Namespace) -> str:
+    """tiny (no model paths: the default), random (--random-weights) or paths; --tiny and
+    --models are the older spellings, accepted where they agree."""
+    paths = {f: getattr(args, f[2:]) for f in ("--sd15", "--sdxl", "--adapter")}
+    chosen = {kind for kind, on in (("tiny", args.tiny), ("random", args.random_weights),
+                                    ("paths", any(paths.values()))) if on}
+    if args.models is not None:
+        chosen.add(args.models)
+    if len(chosen) > 1:
+        raise ParameterError("--models", args.models or "/".join(sorted(chosen)),
+                             "one model choice: no paths (tiny), --random-weights, or --sd15/--sdxl/--adapter")
+    kind = chosen.pop() if chosen else "tiny"
+    if kind == "paths" and not all(paths.values()):
+        missing = [f for f, v in paths.items() if not v]
+        raise ParameterError(missing[0], None, "all of --sd15, --sdxl and --adapter")
+    if kind != "tiny" and args.tiny_seed is not None:
+        raise ParameterError("--tiny-seed", args.tiny_seed, "only with the built-in tiny models (no paths, no --random-weights)")
+    return kind
+
+
 def _check(args: argparse.Namespace):
     """Every argument checked before anything is loaded; returns (variants, workload, device, dtype,
     options per mode)."""
@@ -164,20 +203,11 @@ def _check(args: argparse.Namespace):
     from ..bench.suite import SuiteOptions
 
     cuda = torch.cuda.is_available()
-    args.device = args.device or ("cuda" if cuda else "cpu")
     if args.device == "cuda" and not cuda:
         raise ParameterError("--device", "cuda", "cpu on this machine (no CUDA device is visible)")
-    args.dtype = args.dtype or ("fp16" if args.device == "cuda" else "fp32")
-    paths = [args.sd15, args.sdxl, args.adapter]
-    if args.random_weights:
-        if args.models not in (None, "random"):
-            raise ParameterError("--random-weights", True, f"no --models {args.models} with it (it means --models random)")
-        args.models = "random"
-    if args.models is None:
-        args.models = "paths" if any(paths) else ("random" if args.device == "cuda" else "tiny")
-    if args.models == "paths" and not all(paths):
-        missing = [f for f, v in zip(("--sd15", "--sdxl", "--adapter"), paths) if not v]
-        raise ParameterError(missing[0], None, "all of --sd15, --sdxl and --adapter with --models paths")
+    args.models = _model_kind(args)
+    args.tiny_seed = check_tiny_seed(args)
+    args.threads = check_threads(args)
     variants = _check_variants(args)
     baselines = _names("--baseline", args.baseline)
     for b in baselines:
@@ -202,12 +232,20 @@ def _check(args: argparse.Namespace):
     concurrency = _int_list("--concurrency", args.concurrency, 1, MAX_CONCURRENCY) if args.concurrency else []
     if args.output and not Path(args.output).resolve().parent.is_dir():
         raise ParameterError("--output", args.output, "a path in an existing folder")
+    if args.plots and args.no_plots:
+        raise ParameterError("--plots", args.plots, "no --plots with --no-plots")
     if args.plots:
         folder = Path(args.plots).resolve()
         if folder.exists() and not folder.is_dir() or not folder.exists() and not folder.parent.is_dir():
             raise ParameterError("--plots", args.plots, "a folder, or a new folder in an existing one")
         if importlib.util.find_spec("matplotlib") is None:
             raise ParameterError("--plots", args.plots, "the package matplotlib installed (pip install 'xa-runtime[bench]')")
+    elif args.output and not args.no_plots:  # by default beside the JSON, when matplotlib is there
+        if importlib.util.find_spec("matplotlib") is None:
+            print("warning: no plots: matplotlib is not installed (pip install 'xa-runtime[bench]'; --no-plots "
+                  "silences this)", file=sys.stderr)
+        else:
+            args.plots = str(Path(args.output).resolve().parent)
     plugins = _names("--plugins", args.plugins)
     for name in plugins:
         if name not in BENCH_PLUGINS:
@@ -273,7 +311,7 @@ def _build(args: argparse.Namespace, variants: list[str], device: torch.device, 
     from ..pipeline import XAdapterPipeline
 
     if args.models == "tiny":
-        models = build_tiny_models(0)
+        models = build_tiny_models(args.tiny_seed)
     elif args.models == "random":
         # Built on the target device: random init of ~4.6 G parameters is seconds on a GPU, a
         # minute or more on the host (the values do not matter for speed).
@@ -347,7 +385,7 @@ def _write_atomic(path: Path, text: str | bytes) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         variants, workload, device, dtype, options = _check(args)
     except ParameterError as e:
@@ -359,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..bench.report import markdown, table
     from ..bench.suite import run_suite
 
+    set_threads(args.threads)
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # random tiny weights leave denormals that make CPU math erratic
     pipes = _build(args, variants, device, dtype)
@@ -371,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
                            progress=lambda m: print(m, file=sys.stderr))
         text = table(result)
         print(text)
+        for line in result["warnings"]:
+            print(f"warning: {line}", file=sys.stderr)
         out = Path(args.output) if args.output else None
         if out is not None and len(options) > 1:
             out = out.with_name(f"{out.stem}-{opts.mode}{out.suffix or '.json'}")

@@ -1,5 +1,6 @@
 """`xa-build-engines`: TensorRT engines from exported ONNX (xa-export's folder), or from model
-paths (exported first into --onnx-dir). Every flag is checked before any work (no export,
+paths (exported first into --onnx-dir); without model paths and without an exported
+--onnx-dir, the built-in tiny models are exported there first (as with --tiny). Every flag is checked before any work (no export,
 no TensorRT import): a bad one exits with code 2 and an `error:` line naming the flag and
 what it accepts. Without TensorRT, exit 2 saying how to install it.
 """
@@ -16,6 +17,7 @@ import xa_runtime
 from ..errors import CheckpointError, ParameterError
 from ..graphs import GRAPHS, SDXL_MODE_ROLES, DimRange, check_sdxl_mode, default_build_graphs, has_graph
 from .usage import CheckedParser, UsageError, parameter_error_line
+from .vocabulary import MODEL_HELP, add_dtype_argument, add_no_progress_argument, check_tiny_seed
 
 PROG = "xa-build-engines"
 # split by default: the set xa-build-engines has always built; --sdxl-mode fused builds sdxl_unet_fused
@@ -24,20 +26,27 @@ MODEL_FLAGS = ("--sd15", "--sdxl", "--adapter", "--controlnet")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..engines.manifest import PRECISIONS, PRESETS, REFIT_MODES
+    from ..engines.manifest import PRESETS, REFIT_MODES
 
     p = CheckedParser(prog=PROG, description="Build TensorRT engines (NAME.plan + NAME.engine.json) from exported ONNX graphs")
-    p.add_argument("--onnx-dir", required=True, help="xa-export folder to read (or, with model paths, to export into)")
-    p.add_argument("--output", required=True, help="engine cache folder (created if its parent exists)")
+    p.add_argument("--onnx-dir", required=True, metavar="DIR",
+                   help="xa-export folder to read (or, with model paths or --tiny, to export into)")
+    p.add_argument("--output", required=True, metavar="DIR", help="engine cache folder (created if its parent exists)")
     for flag in MODEL_FLAGS:
-        p.add_argument(flag, help=f"model path: export {flag[2:]} into --onnx-dir first (as xa-export {flag})")
-    p.add_argument("--tiny", action="store_true", help="export the built-in tiny random models first")
+        what = MODEL_HELP.get(flag, "SD1.5 ControlNet folder or file")
+        p.add_argument(flag, metavar="PATH", help=f"{what}: exported into --onnx-dir first (as xa-export {flag})")
+    p.add_argument("--tiny", action="store_true",
+                   help="export the built-in tiny random models into --onnx-dir first (without model paths and "
+                        "without an exported --onnx-dir this is what runs)")
+    p.add_argument("--tiny-seed", type=int, default=None, metavar="N",
+                   help="seed of the built-in tiny random models, >= 0 (default 0)")
     p.add_argument("--graphs", help="comma-separated graph names (default: those of --sdxl-mode, plus the ControlNet "
                    "variant sd15_unet_control when exported)")
     p.add_argument("--sdxl-mode", default=DEFAULT_SDXL_MODE, help=f"{' or '.join(SDXL_MODE_ROLES)}: the SDXL graphs "
                    f"built without --graphs (split: {','.join(default_build_graphs('split'))}; fused: "
                    f"{','.join(default_build_graphs('fused'))}; default %(default)s)")
-    p.add_argument("--precision", default="fp16", help=f"{', '.join(PRECISIONS)} (default fp16)")
+    add_dtype_argument(p, "--precision", default="fp16",
+                       what="engine precision (--precision: the older spelling); fp16 by default: engines are for the GPU")
     p.add_argument("--preset", help=f"profile preset in pixels: {', '.join(PRESETS)} ('1024 only', '512-1536')")
     for which in ("min", "opt", "max"):
         p.add_argument(f"--{which}", help=f"{which} profile shape ROWS,HEIGHT,WIDTH in pixels (e.g. 2,1024,1024)")
@@ -46,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "weights refittable; strip: also left out of the plan, refitted from the ONNX weights at load")
     p.add_argument("--timing-cache", help="timing cache file, read and updated (default OUTPUT/timing.cache)")
     p.add_argument("--no-timing-cache", action="store_true", help="use no persistent timing cache")
-    p.add_argument("--no-progress", action="store_true", help="no builder progress on stderr")
+    add_no_progress_argument(p)
     p.add_argument("--version", action="version", version=f"%(prog)s {xa_runtime.__version__}")
     return p
 
@@ -55,7 +64,7 @@ def check_inputs(args: argparse.Namespace) -> tuple[list[str], Path, Path, dict[
     """Graph names, ONNX folder, engine folder and per-graph profiles; raises ParameterError / UsageError."""
     from ..engines import manifest as mf
 
-    mf.check_choice("--precision", args.precision, mf.PRECISIONS)
+    mf.check_choice("--dtype", args.dtype, mf.PRECISIONS)
     mf.check_choice("--refit", args.refit, mf.REFIT_MODES)
     check_sdxl_mode(args.sdxl_mode, "--sdxl-mode", auto=False)
     if args.static and args.min is not None or args.static and args.max is not None:
@@ -65,6 +74,13 @@ def check_inputs(args: argparse.Namespace) -> tuple[list[str], Path, Path, dict[
     given = [f for f in MODEL_FLAGS if getattr(args, f[2:]) is not None]
     if args.tiny and given:
         raise UsageError(f"--tiny takes no model paths (got {', '.join(given)})")
+    if given and args.tiny_seed is not None:
+        raise UsageError("--tiny-seed only applies to the built-in tiny models (no model paths)")
+    check_tiny_seed(args)
+    # No model paths and no exported graphs to read (no NAME.onnx in --onnx-dir): the built-in
+    # tiny models are exported into --onnx-dir first, as with --tiny.
+    if not given and not (Path(args.onnx_dir).is_dir() and any(Path(args.onnx_dir).glob("*.onnx"))):
+        args.tiny = True
     exporting = args.tiny or bool(given)
     onnx_dir, out = Path(args.onnx_dir), Path(args.output)
     if args.graphs is None:
@@ -91,7 +107,10 @@ def check_inputs(args: argparse.Namespace) -> tuple[list[str], Path, Path, dict[
 
 def _export_argv(args: argparse.Namespace, names: list[str]) -> list[str]:
     argv = ["--output", args.onnx_dir, "--graphs", ",".join(names)]
-    argv += ["--tiny"] if args.tiny else [x for f in MODEL_FLAGS if getattr(args, f[2:]) for x in (f, getattr(args, f[2:]))]
+    if args.tiny:
+        argv += ["--tiny-seed", str(args.tiny_seed), "--tiny"] if args.tiny_seed is not None else ["--tiny"]
+    else:
+        argv += [x for f in MODEL_FLAGS if getattr(args, f[2:]) for x in (f, getattr(args, f[2:]))]
     return argv + (["--no-progress"] if args.no_progress else [])
 
 
@@ -116,17 +135,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.tiny or any(getattr(args, f[2:]) for f in MODEL_FLAGS):
         from .export import main as export_main
 
+        if args.tiny:
+            print(f"{PROG}: the built-in tiny random models (no model paths): exporting them into {onnx_dir} first",
+                  file=sys.stderr)
+
         code = export_main(_export_argv(args, names))
         if code:
             return code
     cache = None if args.no_timing_cache else Path(args.timing_cache or out / build.TIMING_CACHE)
     try:
-        paths = build.build_engines(names, onnx_dir, out, args.precision, profiles, args.refit, cache,
+        paths = build.build_engines(names, onnx_dir, out, args.dtype, profiles, args.refit, cache,
                                     progress=not args.no_progress)
     except (CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{PROG}: wrote {len(paths)} engines to {out} ({args.precision}, refit {args.refit})", file=sys.stderr)
+    print(f"{PROG}: wrote {len(paths)} engines to {out} ({args.dtype}, refit {args.refit})", file=sys.stderr)
     return 0
 
 

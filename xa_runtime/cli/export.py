@@ -22,6 +22,7 @@ import xa_runtime
 from ..errors import CheckpointError, ParameterError
 from ..graphs import GRAPHS
 from .usage import CheckedParser, UsageError, parameter_error_line
+from .vocabulary import MODEL_HELP, add_device_argument, add_dtype_argument, add_no_progress_argument, check_tiny_seed
 
 PROG = "xa-export"
 # what a graph needs -> the flags that give it
@@ -35,24 +36,25 @@ PARAM_FLAGS = {"graphs": "--graphs", "dtype": "--dtype", "opset": "--opset", "ou
 def build_parser() -> argparse.ArgumentParser:
     p = CheckedParser(prog=PROG, description="Export X-Adapter graphs to ONNX (one NAME.onnx per graph, NAME.onnx.data "
                 "beside it when over ~1.8 GB). Graphs: " + ", ".join(GRAPHS))
-    p.add_argument("--sd15", help="SD1.5 diffusers folder or single file")
-    p.add_argument("--sdxl", help="SDXL base diffusers folder or single file")
-    p.add_argument("--adapter", help="X-Adapter checkpoint (X_Adapter_v1.bin or .safetensors)")
-    p.add_argument("--controlnet", help="SD1.5 ControlNet folder or file (for the controlnet graph)")
-    p.add_argument("--t2i-adapter", help="SD1.5 T2I-Adapter diffusers folder (for the t2i_adapter graph)")
-    p.add_argument("--ip-adapter", help="SD1.5 IP-Adapter file (ip-adapter_sd15.bin, -plus, -full-face; .bin or "
-                   ".safetensors) for the sd15_unet_ip graph (its weights are baked in: one graph per file)")
+    for flag, text in MODEL_HELP.items():
+        p.add_argument(flag, metavar="PATH", help=text)
+    p.add_argument("--controlnet", metavar="PATH", help="SD1.5 ControlNet folder or file (for the controlnet graph)")
+    p.add_argument("--t2i-adapter", metavar="PATH", help="SD1.5 T2I-Adapter diffusers folder (for the t2i_adapter graph)")
+    p.add_argument("--ip-adapter", metavar="PATH", help="SD1.5 IP-Adapter file (ip-adapter_sd15.bin, -plus, -full-face; "
+                   ".bin or .safetensors) for the sd15_unet_ip graph (its weights are baked in: one graph per file)")
     p.add_argument("--tiny", action="store_true",
-                   help="the built-in tiny random models (and a tiny ControlNet, T2I-Adapter and IP-Adapter)")
-    p.add_argument("--tiny-seed", type=int, default=0)
-    p.add_argument("--output", required=True, help="output folder (created if its parent exists)")
+                   help="the built-in tiny random models (and a tiny ControlNet, T2I-Adapter and IP-Adapter): the "
+                        "default without model paths (the flag is accepted for explicitness)")
+    p.add_argument("--tiny-seed", type=int, default=None, metavar="N",
+                   help="seed of the built-in tiny random models, >= 0 (default 0)")
+    p.add_argument("--output", required=True, metavar="DIR", help="output folder (created if its parent exists)")
     p.add_argument("--graphs", help="comma-separated graph names (default: all the given models allow)")
-    p.add_argument("--dtype", default="fp32", help="fp32 (default) or fp16")
+    add_dtype_argument(p, what="dtype of the exported graphs (ONNX export: fp32 or fp16; bf16 is refused)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda: where the modules trace")
+    add_device_argument(p, what="where the modules trace")
     p.add_argument("--force", action="store_true",
                    help="export into a folder whose manifest.json names other source weights (replacing it)")
-    p.add_argument("--no-progress", action="store_true")
+    add_no_progress_argument(p)
     p.add_argument("--version", action="version", version=f"%(prog)s {xa_runtime.__version__}")
     return p
 
@@ -72,8 +74,10 @@ def check_inputs(args: argparse.Namespace) -> tuple[list[str], Path]:
     given = _given(args)
     if args.tiny and given:
         raise UsageError(f"--tiny takes no model paths (got {', '.join(sorted(given))})")
-    if not args.tiny and not given:
-        raise UsageError(f"give model paths ({', '.join(MODEL_FLAGS)}) or --tiny")
+    if given and args.tiny_seed is not None:
+        raise UsageError("--tiny-seed only applies to the built-in tiny models (no model paths)")
+    args.tiny = not given  # no model paths: the built-in tiny models
+    args.tiny_seed = check_tiny_seed(args)
     check_dtype_name(args.dtype)
     args.opset = check_opset(DEFAULT_OPSET if args.opset is None else args.opset)
     if args.device not in ("cpu", "cuda"):

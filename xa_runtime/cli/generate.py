@@ -31,10 +31,10 @@ from .backend_args import add_backend_arguments, check_backend, loras_to_backend
 from .output_files import write_outputs
 from .plugin_args import add_plugin_arguments, apply_loras, build_plugins, check_plugin_arguments, load_init_image
 from .usage import CheckedParser, UsageError, parameter_error_line
+from .vocabulary import (DTYPES, MODEL_FLAGS, add_device_argument, add_dtype_argument, add_model_arguments,
+                         add_no_progress_argument, add_threads_argument, check_threads, check_tiny_seed, set_threads)
 
 PROG = "xa-generate"
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-MODEL_FLAGS = ("--sd15", "--sdxl", "--adapter")
 # GenerationParams field -> the flag that sets it, so errors name what the user typed.
 FLAGS = {
     "prompt": "--prompt",
@@ -108,11 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     models = ap.add_argument_group("models (all three, or none for the built-in tiny models)")
-    models.add_argument("--sd15", metavar="PATH", help="SD1.5 diffusers folder or single .safetensors file")
-    models.add_argument("--sdxl", metavar="PATH", help="SDXL base diffusers folder or single .safetensors file")
-    models.add_argument("--adapter", metavar="PATH", help="X-Adapter checkpoint (X_Adapter_v1.bin or .safetensors)")
+    add_model_arguments(models)
     models.add_argument("--sdxl-vae", metavar="PATH", help="replacement SDXL VAE (e.g. the fp16-fix VAE): folder or file")
-    models.add_argument("--tiny-seed", type=int, metavar="N", help="seed of the built-in tiny random models (default 0)")
 
     gen = ap.add_argument_group("generation")
     gen.add_argument("--prompt", action="append", required=True, metavar="TEXT",
@@ -143,8 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="images per prompt, 1..64 in all (default %(default)s)")
 
     run = ap.add_argument_group("run")
-    run.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="(default %(default)s)")
-    run.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="(default %(default)s)")
+    add_device_argument(run)
+    add_dtype_argument(run)
+    add_threads_argument(run)
     run.add_argument("--output", required=True, metavar="OUT.png",
                      help="PNG to write (+ OUT-1.png ... for several images, OUT.json sidecar)")
     run.add_argument("--runtime", default="", metavar="LIST",
@@ -153,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--offload", choices=["none", "encoders-vaes"], default="none",
                      help="keep text encoders and VAEs on the CPU between uses (default %(default)s)")
     add_backend_arguments(run)
-    run.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    add_no_progress_argument(run)
     run.add_argument("--version", action="version", version=f"%(prog)s {xa_runtime.__version__}")
     add_plugin_arguments(ap)
     return ap
@@ -202,6 +200,8 @@ def describe(error: ParameterError) -> str:
 def uses_tiny_models(args: argparse.Namespace) -> bool:
     """True without model paths; UsageError when only some of the three are given."""
     given = {flag: getattr(args, flag[2:]) for flag in MODEL_FLAGS}
+    if args.tiny and any(value is not None for value in given.values()):
+        raise UsageError("--tiny takes no model paths (got " + ", ".join(f for f, v in given.items() if v) + ")")
     if all(value is None for value in given.values()):
         if args.sdxl_vae is not None:
             raise UsageError("--sdxl-vae needs --sd15, --sdxl and --adapter (the tiny models bring their own VAE)")
@@ -369,8 +369,8 @@ def check_inputs(args: argparse.Namespace) -> tuple[bool, GenerationParams, Path
     """Everything that can be checked without loading a model, cheapest first:
     (tiny models?, parameters with sizes left as given, output path)."""
     tiny = uses_tiny_models(args)
-    if args.tiny_seed is not None and args.tiny_seed < 0:
-        raise ParameterError("--tiny-seed", args.tiny_seed, "an integer >= 0")
+    check_tiny_seed(args)
+    args.threads = check_threads(args)
     params = params_from_args(args)
     # A check only: sizes left unset resolve to the loaded models' own defaults in generate.
     validate(params, size_rules(tiny))
@@ -380,6 +380,7 @@ def check_inputs(args: argparse.Namespace) -> tuple[bool, GenerationParams, Path
     if not tiny:
         check_models(args)
     check_device(args.device)
+    set_threads(args.threads)
     args.runtime_config = runtime_config(args)
     args.plugin_specs = check_plugin_arguments(args)
     check_backend(args, tiny, args.plugin_specs, UsageError)
@@ -404,6 +405,12 @@ def load_pipeline(args: argparse.Namespace, tiny: bool) -> Any:
     )
 
 
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()  # as the run used them (--threads / default_threads)
+
+
 def records(args: argparse.Namespace, tiny: bool, result: Any, seconds: dict[str, float], command: list[str]):
     """(the sidecar's record, one PNG text record per image)."""
     p = result.params  # resolved: sizes and the seed as used
@@ -414,7 +421,8 @@ def records(args: argparse.Namespace, tiny: bool, result: Any, seconds: dict[str
         else {"kind": "pretrained", "sd15": args.sd15, "sdxl": args.sdxl, "adapter": args.adapter, "sdxl_vae": args.sdxl_vae}
     )
     run = {"device": args.device, "device_name": device_name(args.device), "dtype": args.dtype,
-           "runtime": args.runtime, "offload": args.offload, "backend": getattr(args, "backend", "torch")}
+           "runtime": args.runtime, "offload": args.offload, "backend": getattr(args, "backend", "torch"),
+           "threads": _torch_threads()}
     record = {
         "parameters": parameters,
         "models": models,

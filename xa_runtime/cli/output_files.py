@@ -1,5 +1,6 @@
-"""The files one `xa-generate` run writes: PNGs that carry their parameters in a text
-chunk, and one JSON sidecar with everything about the run.
+"""The files one `xa-generate` run writes: PNGs that carry their parameters in two text
+chunks (`parameters`: A1111 infotext that image tools read; `xa_runtime`: the image's full
+record as JSON; xa_runtime/infotext.py), and one JSON sidecar with everything about the run.
 
 All files are written under hidden temporary names in the output folder and moved into
 place with os.replace only once every one of them is complete, so a failed or
@@ -20,7 +21,10 @@ from typing import Any
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-PNG_TEXT_KEY = "parameters"
+from ..infotext import JSON_KEY, TEXT_KEY, png_text_chunks
+
+PNG_TEXT_KEY = TEXT_KEY
+PNG_JSON_KEY = JSON_KEY
 
 
 def image_paths(output: Path, count: int) -> list[Path]:
@@ -33,10 +37,23 @@ def sidecar_path(output: Path) -> Path:
     return output.with_suffix(".json")
 
 
+def _model_fields(models: dict[str, Any], version: str | None) -> tuple[str | None, dict[str, Any]]:
+    """(A1111's `Model`: the SDXL model's name, the X-Adapter extras: the other models, version)."""
+    if models.get("kind") == "tiny":
+        model, extra = f"xa-runtime tiny (seed {models.get('tiny_seed', 0)})", {}
+    else:
+        name = lambda key: Path(models[key]).stem if models.get(key) else None  # noqa: E731
+        model, extra = name("sdxl"), {"X-Adapter base model": name("sd15"), "X-Adapter model": name("adapter")}
+    return model, {**extra, "Version": f"xa-runtime {version}" if version else None}
+
+
 def png_bytes(image: Image.Image, text: dict[str, Any]) -> bytes:
-    """The image as PNG with `text` as JSON in a tEXt chunk under PNG_TEXT_KEY."""
+    """The image as PNG with two tEXt chunks: A1111 infotext of `text` (an image's record:
+    its GenerationParams fields, models, run) under PNG_TEXT_KEY, `text` as JSON under PNG_JSON_KEY."""
+    model, extra = _model_fields(text.get("models") or {}, text.get("xa_runtime"))
     info = PngInfo()
-    info.add_text(PNG_TEXT_KEY, json.dumps(text, sort_keys=False))
+    for key, value in png_text_chunks(text, text, text.get("prompt_index", 0), model, extra).items():
+        info.add_text(key, value)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()

@@ -27,21 +27,27 @@ def add_plugin_arguments(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--control-image", action="append", default=[], metavar="IMG", help="its control image")
     g.add_argument("--control-type", action="append", default=[], choices=CONTROL_TYPES,
                    help="canny: edge map made from the image; none: the image is the map (default)")
-    g.add_argument("--controlnet-scale", action="append", default=[], type=float, metavar="F", help="default 1.0")
-    g.add_argument("--control-start", action="append", default=[], type=float, metavar="F", help="default 0.0")
-    g.add_argument("--control-end", action="append", default=[], type=float, metavar="F", help="default 1.0")
+    g.add_argument("--controlnet-scale", action="append", default=[], type=float, metavar="F",
+                   help="its conditioning scale (default 1.0)")
+    g.add_argument("--control-start", action="append", default=[], type=float, metavar="F",
+                   help="fraction of the steps where it starts (default 0.0)")
+    g.add_argument("--control-end", action="append", default=[], type=float, metavar="F",
+                   help="fraction of the steps where it ends (default 1.0)")
     g.add_argument("--guess-mode", action="store_true", help="ControlNet guess mode (all ControlNets)")
     g.add_argument("--t2i-adapter", action="append", default=[], metavar="PATH", help="T2I-Adapter diffusers folder")
-    g.add_argument("--t2i-image", action="append", default=[], metavar="IMG")
-    g.add_argument("--t2i-scale", action="append", default=[], type=float, metavar="F", help="default 1.0")
+    g.add_argument("--t2i-image", action="append", default=[], metavar="IMG", help="its control image")
+    g.add_argument("--t2i-scale", action="append", default=[], type=float, metavar="F",
+                   help="its feature scale (default 1.0)")
     g.add_argument("--t2i-factor", action="append", default=[], type=float, metavar="F",
                    help="fraction of each stage's steps with the adapter (default 1.0)")
     g.add_argument("--nexus-adapter", action="append", default=[], metavar="PATH", help="Nexus Adapter folder")
     g.add_argument("--adapter-image", action="append", default=[], metavar="IMG", help="its control image")
-    g.add_argument("--nexus-scale", action="append", default=[], type=float, metavar="F", help="default 1.0")
+    g.add_argument("--nexus-scale", action="append", default=[], type=float, metavar="F",
+                   help="its feature scale (default 1.0)")
     g.add_argument("--ip-adapter", metavar="PATH", help="IP-Adapter (ip-adapter_sd15 layout, plain or plus)")
     g.add_argument("--ip-image", action="append", default=[], metavar="IMG", help="its image(s)")
-    g.add_argument("--ip-scale", type=float, default=1.0, metavar="F", help="default 1.0")
+    g.add_argument("--ip-scale", type=float, default=1.0, metavar="F",
+                   help="scale of the image prompt (default 1.0)")
     g.add_argument("--image-encoder", metavar="DIR",
                    help="CLIP vision encoder folder (default: image_encoder/ beside the IP-Adapter or one level up)")
     g.add_argument("--init-image", metavar="IMG", help="stage 1 starts from this image (img2img / ControlNet-tile)")

@@ -1,15 +1,17 @@
-"""CLIP tokenizers built offline from the BPE vocabulary that `open_clip_torch` ships.
+"""CLIP tokenizers built offline from CLIP's BPE vocabulary, shipped in this package.
 
 Single-file checkpoints carry no tokenizer and we never reach a hub, so the vocabulary
-and merges are rebuilt from `open_clip/bpe_simple_vocab_16e6.txt.gz` the way CLIP
-defines them (byte-level alphabet, then merges, then the two special tokens).
+and merges are rebuilt from `clip_vocab/bpe_simple_vocab_16e6.txt.gz` (OpenAI CLIP's file,
+MIT, byte for byte the copy open_clip_torch ships; clip_vocab/LICENSE) the way CLIP defines
+them (byte-level alphabet, then merges, then the two special tokens). Shipping the 1.3 MB
+file here, rather than installing open_clip_torch for it, leaves no package whose
+requirements (torchvision, timm) pip would report unmet.
 """
 
 from __future__ import annotations
 
 import functools
 import gzip
-import importlib.util
 from pathlib import Path
 
 from transformers import CLIPTokenizer
@@ -19,16 +21,9 @@ _NUM_MERGES = 49152 - 256 - 2
 
 
 def _bpe_vocab_path() -> Path:
-    # find_spec does not import open_clip (whose import pulls torchvision); we only read a file.
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "the CLIP vocabulary comes from the open_clip_torch package; install it with "
-            "`pip install --no-deps open_clip_torch`"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / _VOCAB_FILE
+    path = Path(__file__).resolve().parent / "clip_vocab" / _VOCAB_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"open_clip_torch is installed but has no {_VOCAB_FILE} at {path}")
+        raise FileNotFoundError(f"the CLIP vocabulary {path} is missing from this install of xa-runtime")
     return path
 
 

@@ -165,9 +165,23 @@ def decode_request_images(images: dict[str, str], init_image: str | None, max_pi
     return {field.partition(".")[2]: im for field, im in decoded.items()}, init
 
 
-def _png(image: Any) -> bytes:
+def _png(image: Any, params: dict[str, Any], index: int, plugins: Any) -> bytes:
+    """Image `index` of a response as PNG with xa-generate's two text chunks (infotext.py):
+    A1111 infotext under `parameters`, the image's record as JSON under `xa_runtime`."""
+    from PIL.PngImagePlugin import PngInfo
+
+    import xa_runtime
+
+    from ..infotext import png_text_chunks
+
+    record = {**params, "image_index": index, "prompt_index": index // max(1, params.get("num_images_per_prompt") or 1),
+              "plugins": plugins, "xa_runtime": xa_runtime.__version__}
+    info = PngInfo()
+    for key, value in png_text_chunks(params, _jsonable(record), record["prompt_index"],
+                                      extra={"Version": f"xa-serve {xa_runtime.__version__}"}).items():
+        info.add_text(key, value)
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    image.save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()
 
 
@@ -249,12 +263,13 @@ def create_app(service: Service, shutdown_on_exit: bool = True) -> Any:
             out = await _outcome(service, ticket, request)
         except Refused as e:
             return error(e)
+        params = {k: v for k, v in out.params.to_dict().items() if k != "extra"}
         if "image/png" in request.headers.get("accept", ""):
-            return Response(_png(out.images[0]), media_type="image/png",
+            return Response(_png(out.images[0], params, 0, req.plugins), media_type="image/png",
                             headers={"X-Seed": str(out.params.seed), "X-Queue-Seconds": f"{ticket.queue_seconds:.6f}"})
         return {
-            "images": [base64.b64encode(_png(im)).decode() for im in out.images],
-            "parameters": _jsonable({k: v for k, v in out.params.to_dict().items() if k != "extra"}),
+            "images": [base64.b64encode(_png(im, params, i, req.plugins)).decode() for i, im in enumerate(out.images)],
+            "parameters": _jsonable(params),
             "plugins": req.plugins,
             "timings": _jsonable({"queue": ticket.queue_seconds, **dict(out.timings)}),
             "overheads": _jsonable(dict(getattr(out, "overheads", {}) or {})),

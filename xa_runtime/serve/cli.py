@@ -20,16 +20,22 @@ import xa_runtime
 from .config import ConfigError, load_config
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="xa-serve", description=__doc__.split("\n\n")[1])
-    ap.add_argument("--config", metavar="FILE", help="TOML config (models, plugins, limits); default: tiny models")
-    ap.add_argument("--host", default="127.0.0.1", help="default %(default)s")
-    ap.add_argument("--port", type=int, default=8000, help="default %(default)s")
-    ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    ap.add_argument("--config", metavar="FILE", help="TOML config (models by path, device, dtype fp32/fp16/bf16, "
+                    "plugins, limits); default: the built-in tiny models on the CPU")
+    ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
+    ap.add_argument("--port", type=int, default=8000, help="TCP port to listen on (default %(default)s)")
+    ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                    help="server log level (default %(default)s)")
     ap.add_argument("--ray", action="store_true",
                     help="serve on Ray Serve (local Ray, or the cluster named by RAY_ADDRESS); needs the ray extra")
     ap.add_argument("--version", action="version", version=f"%(prog)s {xa_runtime.__version__}")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.config)
     except ConfigError as e:

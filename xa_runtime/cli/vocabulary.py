@@ -1,0 +1,100 @@
+"""The flags every CLI spells the same way: model selection (none = the built-in tiny models),
+--device, --dtype, --threads, --no-progress, each added by one function so that the five
+tools cannot drift apart (tests/test_cli_vocabulary.py walks their parsers to check)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # --dtype -> torch dtype name
+DEVICES = ("cpu", "cuda")
+MODEL_FLAGS = ("--sd15", "--sdxl", "--adapter")
+MAX_DEFAULT_THREADS = 4
+MODEL_HELP = {
+    "--sd15": "SD1.5 diffusers folder or single .safetensors file",
+    "--sdxl": "SDXL base diffusers folder or single .safetensors file",
+    "--adapter": "X-Adapter checkpoint (X_Adapter_v1.bin or .safetensors)",
+}
+
+
+def add_model_arguments(group: Any, *, extra: str = "") -> None:
+    """--sd15 / --sdxl / --adapter (paths), --tiny (the default without paths), --tiny-seed."""
+    for flag, text in MODEL_HELP.items():
+        group.add_argument(flag, metavar="PATH", help=text + extra)
+    group.add_argument("--tiny", action="store_true",
+                       help="the built-in tiny random models: the default without --sd15/--sdxl/--adapter "
+                            "(the flag is accepted for explicitness)")
+    group.add_argument("--tiny-seed", type=int, default=None, metavar="N",
+                       help="seed of the built-in tiny random models, >= 0 (default 0)")
+
+
+def add_device_argument(group: Any, what: str = "where the models run") -> None:
+    group.add_argument("--device", choices=list(DEVICES), default="cpu", help=f"{what} (default %(default)s)")
+
+
+def add_dtype_argument(group: Any, *aliases: str, default: str = "fp32", what: str = "weights and activations") -> None:
+    group.add_argument("--dtype", *aliases, dest="dtype", choices=list(DTYPES), default=default,
+                       help=f"{what} (default %(default)s)")
+
+
+def add_threads_argument(group: Any) -> None:
+    group.add_argument("--threads", type=int, default=None, metavar="N",
+                       help="CPU threads of torch, >= 1 (default: OMP_NUM_THREADS if set, else the cores not busy "
+                            f"with other work, at most {MAX_DEFAULT_THREADS}; see default_threads)")
+
+
+def add_no_progress_argument(group: Any) -> None:
+    group.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+
+
+def check_tiny_seed(args: argparse.Namespace) -> int:
+    """The tiny models' seed (0 unless --tiny-seed); ParameterError below 0."""
+    from ..errors import ParameterError
+
+    if args.tiny_seed is not None and args.tiny_seed < 0:
+        raise ParameterError("--tiny-seed", args.tiny_seed, "an integer >= 0")
+    return args.tiny_seed or 0
+
+
+def default_threads() -> int:
+    """torch's CPU thread count when --threads is not given.
+
+    OMP_NUM_THREADS when the user set it. Otherwise the CPUs this process may use, less the
+    ones other processes keep busy (the 1-minute load average), at least 1 and at most 4.
+    torch's own default (every core) collapses on a shared machine: OpenMP threads wait for
+    each other at every op, so one thread descheduled by another process stalls them all
+    (issue 19: 28 s median, 83 s worst on a busy 2-core machine against 3.4 s with one thread);
+    past ~4 threads the small convolutions of a UNet step gain little.
+    """
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) >= 1:
+        return int(env)
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    try:
+        busy = round(os.getloadavg()[0])
+    except OSError:
+        busy = 0
+    return max(1, min(MAX_DEFAULT_THREADS, cpus - busy))
+
+
+def check_threads(args: argparse.Namespace) -> int:
+    """--threads, or default_threads(); ParameterError below 1."""
+    from ..errors import ParameterError
+
+    if args.threads is None:
+        return default_threads()
+    if args.threads < 1:
+        raise ParameterError("--threads", args.threads, "an integer >= 1")
+    return args.threads
+
+
+def set_threads(n: int) -> None:
+    """torch's intra-op CPU threads for this process."""
+    import torch
+
+    torch.set_num_threads(n)
