@@ -162,7 +162,7 @@ class XAdapterPipeline(XAdapterLoadersMixin, XAdapterPipelineBase):
         prompt of the IP-Adapter loaded by `load_ip_adapter`.
         """
         embeds = {k: kwargs.pop(k) for k in list(kwargs) if k in EMBEDS and kwargs[k] is not None}
-        embeds = self._check_embeds(prompt, kwargs.get("prompt_sd15"), kwargs.get("num_images_per_prompt", 1), embeds)
+        embeds = self._check_embeds(prompt, kwargs.get("prompt_sd15"), embeds)
         if prompt is None:
             prompt = [""] * len(next(iter(embeds.values()))) if embeds else prompt
         if isinstance(scheduler, str):
@@ -193,7 +193,7 @@ class XAdapterPipeline(XAdapterLoadersMixin, XAdapterPipelineBase):
         )
         return out if return_dict else (out.images,)
 
-    def _check_embeds(self, prompt: Any, prompt_sd15: Any, repeat: Any, embeds: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def _check_embeds(self, prompt: Any, prompt_sd15: Any, embeds: dict[str, Any]) -> dict[str, torch.Tensor]:
         """ParameterError unless the given embeddings are tensors of the branches' widths with one
         row per prompt, and each branch has either text or embeddings (not both)."""
         if not embeds:
