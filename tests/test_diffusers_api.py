@@ -249,6 +249,12 @@ def test_from_pretrained_forms(tiny_paths, saved, tmp_path):
     folder = XAdapterPipeline.from_pretrained(saved, progress=False)
     for a, b in ((three.sdxl.unet, folder.sdxl.unet), (three.mapping, folder.mapping)):
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    sd15 = StableDiffusionPipeline.from_pretrained(saved / "sd15", local_files_only=True)  # diffusers reads the parts
+    sdxl = StableDiffusionXLPipeline.from_pretrained(saved / "sdxl", local_files_only=True)
+    assert all(torch.equal(x, y) for x, y in zip(sd15.unet.state_dict().values(), folder.sd15.unet.state_dict().values()))
+    assert all(torch.equal(x, y) for x, y in zip(sdxl.vae.state_dict().values(), folder.sdxl.vae.state_dict().values()))
     with pytest.raises(ParameterError, match="nothing exists"):
         XAdapterPipeline.from_pretrained("stabilityai/x-adapter")  # a hub id is no local path
     with pytest.raises(ParameterError, match="xa_pipeline_index.json"):
