@@ -181,7 +181,7 @@ def test_loaders_round_trip(tmp_path, tiny_models, pipe, plain):
     # end to end as the CLI does it: single file, a PNG path, canny, fitted to the UNet
     png = tmp_path / "control.png"
     Image.fromarray((np.random.default_rng(0).random((40, 40, 3)) * 255).astype(np.uint8)).save(png)
-    plugin = load_controlnet_plugin(file, str(png), unet=pipe.sd15.unet, control_type="canny", guidance_end=0.5)
+    plugin = load_controlnet_plugin(pipe.sd15.unet, file, str(png), control_type="canny", guidance_end=0.5)
     assert (pipe("a cat", plugins=[plugin], **GEN).images - plain).abs().max() > 1e-4
 
 

@@ -335,7 +335,7 @@ def test_wrong_files_and_parameters_are_named(models, files, encoder, tmp_path, 
     # The CLI's path: files on disk, the encoder found beside the adapter (h94 layout), an image path.
     assert default_image_encoder_path(files[2]["plain"]["bin"]) == files[1]
     image.save(tmp_path / "face.png")
-    plugin = load_ip_adapter_plugin(sd15_unet, files[2]["plain"]["bin"], str(tmp_path / "face.png"), 0.5)
+    plugin = load_ip_adapter_plugin(sd15_unet, files[2]["plain"]["bin"], str(tmp_path / "face.png"), scale=0.5)
     try:
         plugin.prepare(_ctx(1, True, torch.zeros(2, 77, 32)))
         assert plugin.unet_kwargs(None, None, torch.zeros(2, 4, 8, 8))["added_cond_kwargs"]["image_embeds"][0].shape == (2, 1, 32)

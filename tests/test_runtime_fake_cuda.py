@@ -216,3 +216,20 @@ def test_cuda_timing_helpers_run_their_event_paths(fake_cuda):
     assert fake_cuda.graphs[-1].replays == 1 + 4
     clock = EventClock("cuda")
     assert clock.seconds(clock.mark(), clock.mark()) == 0.0
+
+
+def test_callback_on_step_end_with_streams_and_graphs_equals_the_plain_pipeline(models, plain, fake_cuda):
+    """A callback that may replace latents turns stage 2's overlap off (one step after the other):
+    its replacements reach the next step exactly as on the plain pipeline, graphs replaying."""
+    def halve(p, i, t, kw):
+        if kw["stage"] == "stage2" and i == 0:
+            return {"latents": kw["latents"] * 0.5, "latents_sd15": kw["latents_sd15"] * 0.5}
+        return kw
+
+    pipe = _lean(models, fake_cuda)
+    args = dict(GEN, callback_on_step_end=halve, callback_on_step_end_tensor_inputs=["latents", "latents_sd15"])
+    with fake_cuda.race_check():
+        got = pipe("a cat", **args).images
+    want = plain("a cat", **args).images
+    assert torch.equal(got, want)
+    assert not torch.equal(want, plain("a cat", **GEN).images)

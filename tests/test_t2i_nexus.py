@@ -219,7 +219,7 @@ def test_t2i_loaders_round_trip(tmp_path, tiny_models, pipe):
         folder = write_tiny_t2i_adapter(tmp_path / kind, unet, kind, seed=2)
         loaded, ref = load_t2i_adapter(folder).state_dict(), build_tiny_t2i_adapter(unet, kind, seed=2).state_dict()
         assert loaded.keys() == ref.keys() and all(torch.equal(loaded[k], v) for k, v in ref.items())
-        plugin = load_t2i_adapter_plugin(folder, IMAGE, unet=pipe.sd15.unet, scale=0.5)
+        plugin = load_t2i_adapter_plugin(pipe.sd15.unet, folder, IMAGE, scale=0.5)
         assert plugin.scale == 0.5
     config = json.loads((tmp_path / "full_adapter" / "config.json").read_text())
     (tmp_path / "xl").mkdir()
@@ -243,7 +243,7 @@ def test_nexus_loader_round_trip_and_layout_by_keys(tmp_path, tiny_models, pipe,
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in ref.state_dict().items())
     # the plain layout's config still says groups=4 (HetConv configured, plain convs saved)
     assert json.loads((folder / "config.json").read_text())["groups"] == 4
-    plugin = load_nexus_adapter_plugin(folder, IMAGE, unet=pipe.sd15.unet, scale=0.3)
+    plugin = load_nexus_adapter_plugin(pipe.sd15.unet, folder, IMAGE, scale=0.3)
     assert plugin.scale == 0.3 and plugin.adapter.config.hetconv is hetconv
 
 

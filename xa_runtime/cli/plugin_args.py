@@ -193,17 +193,18 @@ def build_plugins(specs: dict[str, list[dict[str, Any]]], sd15_unet: Any) -> lis
     plugins: list[Any] = []
     for s in specs["controlnet"]:
         plugins.append(load_controlnet_plugin(
-            s["path"], s["image"], unet=sd15_unet, control_type=s["control_type"],
-            conditioning_scale=s["conditioning_scale"], guidance_start=s["guidance_start"],
+            sd15_unet, s["path"], s["image"], control_type=s["control_type"],
+            scale=s["conditioning_scale"], guidance_start=s["guidance_start"],
             guidance_end=s["guidance_end"], guess_mode=s["guess_mode"]))
     for s in specs["t2i"]:
-        plugins.append(load_t2i_adapter_plugin(s["path"], s["image"], unet=sd15_unet, scale=s["scale"],
+        plugins.append(load_t2i_adapter_plugin(sd15_unet, s["path"], s["image"], scale=s["scale"],
                                                conditioning_factor=s["conditioning_factor"]))
     for s in specs["nexus"]:
-        plugins.append(load_nexus_adapter_plugin(s["path"], s["image"], unet=sd15_unet, scale=s["scale"]))
+        plugins.append(load_nexus_adapter_plugin(sd15_unet, s["path"], s["image"], scale=s["scale"]))
     for s in specs["ip"]:
         images = s["images"] if len(s["images"]) > 1 else s["images"][0]
-        plugins.append(load_ip_adapter_plugin(sd15_unet, s["path"], images, s["scale"], s["image_encoder"]))
+        plugins.append(load_ip_adapter_plugin(sd15_unet, s["path"], images, scale=s["scale"],
+                                              image_encoder=s["image_encoder"]))
     return plugins
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ParameterError
 from ..models.components import SD15Components, SDXLComponents
 from .diffusers_folder import load_sd15_folder, load_sdxl_folder
 from .family import FAMILY_NAMES, family_of_folder
@@ -15,10 +15,12 @@ from .single_file import load_single_file
 from .vae import load_vae
 
 
-def _existing(path: str | os.PathLike) -> Path:
+def _existing(path: str | os.PathLike, name: str = "path") -> Path:
+    # A local path only: a name that is not one here (a hub id) stops before any diffusers call.
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"no model at {p}")
+        raise ParameterError(name, str(path), "a local model folder or file; nothing exists at this path (hub ids "
+                             "are not downloaded)")
     return p
 
 
@@ -38,7 +40,7 @@ def load_sd15(
     or a single-file original-layout checkpoint (.safetensors). Never reaches a hub.
     Modules end on `device` in `dtype`, eval mode, without gradients; CheckpointError if
     the path holds another family or incomplete weights."""
-    p = _existing(path)
+    p = _existing(path, "sd15")
     if p.is_dir():
         _check_folder_family(p, "sd15")
         return load_sd15_folder(p, dtype=dtype, device=device)
@@ -55,12 +57,12 @@ def load_sdxl(
     """SDXL base (UNet, VAE, CLIP-L + OpenCLIP-bigG, two tokenizers, scheduler config) from a
     local diffusers folder or single-file checkpoint. `vae_path` (a diffusers VAE folder or
     a single-file VAE) replaces the bundled VAE, e.g. with the fp16-safe SDXL VAE."""
-    p = _existing(path)
+    p = _existing(path, "sdxl")
     if p.is_dir():
         _check_folder_family(p, "sdxl")
         sdxl = load_sdxl_folder(p, dtype=dtype, device=device)
     else:
         sdxl = load_single_file(p, "sdxl", dtype=dtype, device=device)  # type: ignore[assignment]
     if vae_path is not None:
-        sdxl.vae = load_vae(_existing(vae_path), sdxl.vae.config, dtype=dtype, device=device)
+        sdxl.vae = load_vae(_existing(vae_path, "sdxl_vae"), sdxl.vae.config, dtype=dtype, device=device)
     return sdxl

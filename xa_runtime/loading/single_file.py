@@ -149,13 +149,13 @@ def _load_parts(path: Path, state: StateDict, preset: ModelPreset, dtype: torch.
         _convert(convert_ldm_vae_checkpoint, "VAE", path, state, vae_config),
         "VAE",
     )
-    te_config = CLIPTextConfig.from_pretrained(folder / "text_encoder")
+    te_config = CLIPTextConfig.from_pretrained(folder / "text_encoder", local_files_only=True)
     text_encoder = build_empty(lambda: CLIPTextModel(te_config))
     flat = not hasattr(text_encoder, "text_model")
     text_encoder = place(text_encoder, _clip_state(state, path, flat), "CLIP-L text encoder")
     text_encoder_2 = None
     if preset.family == "sdxl":
-        te2_config = CLIPTextConfig.from_pretrained(folder / "text_encoder_2")
+        te2_config = CLIPTextConfig.from_pretrained(folder / "text_encoder_2", local_files_only=True)
         te2 = build_empty(lambda: CLIPTextModelWithProjection(te2_config))
         converted = _convert(
             convert_open_clip_checkpoint, "OpenCLIP-bigG", path, te2, state, prefix=SDXL_OPENCLIP_PREFIX

@@ -9,9 +9,13 @@ over (xa_runtime.runtime.kernel_hooks).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
-from typing import Any, Self
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterator, Self
 
 import torch
 
@@ -33,6 +37,20 @@ def vae_factor(vae: torch.nn.Module) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
+@contextlib.contextmanager
+def _quiet_casts() -> Iterator[None]:
+    """diffusers warns on every ModelMixin.to(dtype) that it "should" have been loaded in that
+    dtype; placement casts on purpose, so that logger is quieted while it runs (and restored:
+    the process's logging stays as it was)."""
+    logger = logging.getLogger("diffusers.models.modeling_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _upcast_vae(vae: torch.nn.Module, dtype: torch.dtype) -> bool:
     # SDXL's VAE overflows in fp16 (force_upcast in its config); the fp16-fix variant does not.
     return dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
@@ -40,7 +58,8 @@ def _upcast_vae(vae: torch.nn.Module, dtype: torch.dtype) -> bool:
 
 class XAdapterPipelineBase:
     """The models of an X-Adapter pipeline, placed on one device in one dtype, and how they
-    execute. Build it with `from_pretrained(sd15, sdxl, adapter)` from local paths, from
+    execute. Build it with `from_pretrained(folder)` (a folder `save_pretrained` wrote),
+    `from_pretrained(sd15, sdxl, adapter)` / `from_single_paths(...)` from local paths, from
     already loaded components, `from_diffusers(...)`, or `from_tiny()` for the built-in tiny
     random models."""
 
@@ -54,6 +73,7 @@ class XAdapterPipelineBase:
         dtype: torch.dtype = torch.float32,
         progress: bool = True,
         runtime: RuntimeConfig = RuntimeConfig(),
+        controlnet: Any = None,
     ):
         self.device, self.dtype, self.progress, self.runtime = torch.device(device), dtype, progress, runtime
         runtime.check_device(self.device)
@@ -67,21 +87,82 @@ class XAdapterPipelineBase:
         expected = MappingConfig.from_unet_configs(sd15.unet.config, sdxl.unet.config)
         if mapping.config != expected:
             raise ValueError(f"mapping layers are built for {mapping.config}, but these UNets need {expected}")
-        self.residency = Residency(self.device, runtime.offload_active(self.device))
-        for module in (sd15.unet, sdxl.unet, mapping):
-            module.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
-        for module in (sd15.vae, sd15.text_encoder, sdxl.text_encoder, sdxl.text_encoder_2):
-            module.to(device=self.residency.home(module), dtype=dtype).eval().requires_grad_(False)
-        self.vae_xl_dtype = torch.float32 if _upcast_vae(sdxl.vae, dtype) else dtype
-        sdxl.vae.to(device=self.residency.home(sdxl.vae), dtype=self.vae_xl_dtype).eval().requires_grad_(False)
         self.mapping = mapping
+        self._init_components(controlnet)
+        self._place()
         prepare_models(runtime, self._parts())
         self._sync_kernel_modules()
-        self.kernel_hooks = kernel_hooks(runtime, self.device)
         self.sd15_branch = SD15Branch(sd15.unet)
         self.sdxl_branch = SDXLBranch(sdxl.unet)
-        self.executor = StepExecutor(runtime, self.device)
-        self.stage2_scheduler = Stage2Scheduler(self.device, runtime.streams)
+
+    def _init_components(self, controlnet: Any) -> None:
+        """The optional, diffusers-style components (set in loaders.XAdapterLoadersMixin)."""
+
+    def _extra_modules(self) -> list[torch.nn.Module]:
+        """Modules besides the models that follow the pipeline's device and dtype (ControlNets,
+        the IP-Adapter's image encoder); see loaders.XAdapterLoadersMixin."""
+        return []
+
+    def _place(self) -> None:
+        """Every module on its home device in the pipeline's dtype (the SDXL VAE in fp32 where
+        it overflows in fp16), and the device-bound runtime pieces built for that device."""
+        dtype = self.dtype
+        self.residency = Residency(self.device, self.runtime.offload_active(self.device))
+        with _quiet_casts():
+            for module in (self.sd15.unet, self.sdxl.unet, self.mapping, *self._extra_modules()):
+                module.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
+            for module in (self.sd15.vae, self.sd15.text_encoder, self.sdxl.text_encoder, self.sdxl.text_encoder_2):
+                module.to(device=self.residency.home(module), dtype=dtype).eval().requires_grad_(False)
+            self.vae_xl_dtype = torch.float32 if _upcast_vae(self.sdxl.vae, dtype) else dtype
+            self.sdxl.vae.to(device=self.residency.home(self.sdxl.vae), dtype=self.vae_xl_dtype).eval().requires_grad_(False)
+        self.kernel_hooks = kernel_hooks(self.runtime, self.device)
+        self.executor = StepExecutor(self.runtime, self.device)
+        self.stage2_scheduler = Stage2Scheduler(self.device, self.runtime.streams)
+
+    def to(self, *args: Any, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Self:
+        """Move every component to `device` and/or cast it to `dtype`, as diffusers'
+        DiffusionPipeline.to: `pipe.to("cuda")`, `pipe.to(torch.float16)`, `pipe.to("cuda",
+        torch.float16)` or by keyword. The SDXL VAE stays fp32 where it overflows in fp16
+        (force_upcast). Returns the pipeline itself."""
+        for arg in args:
+            if isinstance(arg, torch.dtype):
+                dtype = arg if dtype is None else dtype
+            elif isinstance(arg, (str, torch.device)):
+                device = arg if device is None else device
+            else:
+                raise ParameterError("to", arg, "a device (str or torch.device) and/or a torch.dtype")
+        if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ParameterError("dtype", dtype, "torch.float32, torch.float16 or torch.bfloat16")
+        new_device = torch.device(device) if device is not None else self.device
+        if new_device.type == "cuda" and new_device.index is None:
+            new_device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else new_device
+        self.runtime.check_device(new_device)
+        if new_device == self.device and (dtype is None or dtype == self.dtype):
+            return self
+        self.device, self.dtype = new_device, dtype or self.dtype
+        self._place()
+        self._sync_kernel_modules()
+        return self
+
+    def set_progress_bar_config(self, disable: bool = False, **kwargs: Any) -> None:
+        """diffusers' switch for the per-stage progress bars (only `disable` is used)."""
+        self.progress = not disable
+
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device: str | torch.device | None = None) -> Self:
+        """diffusers' name for the runtime's offload (RuntimeConfig.offload="encoders_vaes"): the
+        text encoders and VAEs wait on the CPU and move to the GPU only while they run; the UNets
+        and the mapping layers stay on the GPU (they run every step). `device`/`gpu_id` name the
+        GPU (default: the pipeline's device, or cuda when the pipeline is on the CPU and CUDA is
+        available). Without a GPU this changes nothing, as offload does on the CPU."""
+        target = torch.device(device) if device is not None else self.device
+        if device is None and target.type == "cpu" and torch.cuda.is_available():
+            target = torch.device("cuda")
+        if target.type == "cuda" and gpu_id is not None:
+            target = torch.device("cuda", gpu_id)
+        if self.runtime.offload != "encoders_vaes":
+            self.runtime = dataclasses.replace(self.runtime, offload="encoders_vaes")
+            self._place()
+        return self.to(target)
 
     def _parts(self) -> dict[str, torch.nn.Module]:
         """The modules RuntimeConfig's model-level switches change, by CHANNELS_LAST_PARTS name."""
@@ -122,30 +203,78 @@ class XAdapterPipelineBase:
     @classmethod
     def from_pretrained(
         cls,
-        sd15: str,
-        sdxl: str,
-        adapter: str,
+        pretrained_model_name_or_path: str | os.PathLike,
+        sdxl: str | os.PathLike | None = None,
+        adapter: str | os.PathLike | None = None,
         *,
-        sdxl_vae: str | None = None,
+        torch_dtype: torch.dtype | None = None,
+        **kwargs: Any,
+    ) -> Self:
+        """diffusers' entry point. With one path: a local X-Adapter pipeline folder written by
+        `save_pretrained` (xa_pipeline_index.json, sd15/, sdxl/, the adapter). With three paths
+        (sd15, sdxl, adapter): the same as `from_single_paths`. Never a hub id. `torch_dtype`
+        (diffusers' name) or `dtype`; other keywords as `from_single_paths` (device, runtime,
+        progress, sdxl_vae, controlnet)."""
+        if torch_dtype is not None:
+            if kwargs.get("dtype") not in (None, torch_dtype):
+                raise ParameterError("torch_dtype", torch_dtype, f"the same as dtype={kwargs['dtype']} (give one)")
+            kwargs["dtype"] = torch_dtype
+        kwargs.pop("local_files_only", None)  # always local
+        if sdxl is None and adapter is None:
+            from .saving import read_pipeline_folder
+
+            paths = read_pipeline_folder(pretrained_model_name_or_path)
+            return cls.from_single_paths(paths["sd15"], paths["sdxl"], paths["adapter"], **kwargs)
+        if sdxl is None or adapter is None:
+            raise ParameterError("from_pretrained", [str(pretrained_model_name_or_path), sdxl, adapter],
+                                 "one pipeline folder, or three paths: sd15, sdxl, adapter")
+        return cls.from_single_paths(pretrained_model_name_or_path, sdxl, adapter, **kwargs)
+
+    @classmethod
+    def from_single_paths(
+        cls,
+        sd15: str | os.PathLike,
+        sdxl: str | os.PathLike,
+        adapter: str | os.PathLike,
+        *,
+        sdxl_vae: str | os.PathLike | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         progress: bool = True,
         runtime: RuntimeConfig = RuntimeConfig(),
+        controlnet: Any = None,
     ) -> Self:
         """Load SD1.5 and SDXL (diffusers folders or single .safetensors files) and the
         X-Adapter checkpoint (.bin or .safetensors) from local paths; never from a hub."""
         from ..loading import check_model_path, load_mapping, load_sd15, load_sdxl
 
+        sd15, sdxl, adapter = str(sd15), str(sdxl), str(adapter)
         check_model_path(sd15, "sd15", "sd15")
         check_model_path(sdxl, "sdxl", "sdxl")
         check_model_path(adapter, "adapter", "adapter")
         if sdxl_vae is not None:
-            check_model_path(sdxl_vae, "vae", "sdxl_vae")
+            check_model_path(str(sdxl_vae), "vae", "sdxl_vae")
         sd15_c = load_sd15(sd15, dtype=dtype, device=device)
         sdxl_c = load_sdxl(sdxl, dtype=dtype, device=device, vae_path=sdxl_vae)
         config = MappingConfig.from_unet_configs(sd15_c.unet.config, sdxl_c.unet.config)
         mapping = load_mapping(adapter, config, dtype=dtype, device=device)
-        return cls(sd15_c, sdxl_c, mapping, device=device, dtype=dtype, progress=progress, runtime=runtime)
+        return cls(sd15_c, sdxl_c, mapping, device=device, dtype=dtype, progress=progress, runtime=runtime,
+                   controlnet=controlnet)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True) -> Path:
+        """Write the whole pipeline as one folder that `from_pretrained(folder)` reads:
+        sd15/ and sdxl/ (diffusers layouts), the mapping layers (x_adapter.safetensors) and
+        xa_pipeline_index.json. Written to a temporary folder beside it, then renamed into
+        place: an existing folder is replaced only when the new one is complete. The weights
+        are saved as they are now (fused LoRAs included, in the pipeline's dtype)."""
+        from .saving import write_pipeline_folder
+
+        if not safe_serialization:
+            raise ParameterError("safe_serialization", safe_serialization, "True (the folder holds safetensors only)")
+        if self.runtime.fuse_qkv:
+            raise ParameterError("runtime.fuse_qkv", True, "False: fused QKV projections change the UNets' weights "
+                                 "layout; save from a pipeline built without it")
+        return write_pipeline_folder(self, save_directory)
 
     @classmethod
     def from_diffusers(
@@ -182,13 +311,14 @@ class XAdapterPipelineBase:
     @classmethod
     def from_tiny(
         cls, seed: int = 0, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, progress: bool = True,
-        runtime: RuntimeConfig = RuntimeConfig(),
+        runtime: RuntimeConfig = RuntimeConfig(), controlnet: Any = None,
     ) -> Self:
         """The built-in tiny random models (real topology, noise-like images): a smoke run."""
         from ..models.tiny import build_tiny_models
 
         sd15, sdxl, mapping = build_tiny_models(seed)
-        return cls(sd15, sdxl, mapping, device=device, dtype=dtype, progress=progress, runtime=runtime)
+        return cls(sd15, sdxl, mapping, device=device, dtype=dtype, progress=progress, runtime=runtime,
+                   controlnet=controlnet)
 
     def with_backend(self, backend: Any) -> Self:
         """A copy of this pipeline whose SD1.5 UNet, mapping layers and SDXL UNet run on

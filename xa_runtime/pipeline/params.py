@@ -24,7 +24,7 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "unipc": ("UniPCMultistepScheduler", {}),
 }
 DEFAULT_SCHEDULER = "dpmpp-2m"
-OUTPUT_TYPES = ("pil", "np", "latent")
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 MAX_STEPS = 1000
 MAX_BATCH = 64
 MAX_SEED = 2**63 - 1

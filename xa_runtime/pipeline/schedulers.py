@@ -22,12 +22,55 @@ from .params import SCHEDULERS
 SCHEDULE_FIELDS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")
 
 
-def make_scheduler(name: str, base_config: dict[str, Any], **overrides: Any) -> SchedulerMixin:
-    """A new scheduler of kind `name` built from a model's scheduler config."""
-    if name not in SCHEDULERS:
+# Fields a model's scheduler config owns (the noise schedule and what the UNet was trained to
+# predict); a scheduler object given by the user contributes its class and everything else.
+MODEL_FIELDS = SCHEDULE_FIELDS + ("trained_betas", "prediction_type", "timestep_spacing", "steps_offset")
+
+# A sampler as a diffusers scheduler class and the config entries it sets on top of a model's
+# scheduler config: what a SCHEDULERS name or a scheduler object given to the pipeline means.
+SchedulerSpec = tuple[type, dict[str, Any]]
+
+
+def karras_capable(cls: type) -> bool:
+    """Whether a diffusers scheduler class takes `use_karras_sigmas`."""
+    return "use_karras_sigmas" in inspect.signature(cls.__init__).parameters
+
+
+def scheduler_spec(scheduler: "str | SchedulerMixin | SchedulerSpec", use_karras_sigmas: bool | None = None) -> SchedulerSpec:
+    """A SCHEDULERS name or a diffusers scheduler object (its class and its sampler settings,
+    i.e. its config less MODEL_FIELDS) as a SchedulerSpec; `use_karras_sigmas` set where the
+    class has it (ParameterError where it does not)."""
+    from ..errors import ParameterError
+
+    if isinstance(scheduler, tuple):
+        cls, fixed = scheduler[0], dict(scheduler[1])
+    elif isinstance(scheduler, str):
+        if scheduler not in SCHEDULERS:
+            raise ParameterError("scheduler", scheduler, f"one of {', '.join(SCHEDULERS)} or a diffusers scheduler object")
+        class_name, fixed = SCHEDULERS[scheduler]
+        cls, fixed = getattr(diffusers, class_name), dict(fixed)
+    elif isinstance(scheduler, SchedulerMixin):
+        cls = type(scheduler)
+        fixed = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_") and k not in MODEL_FIELDS}
+    else:
+        raise ParameterError("scheduler", type(scheduler).__name__,
+                             f"one of {', '.join(SCHEDULERS)} or a diffusers scheduler object (SchedulerMixin)")
+    if use_karras_sigmas is not None:
+        if not karras_capable(cls):
+            capable = [n for n, (c, _) in SCHEDULERS.items() if karras_capable(getattr(diffusers, c))]
+            raise ParameterError("use_karras_sigmas", use_karras_sigmas,
+                                 f"None for {cls.__name__} (it has no Karras sigmas); schedulers that have them: "
+                                 f"{', '.join(capable)}")
+        fixed["use_karras_sigmas"] = bool(use_karras_sigmas)
+    return cls, fixed
+
+
+def make_scheduler(name: "str | SchedulerSpec", base_config: dict[str, Any], **overrides: Any) -> SchedulerMixin:
+    """A new scheduler of kind `name` (a SCHEDULERS name or a SchedulerSpec) built from a
+    model's scheduler config."""
+    if isinstance(name, str) and name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; accepted: {', '.join(SCHEDULERS)}")
-    class_name, fixed = SCHEDULERS[name]
-    cls = getattr(diffusers, class_name)
+    cls, fixed = scheduler_spec(name)
     config = {k: v for k, v in base_config.items() if not k.startswith("_")}
     config.update(fixed)
     config.update(overrides)
@@ -40,7 +83,7 @@ def schedule_mismatch(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 
 
 def stage2_schedulers(
-    name: str, sd15_config: dict[str, Any], sdxl_config: dict[str, Any], steps: int, k: int, device: torch.device
+    name: "str | SchedulerSpec", sd15_config: dict[str, Any], sdxl_config: dict[str, Any], steps: int, k: int, device: torch.device
 ) -> tuple[SchedulerMixin, SchedulerMixin]:
     """Fresh stage-2 schedulers for SD1.5 and SDXL on SDXL's schedule, starting at index N - k.
 

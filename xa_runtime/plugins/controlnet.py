@@ -234,25 +234,26 @@ def load_controlnet(
 
 
 def load_controlnet_plugin(
+    unet: torch.nn.Module | None,
     path: str | Path,
     image: Any,
     *,
-    unet: torch.nn.Module | None = None,
+    scale: float = 1.0,
     control_type: str = "none",
-    conditioning_scale: float = 1.0,
     guidance_start: float = 0.0,
     guidance_end: float = 1.0,
     guess_mode: bool = False,
 ) -> ControlNetPlugin:
     """What `--controlnet PATH --control-image IMG [--control-type] [--controlnet-scale]
     [--control-start --control-end] [--guess-mode]` means; with `unet` (the SD1.5 UNet) the
-    ControlNet is loaded on its device and dtype and checked to fit it."""
+    ControlNet is loaded on its device and dtype and checked to fit it. Every plugin loader
+    takes (unet, path, image, *, scale=..., ...); `scale` is diffusers' controlnet_conditioning_scale."""
     where = {"dtype": unet.dtype, "device": unet.device} if unet is not None else {}
     controlnet = load_controlnet(path, **where)
     if unet is not None:
         check_controlnet_fits(controlnet, unet, str(path))
     return ControlNetPlugin(
-        controlnet, image, conditioning_scale=conditioning_scale, guidance_start=guidance_start,
+        controlnet, image, conditioning_scale=scale, guidance_start=guidance_start,
         guidance_end=guidance_end, guess_mode=guess_mode, control_type=control_type,
     )
 

@@ -302,8 +302,9 @@ class IPAdapterPlugin:
 
 def load_ip_adapter_plugin(
     unet: torch.nn.Module,
-    ip_adapter: str | Path,
+    path: str | Path,
     image: Any,
+    *,
     scale: float | dict = 1.0,
     image_encoder: str | Path | None = None,
 ) -> IPAdapterPlugin:
@@ -312,13 +313,13 @@ def load_ip_adapter_plugin(
     `image_encoder/` folder beside the file or one level up) on the UNet's device and dtype,
     and return the plugin; `plugin.adapter.unload()` takes the IP-Adapter off again."""
     check_scale(scale)
-    encoder_path = image_encoder or default_image_encoder_path(ip_adapter)
+    encoder_path = image_encoder or default_image_encoder_path(path)
     if encoder_path is None:
         raise ParameterError(
-            "image_encoder", None, f"a local CLIP vision folder; none found beside {ip_adapter} (image_encoder/)"
+            "image_encoder", None, f"a local CLIP vision folder; none found beside {path} (image_encoder/)"
         )
     encoder = load_image_encoder(encoder_path, device=unet.device, dtype=unet.dtype)
-    adapter = load_ip_adapter(ip_adapter, unet)
+    adapter = load_ip_adapter(path, unet)
     try:
         return IPAdapterPlugin(adapter, encoder, image, scale)
     except Exception:

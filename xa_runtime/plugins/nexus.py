@@ -258,7 +258,7 @@ def load_nexus_adapter(
 
 
 def load_nexus_adapter_plugin(
-    path: str | Path, image: Any, *, unet: torch.nn.Module | None = None, scale: float = 1.0,
+    unet: torch.nn.Module | None, path: str | Path, image: Any, *, scale: float = 1.0,
     control_type: str = "none",
 ) -> NexusAdapterPlugin:
     """What `--nexus-adapter PATH --adapter-image IMG --nexus-scale F` means; with `unet` (the

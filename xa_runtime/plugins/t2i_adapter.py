@@ -132,7 +132,7 @@ def load_t2i_adapter(
 
 
 def load_t2i_adapter_plugin(
-    path: str | Path, image: Any, *, unet: torch.nn.Module | None = None, scale: float = 1.0,
+    unet: torch.nn.Module | None, path: str | Path, image: Any, *, scale: float = 1.0,
     conditioning_factor: float = 1.0, control_type: str = "none",
 ) -> T2IAdapterPlugin:
     """What `--t2i-adapter PATH --t2i-image IMG --t2i-scale F` means; with `unet` (the SD1.5

@@ -442,13 +442,13 @@ def load_plugins(specs: dict[str, PluginSpec], pipe: Any) -> dict[str, Any]:
                 image = im.convert("RGB")
         unet = pipe.sd15.unet
         if s.kind == "ip_adapter":
-            plugin = load_ip_adapter_plugin(unet, s.path, image, s.scale, s.image_encoder)
+            plugin = load_ip_adapter_plugin(unet, s.path, image, scale=s.scale, image_encoder=s.image_encoder)
             plugin.adapter.suspend()  # resumed for the requests naming it
             out[name] = ("ip_adapter", plugin)
         elif s.kind == "controlnet":
-            out[name] = load_controlnet_plugin(s.path, image, unet=unet, conditioning_scale=s.scale)
+            out[name] = load_controlnet_plugin(unet, s.path, image, scale=s.scale)
         elif s.kind == "t2i":
-            out[name] = load_t2i_adapter_plugin(s.path, image, unet=unet, scale=s.scale)
+            out[name] = load_t2i_adapter_plugin(unet, s.path, image, scale=s.scale)
         else:
-            out[name] = load_nexus_adapter_plugin(s.path, image, unet=unet, scale=s.scale)
+            out[name] = load_nexus_adapter_plugin(unet, s.path, image, scale=s.scale)
     return out
