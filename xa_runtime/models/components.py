@@ -6,6 +6,9 @@ seeded random weights (tiny models for tests and the demo, full size for benchma
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +19,20 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from .presets import ModelPreset, get_preset
 from .tokenizer import build_clip_tokenizer
 
+
+
+@contextlib.contextmanager
+def quiet_casts() -> Iterator[None]:
+    """diffusers warns on every ModelMixin.to(dtype) that it "should" have been loaded in that
+    dtype; building and placing models casts on purpose, so that logger is quieted while it
+    runs (and restored: the process's logging stays as it was)."""
+    logger = logging.getLogger("diffusers.models.modeling_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 @dataclass
 class SD15Components:
@@ -79,6 +96,7 @@ def build_random_components(
             tokenizer=build_clip_tokenizer(), tokenizer_2=build_clip_tokenizer(pad_token="!"),
             scheduler_config=dict(p.scheduler),
         )
-    for m in modules:
-        m.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    with quiet_casts():
+        for m in modules:
+            m.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return out

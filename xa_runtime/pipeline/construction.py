@@ -9,19 +9,17 @@ over (xa_runtime.runtime.kernel_hooks).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
-import logging
 import os
 from pathlib import Path
-from typing import Any, Iterator, Self
+from typing import Any, Self
 
 import torch
 
 from ..errors import ParameterError
 from ..models.branches import SD15Branch, SDXLBranch
-from ..models.components import SD15Components, SDXLComponents
+from ..models.components import SD15Components, SDXLComponents, quiet_casts
 from ..models.mapping import MappingConfig, MappingLayers
 from ..runtime.config import RuntimeConfig
 from ..runtime.executor import StepExecutor, prepare_models
@@ -35,20 +33,6 @@ from .schedulers import schedule_mismatch
 def vae_factor(vae: torch.nn.Module) -> int:
     """Pixels per latent along each side."""
     return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
-@contextlib.contextmanager
-def _quiet_casts() -> Iterator[None]:
-    """diffusers warns on every ModelMixin.to(dtype) that it "should" have been loaded in that
-    dtype; placement casts on purpose, so that logger is quieted while it runs (and restored:
-    the process's logging stays as it was)."""
-    logger = logging.getLogger("diffusers.models.modeling_utils")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _upcast_vae(vae: torch.nn.Module, dtype: torch.dtype) -> bool:
@@ -108,7 +92,7 @@ class XAdapterPipelineBase:
         it overflows in fp16), and the device-bound runtime pieces built for that device."""
         dtype = self.dtype
         self.residency = Residency(self.device, self.runtime.offload_active(self.device))
-        with _quiet_casts():
+        with quiet_casts():
             for module in (self.sd15.unet, self.sdxl.unet, self.mapping, *self._extra_modules()):
                 module.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
             for module in (self.sd15.vae, self.sd15.text_encoder, self.sdxl.text_encoder, self.sdxl.text_encoder_2):
