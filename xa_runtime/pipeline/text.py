@@ -8,6 +8,7 @@ import torch
 from transformers import CLIPTokenizer
 
 from ..models.components import SD15Components, SDXLComponents
+from .params import GenerationParams
 
 
 def _token_ids(tokenizer: CLIPTokenizer, texts: list[str], which: str) -> torch.Tensor:
@@ -73,3 +74,45 @@ def sdxl_time_ids(height: int, width: int, rows: int, dtype: torch.dtype, device
     """SDXL size/crop conditioning: (original H, W, crop top, left, target H, W), rows x 6."""
     ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype, device=device)
     return ids.repeat(rows, 1)
+
+
+def encode_prompts(
+sd15: SD15Components, sdxl: SDXLComponents, p: GenerationParams, cfg: bool, embeds: dict[str, torch.Tensor],
+dev: torch.device, dt: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """SD1.5's CLIP-L embeddings, SDXL's CLIP-L + OpenCLIP-bigG embeddings and its added
+    conditions (pooled text embeddings, size time ids), rows [uncond; cond] with CFG.
+    `embeds` (see EMBEDS) replace the encoders for the branch they belong to."""
+    n_prompts, repeat = len(p.prompts), p.num_images_per_prompt
+
+    def per_prompt(value: str | list[str] | None, default: list[str] | None) -> list[str] | None:
+        if value is None:
+            return default
+        return [value] * n_prompts if isinstance(value, str) else list(value)
+
+    def rows(neg: torch.Tensor | None, cond: torch.Tensor) -> torch.Tensor:
+        both = torch.cat([neg.to(dev), cond.to(dev)]) if cfg and neg is not None else cond.to(dev)
+        return both.repeat_interleave(repeat, dim=0)
+
+    prompts15 = per_prompt(p.prompt_sd15, p.prompts)
+    negatives = per_prompt(p.negative_prompt, None)
+    if "prompt_embeds_sd15" in embeds:
+        neg = embeds.get("negative_prompt_embeds_sd15")
+        if neg is None and cfg:
+            neg = encode_sd15(sd15, negatives or [""] * n_prompts, [], 1, False, dev)
+        emb15 = rows(neg, embeds["prompt_embeds_sd15"]).to(dt)
+    else:
+        emb15 = encode_sd15(sd15, prompts15, negatives or [""] * n_prompts, repeat, cfg, dev).to(dt)
+    if "prompt_embeds" in embeds:
+        neg, neg_pooled = embeds.get("negative_prompt_embeds"), embeds.get("negative_pooled_prompt_embeds")
+        cond, pooled = embeds["prompt_embeds"], embeds["pooled_prompt_embeds"]
+        if neg is None and cfg:
+            if negatives is None:  # SDXL base: zeros for an empty negative prompt
+                neg, neg_pooled = torch.zeros_like(cond), torch.zeros_like(pooled)
+            else:
+                neg, neg_pooled = encode_sdxl(sdxl, negatives, None, 1, False, dev)
+        embxl, pooled = rows(neg, cond), rows(neg_pooled, pooled)
+    else:
+        embxl, pooled = encode_sdxl(sdxl, p.prompts, negatives, repeat, cfg, dev)
+    xl_cond = {"text_embeds": pooled.to(dt), "time_ids": sdxl_time_ids(p.height, p.width, embxl.shape[0], dt, dev)}
+    return emb15, embxl.to(dt), xl_cond

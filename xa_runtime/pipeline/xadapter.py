@@ -9,13 +9,13 @@ own fresh scheduler. Finally SDXL VAE decode.
 How the steps execute (eager, compiled, CUDA graphs, two streams in stage 2, offload,
 Triton kernels) is the runtime's business (xa_runtime.runtime): the branch steps are named
 functions of tensors handed to a StepExecutor, stage 2's loop is a Stage2Scheduler, and
-the kernels come as hooks. Construction and backend switching: construction.py.
+the kernels come as hooks. Construction and backend switching: construction.py; diffusers' call
+arguments: call.py; LoRA, IP-Adapter, ControlNet and scheduler components: loaders.py.
 """
 
 from __future__ import annotations
 
 import functools
-import random
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -32,23 +32,12 @@ from ..runtime.memory import peak_memory_bytes, reset_peak_memory
 from ..runtime.timing import StageTimer
 from .construction import XAdapterPipelineBase, vae_factor
 from ..loading.images import image_to_tensor
+from .call import DiffusersCallMixin, StepCallback, StepEnd, check_latents, request_generator, step_end_callback
 from .loaders import XAdapterLoadersMixin
-from .params import DEFAULT_SCHEDULER, GenerationParams, validate
-from .schedulers import Sampler, SchedulerSpec, make_scheduler, scheduler_spec, stage2_schedulers
-from .text import encode_sd15, encode_sdxl, sdxl_time_ids
+from .params import GenerationParams, validate
+from .schedulers import Sampler, SchedulerSpec, make_scheduler, stage2_schedulers
+from .text import encode_prompts
 
-StepCallback = Callable[[str, int, int], None]  # (stage name, step index, steps in stage)
-# diffusers' callback_on_step_end, as the pipeline calls it: (stage, step index, timestep, tensors) ->
-# replacements for those tensors
-StepEnd = Callable[[str, int, torch.Tensor, dict[str, torch.Tensor]], dict[str, Any]]
-CALLBACK_TENSOR_INPUTS = ("latents", "latents_sd15")
-# prompt_embeds keyword -> (branch, rank): SDXL keeps diffusers' StableDiffusionXLPipeline names,
-# SD1.5 the same names with the _sd15 suffix that prompt_sd15 has
-EMBEDS = {
-    "prompt_embeds": ("sdxl", 3), "negative_prompt_embeds": ("sdxl", 3),
-    "pooled_prompt_embeds": ("sdxl", 2), "negative_pooled_prompt_embeds": ("sdxl", 2),
-    "prompt_embeds_sd15": ("sd15", 3), "negative_prompt_embeds_sd15": ("sd15", 3),
-}
 
 
 @dataclass
@@ -107,7 +96,7 @@ class _Stage2:
     on_step_end: StepEnd | None = None
 
 
-class XAdapterPipeline(XAdapterLoadersMixin, XAdapterPipelineBase):
+class XAdapterPipeline(DiffusersCallMixin, XAdapterLoadersMixin, XAdapterPipelineBase):
     """SD1.5 plugins on SDXL through X-Adapter, in plain PyTorch (the reference backend).
 
     Build it with `from_pretrained(folder)` (what `save_pretrained` wrote) or
@@ -115,122 +104,6 @@ class XAdapterPipeline(XAdapterLoadersMixin, XAdapterPipelineBase):
     or `from_tiny()` for the built-in tiny random models; call it with diffusers' arguments
     or the generation parameters (see GenerationParams) and get an XAdapterOutput.
     """
-
-    def __call__(
-        self,
-        prompt: str | list[str] | None = None,
-        *,
-        plugins: Sequence[SD15StepPlugin] = (),
-        step_callback: StepCallback | None = None,
-        init_image: Any = None,
-        generator: torch.Generator | None = None,
-        latents: torch.Tensor | None = None,
-        scheduler: Any = None,
-        use_karras_sigmas: bool | None = None,
-        callback_on_step_end: Callable[..., dict[str, Any] | None] | None = None,
-        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
-        return_dict: bool = True,
-        image: Any = None,
-        control_image: Any = None,
-        controlnet_conditioning_scale: float | list[float] = 1.0,
-        control_guidance_start: float | list[float] = 0.0,
-        control_guidance_end: float | list[float] = 1.0,
-        guess_mode: bool = False,
-        ip_adapter_image: Any = None,
-        **kwargs: Any,
-    ) -> XAdapterOutput | tuple[Any]:
-        """Generate, with diffusers' call arguments where diffusers has them; other keyword
-        arguments are GenerationParams fields (the CLI's names: height, width,
-        num_inference_steps, guidance_scale, negative_prompt, output_type ("pil", "np", "pt",
-        "latent"), seed, prompt_sd15, adapter_guidance_start, ...).
-
-        generator: a torch.Generator all noise is drawn from, as in diffusers (instead of
-        `seed`); latents: stage-1 start latents (B x 4 x h/8 x w/8 at the SD1.5 size, scaled
-        by the scheduler's init_noise_sigma as diffusers does). prompt_embeds,
-        negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds: the SDXL
-        branch's (StableDiffusionXLPipeline's names and shapes); prompt_embeds_sd15,
-        negative_prompt_embeds_sd15: the SD1.5 branch's. scheduler: a SCHEDULERS name or a
-        diffusers scheduler object (default: `pipe.scheduler` when set), use_karras_sigmas
-        where the scheduler has them. callback_on_step_end(pipe, step, timestep,
-        callback_kwargs) after every step of both stages: callback_kwargs holds the tensors
-        named in callback_on_step_end_tensor_inputs ("latents": the latents of the branch the
-        stage produces, SD1.5 in stage 1 and SDXL in stage 2; "latents_sd15": SD1.5's) and
-        "stage" ("stage1" / "stage2"); a returned dict with those keys replaces them.
-        return_dict=False gives a tuple (images,). image / control_image with
-        controlnet_conditioning_scale, control_guidance_start/end, guess_mode: the control
-        image(s) of the ControlNet(s) set as `pipe.controlnet`; ip_adapter_image: the image
-        prompt of the IP-Adapter loaded by `load_ip_adapter`.
-        """
-        embeds = {k: kwargs.pop(k) for k in list(kwargs) if k in EMBEDS and kwargs[k] is not None}
-        embeds = self._check_embeds(prompt, kwargs.get("prompt_sd15"), embeds)
-        if prompt is None:
-            prompt = [""] * len(next(iter(embeds.values()))) if embeds else prompt
-        if isinstance(scheduler, str):
-            kwargs["scheduler"] = scheduler
-            scheduler = None
-        spec = None
-        if scheduler is None and "scheduler" not in kwargs:
-            scheduler = self._scheduler_spec  # the pipeline's scheduler component, when set
-        if scheduler is not None or use_karras_sigmas is not None:
-            spec = scheduler_spec(scheduler if scheduler is not None else kwargs.get("scheduler", DEFAULT_SCHEDULER),
-                                  use_karras_sigmas)
-        params = GenerationParams(prompt=prompt, **kwargs)  # type: ignore[arg-type]
-        if image is not None and control_image is not None:
-            raise ParameterError("control_image", "an image", "None when image= is given (they are the same argument)")
-        control = image if image is not None else control_image
-        extra: list[SD15StepPlugin] = list(plugins)
-        if control is not None or self._controlnets:
-            if control is None:
-                raise ParameterError("image", None, "a control image: a ControlNet is set (pipe.controlnet)")
-            extra += self._control_plugins(control, controlnet_conditioning_scale, control_guidance_start,
-                                           control_guidance_end, guess_mode)
-        if ip_adapter_image is not None:
-            extra.append(self._ip_plugin(ip_adapter_image))
-        out = self.generate(
-            params, plugins=extra, step_callback=step_callback, init_image=init_image, generator=generator,
-            latents=latents, scheduler=spec, embeds=embeds, callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-        )
-        return out if return_dict else (out.images,)
-
-    def _check_embeds(self, prompt: Any, prompt_sd15: Any, embeds: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """ParameterError unless the given embeddings are tensors of the branches' widths with one
-        row per prompt, and each branch has either text or embeddings (not both)."""
-        if not embeds:
-            if prompt is None:
-                raise ParameterError("prompt", None, "a string or a list of strings, or prompt_embeds")
-            return {}
-        if prompt is not None and "prompt_embeds" in embeds:
-            raise ParameterError("prompt", prompt, "None when prompt_embeds is given (give one)")
-        if prompt_sd15 is not None and "prompt_embeds_sd15" in embeds:
-            raise ParameterError("prompt_sd15", prompt_sd15, "None when prompt_embeds_sd15 is given (give one)")
-        if prompt is None and "prompt_embeds" not in embeds:
-            raise ParameterError("prompt_embeds", None, "the SDXL branch's embeddings, or a prompt")
-        if prompt is None and prompt_sd15 is None and "prompt_embeds_sd15" not in embeds:
-            raise ParameterError("prompt_embeds_sd15", None, "the SD1.5 branch's embeddings, or prompt_sd15 / prompt")
-        for cond, pooled in (("prompt_embeds", "pooled_prompt_embeds"),
-                             ("negative_prompt_embeds", "negative_pooled_prompt_embeds")):
-            if (cond in embeds) != (pooled in embeds):
-                raise ParameterError(pooled if cond in embeds else cond, None, f"given together with {cond if cond in embeds else pooled}")
-        for name, t in [(n, embeds[n]) for n in ("negative_prompt_embeds", "negative_prompt_embeds_sd15") if n in embeds]:
-            positive = name.replace("negative_", "")
-            if positive not in embeds:
-                raise ParameterError(name, tuple(getattr(t, "shape", ())), f"given together with {positive}")
-        rows = None
-        for name, t in embeds.items():
-            branch, rank = EMBEDS[name]
-            unet = self.sd15.unet if branch == "sd15" else self.sdxl.unet
-            width = unet.config.cross_attention_dim if rank == 3 else self.sdxl.text_encoder_2.config.projection_dim
-            if not isinstance(t, torch.Tensor) or t.dim() != rank or t.shape[-1] != width:
-                shape = "rows x tokens x " if rank == 3 else "rows x "
-                raise ParameterError(name, tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__,
-                                     f"a tensor {shape}{width} (the {branch} branch's width)")
-            rows = rows if rows is not None else t.shape[0]
-            if t.shape[0] != rows:
-                raise ParameterError(name, tuple(t.shape), f"{rows} rows, as the other embeddings")
-        if isinstance(prompt, list) and len(prompt) != rows:
-            raise ParameterError("prompt", prompt, f"{rows} prompts, one per row of the embeddings")
-        return embeds
 
     @torch.no_grad()
     def generate(
@@ -257,19 +130,7 @@ class XAdapterPipeline(XAdapterLoadersMixin, XAdapterPipelineBase):
         if init_image is None and p.strength != 1.0:
             raise ParameterError("strength", p.strength, "1.0 unless an init image is given")
         check_required_plugins(self.sd15.unet, plugins)
-        unknown = [k for k in callback_on_step_end_tensor_inputs if k not in CALLBACK_TENSOR_INPUTS]
-        if unknown:
-            raise ParameterError("callback_on_step_end_tensor_inputs", list(callback_on_step_end_tensor_inputs),
-                                 f"names among {', '.join(CALLBACK_TENSOR_INPUTS)}")
-        if generator is not None:
-            if not isinstance(generator, torch.Generator):
-                raise ParameterError("generator", type(generator).__name__, "one torch.Generator (lists are not supported)")
-            if p.seed is not None:
-                raise ParameterError("seed", p.seed, "None when a generator is given (give one)")
-        else:
-            if p.seed is None:
-                p.seed = random.SystemRandom().randrange(2**63)
-            generator = torch.Generator("cpu").manual_seed(p.seed)
+        generator = request_generator(p, generator, callback_on_step_end_tensor_inputs)
         if scheduler is not None:
             p.scheduler, p.extra = scheduler[0].__name__, {**p.extra, "scheduler_config": dict(scheduler[1])}
         reset_peak_memory(self.device)
@@ -283,7 +144,7 @@ class XAdapterPipeline(XAdapterLoadersMixin, XAdapterPipelineBase):
         with timer.stage("text_encoders"), self.residency.use(
             self.sd15.text_encoder, self.sdxl.text_encoder, self.sdxl.text_encoder_2
         ):
-            emb15, embxl, xl_cond = self._encode_prompts(p, cfg, embeds or {})
+            emb15, embxl, xl_cond = encode_prompts(self.sd15, self.sdxl, p, cfg, embeds or {}, dev, dt)
 
         ctx = PluginContext(
             batch=batch, cfg=cfg, device=dev, dtype=dt, height=p.height_sd15, width=p.width_sd15,
@@ -297,14 +158,7 @@ class XAdapterPipeline(XAdapterLoadersMixin, XAdapterPipelineBase):
         def unet_kwargs(stage: str, i: int, steps: int, t: torch.Tensor, x: torch.Tensor) -> dict[str, Any]:
             return merge_unet_kwargs([pl.unet_kwargs(ctx, StepInfo(stage, i, steps, t), x) for pl in plugins])
 
-        on_step_end = None
-        if callback_on_step_end is not None:
-            names = tuple(callback_on_step_end_tensor_inputs)
-
-            def on_step_end(stage: str, i: int, t: torch.Tensor, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
-                kwargs: dict[str, Any] = {k: tensors[k] for k in names}
-                kwargs["stage"] = stage
-                return callback_on_step_end(self, i, t, kwargs) or {}
+        on_step_end = step_end_callback(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
 
         f15, fxl = vae_factor(self.sd15.vae), vae_factor(self.sdxl.vae)
         r = _Request(
@@ -314,12 +168,7 @@ class XAdapterPipeline(XAdapterLoadersMixin, XAdapterPipelineBase):
             shapexl=(batch, self.sdxl.unet.config.in_channels, p.height // fxl, p.width // fxl),
             sampler=scheduler if scheduler is not None else p.scheduler, latents=latents, on_step_end=on_step_end,
         )
-        if latents is not None:
-            if init_image is not None:
-                raise ParameterError("latents", "a tensor", "None with init_image (img2img starts from the image)")
-            if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != r.shape15:
-                raise ParameterError("latents", tuple(getattr(latents, "shape", ())),
-                                     f"a tensor of shape {r.shape15} (SD1.5 latents at {p.height_sd15}x{p.width_sd15})")
+        check_latents(latents, r.shape15, p, init_image)
         with timer.stage("stage1"):
             lat15 = self._stage1(r, init_image)
         with timer.stage("handover"), self.residency.use(self.sd15.vae, self.sdxl.vae):
@@ -344,46 +193,6 @@ class XAdapterPipeline(XAdapterLoadersMixin, XAdapterPipelineBase):
             images=images, params=p, timings=dict(timer.seconds), overheads=self.executor.request_overheads(),
             peak_memory=peak_memory_bytes(self.device),
         )
-
-    def _encode_prompts(
-        self, p: GenerationParams, cfg: bool, embeds: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """SD1.5's CLIP-L embeddings, SDXL's CLIP-L + OpenCLIP-bigG embeddings and its added
-        conditions (pooled text embeddings, size time ids), rows [uncond; cond] with CFG.
-        `embeds` (see EMBEDS) replace the encoders for the branch they belong to."""
-        n_prompts, repeat, dev, dt = len(p.prompts), p.num_images_per_prompt, self.device, self.dtype
-
-        def per_prompt(value: str | list[str] | None, default: list[str] | None) -> list[str] | None:
-            if value is None:
-                return default
-            return [value] * n_prompts if isinstance(value, str) else list(value)
-
-        def rows(neg: torch.Tensor | None, cond: torch.Tensor) -> torch.Tensor:
-            both = torch.cat([neg.to(dev), cond.to(dev)]) if cfg and neg is not None else cond.to(dev)
-            return both.repeat_interleave(repeat, dim=0)
-
-        prompts15 = per_prompt(p.prompt_sd15, p.prompts)
-        negatives = per_prompt(p.negative_prompt, None)
-        if "prompt_embeds_sd15" in embeds:
-            neg = embeds.get("negative_prompt_embeds_sd15")
-            if neg is None and cfg:
-                neg = encode_sd15(self.sd15, negatives or [""] * n_prompts, [], 1, False, dev)
-            emb15 = rows(neg, embeds["prompt_embeds_sd15"]).to(dt)
-        else:
-            emb15 = encode_sd15(self.sd15, prompts15, negatives or [""] * n_prompts, repeat, cfg, dev).to(dt)
-        if "prompt_embeds" in embeds:
-            neg, neg_pooled = embeds.get("negative_prompt_embeds"), embeds.get("negative_pooled_prompt_embeds")
-            cond, pooled = embeds["prompt_embeds"], embeds["pooled_prompt_embeds"]
-            if neg is None and cfg:
-                if negatives is None:  # SDXL base: zeros for an empty negative prompt
-                    neg, neg_pooled = torch.zeros_like(cond), torch.zeros_like(pooled)
-                else:
-                    neg, neg_pooled = encode_sdxl(self.sdxl, negatives, None, 1, False, dev)
-            embxl, pooled = rows(neg, cond), rows(neg_pooled, pooled)
-        else:
-            embxl, pooled = encode_sdxl(self.sdxl, p.prompts, negatives, repeat, cfg, dev)
-        xl_cond = {"text_embeds": pooled.to(dt), "time_ids": sdxl_time_ids(p.height, p.width, embxl.shape[0], dt, dev)}
-        return emb15, embxl.to(dt), xl_cond
 
     def _stage1(self, r: _Request, init_image: Any) -> torch.Tensor:
         """SD1.5 alone over the whole schedule (img2img: from the init image noised to the
