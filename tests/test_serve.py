@@ -3,6 +3,7 @@ endpoints on the tiny model, bad requests (422 naming the field), and, with stub
 pipelines, the queue (429), deadlines (504), internal failures (500), concurrency,
 metrics and graceful shutdown."""
 
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -96,7 +97,11 @@ def test_health_ready_and_generate_json(tiny_client):
     import base64
     import io
 
-    assert Image.open(io.BytesIO(base64.b64decode(body["images"][0]))).size == (128, 128)
+    image = Image.open(io.BytesIO(base64.b64decode(body["images"][0])))
+    assert image.size == (128, 128)
+    # A1111 infotext and the JSON record (tests/test_png_infotext.py parses them)
+    assert image.text["parameters"].startswith(f"{FAST['prompt']}\nNegative prompt: blurry\nSteps: 2, ")
+    assert json.loads(image.text["xa_runtime"])["seed"] == 3
 
 
 def test_generate_png_and_metrics(tiny_client):
@@ -418,10 +423,14 @@ def test_request_images_on_the_tiny_model(tiny_client, tmp_path):
         def post(**body):
             return tiny_client.post("/v1/generate", json={**FAST, **body}, headers={"Accept": "image/png"})
 
-        def png(**body):
+        def png(**body):  # the decoded pixels (the PNG's metadata names the request's plugins)
             r = post(**body)
             assert r.status_code == 200, r.text
-            return r.content
+            import io
+
+            import numpy as np
+
+            return np.asarray(Image.open(io.BytesIO(r.content))).tobytes()
 
         plain = png()
         configured = png(plugins=["edges"])
