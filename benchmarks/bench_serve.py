@@ -143,8 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'clients':>7} {'img/s':>7} {'p50 s':>7} {'p99 s':>7} {'queue p50':>9} {'queue p99':>9} {'run p50':>7}  statuses")
     for r in results:
         lat, q, run = r["latency"] or {}, r["queue"] or {}, r["run"] or {}
-        print(f"{r['concurrency']:>7} {r['images_per_s'] or 0:>7.2f} {lat.get('median', 0):>7.3f} {lat.get('p99', 0):>7.3f} "
-              f"{q.get('median', 0):>9.3f} {q.get('p99', 0):>9.3f} {run.get('median', 0):>7.3f}  {r['statuses']}")
+        def p99(d: dict, width: int) -> str:  # left out below 100 samples: shown as "-", not 0
+            return f"{d['p99']:>{width}.3f}" if "p99" in d else f"{'-':>{width}}"
+
+        print(f"{r['concurrency']:>7} {r['images_per_s'] or 0:>7.2f} {lat.get('median', 0):>7.3f} {p99(lat, 7)} "
+              f"{q.get('median', 0):>9.3f} {p99(q, 9)} {run.get('median', 0):>7.3f}  {r['statuses']}")
     if args.output:
         out = {
             "benchmark": "serve", "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),

@@ -68,7 +68,7 @@ def _model_index(preset: ModelPreset) -> dict[str, Any]:
 
 
 def _write_config_folder(preset: ModelPreset, folder: Path) -> None:
-    # Tokenizers are not written: they are built from the vocabulary open_clip ships
+    # Tokenizers are not written: they are built from the CLIP vocabulary shipped in the package
     # (models/tokenizer.py), so model_index.json lists them like the official folders do.
     def dump(rel: str, data: Mapping[str, Any]) -> None:
         (folder / rel).parent.mkdir(parents=True, exist_ok=True)
