@@ -74,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", choices=["cpu", "cuda"], default=None)
     ap.add_argument("--dtype", choices=list(DTYPES), default=None, help="default fp16 on CUDA, fp32 on CPU")
     ap.add_argument("--output", help="JSON file to write (a .md summary is written beside it)")
+    ap.add_argument("--debug", action="store_true", help="with an error, print its traceback as well")
     ap.add_argument("--plots", help="folder for PNG plots (created if missing; needs matplotlib)")
     ap.add_argument("--version", action="version", version=f"%(prog)s {xa_runtime.__version__}")
     return ap
@@ -200,8 +201,17 @@ def _check(args: argparse.Namespace):
                 raise ParameterError(f"--{flag}", getattr(args, flag), "only with --mode throughput")
     batches = _int_list("--batches", args.batches, 1, MAX_BATCH) if args.batches else [args.batch]
     concurrency = _int_list("--concurrency", args.concurrency, 1, MAX_CONCURRENCY) if args.concurrency else []
-    if args.output and not Path(args.output).resolve().parent.is_dir():
-        raise ParameterError("--output", args.output, "a path in an existing folder")
+    if args.output:
+        from .usage import check_output_files
+
+        out = Path(args.output)
+        extra = [out.with_name(f"{out.stem}-{m}{out.suffix or '.json'}") for m in modes] if len(modes) > 1 else [out]
+        check_output_files("--output", args.output, [p for o in extra for p in (o, o.with_suffix(".md"))])
+    if args.models == "paths":
+        from ..loading import check_model_path
+
+        for flag, family in (("--sd15", "sd15"), ("--sdxl", "sdxl"), ("--adapter", "adapter")):
+            check_model_path(getattr(args, flag[2:]), family, flag)
     if args.plots:
         folder = Path(args.plots).resolve()
         if folder.exists() and not folder.is_dir() or not folder.exists() and not folder.parent.is_dir():
@@ -347,12 +357,22 @@ def _write_atomic(path: Path, text: str | bytes) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..errors import CheckpointError
+    from .usage import debug_requested, report
+
     args = _parser().parse_args(argv)
+    debug = debug_requested(argv)
     try:
         variants, workload, device, dtype, options = _check(args)
     except ParameterError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report(str(e), debug)
+    try:
+        return _run(args, argv, variants, workload, device, dtype, options)
+    except (ParameterError, CheckpointError) as e:  # a model file that passed the checks but does not load
+        return report(str(e), debug)
+
+
+def _run(args: argparse.Namespace, argv: list[str] | None, variants, workload, device, dtype, options) -> int:
     import torch
 
     from ..bench.plots import write_plots
