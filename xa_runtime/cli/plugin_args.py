@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +72,11 @@ def _image(flag: str, path: str) -> None:
     if not Path(path).is_file() or kind is not None:
         raise ParameterError(flag, path, "an existing image file (PNG, JPEG, ...)" + (f"; this is {kind}" if kind else ""))
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():
+            # PIL warns above its own limit (89 Mpx); the limit here is checked just below.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
             width, height = im.size
             if width * height > MAX_IMAGE_PIXELS:
                 raise ParameterError(flag, path, f"an image of at most {MAX_IMAGE_PIXELS} pixels; this one declares "

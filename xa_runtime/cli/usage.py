@@ -66,8 +66,8 @@ def check_output_files(flag: str, value: str, paths: Sequence[Path]) -> None:
     folder, and its folder exists and is writable. Run before any work."""
     for path in paths:
         if path.is_dir():
-            which = "" if str(path) == str(value) else f" (it also writes {str(path)!r})"
-            raise ParameterError(flag, value, f"a file path whose outputs are not folders; {str(path)!r} is a folder{which}")
+            which = "this path" if str(path) == str(value) else f"{str(path)!r}, which the run also writes,"
+            raise ParameterError(flag, value, f"a file path whose outputs are not folders; {which} is a folder")
         folder = path.parent
         if not folder.is_dir():
             raise ParameterError(flag, value, f"a path in an existing folder; {str(folder)!r} is not a folder")

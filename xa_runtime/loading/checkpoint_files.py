@@ -13,6 +13,7 @@ import os
 import pickle
 import stat
 import struct
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -121,12 +122,14 @@ def check_weights_only(path: str | os.PathLike) -> None:
     """CheckpointError (one line, naming the file) unless the pickle at `path` reads with
     torch.load(weights_only=True); memory-mapped where the format allows."""
     path = Path(path)
-    try:
-        _load_pickle(path, mmap=True)
-    except CheckpointError as e:
-        if "mmap" not in str(e):
-            raise
-        _load_pickle(path, mmap=False)
+    with warnings.catch_warnings():  # torch's note on the pickle protocol says nothing about the refusal
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            _load_pickle(path, mmap=True)
+        except CheckpointError as e:
+            if "mmap" not in str(e):
+                raise
+            _load_pickle(path, mmap=False)
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

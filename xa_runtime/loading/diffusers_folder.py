@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,8 @@ def _first_line(e: Exception) -> str:
     if "WeightsUnpickler error:" in text:
         text = text.split("WeightsUnpickler error:", 1)[1]
     lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):  # "Error(s) in loading state_dict for X:" + the first error
+        return f"{lines[0]} {lines[1]}"[:300]
     return lines[0][:300] if lines else type(e).__name__
 
 
@@ -49,7 +52,9 @@ def load_pretrained(
     kwargs["dtype" if issubclass(cls, PreTrainedModel) else "torch_dtype"] = dtype
     try:
         try:
-            model, info = cls.from_pretrained(folder, **kwargs)
+            with warnings.catch_warnings():  # torch's pickle-protocol note; a refusal is reported below
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                model, info = cls.from_pretrained(folder, **kwargs)
         except (OSError, ValueError, RuntimeError) as e:
             # diffusers wraps torch's refusal in an OSError (a few exceptions deep); report the refusal itself
             cause: BaseException | None = e
