@@ -345,3 +345,15 @@ def test_bench_read_only_output_is_refused_before_the_run(tmp_path, capsys, no_m
     monkeypatch.setattr(os, "access", lambda p, mode, **k: False if Path(p) == tmp_path and mode & os.W_OK
                         else real_access(p, mode, **k))
     refused(bench_cli.main, ["--output", tmp_path / "r.json"], capsys, "--output", "writable")
+
+
+# ---- xa-build-engines ----------------------------------------------------------------------------
+
+def test_build_engines_read_only_output_is_refused_first(tmp_path, capsys, monkeypatch):
+    from xa_runtime.cli import build_engines
+
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: False if Path(p) == tmp_path and mode & os.W_OK
+                        else real_access(p, mode, **k))
+    refused(build_engines.main, ["--tiny", "--onnx-dir", tmp_path / "onnx", "--output", tmp_path / "engines"], capsys,
+            "--output", "writable")
