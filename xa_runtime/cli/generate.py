@@ -29,7 +29,14 @@ from ..models.presets import get_preset
 from ..pipeline.params import DEFAULT_SCHEDULER, MAX_SEED, SCHEDULERS, GenerationParams, SizeRules, validate
 from .backend_args import add_backend_arguments, check_backend, loras_to_backend, open_cli_backend
 from .output_files import image_paths, sidecar_path, write_outputs
-from .plugin_args import add_plugin_arguments, apply_loras, build_plugins, check_plugin_arguments, load_init_image
+from .plugin_args import (
+    add_plugin_arguments,
+    apply_loras,
+    build_plugins,
+    check_plugin_arguments,
+    check_plugin_files,
+    load_init_image,
+)
 from .usage import (
     CheckedParser,
     UsageError,
@@ -399,6 +406,7 @@ def check_inputs(args: argparse.Namespace) -> tuple[bool, GenerationParams, Path
     args.runtime_config = runtime_config(args)
     args.plugin_specs = check_plugin_arguments(args)
     check_backend(args, tiny, args.plugin_specs, UsageError)
+    check_plugin_files(args, args.plugin_specs)
     return tiny, params, output
 
 
@@ -477,7 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             t1 = time.perf_counter()
             backend = open_cli_backend(args, pipe, tiny)  # before the LoRAs: exported / checked graphs are the base weights
             pipe = backend.pipeline
-            loras_to_backend(backend, apply_loras(args.plugin_specs, pipe, args.lora_weights))
+            loras_to_backend(backend, apply_loras(args.plugin_specs, pipe, getattr(args, "lora_weights", None)))
             plugins = build_plugins(args.plugin_specs, pipe.sd15.unet)
             result = pipe.generate(params, plugins=plugins, init_image=load_init_image(args.init_image))
             t2 = time.perf_counter()

@@ -149,16 +149,11 @@ def check_plugin_arguments(args: argparse.Namespace) -> dict[str, list[dict[str,
     specs: dict[str, list[dict[str, Any]]] = {"controlnet": [], "t2i": [], "nexus": [], "ip": [], "lora": [], "sdxl_lora": []}
     from ..plugins.lora import parse_lora_argument
 
-    from ..plugins.lora import load_lora
-
-    args.lora_weights = {}
     for flag, kind in (("--lora", "lora"), ("--sdxl-lora", "sdxl_lora")):
         for text in getattr(args, kind):
             path, scale = parse_lora_argument(text)
             _exists(flag, path)
             _scale(flag, scale, -10.0, 10.0)
-            # Parsed (and checked: ranks, alpha, finite factors) now, before the models load.
-            args.lora_weights[path] = load_lora(path)
             specs[kind].append(dict(path=path, scale=scale, mode=args.lora_mode))
     for main, image_flag, kind in (("--controlnet", "--control-image", "controlnet"),
                                    ("--t2i-adapter", "--t2i-image", "t2i"),
@@ -204,7 +199,6 @@ def check_plugin_arguments(args: argparse.Namespace) -> dict[str, list[dict[str,
             _image("--ip-image", im)
         if args.image_encoder is not None:
             _plugin_model("--image-encoder", args.image_encoder)
-        _ip_adapter_file(args.ip_adapter, args.image_encoder)
         _scale("--ip-scale", args.ip_scale, 0.0, 10.0)
         specs["ip"].append(dict(path=args.ip_adapter, images=list(args.ip_image), scale=args.ip_scale,
                                 image_encoder=args.image_encoder))
@@ -217,6 +211,21 @@ def check_plugin_arguments(args: argparse.Namespace) -> dict[str, list[dict[str,
     elif args.strength != 1.0:
         raise ParameterError("--strength", args.strength, "1.0 unless --init-image is given")
     return specs
+
+
+def check_plugin_files(args: argparse.Namespace, specs: dict[str, list[dict[str, Any]]]) -> None:
+    """The reads that check_plugin_arguments leaves for last (they read whole files, still
+    before any model loads): each LoRA parsed and checked (ranks, alpha, finite factors; kept
+    in args.lora_weights for apply_loras), the IP-Adapter file read weights-only and its
+    image encoder found."""
+    from ..plugins.lora import load_lora
+
+    args.lora_weights = {}
+    for kind in ("lora", "sdxl_lora"):
+        for s in specs[kind]:
+            args.lora_weights[s["path"]] = load_lora(s["path"])
+    for s in specs["ip"]:
+        _ip_adapter_file(s["path"], s["image_encoder"])
 
 
 def build_plugins(specs: dict[str, list[dict[str, Any]]], sd15_unet: Any) -> list[Any]:
