@@ -29,6 +29,7 @@ import xa_runtime
 from ..errors import ParameterError
 from ..models.presets import get_preset
 from ..pipeline.params import DEFAULT_SCHEDULER, MAX_BATCH, SCHEDULERS, SizeRules, validate
+from .usage import add_debug_argument
 from .vocabulary import DTYPES, add_device_argument, add_dtype_argument, add_model_arguments, add_threads_argument
 from .vocabulary import check_threads, check_tiny_seed, set_threads
 
@@ -94,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--plots", metavar="DIR", help="folder for PNG plots (created if missing; default: the --output "
                      "folder; needs matplotlib, the bench extra)")
     run.add_argument("--no-plots", action="store_true", help="write no plots")
+    add_debug_argument(run)
     run.add_argument("--version", action="version", version=f"%(prog)s {xa_runtime.__version__}")
     return ap
 
@@ -230,8 +232,17 @@ def _check(args: argparse.Namespace):
                 raise ParameterError(f"--{flag}", getattr(args, flag), "only with --mode throughput")
     batches = _int_list("--batches", args.batches, 1, MAX_BATCH) if args.batches else [args.batch]
     concurrency = _int_list("--concurrency", args.concurrency, 1, MAX_CONCURRENCY) if args.concurrency else []
-    if args.output and not Path(args.output).resolve().parent.is_dir():
-        raise ParameterError("--output", args.output, "a path in an existing folder")
+    if args.output:
+        from .usage import check_output_files
+
+        out = Path(args.output)
+        extra = [out.with_name(f"{out.stem}-{m}{out.suffix or '.json'}") for m in modes] if len(modes) > 1 else [out]
+        check_output_files("--output", args.output, [p for o in extra for p in (o, o.with_suffix(".md"))])
+    if args.models == "paths":
+        from ..loading import check_model_path
+
+        for flag, family in (("--sd15", "sd15"), ("--sdxl", "sdxl"), ("--adapter", "adapter")):
+            check_model_path(getattr(args, flag[2:]), family, flag)
     if args.plots and args.no_plots:
         raise ParameterError("--plots", args.plots, "no --plots with --no-plots")
     if args.plots:
@@ -385,12 +396,22 @@ def _write_atomic(path: Path, text: str | bytes) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..errors import CheckpointError
+    from .usage import debug_requested, report
+
     args = build_parser().parse_args(argv)
+    debug = debug_requested(argv)
     try:
         variants, workload, device, dtype, options = _check(args)
     except ParameterError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report(str(e), debug)
+    try:
+        return _run(args, argv, variants, workload, device, dtype, options)
+    except (ParameterError, CheckpointError) as e:  # a model file that passed the checks but does not load
+        return report(str(e), debug)
+
+
+def _run(args: argparse.Namespace, argv: list[str] | None, variants, workload, device, dtype, options) -> int:
     import torch
 
     from ..bench.plots import write_plots

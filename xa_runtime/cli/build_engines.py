@@ -8,6 +8,7 @@ what it accepts. Without TensorRT, exit 2 saying how to install it.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -16,7 +17,7 @@ import xa_runtime
 
 from ..errors import CheckpointError, ParameterError
 from ..graphs import GRAPHS, SDXL_MODE_ROLES, DimRange, check_sdxl_mode, default_build_graphs, has_graph
-from .usage import CheckedParser, UsageError, parameter_error_line
+from .usage import CheckedParser, UsageError, add_debug_argument, debug_requested, parameter_error_line, report
 from .vocabulary import MODEL_HELP, add_dtype_argument, add_no_progress_argument, check_tiny_seed
 
 PROG = "xa-build-engines"
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timing-cache", help="timing cache file, read and updated (default OUTPUT/timing.cache)")
     p.add_argument("--no-timing-cache", action="store_true", help="use no persistent timing cache")
     add_no_progress_argument(p)
+    add_debug_argument(p)
     p.add_argument("--version", action="version", version=f"%(prog)s {xa_runtime.__version__}")
     return p
 
@@ -97,6 +99,10 @@ def check_inputs(args: argparse.Namespace) -> tuple[list[str], Path, Path, dict[
         if not folder.exists() and not (exporting or flag == "--output") or not folder.parent.is_dir():
             raise ParameterError(flag, str(folder), "an existing folder" if flag == "--onnx-dir" and not exporting
                                  else "a folder whose parent exists")
+    for flag, folder in (("--output", out), ("--onnx-dir", onnx_dir)):
+        writes_in = folder if folder.exists() else folder.parent
+        if (flag == "--output" or exporting) and not os.access(writes_in, os.W_OK | os.X_OK):
+            raise ParameterError(flag, str(folder), f"a writable folder; {str(writes_in)!r} is not writable")
     if not exporting:
         missing = [n for n in names if not (onnx_dir / f"{n}.onnx").is_file() or not (onnx_dir / f"{n}.names.json").is_file()]
         if missing:
@@ -111,22 +117,21 @@ def _export_argv(args: argparse.Namespace, names: list[str]) -> list[str]:
         argv += ["--tiny-seed", str(args.tiny_seed), "--tiny"] if args.tiny_seed is not None else ["--tiny"]
     else:
         argv += [x for f in MODEL_FLAGS if getattr(args, f[2:]) for x in (f, getattr(args, f[2:]))]
-    return argv + (["--no-progress"] if args.no_progress else [])
+    return argv + (["--no-progress"] if args.no_progress else []) + (["--debug"] if args.debug else [])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `xa-build-engines`; returns the exit code (0 ok, 2 bad input or no TensorRT)."""
+    debug = debug_requested(argv)
     try:
         args = build_parser().parse_args(argv)
         names, onnx_dir, out, profiles = check_inputs(args)
     except SystemExit as e:
         return int(e.code or 0)
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report(str(e), debug)
     except ParameterError as e:
-        print(f"error: {parameter_error_line(e, e.name)}", file=sys.stderr)
-        return 2
+        return report(parameter_error_line(e, e.name), debug)
     try:
         from ..engines import build
     except ImportError as e:
@@ -147,8 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         paths = build.build_engines(names, onnx_dir, out, args.dtype, profiles, args.refit, cache,
                                     progress=not args.no_progress)
     except (CheckpointError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report(str(e), debug)
     print(f"{PROG}: wrote {len(paths)} engines to {out} ({args.dtype}, refit {args.refit})", file=sys.stderr)
     return 0
 

@@ -21,7 +21,7 @@ import xa_runtime
 
 from ..errors import CheckpointError, ParameterError
 from ..graphs import GRAPHS
-from .usage import CheckedParser, UsageError, parameter_error_line
+from .usage import CheckedParser, UsageError, add_debug_argument, debug_requested, parameter_error_line, report
 from .vocabulary import MODEL_HELP, add_device_argument, add_dtype_argument, add_no_progress_argument, check_tiny_seed
 
 PROG = "xa-export"
@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="export into a folder whose manifest.json names other source weights (replacing it)")
     add_no_progress_argument(p)
+    add_debug_argument(p)
     p.add_argument("--version", action="version", version=f"%(prog)s {xa_runtime.__version__}")
     return p
 
@@ -102,6 +103,11 @@ def check_inputs(args: argparse.Namespace) -> tuple[list[str], Path]:
         raise ParameterError("--output", args.output, "a folder; this is a file")
     if not out.exists() and not out.parent.is_dir():
         raise ParameterError("--output", args.output, f"a folder whose parent exists; {str(out.parent)!r} does not")
+    import os
+
+    writes_in = out if out.exists() else out.parent
+    if not os.access(writes_in, os.W_OK | os.X_OK):
+        raise ParameterError("--output", args.output, f"a writable folder; {str(writes_in)!r} is not writable")
     if not args.tiny:
         from ..loading import check_model_path
 
@@ -163,17 +169,16 @@ def describe(error: ParameterError) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `xa-export`; returns the exit code (0 ok, 2 bad input, nothing written)."""
+    debug = debug_requested(argv)
     try:
         args = build_parser().parse_args(argv)
         names, out = check_inputs(args)
     except SystemExit as e:
         return int(e.code or 0)
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report(str(e), debug)
     except ParameterError as e:
-        print(f"error: {describe(e)}", file=sys.stderr)
-        return 2
+        return report(describe(e), debug)
     from ..export import manifest as mf
     from ..export.onnx_export import export_graphs
 
@@ -191,11 +196,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         paths = export_graphs(names, bundle, out, args.dtype, args.opset, progress=not args.no_progress,
                               source=source, force=args.force)
     except ParameterError as e:
-        print(f"error: {describe(e)}", file=sys.stderr)
-        return 2
+        return report(describe(e), debug)
     except (CheckpointError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report(str(e), debug)
     print(f"{PROG}: wrote {len(paths)} graphs to {out} ({args.dtype}, opset {args.opset}) in "
           f"{time.perf_counter() - started:.1f}s: {', '.join(paths)}", file=sys.stderr)
     return 0

@@ -28,9 +28,25 @@ from ..errors import CheckpointError, ParameterError
 from ..models.presets import get_preset
 from ..pipeline.params import DEFAULT_SCHEDULER, MAX_SEED, SCHEDULERS, GenerationParams, SizeRules, validate
 from .backend_args import add_backend_arguments, check_backend, loras_to_backend, open_cli_backend
-from .output_files import write_outputs
-from .plugin_args import add_plugin_arguments, apply_loras, build_plugins, check_plugin_arguments, load_init_image
-from .usage import CheckedParser, UsageError, parameter_error_line
+from .output_files import image_paths, sidecar_path, write_outputs
+from .plugin_args import (
+    add_plugin_arguments,
+    apply_loras,
+    build_plugins,
+    check_plugin_arguments,
+    check_plugin_files,
+    load_init_image,
+)
+from .usage import (
+    CheckedParser,
+    UsageError,
+    add_debug_argument,
+    check_output_files,
+    check_text,
+    debug_requested,
+    parameter_error_line,
+    report,
+)
 from .vocabulary import (DTYPES, MODEL_FLAGS, add_device_argument, add_dtype_argument, add_model_arguments,
                          add_no_progress_argument, add_threads_argument, check_threads, check_tiny_seed, set_threads)
 
@@ -152,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep text encoders and VAEs on the CPU between uses (default %(default)s)")
     add_backend_arguments(run)
     add_no_progress_argument(run)
+    add_debug_argument(run)
     run.add_argument("--version", action="version", version=f"%(prog)s {xa_runtime.__version__}")
     add_plugin_arguments(ap)
     return ap
@@ -223,7 +240,9 @@ def size_rules(tiny: bool) -> SizeRules:
     return SizeRules(sd15_default=get_preset("tiny-sd15").default_size, sdxl_default=get_preset("tiny-sdxl").default_size)
 
 
-def check_output(output: str) -> Path:
+def check_output(output: str, count: int = 1) -> Path:
+    """The --output path, after checking every file the run writes (`count` images and the
+    sidecar): none is a folder, and their folder is writable."""
     path = Path(output)
     if path.suffix.lower() != ".png":
         raise ParameterError("--output", output, "a file name ending in .png")
@@ -234,6 +253,7 @@ def check_output(output: str) -> Path:
         raise ParameterError("--output", output, "a .png file path; this is a folder")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ParameterError("--output", output, f"a .png path in a writable folder; {str(folder)!r} is not writable")
+    check_output_files("--output", output, [*image_paths(path, count), sidecar_path(path)])
     return path
 
 
@@ -371,10 +391,13 @@ def check_inputs(args: argparse.Namespace) -> tuple[bool, GenerationParams, Path
     tiny = uses_tiny_models(args)
     check_tiny_seed(args)
     args.threads = check_threads(args)
+    for flag in ("--prompt", "--prompt-sd15", "--negative-prompt"):
+        for text in getattr(args, flag[2:].replace("-", "_")) or []:
+            check_text(flag, text)
     params = params_from_args(args)
     # A check only: sizes left unset resolve to the loaded models' own defaults in generate.
     validate(params, size_rules(tiny))
-    output = check_output(args.output)
+    output = check_output(args.output, len(args.prompt) * args.batch)
     runtime_names(args)
     # From here on the checks read files or ask torch (model headers, CUDA, plugin files).
     if not tiny:
@@ -384,6 +407,7 @@ def check_inputs(args: argparse.Namespace) -> tuple[bool, GenerationParams, Path
     args.runtime_config = runtime_config(args)
     args.plugin_specs = check_plugin_arguments(args)
     check_backend(args, tiny, args.plugin_specs, UsageError)
+    check_plugin_files(args, args.plugin_specs)
     return tiny, params, output
 
 
@@ -448,20 +472,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run `xa-generate`; returns the exit code (0 ok, 2 bad input, nothing written)."""
     started = time.perf_counter()
     command = [PROG, *(sys.argv[1:] if argv is None else argv)]
+    debug = debug_requested(argv)
     try:
         args = build_parser().parse_args(argv)
         tiny, params, output = check_inputs(args)
     except SystemExit as e:  # --help, --version
         return int(e.code or 0)
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report(str(e), debug)
     except ParameterError as e:
-        print(f"error: {describe(e)}", file=sys.stderr)
-        return 2
-    except CheckpointError as e:  # a plugin folder's config.json that cannot be read
-        print(f"error: {_blame(e, args)}", file=sys.stderr)
-        return 2
+        return report(describe(e), debug)
+    except CheckpointError as e:  # a plugin file or folder that cannot be read
+        return report(_blame(e, args), debug)
 
     with _library_output(progress=not args.no_progress):
         backend = None
@@ -471,23 +493,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             t1 = time.perf_counter()
             backend = open_cli_backend(args, pipe, tiny)  # before the LoRAs: exported / checked graphs are the base weights
             pipe = backend.pipeline
-            loras_to_backend(backend, apply_loras(args.plugin_specs, pipe))
+            loras_to_backend(backend, apply_loras(args.plugin_specs, pipe, getattr(args, "lora_weights", None)))
             plugins = build_plugins(args.plugin_specs, pipe.sd15.unet)
             result = pipe.generate(params, plugins=plugins, init_image=load_init_image(args.init_image))
             t2 = time.perf_counter()
         except ParameterError as e:
-            print(f"error: {describe(e)}", file=sys.stderr)
-            return 2
+            return report(describe(e), debug)
         except (CheckpointError, OSError) as e:  # a file that passed the cheap checks but does not load
-            print(f"error: {_blame(e, args)}", file=sys.stderr)
-            return 2
+            return report(_blame(e, args), debug)
         finally:
             if backend is not None:
                 backend.close()
 
     seconds = {"load_seconds": t1 - t0, "generate_seconds": t2 - t1, "total_seconds": t2 - started}
     record, per_image = records(args, tiny, result, seconds, command)
-    written = write_outputs(output, result.images, record, per_image)
+    try:
+        written = write_outputs(output, result.images, record, per_image)
+    except OSError as e:  # all or nothing: no file of this run is left
+        return report(f"--output {str(output)!r}: cannot write the outputs ({e})", debug)
     stages = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
     print(f"{PROG}: wrote {', '.join(str(w) for w in written)} (seed {result.params.seed}; "
           f"load {t1 - t0:.2f}s, {stages})", file=sys.stderr)

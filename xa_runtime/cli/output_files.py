@@ -70,6 +70,7 @@ def write_all_or_nothing(contents: dict[Path, bytes]) -> None:
     """Write every file to a temporary name beside its target, then move them all into
     place. On any error the temporary files are removed and nothing new is left."""
     temps: list[tuple[str, Path]] = []
+    placed: list[Path] = []  # targets that did not exist before and now do
     try:
         for target, data in contents.items():
             fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -78,11 +79,14 @@ def write_all_or_nothing(contents: dict[Path, bytes]) -> None:
                 f.write(data)
             os.chmod(tmp, _file_mode())
         for tmp, target in temps:
+            existed = os.path.lexists(target)
             os.replace(tmp, target)
+            if not existed:
+                placed.append(target)
     except BaseException:
-        for tmp, _ in temps:
+        for path in [tmp for tmp, _ in temps] + placed:  # a failed move takes back the files already moved
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+                os.unlink(path)
         raise
 
 

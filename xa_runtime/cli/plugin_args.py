@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,7 @@ def add_plugin_arguments(ap: argparse.ArgumentParser) -> None:
                    help="its feature scale (default 1.0)")
     g.add_argument("--ip-adapter", metavar="PATH", help="IP-Adapter (ip-adapter_sd15 layout, plain or plus)")
     g.add_argument("--ip-image", action="append", default=[], metavar="IMG", help="its image(s)")
-    g.add_argument("--ip-scale", type=float, default=1.0, metavar="F",
+    g.add_argument("--ip-scale", type=float, default=None, metavar="F",
                    help="scale of the image prompt (default 1.0)")
     g.add_argument("--image-encoder", metavar="DIR",
                    help="CLIP vision encoder folder (default: image_encoder/ beside the IP-Adapter or one level up)")
@@ -56,20 +57,40 @@ def add_plugin_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def _exists(flag: str, path: str | None) -> None:
+    from ..loading.checkpoint_files import non_regular_kind
+
     if path is not None and not Path(path).exists():
         raise ParameterError(flag, path, "an existing file or folder")
+    kind = non_regular_kind(path) if path is not None else None
+    if kind is not None and kind != "a folder":
+        raise ParameterError(flag, path, f"an existing file or folder; this is {kind}")
 
 
 def _image(flag: str, path: str) -> None:
-    """An image file PIL can read: its header (and a PNG's chunk checksums); pixels are decoded after loading."""
+    """An image file PIL can decode, of at most MAX_IMAGE_PIXELS pixels (checked from the
+    header before decoding, so a decompression bomb is never expanded)."""
     from PIL import Image
 
-    if not Path(path).is_file():
-        raise ParameterError(flag, path, "an existing image file (PNG, JPEG, ...)")
+    from ..loading.checkpoint_files import non_regular_kind
+    from ..loading.images import MAX_IMAGE_PIXELS
+
+    kind = non_regular_kind(path)
+    if not Path(path).is_file() or kind is not None:
+        raise ParameterError(flag, path, "an existing image file (PNG, JPEG, ...)" + (f"; this is {kind}" if kind else ""))
     try:
-        with Image.open(path) as im:
-            im.verify()
-    except Exception as e:  # noqa: BLE001 -- PIL raises OSError, SyntaxError, DecompressionBombError, ...
+        with warnings.catch_warnings():
+            # PIL warns above its own limit (89 Mpx); the limit here is checked just below.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
+            width, height = im.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise ParameterError(flag, path, f"an image of at most {MAX_IMAGE_PIXELS} pixels; this one declares "
+                                                 f"{width}x{height} = {width * height}")
+            im.load()  # decodes every pixel: a corrupt stream fails here, before the models load
+    except ParameterError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- PIL raises OSError, SyntaxError, zlib.error, ...
         raise ParameterError(flag, path, f"an image file PIL can read ({type(e).__name__}: {e})") from None
 
 
@@ -96,6 +117,19 @@ def _plugin_model(flag: str, path: str) -> None:
             raise ParameterError(flag, path, f"an IP-Adapter file ending in {', '.join(IP_ADAPTER_SUFFIXES)}")
     elif flag == "--image-encoder":
         read_folder_config(p, flag, "a CLIP vision encoder folder (config.json + weights)")
+
+
+def _ip_adapter_file(path: str, image_encoder: str | None) -> None:
+    """The IP-Adapter file reads as weights only (a hostile pickle is refused here, naming
+    --ip-adapter), and without --image-encoder its default encoder folder exists."""
+    from ..loading.checkpoint_files import PICKLE_SUFFIXES, check_weights_only
+    from ..plugins.ip_adapter import default_image_encoder_path
+
+    if Path(path).suffix.lower() in PICKLE_SUFFIXES:
+        check_weights_only(path)
+    if image_encoder is None and default_image_encoder_path(path) is None:
+        raise ParameterError("--ip-adapter", path, "an IP-Adapter file with its CLIP vision encoder in image_encoder/ "
+                                                   "beside it or one level up, or give --image-encoder DIR")
 
 
 def _paired(args: argparse.Namespace, main: str, flag: str, default: Any) -> list[Any]:
@@ -163,6 +197,8 @@ def check_plugin_arguments(args: argparse.Namespace) -> dict[str, list[dict[str,
                 specs[kind].append(dict(path=p, image=im, scale=scale))
     if args.ip_adapter:
         _plugin_model("--ip-adapter", args.ip_adapter)
+        if args.ip_scale is None:
+            args.ip_scale = 1.0
         if not args.ip_image:
             raise ParameterError("--ip-image", None, "at least one image with --ip-adapter")
         for im in args.ip_image:
@@ -172,13 +208,30 @@ def check_plugin_arguments(args: argparse.Namespace) -> dict[str, list[dict[str,
         _scale("--ip-scale", args.ip_scale, 0.0, 10.0)
         specs["ip"].append(dict(path=args.ip_adapter, images=list(args.ip_image), scale=args.ip_scale,
                                 image_encoder=args.image_encoder))
-    elif args.ip_image or args.image_encoder:
-        raise ParameterError("--ip-image" if args.ip_image else "--image-encoder", None, "only together with --ip-adapter")
+    elif args.ip_image or args.image_encoder or args.ip_scale is not None:
+        flag, value = next((f, v) for f, v in (("--ip-image", args.ip_image), ("--image-encoder", args.image_encoder),
+                                                ("--ip-scale", args.ip_scale)) if v)
+        raise ParameterError(flag, value[0] if isinstance(value, list) else value, "only together with --ip-adapter")
     if args.init_image is not None:
         _image("--init-image", args.init_image)
     elif args.strength != 1.0:
         raise ParameterError("--strength", args.strength, "1.0 unless --init-image is given")
     return specs
+
+
+def check_plugin_files(args: argparse.Namespace, specs: dict[str, list[dict[str, Any]]]) -> None:
+    """The reads that check_plugin_arguments leaves for last (they read whole files, still
+    before any model loads): each LoRA parsed and checked (ranks, alpha, finite factors; kept
+    in args.lora_weights for apply_loras), the IP-Adapter file read weights-only and its
+    image encoder found."""
+    from ..plugins.lora import load_lora
+
+    args.lora_weights = {}
+    for kind in ("lora", "sdxl_lora"):
+        for s in specs[kind]:
+            args.lora_weights[s["path"]] = load_lora(s["path"])
+    for s in specs["ip"]:
+        _ip_adapter_file(s["path"], s["image_encoder"])
 
 
 def build_plugins(specs: dict[str, list[dict[str, Any]]], sd15_unet: Any) -> list[Any]:
@@ -217,10 +270,10 @@ def load_init_image(path: str | None) -> Any:
         return im.convert("RGB")
 
 
-def apply_loras(specs: dict[str, list[dict[str, Any]]], pipe: Any) -> dict[str, Any]:
+def apply_loras(specs: dict[str, list[dict[str, Any]]], pipe: Any, loaded: dict[str, Any] | None = None) -> dict[str, Any]:
     """Load the LoRAs onto their branches (SD1.5 UNet + text encoder; SDXL UNet + both
     text encoders); returns the managers by kind ("lora", "sdxl_lora"; keep them to change
-    scales or unload)."""
+    scales or unload). loaded: LoraWeights already read by check_plugin_arguments, by path."""
     from ..plugins.lora import LoraManager, load_lora
 
     managers = {}
@@ -228,6 +281,7 @@ def apply_loras(specs: dict[str, list[dict[str, Any]]], pipe: Any) -> dict[str, 
         if specs[kind]:
             manager = LoraManager.for_branch(components, specs[kind][0]["mode"])
             for i, s in enumerate(specs[kind]):
-                manager.add(f"{kind}{i}:{s['path']}", load_lora(s["path"]), s["scale"])
+                weights = (loaded or {}).get(s["path"]) or load_lora(s["path"])
+                manager.add(f"{kind}{i}:{s['path']}", weights, s["scale"])
             managers[kind] = manager
     return managers

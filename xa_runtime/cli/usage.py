@@ -1,10 +1,16 @@
 """What the command-line tools share about bad input: the exception for a bad command line,
-an argparse parser that raises it instead of printing its usage dump, and the one-line
-message for a ParameterError."""
+an argparse parser that raises it instead of printing its usage dump, the one-line
+message for a ParameterError, --debug (tracebacks only on request), and the checks that
+the tools share: text that is valid UTF-8, output files that can be written."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
 from typing import NoReturn
 
 from ..errors import ParameterError
@@ -24,3 +30,46 @@ class CheckedParser(argparse.ArgumentParser):
 def parameter_error_line(error: ParameterError, flag: str, accepted: str | None = None) -> str:
     """`invalid FLAG VALUE: expected ACCEPTED` (accepted: the error's own text unless given)."""
     return f"invalid {flag} {error.value!r}: expected {error.accepted if accepted is None else accepted}"
+
+
+def add_debug_argument(ap: argparse.ArgumentParser) -> None:
+    """--debug: print the traceback of an error too (user errors are one line without it)."""
+    ap.add_argument("--debug", action="store_true", help="with an error, print its traceback as well")
+
+
+def debug_requested(argv: Sequence[str] | None) -> bool:
+    """--debug on the command line (also when the rest of it does not parse)."""
+    return "--debug" in (sys.argv[1:] if argv is None else argv)
+
+
+def report(line: str, debug: bool) -> int:
+    """Print `error: LINE` (the traceback of the exception being handled first with debug); exit status 2."""
+    if debug:
+        traceback.print_exc()
+    print(f"error: {line}", file=sys.stderr)
+    return 2
+
+
+def check_text(flag: str, value: str | None) -> None:
+    """ParameterError unless `value` is text that encodes as UTF-8 (Python turns argv bytes that
+    are not UTF-8 into lone surrogates, which no tokenizer, file or terminal takes)."""
+    if value is None:
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ParameterError(flag, value, "valid UTF-8 text (the command line held bytes that are not UTF-8)") from None
+
+
+def check_output_files(flag: str, value: str, paths: Sequence[Path]) -> None:
+    """ParameterError naming `flag` unless every file a run will write can be written: not a
+    folder, and its folder exists and is writable. Run before any work."""
+    for path in paths:
+        if path.is_dir():
+            which = "this path" if str(path) == str(value) else f"{str(path)!r}, which the run also writes,"
+            raise ParameterError(flag, value, f"a file path whose outputs are not folders; {which} is a folder")
+        folder = path.parent
+        if not folder.is_dir():
+            raise ParameterError(flag, value, f"a path in an existing folder; {str(folder)!r} is not a folder")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ParameterError(flag, value, f"a path in a writable folder; {str(folder)!r} is not writable")

@@ -5,8 +5,10 @@ sha256 of each of its files (NAME.onnx, NAME.onnx.data when present, NAME.names.
 the torch / onnx / diffusers versions; the source models' fingerprint (sha256 of the
 model files' bytes for paths, of every tensor's bytes for in-memory models).
 
-export_graphs removes the manifest before writing any graph and writes it last, atomically,
-so a folder whose export was interrupted has none and is not trusted; it refuses a folder
+export_graphs writes the new graphs beside the old ones (a hidden staging folder), so the
+previous export stays valid while they are made; then it removes the manifest, moves the new
+files in and writes the manifest last, atomically: a folder whose export was interrupted in
+that short swap has none and is not trusted. It refuses a folder
 whose manifest names other source weights unless force=True. Backends check the graphs they
 load against it (verify_graphs).
 """

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -105,7 +106,7 @@ def export_graph(
     device = next(module.parameters()).device
     args = example_inputs(spec, trace_dims(spec, bundle), dtype, device)
     parameter_names = [n for n, _ in module.named_parameters()]
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.stem}-", dir=path.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.stem}-{STAGING_TAG}{os.getpid()}-", dir=path.parent))
     try:
         raw = staging / "raw" / path.name  # torch may write one external file per tensor beside it
         raw.parent.mkdir()
@@ -198,6 +199,33 @@ def _tensor_bytes(t) -> int:
     return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
 
 
+STAGING_TAG = "xa-tmp-"  # hidden staging folders: .NAME-xa-tmp-PID-XXXX (one graph), .xa-tmp-PID-XXXX (a set)
+_STAGING = re.compile(r"^\..*" + STAGING_TAG + r"(\d+)-[^/]+$")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_staging(folder: str | os.PathLike) -> list[Path]:
+    """Remove the hidden staging folders in `folder` left by exports whose process is gone
+    (killed mid-export); returns what was removed. Folders of running exports stay."""
+    removed = []
+    for entry in Path(folder).iterdir():
+        m = _STAGING.match(entry.name)
+        if m and entry.is_dir() and not entry.is_symlink() and int(m.group(1)) != os.getpid() \
+                and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
 def export_graphs(
     names: Sequence[str], bundle: ModuleBundle, output_dir: str | os.PathLike, dtype: str | torch.dtype = torch.float32,
     opset: int = DEFAULT_OPSET, *, progress: bool = True, source: dict | None = None, force: bool = False,
@@ -223,10 +251,26 @@ def export_graphs(
         raise ParameterError("output_dir", str(out), "an existing folder")
     source = source or mf.source_from_bundle(bundle)
     previous = mf.check_source(out, source, force)
-    (out / mf.MANIFEST).unlink(missing_ok=True)  # until the export is complete, the folder is not trusted
-    paths = {}
-    for n in tqdm(names, desc="export", unit="graph", disable=not progress):
-        paths[n] = export_graph(n, bundle, out / f"{n}.onnx", dtype, opset)
+    for stale in remove_stale_staging(out):
+        warnings.warn(f"removed {stale}, left by an interrupted export", stacklevel=2)
+    # The new set is written beside the old one, in a hidden staging folder; the old export
+    # (manifest and graphs) stays valid until every new graph is complete. Then the manifest
+    # goes, the new files move in (renames: quick) and the new manifest is written last.
+    staging = Path(tempfile.mkdtemp(prefix=f".{STAGING_TAG}{os.getpid()}-", dir=out))
+    try:
+        for n in tqdm(names, desc="export", unit="graph", disable=not progress):
+            export_graph(n, bundle, staging / f"{n}.onnx", dtype, opset)
+        (out / mf.MANIFEST).unlink(missing_ok=True)
+        paths = {}
+        for n in names:
+            new = mf.graph_files(staging, n)
+            if staging / f"{n}.onnx.data" not in new:
+                (out / f"{n}.onnx.data").unlink(missing_ok=True)  # an earlier export's external data
+            for f in sorted(new, key=lambda f: f.suffix == ".onnx"):  # the .onnx last: it needs its data
+                os.replace(f, out / f.name)
+            paths[n] = out / f"{n}.onnx"
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     entries = {g: e for g, e in (previous or {}).get("graphs", {}).items()
                if g not in paths and (out / f"{g}.onnx").is_file()}
     dtype_name = str(dtype).removeprefix("torch.")

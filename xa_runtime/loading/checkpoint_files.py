@@ -9,8 +9,11 @@ file needs more.
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import stat
 import struct
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +27,50 @@ _MAX_HEADER_BYTES = 100 * 1024 * 1024  # real headers are a few MB; more means n
 
 Shapes = dict[str, tuple[int, ...]]
 
+_FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def non_regular_kind(path: str | os.PathLike) -> str | None:
+    """What `path` is when it is not a regular file (links followed): "a FIFO (named pipe)",
+    "a character device", ...; None for a regular file or nothing at all. Opening a FIFO
+    blocks until a writer comes, so every checkpoint reader asks this first."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    return next((what for test, what in _FILE_KINDS if test(mode)), "not a regular file")
+
+
+def check_regular_file(path: str | os.PathLike) -> None:
+    """CheckpointError unless `path` is a regular file (or absent: opening it then says so)."""
+    kind = non_regular_kind(path)
+    if kind is not None:
+        raise CheckpointError(f"{path} is not a regular file (it is {kind})")
+
+
+def _header_shapes(path: Path, header: dict[str, Any]) -> Shapes:
+    shapes: Shapes = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                for d in shape)):
+            raise CheckpointError(
+                f"{path} is not a valid .safetensors file: its header entry {name!r} is not a table with a "
+                f"'shape' list of sizes (found {json.dumps(entry)[:80]})"
+            )
+        shapes[name] = tuple(shape)
+    return shapes
+
 
 def read_safetensors_shapes(path: str | Path) -> Shapes:
     """Tensor names and shapes from a .safetensors header, without reading any weights."""
     path = Path(path)
+    check_regular_file(path)
     try:
         with open(path, "rb") as f:
             raw = f.read(8)
@@ -41,7 +84,7 @@ def read_safetensors_shapes(path: str | Path) -> Shapes:
         raise CheckpointError(f"cannot read the .safetensors header of {path}: {e}") from e
     if not isinstance(header, dict):
         raise CheckpointError(f"{path} is not a .safetensors file (its header is not a table)")
-    return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    return _header_shapes(path, header)
 
 
 def _unpickling_reason(e: Exception) -> str:
@@ -54,6 +97,7 @@ def _unpickling_reason(e: Exception) -> str:
 
 
 def _load_pickle(path: Path, mmap: bool) -> dict[str, Any]:
+    check_regular_file(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, OSError, AttributeError) as e:
@@ -67,12 +111,31 @@ def _load_pickle(path: Path, mmap: bool) -> dict[str, Any]:
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict of tensors")
+    odd = [k for k in obj if not isinstance(k, str)]
+    if odd:
+        raise CheckpointError(f"{path} is not a state dict: its keys must be tensor names (strings); "
+                              f"found {len(odd)} others, e.g. {odd[:3]!r}")
     return obj
+
+
+def check_weights_only(path: str | os.PathLike) -> None:
+    """CheckpointError (one line, naming the file) unless the pickle at `path` reads with
+    torch.load(weights_only=True); memory-mapped where the format allows."""
+    path = Path(path)
+    with warnings.catch_warnings():  # torch's note on the pickle protocol says nothing about the refusal
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            _load_pickle(path, mmap=True)
+        except CheckpointError as e:
+            if "mmap" not in str(e):
+                raise
+            _load_pickle(path, mmap=False)
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint file (.safetensors, or a weights-only pickle), on the CPU."""
     path = Path(path)
+    check_regular_file(path)
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
         from safetensors import SafetensorError
@@ -121,6 +184,8 @@ def read_folder_config(
         config = json.loads(config_file.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(f"cannot read {config_file}: {e}") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_file} is not a model config: a JSON object, found a {type(config).__name__}")
     if class_name is not None and config.get("_class_name") != class_name:
         raise ParameterError(param, str(folder), f"{accepted}; its config is a {config.get('_class_name')!r}")
     return config

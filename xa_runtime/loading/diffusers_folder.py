@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,17 @@ def _check_loading_info(info: dict[str, Any], what: str) -> None:
         )
 
 
+def _first_line(e: Exception) -> str:
+    # torch's and diffusers' messages run over many lines; the first says what went wrong.
+    text = str(e)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):  # "Error(s) in loading state_dict for X:" + the first error
+        return f"{lines[0]} {lines[1]}"[:300]
+    return lines[0][:300] if lines else type(e).__name__
+
+
 def load_pretrained(
     cls: Any, folder: Path, subfolder: str | None, dtype: torch.dtype, device: str | torch.device
 ) -> Any:
@@ -38,9 +51,29 @@ def load_pretrained(
     # transformers 5 calls the argument dtype, diffusers still torch_dtype.
     kwargs["dtype" if issubclass(cls, PreTrainedModel) else "torch_dtype"] = dtype
     try:
-        model, info = cls.from_pretrained(folder, **kwargs)
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"cannot load {what}: {e}") from e
+        try:
+            with warnings.catch_warnings():  # torch's pickle-protocol note; a refusal is reported below
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                model, info = cls.from_pretrained(folder, **kwargs)
+        except (OSError, ValueError, RuntimeError) as e:
+            # diffusers wraps torch's refusal in an OSError (a few exceptions deep); report the refusal itself
+            cause: BaseException | None = e
+            for _ in range(8):
+                if cause is None or isinstance(cause, pickle.UnpicklingError):
+                    break
+                cause = cause.__cause__ or cause.__context__
+            if isinstance(cause, pickle.UnpicklingError):
+                raise cause from e
+            raise
+    except pickle.UnpicklingError as e:
+        pickles = sorted(str(p) for p in (folder / (subfolder or "")).glob("*.bin"))
+        raise CheckpointError(
+            f"cannot load {what}: {', '.join(pickles) or 'its weights'} cannot be read with "
+            f"torch.load(weights_only=True) ({_first_line(e)}); this runtime never unpickles arbitrary Python "
+            "objects: convert it to .safetensors with a tool you trust"
+        ) from e
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
+        raise CheckpointError(f"cannot load {what}: {_first_line(e)}") from e
     _check_loading_info(info, what)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 

@@ -19,7 +19,7 @@ from ..models.original_layout import (
 )
 from ..models.presets import PRESETS, ModelPreset
 from .adapter_checkpoint import ADAPTER_SUFFIXES
-from .checkpoint_files import Shapes, read_shapes
+from .checkpoint_files import Shapes, check_regular_file, non_regular_kind, read_shapes
 
 FAMILY_NAMES = {"sd15": "an SD1.5 model", "sdxl": "an SDXL base model"}
 _CONV_IN = UNET_PREFIX + "input_blocks.0.0.weight"
@@ -33,10 +33,14 @@ _ACCEPTED = {
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    check_regular_file(path)
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"cannot read {path}: {e}") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} is not a model config: a JSON object, found a {type(config).__name__}")
+    return config
 
 
 def family_of_unet_config(config: Mapping[str, Any]) -> str:
@@ -139,7 +143,7 @@ def _check_vae(path: Path) -> None:
 
 
 def _check_adapter(path: Path) -> None:
-    if not path.is_file():
+    if path.is_dir():
         raise CheckpointError("this is a folder, not a checkpoint file")
     if path.suffix.lower() not in ADAPTER_SUFFIXES:
         raise CheckpointError(f"unknown suffix {path.suffix!r}")
@@ -185,6 +189,9 @@ def check_model_path(path: str | os.PathLike | None, family: str, param: str) ->
         raise ParameterError(param, str(path), f"{accepted}; nothing exists at this path")
     if not os.access(p, os.R_OK):
         raise ParameterError(param, str(path), f"{accepted}; this path is not readable")
+    kind = non_regular_kind(p)
+    if kind is not None and kind != "a folder":
+        raise ParameterError(param, str(path), f"{accepted}; this is not a regular file (it is {kind})")
     try:
         if family == "adapter":
             _check_adapter(p)

@@ -13,6 +13,9 @@ from PIL import Image
 from ..errors import ParameterError
 
 log = logging.getLogger("xa_runtime")
+# Largest image a user may hand in, decoded (xa-serve's default max_image_pixels too): checked
+# from the header before decoding, so a small file that expands to gigabytes is refused.
+MAX_IMAGE_PIXELS = 4096 * 4096
 
 
 def image_to_tensor(image: Any, height: int, width: int, batch: int, name: str = "image") -> torch.Tensor:

@@ -117,7 +117,26 @@ def load_lora(path: str | Path) -> LoraWeights:
     """Parse a LoRA file (.safetensors, or .bin/.pt/.pth/.ckpt via torch.load(weights_only=True)).
     No model is needed; the tensors stay on the CPU in the file's dtype."""
     state, config = read_lora_file(path)
+    check_finite_factors(state, str(path))
     return parse_lora(state, config, str(path))
+
+
+MAX_FACTOR_ABS = 1e4  # LoRA factors are O(1) or far smaller; beyond this the weight changes overflow
+
+
+def check_finite_factors(state: Mapping[str, torch.Tensor], source: str) -> None:
+    """CheckpointError naming `source` and the first bad key when a tensor holds NaN, inf or a
+    magnitude over MAX_FACTOR_ABS: found when the file loads, not as NaN images after a run."""
+    for key, value in state.items():
+        if not value.is_floating_point() or value.numel() == 0:
+            continue
+        v = value.float()
+        if not torch.isfinite(v).all():
+            raise CheckpointError(f"{source}: LoRA tensor {key} holds NaN or infinite values")
+        peak = float(v.abs().max())
+        if peak > MAX_FACTOR_ABS:
+            raise CheckpointError(f"{source}: LoRA tensor {key} holds a value of magnitude {peak:.3g}; "
+                                  f"accepted: at most {MAX_FACTOR_ABS:g}")
 
 
 def module_index(model: nn.Module, optional_prefix: str = "") -> dict[str, nn.Module]:

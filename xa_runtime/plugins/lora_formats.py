@@ -235,15 +235,42 @@ def parse_lora_state(
         if kind is None or not any(req <= set(factors) for req in _REQUIRED[kind]):
             broken.append(f"{g['stem']} (has {sorted(factors) or 'only alpha'})")
             continue
+        if alpha_tensor is not None and (not isinstance(alpha_tensor, torch.Tensor) or alpha_tensor.numel() != 1
+                                         or not torch.isfinite(alpha_tensor.float()).all()):
+            shape = tuple(alpha_tensor.shape) if isinstance(alpha_tensor, torch.Tensor) else type(alpha_tensor).__name__
+            broken_alpha = f"{source}: {g['stem']}.alpha must be one finite number; found {shape}"
+            raise CheckpointError(broken_alpha)
         alpha = float(alpha_tensor) if alpha_tensor is not None else None
         layer = LoraLayer(target, module, g["stem"], kind, factors, alpha or None)  # alpha 0 means rank (kohya)
         if alpha_tensor is None and config:
             layer.alpha = _config_alpha(config, target, module, layer.rank)
         layers.append(layer)
+    for layer in layers:
+        problem = factor_shape_problem(layer)
+        if problem:
+            raise CheckpointError(f"{source}: LoRA layer {layer.stem}: {problem}")
     if broken:
         raise CheckpointError(f"{source}: LoRA layers with missing factors: {broken[:5]}"
                               + (f" and {len(broken) - 5} more" if len(broken) > 5 else ""))
     return layers, unknown
+
+
+def factor_shape_problem(layer: LoraLayer) -> str | None:
+    """Why the factors of `layer` cannot multiply (ranks that disagree, wrong dimensions); None if they fit."""
+    f = layer.factors
+    dims = {k: tuple(v.shape) for k, v in f.items()}
+    if any(len(d) not in (2, 4) for d in dims.values()):
+        return f"factors must be matrices or conv kernels; shapes {dims}"
+    pairs = {"lora": [("down", 0, "up", 1)],
+             "loha": [("w1_a", 1, "w1_b", 0), ("w2_a", 1, "w2_b", 0)],
+             "lokr": [("w1_a", 1, "w1_b", 0), ("w2_a", 1, "w2_b", 0)]}[layer.kind]
+    for a, ai, b, bi in pairs:
+        if a in dims and b in dims and dims[a][ai] != dims[b][bi]:
+            return f"ranks disagree: {a} {dims[a]} and {b} {dims[b]}"
+    if layer.kind == "loha" and f["w1_a"].shape[0] != f["w2_a"].shape[0] or \
+            layer.kind == "loha" and f["w1_b"].shape[1] != f["w2_b"].shape[1]:
+        return f"the two Hadamard factors differ in shape: {dims}"
+    return None
 
 
 def _pattern_value(patterns: Mapping[str, Any], module: str) -> Any:
