@@ -2,13 +2,14 @@
 # GPU validation in one device call (see README "What ran where"): the GPU-marked tests,
 # the kernel benchmark, the stage-2 profile and xa-bench at full size with random weights.
 # Steps (STEPS="..."): tests kernels profile latency (default), runtime-tests runtime
-# components (the lean runtime, issue 7: run these first in a new GPU session), throughput.
+# components (the lean runtime: run these first in a new GPU session), throughput.
 # A session has ~15 min of device time, machine start included, and one call may run 10 min
 # (the step timeouts keep each call below under 600 s; a step cut short still leaves its log):
-#   call 1: STEPS="runtime-tests runtime components" PACK=1   (issue 7, never run yet)
-#   call 2: STEPS="tests kernels profile" PACK=1              (issue 6: conv epilogues, the
-#           GroupNorm kernel, the mixed layout and the layout-keeping swaps, added 2026-11-30,
-#           never run; the rest re-measured)
+#   call 1: STEPS="runtime-tests runtime components" PACK=1   (the lean runtime, never run on a GPU)
+#   call 2: STEPS="tests kernels profile" PACK=1              (conv epilogues, the GroupNorm kernel,
+#           the mixed layout and the layout-keeping swaps, never run; the rest re-measured)
+# The GPU image has torch, triton, onnx and onnxruntime but not diffusers: carry the wheels of
+# diffusers, importlib_metadata and lazy_loader (a runtime dependency) in .whl/.
 # Run from the repository root on a CUDA machine; results go to $OUT (default ./out/gpu).
 set -uo pipefail
 OUT="${OUT:-out/gpu}"; mkdir -p "$OUT"
