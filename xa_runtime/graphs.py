@@ -188,6 +188,14 @@ _SD15 = {"B": UNET_ROWS, "H": SD15_LATENT, "W": SD15_LATENT, "T": TOKENS}
 # the UNet's attn2 layers in attn_processors order, 16 for SD1.5).
 IP_INPUTS = (_t("ip_tokens", "float", "B", "N", "ctx"), _t("ip_scale", "float32", "ip_layers"))
 _SDXL = {"B": UNET_ROWS, "H": SDXL_LATENT, "W": SDXL_LATENT, "T": TOKENS}
+# The SDXL side of the mapping: SD1.5's features as the mapping takes them (H/W: the SDXL latent
+# grid), its residuals, SDXL's added conditions and the two injection scales.
+_MAPPING_FEATURES = (_t("f0", "float", "B", "c_f0", "H/4", "W/4"), _t("f1", "float", "B", "c_f1", "H/2", "W/2"),
+                     _t("f2", "float", "B", "c_f2", "H/2", "W/2"))
+_RESIDUALS = (_t("r0", "float", "B", "c_r0", "H/4", "W/4"), _t("r1", "float", "B", "c_r1", "H/2", "W/2"),
+              _t("r2", "float", "B", "c_r2", "H", "W"))
+_SDXL_ADDED = (_t("text_embeds", "float", "B", "pooled"), _t("time_ids", "float", "B", 6))
+_INJECTION_SCALES = (_t("adapter_condition_scale", "float32", 1), _t("fusion_guidance_scale", "float32", 1))
 
 
 def _vae_graphs(prefix: str, latent: DimRange, needs: str) -> tuple[GraphSpec, GraphSpec]:
@@ -236,22 +244,13 @@ _GRAPHS = (
               "SD1.5 T2I-Adapter: control image in [0, 1] (grey for 1-channel adapters) -> its 4 features, unscaled "
               "(inputs of sd15_unet_t2i once scaled)", ("sd15", "t2i_adapter"), role="plugin"),
     GraphSpec(
-        "mapping",
-        (_t("f0", "float", "B", "c_f0", "H/4", "W/4"), _t("f1", "float", "B", "c_f1", "H/2", "W/2"),
-         _t("f2", "float", "B", "c_f2", "H/2", "W/2")),
-        (_t("r0", "float", "B", "c_r0", "H/4", "W/4"), _t("r1", "float", "B", "c_r1", "H/2", "W/2"),
-         _t("r2", "float", "B", "c_r2", "H", "W")),
+        "mapping", _MAPPING_FEATURES, _RESIDUALS,
         {d: r for d, r in _SDXL.items() if d != "T"}, (), "X-Adapter mapping layers, H/W the SDXL latent grid; r not yet scaled", ("mapping",),
         role="mapping",
     ),
     GraphSpec(
         "sdxl_unet",
-        _LATENT_IN + (
-            _t("text_embeds", "float", "B", "pooled"), _t("time_ids", "float", "B", 6),
-            _t("r0", "float", "B", "c_r0", "H/4", "W/4"), _t("r1", "float", "B", "c_r1", "H/2", "W/2"),
-            _t("r2", "float", "B", "c_r2", "H", "W"),
-            _t("adapter_condition_scale", "float32", 1), _t("fusion_guidance_scale", "float32", 1),
-        ),
+        _LATENT_IN + _SDXL_ADDED + _RESIDUALS + _INJECTION_SCALES,
         (_t("eps", "float", "B", 4, "H", "W"),), _SDXL, UNET_LORA_WEIGHTS,
         "SDXL UNet with the residuals injected (mid_block, up_blocks[0], up_blocks[1] outputs): h + acs*r, or "
         "with fusion_guidance_scale s >= 0 h + s*(acs*r - h); s < 0 means plain add (encode_fusion)",
@@ -259,12 +258,7 @@ _GRAPHS = (
     ),
     GraphSpec(
         "sdxl_unet_fused",
-        _LATENT_IN + (
-            _t("text_embeds", "float", "B", "pooled"), _t("time_ids", "float", "B", 6),
-            _t("f0", "float", "B", "c_f0", "H/4", "W/4"), _t("f1", "float", "B", "c_f1", "H/2", "W/2"),
-            _t("f2", "float", "B", "c_f2", "H/2", "W/2"),
-            _t("adapter_condition_scale", "float32", 1), _t("fusion_guidance_scale", "float32", 1),
-        ),
+        _LATENT_IN + _SDXL_ADDED + _MAPPING_FEATURES + _INJECTION_SCALES,
         (_t("eps", "float", "B", 4, "H", "W"),), _SDXL, UNET_LORA_WEIGHTS,
         "mapping + sdxl_unet in one graph: SD1.5 features f0..f2 in (as mapping takes them), the residuals "
         "made and injected inside; the mapping weights are not refittable",
