@@ -41,7 +41,9 @@ BASELINE_NAMES = ("sdxl-alone", "mapping")
 MAX_CONCURRENCY = 16
 BENCH_PLUGINS = ("lora", "controlnet", "t2i")  # --plugins: built with random weights
 # The package each variant needs (checked before loading; named in the error).
-VARIANT_PACKAGES = {"kernels": "triton", "onnxruntime": "onnxruntime", "tensorrt": "tensorrt"}
+# variant -> the package it needs (tensorrt: availability.tensorrt_installed, below, which tells
+# the real library from tensorrt-stubs)
+VARIANT_PACKAGES = {"kernels": "triton", "onnxruntime": "onnxruntime"}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -132,11 +132,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return report(str(e), debug)
     except ParameterError as e:
         return report(parameter_error_line(e, e.name), debug)
-    try:
-        from ..engines import build
-    except ImportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    from ..availability import NOT_INSTALLED, tensorrt_installed
+
+    if not tensorrt_installed():  # neither the library nor only tensorrt-stubs can build
+        return report(NOT_INSTALLED, debug)
+    from ..engines import build
     if args.tiny or any(getattr(args, f[2:]) for f in MODEL_FLAGS):
         from .export import main as export_main
 
