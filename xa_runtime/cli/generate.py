@@ -42,7 +42,6 @@ from .usage import (
     UsageError,
     add_debug_argument,
     check_output_files,
-    check_text,
     debug_requested,
     parameter_error_line,
     report,
@@ -391,9 +390,6 @@ def check_inputs(args: argparse.Namespace) -> tuple[bool, GenerationParams, Path
     tiny = uses_tiny_models(args)
     check_tiny_seed(args)
     args.threads = check_threads(args)
-    for flag in ("--prompt", "--prompt-sd15", "--negative-prompt"):
-        for text in getattr(args, flag[2:].replace("-", "_")) or []:
-            check_text(flag, text)
     params = params_from_args(args)
     # A check only: sizes left unset resolve to the loaded models' own defaults in generate.
     validate(params, size_rules(tiny))

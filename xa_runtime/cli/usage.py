@@ -1,7 +1,7 @@
 """What the command-line tools share about bad input: the exception for a bad command line,
 an argparse parser that raises it instead of printing its usage dump, the one-line
-message for a ParameterError, --debug (tracebacks only on request), and the checks that
-the tools share: text that is valid UTF-8, output files that can be written."""
+message for a ParameterError, --debug (tracebacks only on request), and the check of the
+output files a run will write (prompts' text is checked by pipeline.params.validate)."""
 
 from __future__ import annotations
 
@@ -48,17 +48,6 @@ def report(line: str, debug: bool) -> int:
         traceback.print_exc()
     print(f"error: {line}", file=sys.stderr)
     return 2
-
-
-def check_text(flag: str, value: str | None) -> None:
-    """ParameterError unless `value` is text that encodes as UTF-8 (Python turns argv bytes that
-    are not UTF-8 into lone surrogates, which no tokenizer, file or terminal takes)."""
-    if value is None:
-        return
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ParameterError(flag, value, "valid UTF-8 text (the command line held bytes that are not UTF-8)") from None
 
 
 def check_output_files(flag: str, value: str, paths: Sequence[Path]) -> None:

@@ -65,7 +65,7 @@ def default_threads() -> int:
     ones other processes keep busy (the 1-minute load average), at least 1 and at most 4.
     torch's own default (every core) collapses on a shared machine: OpenMP threads wait for
     each other at every op, so one thread descheduled by another process stalls them all
-    (issue 19: 28 s median, 83 s worst on a busy 2-core machine against 3.4 s with one thread);
+    (28 s median, 83 s worst measured on a busy 2-core machine against 3.4 s with one thread);
     past ~4 threads the small convolutions of a UNet step gain little.
     """
     env = os.environ.get("OMP_NUM_THREADS", "")

@@ -99,12 +99,25 @@ def _integer(name: str, value: Any, lo: int, hi: int) -> None:
 
 def _prompt_list(name: str, value: Any, n: int | None) -> int:
     if isinstance(value, str):
+        _unicode(name, value)
         return 1 if n is None else n
     if not isinstance(value, (list, tuple)) or not value or not all(isinstance(p, str) for p in value):
         raise ParameterError(name, value, "a string or a non-empty list of strings")
     if n is not None and len(value) != n:
         raise ParameterError(name, value, f"a string or a list of {n} strings, one per prompt")
+    for text in value:
+        _unicode(name, text)
     return len(value)
+
+
+def _unicode(name: str, text: str) -> None:
+    # Lone surrogates reach here from JSON ("\ud800") and from command lines whose bytes are not
+    # UTF-8 (Python decodes argv with surrogateescape); no tokenizer, file or terminal takes them.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ParameterError(name, text, "text that encodes as UTF-8 (no lone surrogate code points, which "
+                                         "bytes that are not UTF-8 on a command line become)") from None
 
 
 def _side(name: str, value: int, multiple: int, hi: int) -> None:

@@ -88,17 +88,6 @@ def _request_model(limits: Limits = Limits(), rules: SizeRules = SizeRules(), pl
             # JSON Schema counts 2.0 as an integer; strict mode alone would refuse it (true stays refused)
             return int(value) if isinstance(value, float) and value.is_integer() else value
 
-        @field_validator("prompt", "prompt_sd15", "negative_prompt", "scheduler")
-        @classmethod
-        def _encodable(cls, value: Any) -> Any:
-            # JSON may carry lone surrogates ("\\ud800"), which no tokenizer can encode.
-            for text in [value] if isinstance(value, str) else value or []:
-                try:
-                    text.encode("utf-8")
-                except UnicodeEncodeError:
-                    raise ValueError("text that is valid Unicode (no lone surrogate code points)") from None
-            return value
-
     return GenerateRequest
 
 
