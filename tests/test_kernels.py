@@ -118,8 +118,8 @@ def test_dispatch_falls_back_to_reference_without_triton_device(monkeypatch):
 @pytest.mark.parametrize("fusion", [None, 0.3])
 def test_remap_inject_reference_is_the_models_injection(fusion):
     """The kernel's own reference (kernels import no models) equals the mapping's zero_out
-    conv followed by models.branches.inject_residual, the pipeline's plain path."""
-    from xa_runtime.models.branches import inject_residual
+    conv followed by models.mapping.inject_residual, the pipeline's plain path."""
+    from xa_runtime.models.mapping import inject_residual
 
     x, weight, bias, hidden = _inputs(SHAPES[0], torch.float32, False, "cpu", seed=3)
     residual = torch.nn.functional.conv2d(x, weight, bias)

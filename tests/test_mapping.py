@@ -63,3 +63,29 @@ def test_full_size_parameter_count():
         m = MappingLayers()
     assert sum(p.numel() for p in m.parameters()) == 212_914_240
     assert len(m.state_dict()) == 48
+
+
+@pytest.mark.parametrize("config", [MappingConfig(), MappingConfig((128, 64, 32), (128, 128, 64)),
+                                    MappingConfig((32, 16, 8), (32, 32, 16), blocks_per_stage=2)])
+def test_config_read_off_a_state_dict(config):
+    state = MappingLayers(config).state_dict()
+    assert MappingConfig.from_state_dict(state) == config
+
+
+def test_config_of_a_foreign_state_dict_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from xa_runtime.errors import CheckpointError
+    from xa_runtime.loading import load_mapping
+
+    with pytest.raises(ValueError, match="not an X-Adapter mapping checkpoint"):
+        MappingConfig.from_state_dict({"conv_in.weight": torch.zeros(1)})
+    path = tmp_path / "unet.safetensors"
+    save_file({"body.0.block1.weight": torch.zeros(4, 4, 3, 3)}, path)
+    with pytest.raises(CheckpointError, match="unet.safetensors: not an X-Adapter mapping checkpoint"):
+        load_mapping(path)
+    tiny = MappingLayers(MappingConfig((32, 16, 8), (32, 32, 16)))
+    save_file({k: v.contiguous() for k, v in tiny.state_dict().items()}, path)
+    loaded = load_mapping(path)  # widths read off the file
+    assert loaded.config == tiny.config
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), tiny.state_dict().values()))

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from xa_runtime.errors import ParameterError
+from xa_runtime.models.mapping import fit_features
 from xa_runtime.pipeline import XAdapterPipeline
 from xa_runtime.plugins.controlnet import ControlNetPlugin, build_tiny_controlnet
 from xa_runtime.runtime import MIXED_LAYOUT, RuntimeConfig, Stage2Scheduler
@@ -40,7 +41,7 @@ class ReferenceLoopPipeline(XAdapterPipeline):
             x15 = st.sampler15.scale_model_input(self._cfg_batch(lat15, cfg), t)
             eps15, feats = self.sd15_branch(x15, t, st.emb15, **st.unet_kwargs("stage2", i, k, t, x15))
             lat15 = st.sampler15.step(eps15, t, lat15, guidance)
-            injections = self._injections(self._fit_features(feats, st.latent_hw), p.adapter_condition_scale,
+            injections = self._injections(fit_features(feats, st.latent_hw), p.adapter_condition_scale,
                                           p.fusion_guidance_scale)
             epsxl = self.sdxl_branch(st.samplerxl.scale_model_input(self._cfg_batch(latxl, cfg), t), t, st.embxl,
                                      st.xl_cond, injections=injections)

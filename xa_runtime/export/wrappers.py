@@ -148,7 +148,7 @@ class SDXLUNetGraph(nn.Module):
         self.__dict__["branch"] = SDXLBranch(unet)
 
     def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, r0, r1, r2, acs, fusion):
-        # the branch's own injection (models.branches.inject_residual) with tensor scales;
+        # the branch's own injection (models.mapping.inject_residual) with tensor scales;
         # fusion carries graphs.encode_fusion's value (negative: plain add)
         cond = {"text_embeds": text_embeds, "time_ids": time_ids}
         return self.branch(sample, timestep, encoder_hidden_states, cond, residuals=(r0, r1, r2),

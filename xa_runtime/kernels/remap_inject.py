@@ -23,7 +23,7 @@ def remap_inject_reference(
     fusion_guidance_scale: float | None = None,
 ) -> torch.Tensor:
     """The plain torch ops the kernel replaces (returns a new tensor): the 1x1 conv, then
-    the injection of models.branches.inject_residual (tests keep the two equal)."""
+    the injection of models.mapping.inject_residual (tests keep the two equal)."""
     residual = F.conv2d(x, weight.reshape(weight.shape[0], -1, 1, 1), bias)
     r = residual.to(hidden.dtype) * scale
     if fusion_guidance_scale is None:

@@ -1,13 +1,22 @@
 """Everything read from disk, offline only: SD1.5/SDXL diffusers folders and single-file
 checkpoints (configs bundled from the presets), replacement VAEs, the X-Adapter mapping
 checkpoint. Pickles are only ever read with `torch.load(weights_only=True)`.
+
+The names load on first use, so that `xa_runtime.loading.adapter_checkpoint` (torch and
+safetensors only) is importable without diffusers, as the ComfyUI node pack needs.
 """
 
-from .adapter_checkpoint import load_mapping
-from .base_models import load_sd15, load_sdxl
-from .family import check_model_path, detect_family
-from .single_file import single_file_config_folder
-from .vae import load_vae
+from __future__ import annotations
+
+import lazy_loader
+
+__getattr__, __dir__, _ = lazy_loader.attach(__name__, submod_attrs={
+    "adapter_checkpoint": ["load_mapping"],
+    "base_models": ["load_sd15", "load_sdxl"],
+    "family": ["check_model_path", "detect_family"],
+    "single_file": ["single_file_config_folder"],
+    "vae": ["load_vae"],
+})
 
 __all__ = [
     "check_model_path",

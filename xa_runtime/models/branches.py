@@ -15,37 +15,14 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
 
+from .mapping import inject_residual
+
 # Where X-Adapter reads and writes (xadapter.md, "Shapes").
 SD15_CAPTURE_BLOCKS = (1, 2, 3)  # up_blocks indices whose outputs are f0, f1, f2
 
+__all__ = ["SD15Branch", "SDXLBranch", "ResidualInjection", "inject_residual"]
+
 Injection = Callable[[torch.Tensor], torch.Tensor]  # SDXL hidden state -> hidden state + residual
-
-
-def inject_residual(
-    hidden: torch.Tensor, residual: torch.Tensor, scale: float | torch.Tensor,
-    fusion_guidance_scale: float | torch.Tensor | None = None,
-) -> torch.Tensor:
-    """h + scale*r ("ADD" fusion) or, with a fusion guidance scale s, h + s*(scale*r - h).
-
-    hidden, residual: B x C x H x W of the same shape. This is the reference the fused
-    Triton remap-inject kernel is tested against. Exported graphs pass `scale` and
-    `fusion_guidance_scale` as 1-element tensors, the latter encoded as graphs.encode_fusion
-    does (negative: None, the plain add), chosen inside the graph by torch.where.
-    """
-    if residual.shape != hidden.shape:
-        raise ValueError(
-            f"residual of shape {tuple(residual.shape)} cannot be added to an SDXL hidden state of shape "
-            f"{tuple(hidden.shape)}"
-        )
-    if isinstance(scale, torch.Tensor):
-        scale = scale.to(hidden.dtype)
-    r = residual.to(hidden.dtype) * scale
-    if isinstance(fusion_guidance_scale, torch.Tensor):
-        return torch.where(fusion_guidance_scale < 0, hidden + r,
-                           hidden + fusion_guidance_scale.to(hidden.dtype) * (r - hidden))
-    if fusion_guidance_scale is None:
-        return hidden + r
-    return hidden + fusion_guidance_scale * (r - hidden)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -38,6 +39,26 @@ class MappingConfig:
             )
         sdxl_rev = list(reversed(sdxl))
         return cls(in_channels=(sd15[1], sd15[2], sd15[3]), out_channels=(sdxl[-1], sdxl_rev[0], sdxl_rev[1]))
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any]) -> "MappingConfig":
+        """The widths a mapping-layer state dict (released names) was trained for, read off
+        its tensor shapes; ValueError when `state` does not look like one."""
+        blocks = {int(k.split(".")[1]) for k in state if k.startswith("body.") and k.endswith(".block1.weight")}
+        if not blocks or len(blocks) % 3 or blocks != set(range(len(blocks))):
+            raise ValueError(
+                "not an X-Adapter mapping checkpoint: expected tensors body.0.block1.weight .. "
+                f"body.N.block1.weight in three equal stages, found {len(blocks)} such blocks"
+            )
+        n = len(blocks) // 3
+        ins, outs = [], []
+        for stage in range(3):
+            first = f"body.{stage * n}"
+            out_c = int(state[f"{first}.block1.weight"].shape[0])
+            conv = state.get(f"{first}.in_conv.weight")
+            ins.append(int(conv.shape[1]) if conv is not None else out_c)
+            outs.append(out_c)
+        return cls(in_channels=tuple(ins), out_channels=tuple(outs), blocks_per_stage=n)
 
 
 class Upsample2x(nn.Module):
@@ -113,3 +134,41 @@ class MappingLayers(nn.Module):
 
     def forward(self, f0: torch.Tensor, f1: torch.Tensor, f2: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(conv(h) for conv, h in zip(self.zero_out, self.features(f0, f1, f2)))
+
+
+def inject_residual(
+    hidden: torch.Tensor, residual: torch.Tensor, scale: float | torch.Tensor,
+    fusion_guidance_scale: float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """h + scale*r ("ADD" fusion) or, with a fusion guidance scale s, h + s*(scale*r - h).
+
+    hidden, residual: B x C x H x W of the same shape. This is the reference the fused
+    Triton remap-inject kernel is tested against. Exported graphs pass `scale` and
+    `fusion_guidance_scale` as 1-element tensors, the latter encoded as graphs.encode_fusion
+    does (negative: None, the plain add), chosen inside the graph by torch.where.
+    """
+    if residual.shape != hidden.shape:
+        raise ValueError(
+            f"residual of shape {tuple(residual.shape)} cannot be added to an SDXL hidden state of shape "
+            f"{tuple(hidden.shape)}"
+        )
+    if isinstance(scale, torch.Tensor):
+        scale = scale.to(hidden.dtype)
+    r = residual.to(hidden.dtype) * scale
+    if isinstance(fusion_guidance_scale, torch.Tensor):
+        return torch.where(fusion_guidance_scale < 0, hidden + r,
+                           hidden + fusion_guidance_scale.to(hidden.dtype) * (r - hidden))
+    if fusion_guidance_scale is None:
+        return hidden + r
+    return hidden + fusion_guidance_scale * (r - hidden)
+
+
+def fit_features(feats: tuple[torch.Tensor, ...], latent_hw: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+    """Resize f0 to 1/4 and f1, f2 to 1/2 of SDXL's latent grid `latent_hw` when SD1.5 is
+    not exactly half the SDXL size (bilinear); a no-op at the released 2x ratio."""
+    h, w = latent_hw
+    targets = ((h // 4, w // 4), (h // 2, w // 2), (h // 2, w // 2))
+    return tuple(
+        f if tuple(f.shape[-2:]) == size else F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+        for f, size in zip(feats, targets)
+    )

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from ..errors import NonFiniteError, ParameterError
 from ..models.branches import Injection, ResidualInjection
+from ..models.mapping import fit_features
 from ..plugins.base import PluginContext, SD15StepPlugin, StepInfo, check_required_plugins, merge_unet_kwargs
 from ..runtime.memory import peak_memory_bytes, reset_peak_memory
 from ..runtime.timing import StageTimer
@@ -290,7 +291,7 @@ class XAdapterPipeline(DiffusersCallMixin, XAdapterLoadersMixin, XAdapterPipelin
     def _sdxl_forward(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, text_embeds: torch.Tensor,
                       time_ids: torch.Tensor, feats: tuple[torch.Tensor, ...], acs: float, fusion: float | None):
         """Mapping + SDXL with the residuals injected -> eps."""
-        injections = self._injections(self._fit_features(feats, x.shape[-2:]), acs, fusion)
+        injections = self._injections(fit_features(feats, x.shape[-2:]), acs, fusion)
         cond = {"text_embeds": text_embeds, "time_ids": time_ids}
         return self.sdxl_branch(x, t, emb, cond, injections=injections).contiguous()
 
@@ -327,17 +328,6 @@ class XAdapterPipeline(DiffusersCallMixin, XAdapterLoadersMixin, XAdapterPipelin
         posterior = vae.encode(pixels).latent_dist
         eps = torch.randn(posterior.mean.shape, generator=generator, device=generator.device).to(posterior.mean.device, posterior.mean.dtype)
         return (posterior.mean + posterior.std * eps) * vae.config.scaling_factor
-
-    @staticmethod
-    def _fit_features(feats: tuple[torch.Tensor, ...], latent_hw: tuple[int, int]) -> tuple[torch.Tensor, ...]:
-        """Resize f0 to 1/4 and f1, f2 to 1/2 of SDXL's latent grid when SD1.5 is not exactly
-        half the SDXL size (bilinear); a no-op at the released 2x ratio."""
-        h, w = latent_hw
-        targets = ((h // 4, w // 4), (h // 2, w // 2), (h // 2, w // 2))
-        return tuple(
-            f if tuple(f.shape[-2:]) == size else F.interpolate(f, size=size, mode="bilinear", align_corners=False)
-            for f, size in zip(feats, targets)
-        )
 
     def _decode(self, latents: torch.Tensor, output_type: str) -> Any:
         if output_type == "latent":
