@@ -332,9 +332,11 @@ class XAdapterGuider(comfy.samplers.CFGGuider):
     def residuals(self, features: dict[int, tuple[torch.Tensor, ...]], latent_hw: tuple[int, int]) -> dict:
         """Mapping layers on each cond index's features -> (r0, r1, r2), not yet scaled."""
         weight = next(self.mapping.parameters())
-        out = {}
+        order = sorted(features)
+        rows = [features[i][0].shape[0] for i in order]
+        # cond and uncond through the mapping layers in one batch, as the pipeline does
+        feats = tuple(torch.cat([features[i][n] for i in order]).to(weight.device, weight.dtype) for n in range(3))
         with torch.no_grad():
-            for index, feats in features.items():
-                feats = fit_features(tuple(f.to(weight.device, weight.dtype) for f in feats), tuple(latent_hw))
-                out[index] = self.mapping(*feats)
-        return out
+            residuals = self.mapping(*fit_features(feats, tuple(latent_hw)))
+        split = [r.split(rows) for r in residuals]
+        return {index: tuple(s[j] for s in split) for j, index in enumerate(order)}
