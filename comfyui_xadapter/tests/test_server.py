@@ -212,3 +212,37 @@ def test_bad_inputs_are_node_errors_and_the_server_keeps_serving(server):
     # still serving: a good prompt runs after the errors
     assert server.proc.poll() is None
     assert _run_ok(server, tiny_workflow(seed=3)).is_file()
+
+
+UI_WORKFLOW = REPO / "comfyui_xadapter" / "workflows" / "xadapter_lora_ui.json"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_ui_workflow_loads_in_comfyuis_own_frontend(server):
+    """The UI-format example, loaded by ComfyUI's web frontend (its bundled package, in
+    headless Debian chromium), turns back into exactly the API-format example: the
+    frontend's own graphToPrompt is the judge of the UI file."""
+    if CHROMIUM is None:
+        pytest.skip("no chromium on PATH (Debian: apt-get install chromium; .ci/run installs it)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is installed in ComfyUI's venv by .ci/run")
+    ui, api = json.loads(UI_WORKFLOW.read_text()), json.loads(WORKFLOW.read_text())
+    flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+             "--disable-sync", "--no-first-run"]
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=flags)
+        try:
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(server.url, timeout=120_000)
+            page.wait_for_function("() => window.app && window.app.graph && window.app.canvas", timeout=120_000)
+            page.evaluate("async (wf) => { await window.app.loadGraphData(wf); }", ui)
+            output = page.evaluate("async () => (await window.app.graphToPrompt()).output")
+        finally:
+            browser.close()
+    assert set(output) == set(api), (sorted(output), sorted(api))
+    for node_id, node in api.items():
+        got = output[node_id]
+        assert got["class_type"] == node["class_type"], node_id
+        assert got["inputs"] == node["inputs"], (node_id, got["inputs"], node["inputs"])
+    assert not [e for e in errors if "X-Adapter" in e or "XAdapter" in e], errors
