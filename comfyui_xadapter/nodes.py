@@ -5,7 +5,7 @@ a KSampler on the SD1.5 MODEL (stage 1, with whatever LoRA, ControlNet or IP-Ada
 nodes act on it), then `XAdapterSampler`, which hands the SD1.5 result over to SDXL
 (SD1.5 VAE decode -> resize -> SDXL VAE encode) and runs the last `adapter_guidance_start`
 share of the SDXL schedule with the `XAdapterGuider` (both branches in lockstep, SD1.5's
-decoder features mapped into SDXL's decoder). Workflows: `workflows/` beside this file.
+decoder features mapped into SDXL's decoder). Workflows: `example_workflows/` beside this file (ComfyUI lists them as templates).
 """
 
 from __future__ import annotations

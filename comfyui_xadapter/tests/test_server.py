@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 
 from conftest import COMFYUI, REPO
 
-WORKFLOW = REPO / "comfyui_xadapter" / "workflows" / "xadapter_lora_api.json"
+WORKFLOW = REPO / "comfyui_xadapter" / "example_workflows" / "xadapter_lora_api.json"
 STARTUP_S, RUN_S = 240, 600
 
 
@@ -168,6 +168,9 @@ def test_pack_is_listed(server):
     for name in ("XAdapterLoader", "XAdapterGuider", "XAdapterSampler"):
         assert name in info, f"{name} not registered:\n" + server.log_tail()
     assert "X_Adapter_tiny.safetensors" in info["XAdapterLoader"]["input"]["required"]["adapter_name"][0]
+    # example_workflows/ is where ComfyUI's template browser looks for a pack's workflows
+    templates = server.get("/workflow_templates")
+    assert {"xadapter_lora_api", "xadapter_lora_ui"} <= set(templates.get("comfyui_xadapter", [])), templates
 
 
 def test_example_workflow_writes_the_png(server):
@@ -214,7 +217,7 @@ def test_bad_inputs_are_node_errors_and_the_server_keeps_serving(server):
     assert _run_ok(server, tiny_workflow(seed=3)).is_file()
 
 
-UI_WORKFLOW = REPO / "comfyui_xadapter" / "workflows" / "xadapter_lora_ui.json"
+UI_WORKFLOW = REPO / "comfyui_xadapter" / "example_workflows" / "xadapter_lora_ui.json"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 

@@ -1,13 +1,13 @@
 """The example workflows against ComfyUI's real node definitions (no models are loaded).
 
-API format (`workflows/xadapter_lora_api.json`):
+API format (`example_workflows/xadapter_lora_api.json`):
 * every class_type is one of ComfyUI's nodes or the pack's, every input it sets is one of
   that node's INPUT_TYPES inputs and every required input is set;
 * every link reads an existing output slot whose type the input accepts (ComfyUI's own
   check, comfy_execution.validation.validate_node_input).
 
-UI format (`workflows/xadapter_lora_ui.json`, for dragging into the ComfyUI page):
-* it is exactly what `workflows/api_to_ui.py` makes of the API file, so the two cannot
+UI format (`example_workflows/xadapter_lora_ui.json`, for dragging into the ComfyUI page):
+* it is exactly what `example_workflows/api_to_ui.py` makes of the API file, so the two cannot
   drift apart (regenerate it with that script after editing the API file);
 * it has the shape of the frontend's schema 0.4 workflow (nodes, 6-field links, ids,
   a topological "order");
@@ -28,7 +28,7 @@ import pytest
 
 from conftest import REPO
 
-WORKFLOWS = REPO / "comfyui_xadapter" / "workflows"
+WORKFLOWS = REPO / "comfyui_xadapter" / "example_workflows"
 API_WORKFLOW = WORKFLOWS / "xadapter_lora_api.json"
 UI_WORKFLOW = WORKFLOWS / "xadapter_lora_ui.json"
 
@@ -117,11 +117,11 @@ def test_api_links_read_existing_slots_of_matching_type(api, node_classes):
 
 
 def test_ui_file_is_generated_from_api_file(api, ui, node_classes):
-    from comfyui_xadapter.workflows.api_to_ui import api_to_ui
+    from comfyui_xadapter.example_workflows.api_to_ui import api_to_ui
 
     assert ui == api_to_ui(api, node_classes), (
-        "xadapter_lora_ui.json is stale: run `python comfyui_xadapter/workflows/api_to_ui.py "
-        "comfyui_xadapter/workflows/xadapter_lora_api.json comfyui_xadapter/workflows/xadapter_lora_ui.json`")
+        "xadapter_lora_ui.json is stale: run `python comfyui_xadapter/example_workflows/api_to_ui.py "
+        "comfyui_xadapter/example_workflows/xadapter_lora_api.json comfyui_xadapter/example_workflows/xadapter_lora_ui.json`")
     assert UI_WORKFLOW.read_text(encoding="utf-8").endswith("}\n")
 
 

@@ -27,7 +27,7 @@ What the frontend expects, and what this writes:
 Usage (with ComfyUI's Python; ComfyUI is found at $XA_COMFYUI_DIR, else
 ../shared/comfyui next to the repository):
 
-    python comfyui_xadapter/workflows/api_to_ui.py IN_API.json OUT_UI.json
+    python comfyui_xadapter/example_workflows/api_to_ui.py IN_API.json OUT_UI.json
 """
 
 from __future__ import annotations
