@@ -216,19 +216,19 @@ class XAdapterGuider(comfy.samplers.CFGGuider):
 
     def __init__(self, sdxl: Any, sd15: Any, mapping_patcher: Any, *, adapter_condition_scale: float = 1.0,
                  fusion_guidance_scale: float | None = None):
-        mapping: MappingLayers = mapping_patcher.model
-        sdxl = sdxl.clone()
-        sdxl.set_additional_models(ADDITIONAL_MODELS_KEY, [sd15, mapping_patcher])
-        super().__init__(sdxl)
+        super().__init__(sdxl.clone())  # the clone carries the additional models `sample` registers
         self.sd15_patcher = sd15
         self.mapping_patcher = mapping_patcher
-        self.mapping = mapping
         self.sd15_cfg = 1.0
         self.sd15_original_conds: dict[str, list[dict]] = {}
         self.packing: LatentPacking | None = None
         self.capture = FeatureCapture(sd15_capture_blocks(sd15.model.diffusion_model))
         self.injector = ResidualInjector(sdxl_inject_blocks(sdxl.model.diffusion_model), adapter_condition_scale,
                                          fusion_guidance_scale)
+
+    @property
+    def mapping(self) -> MappingLayers:
+        return self.mapping_patcher.model
 
     # -- configuration
     def set_sd15_conds(self, positive: list, negative: list) -> None:
