@@ -20,6 +20,8 @@ What the frontend expects, and what this writes:
   say nothing and it is named seed or noise_seed (a FLOAT only when asked); that
   widget's value is saved right after the number's. It is written as "fixed" so the
   graph reproduces the API workflow's seeds until the user picks another mode.
+* An input with {"image_upload": True} (LoadImage's image) gets the frontend's upload
+  button after it, a widget whose saved value is "image".
 * Links are [link_id, from_node, from_slot, to_node, to_slot, type], the type being
   that of the output slot.
 * Nodes are laid out left to right by topological depth, one column per depth.
@@ -200,6 +202,8 @@ def api_to_ui(api: dict, node_classes: dict) -> dict:
                 widgets_values.append(value if name in given else default_widget_value(input_type, options))
             if has_control_widget(name, input_type, options):
                 widgets_values.append(CONTROL_AFTER_GENERATE)
+            if options.get("image_upload"):  # the frontend's upload button, a widget saved as "image"
+                widgets_values.append("image")
         inputs = sockets + converted
         for to_slot, slot in enumerate(inputs):
             value = slot.pop("_value")
@@ -305,6 +309,7 @@ def write_json(path: Path, data: dict) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a workflow is for everyone to read
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

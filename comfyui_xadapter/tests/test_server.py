@@ -7,7 +7,8 @@ the shared tree is never written to, and started headless on the CPU with this P
 The example workflow runs as committed except for what needs real weights: its
 CheckpointLoaderSimple / CLIPTextEncode nodes become the tiny stand-ins of tiny_nodes/
 (the same outputs in the same slots), LoraLoader becomes LoraLoaderModelOnly (the tiny
-CLIP has no LoRA keys) with a random tiny LoRA, and sizes and steps shrink for the CPU.
+CLIP has no LoRA keys) with a random tiny LoRA, ControlNetLoader and LoadImage get a tiny
+ControlNet and a random edge image, and sizes and steps shrink for the CPU.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from safetensors.torch import save_file
 
 from conftest import COMFYUI, REPO
 
-WORKFLOW = REPO / "comfyui_xadapter" / "example_workflows" / "xadapter_lora_api.json"
+WORKFLOWS = REPO / "comfyui_xadapter" / "example_workflows"
+NAMES = ("xadapter_lora", "xadapter_controlnet")
 STARTUP_S, RUN_S = 240, 600
 
 
@@ -83,6 +85,7 @@ def server(tmp_path_factory):
 
     from xa_runtime.models.tiny import build_tiny_models
     from xa_runtime.testing.lora import write_random_lora
+    from xa_runtime.testing.plugins import write_tiny_controlnet
 
     sd15, _, mapping = build_tiny_models(0)
     adapters = root / "models" / "xadapter"
@@ -92,6 +95,10 @@ def server(tmp_path_factory):
     torch.save({"conv.weight": torch.zeros(1)}, adapters / "not_an_adapter.bin")
     (root / "models" / "loras").mkdir(parents=True, exist_ok=True)
     write_random_lora(root / "models" / "loras" / "tiny_sd15_lora.safetensors", sd15.unet, fmt="kohya", std=0.2)
+    write_tiny_controlnet(root / "models" / "controlnet", sd15.unet, seed=3)  # control_tiny_sd15.safetensors
+    (root / "input").mkdir(exist_ok=True)
+    edges = (torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(5)) > 0.8).to(torch.uint8) * 255
+    Image.fromarray(edges.numpy()).save(root / "input" / "tiny_control.png")
 
     port, log = _free_port(), root / "server.log"
     cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
@@ -120,9 +127,9 @@ def server(tmp_path_factory):
             proc.kill()
 
 
-def tiny_workflow(adapter_name: str = "X_Adapter_tiny.safetensors", seed: int = 42) -> dict:
-    """The example workflow with the tiny stand-ins (module docstring)."""
-    wf = copy.deepcopy(json.loads(WORKFLOW.read_text()))
+def tiny_workflow(adapter_name: str = "X_Adapter_tiny.safetensors", seed: int = 42, name: str = NAMES[0]) -> dict:
+    """An example workflow with the tiny stand-ins (module docstring)."""
+    wf = copy.deepcopy(json.loads((WORKFLOWS / f"{name}_api.json").read_text()))
     rewire = {}
     for node_id, node in wf.items():
         kind, inputs = node["class_type"], node["inputs"]
@@ -135,6 +142,10 @@ def tiny_workflow(adapter_name: str = "X_Adapter_tiny.safetensors", seed: int = 
             rewire[(node_id, 1)] = inputs["clip"]
             node.update(class_type="LoraLoaderModelOnly", inputs={
                 "model": inputs["model"], "lora_name": "tiny_sd15_lora.safetensors", "strength_model": 1.0})
+        elif kind == "ControlNetLoader":
+            inputs["control_net_name"] = "control_tiny_sd15.safetensors"
+        elif kind == "LoadImage":
+            inputs["image"] = "tiny_control.png"
         elif kind == "EmptyLatentImage":
             inputs.update(width=64, height=64)
         elif kind == "XAdapterSampler":
@@ -170,11 +181,13 @@ def test_pack_is_listed(server):
     assert "X_Adapter_tiny.safetensors" in info["XAdapterLoader"]["input"]["required"]["adapter_name"][0]
     # example_workflows/ is where ComfyUI's template browser looks for a pack's workflows
     templates = server.get("/workflow_templates")
-    assert {"xadapter_lora_api", "xadapter_lora_ui"} <= set(templates.get("comfyui_xadapter", [])), templates
+    listed = set(templates.get("comfyui_xadapter", []))
+    assert {f"{n}_{kind}" for n in NAMES for kind in ("api", "ui")} <= listed, templates
 
 
-def test_example_workflow_writes_the_png(server):
-    path = _run_ok(server, tiny_workflow())
+@pytest.mark.parametrize("name", NAMES)
+def test_example_workflow_writes_the_png(server, name):
+    path = _run_ok(server, tiny_workflow(name=name))
     with Image.open(path) as im:
         assert im.size == (128, 128) and im.format == "PNG"
         pixels = torch.frombuffer(bytearray(im.convert("RGB").tobytes()), dtype=torch.uint8).float()
@@ -217,18 +230,18 @@ def test_bad_inputs_are_node_errors_and_the_server_keeps_serving(server):
     assert _run_ok(server, tiny_workflow(seed=3)).is_file()
 
 
-UI_WORKFLOW = REPO / "comfyui_xadapter" / "example_workflows" / "xadapter_lora_ui.json"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def test_ui_workflow_loads_in_comfyuis_own_frontend(server):
+@pytest.mark.parametrize("name", NAMES)
+def test_ui_workflow_loads_in_comfyuis_own_frontend(server, name):
     """The UI-format example, loaded by ComfyUI's web frontend (its bundled package, in
     headless Debian chromium), turns back into exactly the API-format example: the
     frontend's own graphToPrompt is the judge of the UI file."""
     if CHROMIUM is None:
         pytest.skip("no chromium on PATH (Debian: apt-get install chromium; .ci/run installs it)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is installed in ComfyUI's venv by .ci/run")
-    ui, api = json.loads(UI_WORKFLOW.read_text()), json.loads(WORKFLOW.read_text())
+    ui, api = (json.loads((WORKFLOWS / f"{name}_{kind}.json").read_text()) for kind in ("ui", "api"))
     flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
              "--disable-sync", "--no-first-run"]
     with sync_api.sync_playwright() as p:

@@ -1,12 +1,12 @@
 """The example workflows against ComfyUI's real node definitions (no models are loaded).
 
-API format (`example_workflows/xadapter_lora_api.json`):
+API format (`example_workflows/*_api.json`):
 * every class_type is one of ComfyUI's nodes or the pack's, every input it sets is one of
   that node's INPUT_TYPES inputs and every required input is set;
 * every link reads an existing output slot whose type the input accepts (ComfyUI's own
   check, comfy_execution.validation.validate_node_input).
 
-UI format (`example_workflows/xadapter_lora_ui.json`, for dragging into the ComfyUI page):
+UI format (its `*_ui.json` twin, for dragging into the ComfyUI page):
 * it is exactly what `example_workflows/api_to_ui.py` makes of the API file, so the two cannot
   drift apart (regenerate it with that script after editing the API file);
 * it has the shape of the frontend's schema 0.4 workflow (nodes, 6-field links, ids,
@@ -29,8 +29,7 @@ import pytest
 from conftest import REPO
 
 WORKFLOWS = REPO / "comfyui_xadapter" / "example_workflows"
-API_WORKFLOW = WORKFLOWS / "xadapter_lora_api.json"
-UI_WORKFLOW = WORKFLOWS / "xadapter_lora_ui.json"
+NAMES = sorted(p.name[: -len("_api.json")] for p in WORKFLOWS.glob("*_api.json"))  # each has a _ui.json twin
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
@@ -46,14 +45,25 @@ def node_classes() -> dict:
     return {**nodes.NODE_CLASS_MAPPINGS, **comfy_extras.nodes_custom_sampler.NODE_CLASS_MAPPINGS, **PACK_NODES}
 
 
-@pytest.fixture(scope="module")
-def api() -> dict:
-    return json.loads(API_WORKFLOW.read_text(encoding="utf-8"))
+@pytest.fixture(scope="module", params=NAMES)
+def name(request) -> str:
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def ui() -> dict:
-    return json.loads(UI_WORKFLOW.read_text(encoding="utf-8"))
+def api(name) -> dict:
+    return json.loads((WORKFLOWS / f"{name}_api.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def ui(name) -> dict:
+    return json.loads((WORKFLOWS / f"{name}_ui.json").read_text(encoding="utf-8"))
+
+
+def test_every_api_workflow_has_its_ui_twin():
+    assert len(NAMES) >= 2
+    for name in NAMES:
+        assert (WORKFLOWS / f"{name}_ui.json").is_file(), name
 
 
 def declared_inputs(node_class, sections=("required", "optional")) -> dict[str, tuple]:
@@ -116,13 +126,13 @@ def test_api_links_read_existing_slots_of_matching_type(api, node_classes):
 # --- UI format --------------------------------------------------------------------------
 
 
-def test_ui_file_is_generated_from_api_file(api, ui, node_classes):
+def test_ui_file_is_generated_from_api_file(name, api, ui, node_classes):
     from comfyui_xadapter.example_workflows.api_to_ui import api_to_ui
 
+    folder = "comfyui_xadapter/example_workflows"
     assert ui == api_to_ui(api, node_classes), (
-        "xadapter_lora_ui.json is stale: run `python comfyui_xadapter/example_workflows/api_to_ui.py "
-        "comfyui_xadapter/example_workflows/xadapter_lora_api.json comfyui_xadapter/example_workflows/xadapter_lora_ui.json`")
-    assert UI_WORKFLOW.read_text(encoding="utf-8").endswith("}\n")
+        f"{name}_ui.json is stale: run `python {folder}/api_to_ui.py {folder}/{name}_api.json {folder}/{name}_ui.json`")
+    assert (WORKFLOWS / f"{name}_ui.json").read_text(encoding="utf-8").endswith("}\n")
 
 
 def test_ui_has_the_frontend_schema_shape(ui):
@@ -196,6 +206,9 @@ def test_widget_values_sit_in_position(api, ui, node_classes):
             position += 1
             if input_type == "INT" and options.get("control_after_generate", name in ("seed", "noise_seed")):
                 assert values[position] == "fixed", f"node {key}: no control value after {name!r} in {values}"
+                position += 1
+            if options.get("image_upload"):
+                assert values[position] == "image", f"node {key}: no upload widget after {name!r} in {values}"
                 position += 1
         assert len(values) == position, f"node {key} ({entry['class_type']}): widgets_values {values}"
 

@@ -1,9 +1,10 @@
 """Test-only ComfyUI nodes: tiny stand-ins for CheckpointLoaderSimple and CLIPTextEncode.
 
 ComfyUI's model detection refuses tiny models, so the end-to-end test swaps these two
-node types in the example workflow for these (same outputs, same slots); everything else
-(LoraLoaderModelOnly, KSampler, the X-Adapter nodes, VAEDecode, SaveImage) is ComfyUI's
-or the pack's own. Linked into a temporary ComfyUI's custom_nodes/ by the test only.
+node types in the example workflows for these (same outputs, same slots); everything else
+(LoraLoaderModelOnly, ControlNetLoader, KSampler, the X-Adapter nodes, VAEDecode,
+SaveImage) is ComfyUI's or the pack's own. Linked into a temporary ComfyUI's
+custom_nodes/ by the test only.
 """
 
 from __future__ import annotations
@@ -15,7 +16,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # comfy_tiny
 
+import comfy.supported_models_base  # noqa: E402
 import comfy_tiny  # noqa: E402
+
+# ComfyUI's ControlNet loader builds an unrecognised model with SD's 64 channels per head;
+# the tiny ControlNet has 4 heads of 8 (this process only serves the tests).
+comfy.supported_models_base.BASE.unet_extra_config = {"num_heads": 4, "num_head_channels": -1}
 from xa_runtime.pipeline.text import encode_sd15, encode_sdxl  # noqa: E402
 
 _TINY: list = []
