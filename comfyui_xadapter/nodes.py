@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 
 import comfy.latent_formats
-import comfy.model_base
 import comfy.model_management
 import comfy.utils
 import folder_paths
@@ -88,15 +87,13 @@ def _check_family(model, name: str, latent_format: type, levels: int, what: str)
     if (diffusion_model is None or not isinstance(getattr(base, "latent_format", None), latent_format)
             or not hasattr(diffusion_model, "output_blocks") or len(diffusion_model.channel_mult) != levels):
         found = type(base).__name__ if base is not None else type(model).__name__
-        raise XAdapterInputError(f"{name}: X-Adapter needs {what} here; got a {found} model")
+        raise XAdapterInputError(f"{name}: X-Adapter needs {what} here; got model class {found}")
     return unet_widths(diffusion_model)
 
 
 def check_models(sd15_model, sdxl_model, xadapter: XAdapter) -> None:
     """Each MODEL of the right family, and the adapter's widths those of the two UNets."""
     sd15 = _check_family(sd15_model, "sd15_model", comfy.latent_formats.SD15, 4, "an SD1.5 model (4 UNet levels)")
-    if isinstance(sd15_model.model, comfy.model_base.SDXL):
-        raise XAdapterInputError("sd15_model: got an SDXL model; connect it to sdxl_model")
     sdxl = _check_family(sdxl_model, "sdxl_model", comfy.latent_formats.SDXL, 3, "an SDXL model (3 UNet levels)")
     want = MappingConfig.from_unet_configs({"block_out_channels": sd15}, {"block_out_channels": sdxl})
     have = xadapter.config

@@ -39,7 +39,6 @@ else:
     from comfy.cli_args import args
 
     args.cpu = True
-    args.disable_smart_memory = False
 
 
 def pytest_report_header(config):
