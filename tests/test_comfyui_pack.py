@@ -48,9 +48,24 @@ def test_node_pack_in_comfyui(tmp_path):
     assert " passed" in out, out[-2000:]  # a skip (no chromium for the frontend test) says why above
 
 
+PACK_MAY_IMPORT = {"xa_runtime", "xa_runtime.models.mapping", "xa_runtime.loading.adapter_checkpoint",
+                   "xa_runtime.errors"}
+
+
 def test_pack_imports_only_torch_level_xa_runtime():
-    """The pack runs in ComfyUI's Python: what it takes from xa_runtime must not pull in
-    diffusers (checked here in a fresh interpreter of this environment)."""
+    """The pack runs in ComfyUI's Python: it imports only these modules of xa_runtime (read
+    off its source), and they must not pull in diffusers (a fresh interpreter here)."""
+    import ast
+
+    imported = set()
+    for path in (REPO / "comfyui_xadapter").rglob("*.py"):
+        if "tests" in path.relative_to(REPO / "comfyui_xadapter").parts:
+            continue  # the pack's tests compare against the pipeline: they may import anything
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
+            imported |= {n for n in names if n.split(".")[0] == "xa_runtime"}
+    assert imported and imported <= PACK_MAY_IMPORT, imported - PACK_MAY_IMPORT
     code = ("import sys; import xa_runtime.models.mapping, xa_runtime.loading.adapter_checkpoint, xa_runtime.errors; "
             "print('diffusers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
