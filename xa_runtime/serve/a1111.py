@@ -19,7 +19,6 @@ png-info              the A1111 infotext of a PNG and its other text chunks
 Every other /sdapi/v1 path answers 404 naming what is implemented.
 """
 
-from __future__ import annotations
 
 import json
 import math
@@ -60,6 +59,7 @@ NO_EFFECT = {
     "hr_additional_modules", "firstphase_width", "firstphase_height", "mask_blur", "mask_blur_x", "mask_blur_y",
     "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding", "inpainting_mask_invert", "include_init_images",
     "comments", "force_task_id", "infotext", "disable_extra_networks", "firstpass_image", "resize_mode",
+    "denoising_strength",  # txt2img: hires fix's (img2img uses it)
 }
 
 

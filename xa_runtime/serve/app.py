@@ -397,7 +397,14 @@ async def _wait_or_abandon(ticket: Ticket, request: Any) -> Any:
                 return waiter.result()
             if await request.is_disconnected():
                 ticket.abandon()
+                _unread(waiter)
                 raise Cancelled("the client disconnected")
     except asyncio.CancelledError:
         ticket.abandon()
+        _unread(waiter)
         raise
+
+
+def _unread(waiter: "asyncio.Future") -> None:
+    """Nobody reads an abandoned request's outcome: retrieve it when it comes (asyncio would log it)."""
+    waiter.add_done_callback(lambda f: f.cancelled() or f.exception())

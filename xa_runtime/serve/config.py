@@ -26,6 +26,13 @@
     # onnxruntime takes controlnet, t2i and nexus plugins; tensorrt controlnet; LoRAs (per-request
     # scales) and IP-Adapters need torch
 
+    [auth]                        # API keys (docs/clients.md); every key optional
+    api_keys = ["..."]            # Bearer keys (also: --api-key, XA_API_KEY)
+    api_auth = "user:pass"        # A1111's --api-auth: Basic on /sdapi/..., or Bearer "user:pass"
+    key_file = "keys.txt"         # one key per line
+    requests_per_minute = 60      # generation requests per key (0: no limit), then 429
+    concurrent_jobs = 2           # generation jobs queued or running per key (0: no limit)
+
     [ray]                         # xa-serve --ray only (Ray Serve); every key optional
     min_replicas = 1
     max_replicas = 1              # > min_replicas: autoscaling on ongoing requests
@@ -38,6 +45,8 @@ import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from .auth import AuthConfig, AuthError, parse_auth_table
 
 PLUGIN_KINDS = ("lora", "sdxl_lora", "controlnet", "t2i", "nexus", "ip_adapter")
 IMAGE_KINDS = ("controlnet", "t2i", "nexus", "ip_adapter")
@@ -112,6 +121,7 @@ class ServeConfig:
     plugins: dict[str, PluginSpec] = field(default_factory=dict)
     ray: RayOptions = field(default_factory=RayOptions)
     backend: BackendOptions = field(default_factory=BackendOptions)
+    auth: AuthConfig = field(default_factory=AuthConfig)
 
     @property
     def tiny(self) -> bool:
@@ -127,9 +137,9 @@ def _table(data: dict[str, Any], key: str) -> dict[str, Any]:
 
 def parse_config(data: dict[str, Any], base: Path = Path(".")) -> ServeConfig:
     """Check a parsed TOML document; relative paths are taken from `base` (the file's folder)."""
-    unknown = set(data) - {"models", "limits", "plugins", "ray", "backend"}
+    unknown = set(data) - {"models", "limits", "plugins", "ray", "backend", "auth"}
     if unknown:
-        raise ConfigError(f"unknown top-level keys {sorted(unknown)}: models, limits, plugins, ray, backend")
+        raise ConfigError(f"unknown top-level keys {sorted(unknown)}: models, limits, plugins, ray, backend, auth")
     cfg = ServeConfig()
     models = _table(data, "models")
     for key, value in models.items():
@@ -177,6 +187,10 @@ def parse_config(data: dict[str, Any], base: Path = Path(".")) -> ServeConfig:
                                        None if encoder is None else str(base / encoder))
     cfg.ray = _ray_options(_table(data, "ray"))
     cfg.backend = _backend_options(_table(data, "backend"), cfg, base)
+    try:
+        cfg.auth = parse_auth_table(_table(data, "auth"), base)
+    except AuthError as e:
+        raise ConfigError(str(e)) from None
     return cfg
 
 

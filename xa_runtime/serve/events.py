@@ -11,7 +11,6 @@
 disconnects cancels its job: dropped from the queue, or stopped at the next step.
 """
 
-from __future__ import annotations
 
 import asyncio
 import json

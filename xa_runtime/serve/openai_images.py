@@ -14,7 +14,6 @@ Errors have OpenAI's shape {"error": {"message", "type", "param", "code"}}; a ba
 (OpenAI's status) naming it by its OpenAI name.
 """
 
-from __future__ import annotations
 
 import collections
 import secrets
