@@ -358,3 +358,20 @@ def test_sse_client_disconnect_cancels_the_job(live):
         assert time.monotonic() - t0 < 10, "the job kept running after its client left"
         time.sleep(0.01)
     assert service.metrics.requests.labels("cancelled")._value.get() == before + 1
+
+
+def test_openai_edit_is_the_native_img2img(live):
+    import openai
+
+    url, _ = live
+    client = openai.OpenAI(api_key=KEY, base_url=f"{url}/v1")
+    init = base64.b64decode(b64_image(size=(128, 96), seed=4))
+    out = client.images.edit(image=("init.png", init, "image/png"), prompt="a cat",
+                             extra_body={"steps": 4, "strength": 0.5, "seed": 1})
+    want = native(url, prompt="a cat", num_inference_steps=4, strength=0.5, seed=1, width=128, height=96,
+                  width_sd15=64, height_sd15=64, init_image=base64.b64encode(init).decode())
+    got = pixels(out.data[0].b64_json)
+    assert got.shape == (96, 128, 3) and np.array_equal(got, pixels(want["images"][0]))
+    with pytest.raises(openai.BadRequestError) as e:
+        client.images.edit(image=("init.png", init, "image/png"), mask=("m.png", init, "image/png"), prompt="a")
+    assert e.value.body["param"] == "mask"

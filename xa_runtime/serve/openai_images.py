@@ -5,6 +5,10 @@ POST /v1/images/generations  model, prompt, n, size "WxH" (or "auto"), response_
                              same body: negative_prompt, seed, steps / step, cfg_scale, and any
                              native field (guidance_scale, scheduler, adapter_guidance_start,
                              prompt_sd15, width_sd15, plugins, ...)
+POST /v1/images/edits        multipart/form-data: image (one PNG / JPEG / WebP), prompt, n, size
+                             (default: the image's size, in multiples the model takes),
+                             response_format, extra fields as above: img2img from the image at
+                             strength EDIT_STRENGTH unless `strength` is sent; a mask is refused
 GET  /v1/images/files/NAME   the images of response_format=url: kept in memory, at most
                              URL_STORE_ITEMS of them, each for URL_TTL_S seconds; fetching one
                              needs the same credential as the API
@@ -21,8 +25,11 @@ import threading
 import time
 from typing import Any
 
-from .doors import NativeDoor, Refused
+from .doors import NativeDoor, Refused, base_size
 
+EDIT_STRENGTH = 0.75  # an edit without `strength`: as A1111's img2img default denoising_strength
+TEXT_FIELDS = ("model", "prompt", "negative_prompt", "prompt_sd15", "size", "response_format", "output_format",
+               "scheduler", "quality", "style", "user", "background", "moderation")
 URL_STORE_ITEMS = 64
 URL_TTL_S = 3600
 # OpenAI fields that change nothing here (accepted, as OpenAI's own models ignore some of them)
@@ -72,7 +79,7 @@ def openai_error(status: int, message: str, param: str | None = None, code: str 
                         status_code=status, headers=headers)
 
 
-def translate(body: dict[str, Any], native_fields: set[str], model_name: str) -> dict[str, Any]:
+def translate(body: dict[str, Any], native_fields: set[str], model_name: str, rules: Any) -> dict[str, Any]:
     """An OpenAI generations body -> the native /v1/generate body; Refused(400 / 404) naming the field."""
     model = body.get("model")
     if model is not None and model != model_name:
@@ -104,7 +111,42 @@ def translate(body: dict[str, Any], native_fields: set[str], model_name: str) ->
             raise Refused(400, f"unrecognized request argument supplied: {key} (extra fields: negative_prompt, seed, "
                                f"steps, cfg_scale and /v1/generate's fields)", key)
         native[name] = value
+    if "width" in native and "width_sd15" not in native and "height_sd15" not in native:
+        native.update(base_size(native["width"], native["height"], rules))
     return native
+
+
+async def _read_form(request: Any, door: NativeDoor) -> tuple[dict[str, Any], str]:
+    """A multipart edits body within the body limit -> (its fields, numbers as numbers; the
+    image as base64). Refused naming the field otherwise."""
+    import base64
+    import json
+
+    limit = door.service.limits.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is None or not declared.isdigit() or int(declared) > limit:
+        raise Refused(413, f"a multipart body with a Content-Length of at most {limit} bytes", "body")
+    try:
+        form = await request.form(max_files=2, max_fields=64)
+    except Exception as e:  # noqa: BLE001 -- Starlette raises several kinds for a malformed body
+        raise Refused(400, f"not a multipart/form-data body: {e}", "body") from None
+    if form.get("mask"):
+        raise Refused(400, "masks (inpainting) are not available; send the image alone (img2img)", "mask")
+    files = form.getlist("image") + form.getlist("image[]")
+    if len(files) != 1 or isinstance(files[0], str):
+        raise Refused(400, f"one image file (got {len(files)})", "image")
+    image = base64.b64encode(await files[0].read()).decode()
+    body: dict[str, Any] = {}
+    for key, value in form.multi_items():
+        if key in ("image", "image[]", "mask") or not isinstance(value, str):
+            continue
+        if key not in TEXT_FIELDS:  # form fields are text: numbers and lists (plugins) as JSON
+            try:
+                value = json.loads(value)
+            except ValueError:
+                pass
+        body[key] = value
+    return body, image
 
 
 def register(app: Any, door: NativeDoor) -> None:
@@ -129,16 +171,35 @@ def register(app: Any, door: NativeDoor) -> None:
         body: dict[str, Any] = {}
         try:
             body = await door.read(request)
-            native = translate(body, native_fields, door.model_name)
+            native = translate(body, native_fields, door.model_name, door.service.rules)
             done = await door.run(request, native)
         except Refused as e:
             return refused(e, body)
+        return answer(request, body, done)
+
+    def answer(request: Request, body: dict[str, Any], done: Any) -> dict[str, Any]:
         if (body.get("response_format") or "b64_json") == "url":
             base = str(request.base_url).rstrip("/")
             data = [{"url": f"{base}/v1/images/files/{store.put(done.png(i))}"} for i in range(len(done.output.images))]
         else:
             data = [{"b64_json": b} for b in done.images_base64()]
         return {"created": int(time.time()), "data": data, "output_format": "png"}
+
+    @app.post("/v1/images/edits")
+    async def images_edits(request: Request):
+        body: dict[str, Any] = {}
+        try:
+            body, image = await _read_form(request, door)
+            if body.get("size") in (None, "auto"):  # the image's own size, in multiples the model takes
+                im, m = door.open_image("image", image), door.service.rules.sdxl_multiple
+                body["size"] = f"{max(m, im.width // m * m)}x{max(m, im.height // m * m)}"
+            native = translate(body, native_fields, door.model_name, door.service.rules)
+            native["init_image"] = image
+            native.setdefault("strength", EDIT_STRENGTH)
+            done = await door.run(request, native)
+        except Refused as e:
+            return refused(e, body)
+        return answer(request, body, done)
 
     @app.get("/v1/images/files/{name}")
     def image_file(name: str):
