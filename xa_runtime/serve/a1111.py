@@ -13,7 +13,8 @@ txt2img, img2img      A1111's body -> the native body; answer {images, parameter
 options               GET: the model and the few options that mean something here; POST: any
                       dict (Open WebUI posts the whole of it back); a checkpoint other than the
                       served model is 422
-sd-models, samplers, schedulers, loras, scripts, and empty lists for what xa-serve has none of
+sd-models, samplers, schedulers, loras, scripts, and empty lists for what xa-serve has none of;
+GET /internal/ping    A1111's probe
 progress, interrupt   the request the worker runs now (your own, when keys are configured)
 png-info              the A1111 infotext of a PNG and its other text chunks
 Every other /sdapi/v1 path answers 404 naming what is implemented.
@@ -259,7 +260,8 @@ def register(app: Any, door: NativeDoor) -> None:
         except Refused as e:
             return a1111_error(e)
         images = done.images_base64() if body.get("send_images", True) else []
-        return {"images": images, "parameters": body, "info": json.dumps(_info(body, done, ignored, door))}
+        echoed = {k: v for k, v in body.items() if k != "auth"}  # SillyTavern sends its user:pass in the body
+        return {"images": images, "parameters": echoed, "info": json.dumps(_info(body, done, ignored, door))}
 
     @app.post("/sdapi/v1/txt2img")
     async def txt2img(request: Request):
@@ -369,6 +371,7 @@ def register(app: Any, door: NativeDoor) -> None:
     for path in ("upscalers", "latent-upscale-modes", "sd-vae", "prompt-styles", "hypernetworks", "face-restorers",
                  "realesrgan-models", "sd-modules"):
         app.add_api_route(f"/sdapi/v1/{path}", lambda: [], methods=["GET"])
+    app.add_api_route("/internal/ping", lambda: {}, methods=["GET"])  # A1111's liveness probe (behind the key)
     app.add_api_route("/sdapi/v1/embeddings", lambda: {"loaded": {}, "skipped": {}}, methods=["GET"])
     for path in ("refresh-checkpoints", "refresh-loras", "refresh-vae"):
         app.add_api_route(f"/sdapi/v1/{path}", lambda: None, methods=["POST"])

@@ -9,7 +9,7 @@ The rule, route by route (docs/clients.md states it for users):
 - everything else needs `Authorization: Bearer KEY`: an --api-key, or a "user:pass" of
   --api-auth;
 - `Authorization: Basic` (a user:pass of --api-auth) is accepted as well on A1111's routes
-  (/sdapi/...) and on the API docs (/docs, /redoc, /openapi.json), so that a browser can open
+  (/sdapi/..., /internal/ping) and on the API docs (/docs, /redoc, /openapi.json), so that a browser can open
   them (it asks for the user and password on the 401's Basic challenge).
 
 Secrets are compared with hmac.compare_digest against every configured secret (no early exit),
@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 ENV_KEY = "XA_API_KEY"
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/"})
-BASIC_PREFIXES = ("/sdapi/", "/docs", "/redoc", "/openapi.json")
+BASIC_PREFIXES = ("/sdapi/", "/internal/", "/docs", "/redoc", "/openapi.json")
 OPENAI_PREFIXES = ("/v1/images/", "/v1/models")
 ANONYMOUS = "anonymous"  # the key id of every request when no key is configured
 
@@ -249,7 +249,7 @@ class Gate:
 def _style(path: str) -> str:
     if path.startswith(OPENAI_PREFIXES):
         return "openai"
-    if path.startswith("/sdapi/"):
+    if path.startswith(("/sdapi/", "/internal/")):
         return "a1111"
     return "native"
 
