@@ -40,7 +40,6 @@ from .events import stream_events
 from .openai_images import register as register_openai
 from .service import Cancelled, DeadlineExceeded, QueueFull, Service, Ticket, Unavailable, is_out_of_memory
 
-DISCONNECT_POLL_S = 0.1
 PLAYGROUND = Path(__file__).with_name("static") / "playground.html"
 
 
@@ -388,21 +387,34 @@ async def _outcome(service: Service, ticket: Ticket, request: Any) -> Any:
 
 async def _wait_or_abandon(ticket: Ticket, request: Any) -> Any:
     """The ticket's result; if the client disconnects (or this handler is cancelled, as Ray
-    Serve does when its client goes away) the request is abandoned and Cancelled raised."""
+    Serve does when its client goes away) the request is abandoned and Cancelled raised.
+    The disconnect is awaited (ASGI's http.disconnect), not polled: the job is told at once
+    and stops at its next denoising step."""
     waiter = asyncio.wrap_future(ticket)
+    gone = asyncio.ensure_future(_client_gone(request))
     try:
-        while True:
-            done, _ = await asyncio.wait({waiter}, timeout=DISCONNECT_POLL_S)
-            if done:
-                return waiter.result()
-            if await request.is_disconnected():
-                ticket.abandon()
-                _unread(waiter)
-                raise Cancelled("the client disconnected")
+        done, _ = await asyncio.wait({waiter, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if waiter in done:
+            return waiter.result()
+        ticket.abandon()
+        _unread(waiter)
+        raise Cancelled("the client disconnected")
     except asyncio.CancelledError:
         ticket.abandon()
         _unread(waiter)
         raise
+    finally:
+        gone.cancel()
+
+
+async def _client_gone(request: Any) -> None:
+    """Returns when the client has disconnected (the body was read before: the next ASGI
+    message is http.disconnect; uvicorn repeats it to every reader)."""
+    try:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    except Exception:  # noqa: BLE001 -- a server whose receive cannot be awaited here: its cancellation tells
+        await asyncio.Event().wait()
 
 
 def _unread(waiter: "asyncio.Future") -> None:
