@@ -246,8 +246,9 @@ def register(app: Any, door: NativeDoor) -> None:
     options: dict[str, Any] = {}  # what clients posted to /options (echoed by GET)
     gate = app.state.gate
 
-    def a1111_error(e: Refused) -> Any:
-        field = A1111_NAMES.get(e.field, e.field) if e.field else None
+    def a1111_error(e: Refused, native: bool = False) -> Any:
+        """A1111's error body; `native`: the field is a native name (the door refused it)."""
+        field = A1111_NAMES.get(e.field, e.field) if e.field and native else e.field
         body = {"error": type(e).__name__ if e.status >= 500 else "Refused", "detail": str(e), "field": field}
         headers = None if e.retry_after is None else {"Retry-After": str(e.retry_after)}
         return JSONResponse(body, status_code=e.status, headers=headers)
@@ -256,9 +257,12 @@ def register(app: Any, door: NativeDoor) -> None:
         try:
             body = await door.read(request)
             native, ignored = translate(body, img2img, door, options)
-            done = await door.run(request, native)
         except Refused as e:
             return a1111_error(e)
+        try:
+            done = await door.run(request, native)
+        except Refused as e:
+            return a1111_error(e, native=True)
         images = done.images_base64() if body.get("send_images", True) else []
         echoed = {k: v for k, v in body.items() if k != "auth"}  # SillyTavern sends its user:pass in the body
         return {"images": images, "parameters": echoed, "info": json.dumps(_info(body, done, ignored, door))}

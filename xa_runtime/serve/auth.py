@@ -165,13 +165,7 @@ class Gate:
         self._jobs: dict[str, int] = collections.defaultdict(int)
         self._metrics = None
         if registry is not None:
-            from prometheus_client import Counter, Gauge
-
-            self._metrics = (
-                Counter("xa_key_requests", "Requests per key id and HTTP status", ["key_id", "status"], registry=registry),
-                Gauge("xa_key_jobs", "Generation jobs queued or running per key id", ["key_id"], registry=registry),
-                Counter("xa_auth_failures", "Requests refused for a missing or wrong credential", registry=registry),
-            )
+            self._metrics = _key_metrics(registry)
 
     def key_ids(self) -> list[str]:
         return sorted({i for _, i in self._bearer})
@@ -244,6 +238,20 @@ class Gate:
             self._metrics[2].inc()
         else:
             self._metrics[0].labels(ident, str(status)).inc()
+
+
+def _key_metrics(registry: Any) -> tuple[Any, Any, Any]:
+    """The per-key collectors of `registry`, made once per registry (a service may be given
+    several apps: each test client, each Ray replica's rebuild)."""
+    from prometheus_client import Counter, Gauge
+
+    made = getattr(registry, "_xa_key_metrics", None)
+    if made is None:
+        made = (Counter("xa_key_requests", "Requests per key id and HTTP status", ["key_id", "status"], registry=registry),
+                Gauge("xa_key_jobs", "Generation jobs queued or running per key id", ["key_id"], registry=registry),
+                Counter("xa_auth_failures", "Requests refused for a missing or wrong credential", registry=registry))
+        registry._xa_key_metrics = made
+    return made
 
 
 def _style(path: str) -> str:
