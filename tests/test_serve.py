@@ -104,6 +104,29 @@ def test_health_ready_and_generate_json(tiny_client):
     assert json.loads(image.text["xa_runtime"])["seed"] == 3
 
 
+def test_parameters_and_request_schema_come_from_the_one_definition():
+    from xa_runtime.pipeline.params import PARAMETERS
+
+    service, client = stub_client(StubPipe(), max_steps=40, max_side=512)
+    with client:
+        listed = client.get("/v1/parameters").json()["parameters"]
+        body = client.get("/openapi.json").json()["paths"]["/v1/generate"]["post"]["requestBody"]
+    schema = body["content"]["application/json"]["schema"]["properties"]
+    assert [p["name"] for p in listed] == [p.name for p in PARAMETERS if p.http] and "output_type" not in schema
+    defaults = GenerationParams(prompt="")
+    for p in listed:
+        assert p["required"] == (p["name"] == "prompt")
+        assert p.get("default") == (None if p["required"] else getattr(defaults, p["name"]))
+        numbers = lambda d: json.loads(json.dumps(d), parse_int=float)  # noqa: E731 -- /openapi.json writes 2**63-1 as a float
+        assert numbers({k: v for k, v in schema[p["name"]].items() if k not in ("title", "default")}) == numbers({
+            k: v for k, v in p.items() if k not in ("name", "kind", "required", "label", "blank", "default")})
+    by_name = {p["name"]: p for p in listed}
+    # the server's limits narrow the range; the row's own bounds stay otherwise
+    assert by_name["num_inference_steps"]["maximum"] == 40 and by_name["width"]["maximum"] == 512
+    assert by_name["width_sd15"]["maximum"] == 2048 and by_name["adapter_guidance_start"]["exclusiveMinimum"] == 0
+    assert by_name["adapter_guidance_start"]["default"] == 0.9 and by_name["adapter_guidance_start"]["label"]
+
+
 def test_generate_png_and_metrics(tiny_client):
     r = tiny_client.post("/v1/generate", json=FAST, headers={"Accept": "image/png"})
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"

@@ -70,7 +70,7 @@ class Param:
     Doors: every row is a GenerationParams field and a keyword of the pipeline; `flag` names
     its xa-generate flag (None: not on the command line; `cli_default` and `cli_words`, e.g.
     seed's 'random', differ there); `http` puts it in xa-serve's request body; `label` puts it
-    on the playground's form.
+    on the playground's form (`blank`: what its empty field means).
     """
 
     name: str
@@ -89,6 +89,7 @@ class Param:
     cli_words: Mapping[str, Any] = field(default_factory=dict)
     http: bool = True
     label: str = ""
+    blank: str = ""  # an optional parameter left out: what that means, said on the playground's empty field
     example: Any = None
 
     @property
@@ -115,9 +116,9 @@ class Param:
             return f"a multiple of {lo} in [{lo}, {hi}] pixels"
         return "a string or a non-empty list of strings"
 
-    def range_text(self, rules: SizeRules = SizeRules()) -> str:
+    def range_text(self, rules: SizeRules = SizeRules(), cap: float | None = None) -> str:
         """The range in a flag's help: 1..1000, (0, 1], multiple of 32 ..."""
-        lo, hi = self.bounds(rules)
+        lo, hi = self.bounds(rules, cap)
         if self.kind == SIDE:
             return f"multiple of {lo}"
         if self.kind in (INT, FLOAT) and self.exclusive_minimum:
@@ -126,9 +127,9 @@ class Param:
             return f"{lo:g}..{hi:g}" if self.kind == FLOAT else f"{lo}..{hi}"
         return ""
 
-    def describe(self, rules: SizeRules = SizeRules()) -> str:
+    def describe(self, rules: SizeRules = SizeRules(), cap: float | None = None) -> str:
         """The help with its range: at `{range}` in `help`, else appended."""
-        rng = self.range_text(rules)
+        rng = self.range_text(rules, cap)
         if "{range}" in self.help:
             return self.help.format(range=rng)
         return f"{self.help}, {rng}" if rng else self.help
@@ -136,7 +137,7 @@ class Param:
     def json_schema(self, rules: SizeRules = SizeRules(), cap: float | None = None) -> dict[str, Any]:
         """The JSON-Schema keywords of the value's range (the type comes from `annotation`)."""
         lo, hi = self.bounds(rules, cap)
-        out: dict[str, Any] = {"description": self.describe(rules)}
+        out: dict[str, Any] = {"description": self.describe(rules, cap)}
         if self.kind in (INT, FLOAT, SIDE):
             out["exclusiveMinimum" if self.exclusive_minimum else "minimum"] = lo
             out["maximum"] = hi
@@ -171,17 +172,17 @@ class Param:
 def _side(name: str, side: str, flag: str, label: str, what: str, dim: str, default: int) -> Param:
     return Param(name, SIDE, None, f"{what} {dim} in pixels, {{range}} (default: the model's, {default})", side=side,
                  maximum=MAX_SDXL_SIDE if side == "sdxl" else MAX_SD15_SIDE, optional=True, flag=flag, metavar="PX",
-                 label=label)
+                 label=label, blank="model's")
 
 
 # The definition. Row order is the dataclass' field order and the order of validation.
 PARAMETERS: tuple[Param, ...] = (
-    Param("prompt", TEXT, REQUIRED, "prompt of the SDXL branch (repeat the flag for several prompts)",
+    Param("prompt", TEXT, REQUIRED, "prompt of the SDXL branch (several prompts: a list, or the flag repeated)",
           flag="--prompt", metavar="TEXT", label="Prompt", example="a cat"),
-    Param("prompt_sd15", TEXT, None, "prompt of the SD1.5 branch (default: --prompt); one per --prompt",
-          optional=True, flag="--prompt-sd15", metavar="TEXT"),
-    Param("negative_prompt", TEXT, None, "negative prompt of both branches; one per --prompt", optional=True,
-          flag="--negative-prompt", metavar="TEXT", label="Negative prompt"),
+    Param("prompt_sd15", TEXT, None, "prompt of the SD1.5 branch (default: the prompt); one per prompt",
+          optional=True, flag="--prompt-sd15", metavar="TEXT", blank="the prompt"),
+    Param("negative_prompt", TEXT, None, "negative prompt of both branches; one per prompt", optional=True,
+          flag="--negative-prompt", metavar="TEXT", label="Negative prompt", blank="none"),
     Param("num_inference_steps", INT, 50, "denoising steps N", minimum=1, maximum=MAX_STEPS, flag="--steps",
           metavar="N", label="Steps"),
     Param("guidance_scale", FLOAT, 7.5, "classifier-free guidance of both branches, {range}; <= 1 turns CFG off",
@@ -192,17 +193,17 @@ PARAMETERS: tuple[Param, ...] = (
     Param("adapter_condition_scale", FLOAT, 1.0, "scale of the mapped residuals", minimum=0.0, maximum=10.0,
           flag="--adapter-condition-scale", metavar="F", label="Condition scale"),
     Param("fusion_guidance_scale", FLOAT, None, "inject as a lerp h + F * (r - h), {range} (default: plain add h + r)",
-          minimum=0.0, maximum=1.0, optional=True, flag="--fusion-guidance-scale", metavar="F"),
+          minimum=0.0, maximum=1.0, optional=True, flag="--fusion-guidance-scale", metavar="F", blank="plain add"),
     _side("height", "sdxl", "--height", "SDXL height", "SDXL image", "height", 1024),
     _side("width", "sdxl", "--width", "SDXL width", "SDXL image", "width", 1024),
     _side("height_sd15", "sd15", "--height-sd15", "SD1.5 height", "SD1.5", "height", 512),
     _side("width_sd15", "sd15", "--width-sd15", "SD1.5 width", "SD1.5", "width", 512),
     Param("scheduler", CHOICE, DEFAULT_SCHEDULER, "sampler of both branches", choices=tuple(SCHEDULERS),
-          flag="--scheduler"),
+          flag="--scheduler", label="Sampler"),
     Param("strength", FLOAT, 1.0, "with an init image: the fraction of stage 1 that runs, {range}, int(N * F) >= 1",
           minimum=0.0, maximum=1.0, exclusive_minimum=True, flag="--strength", metavar="F"),
     Param("seed", INT, None, "seed of the initial noise, {range}; none ('random' on the command line): drawn, and recorded in the outputs", minimum=0, maximum=MAX_SEED,
-          optional=True, flag="--seed", metavar="N", cli_default=0, cli_words={"random": None}, label="Seed"),
+          optional=True, flag="--seed", metavar="N", cli_default=0, cli_words={"random": None}, label="Seed", blank="random"),
     Param("num_images_per_prompt", INT, 1, "images per prompt, {range} in all", minimum=1,
           maximum=MAX_BATCH, flag="--batch", metavar="B"),
     Param("output_type", CHOICE, "pil", "what the pipeline returns", choices=OUTPUT_TYPES, http=False),
