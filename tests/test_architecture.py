@@ -35,6 +35,7 @@ def test_import_contracts_are_kept():
     ("pipeline/params.py", "from ..engines import manifest as _not_here", "TensorRT (engines) only behind"),
     ("plugins/lora.py", "from ..testing import lora as _fixture", "Test fixture writers are not production code"),
     ("graphs.py", "import xa_runtime.runtime as _torch_above", "Layers: imports point down"),
+    ("serve/app.py", "from ..cli import usage as _entry_point", "Layers: imports point down"),
     ("plugins/lora.py", "from ..export import manifest as _up_in_layer", "Inside plugins : export : engines"),
     ("export/manifest.py", "from ..engines import refit as _up_in_layer", "Inside plugins : export : engines"),
     ("pipeline/xadapter.py", "from ..kernels import shapes as _kernel", "Pipeline does not import kernels"),

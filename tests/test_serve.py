@@ -19,7 +19,7 @@ from PIL import Image  # noqa: E402
 from xa_runtime.errors import ParameterError  # noqa: E402
 from xa_runtime.pipeline import GenerationParams, SizeRules, XAdapterOutput  # noqa: E402
 from xa_runtime.serve.app import create_app  # noqa: E402
-from xa_runtime.serve.cli import main as serve_main  # noqa: E402
+from xa_runtime.cli.serve import main as serve_main  # noqa: E402
 from xa_runtime.serve.config import ConfigError, Limits, ServeConfig, load_config, parse_config  # noqa: E402
 from xa_runtime.serve.service import Cancelled, QueueFull, Service, Unavailable, build_service  # noqa: E402
 
@@ -516,7 +516,7 @@ def _free_port():
 
 
 def serve_process(*flags, env=None, ready_s=60.0):
-    """`python -m xa_runtime.serve.cli --port P *flags` on loopback, returned once /readyz
+    """`python -m xa_runtime.cli.serve --port P *flags` on loopback, returned once /readyz
     answers 200: (process, url). The caller kills it if the test does not end it."""
     import subprocess
     import sys
@@ -524,7 +524,7 @@ def serve_process(*flags, env=None, ready_s=60.0):
     import httpx
 
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "xa_runtime.serve.cli", "--port", str(port), "--log-level", "warning",
+    proc = subprocess.Popen([sys.executable, "-m", "xa_runtime.cli.serve", "--port", str(port), "--log-level", "warning",
                              *flags], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + ready_s
     while True:
