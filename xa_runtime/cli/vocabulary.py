@@ -54,26 +54,25 @@ def add_generation_arguments(group: Any, names: Any = None, defaults: dict[str, 
     """One flag per generation parameter that has one (PARAMETERS' `flag`), `names` only if
     given; its help, range and default come from the row (`defaults` overrides a default,
     e.g. xa-bench's recorded workload). The dest is the flag's name (--steps -> args.steps)."""
-    from ..pipeline.params import CHOICE, INT, PARAMETERS, REQUIRED, TEXT
+    from ..pipeline.params import CHOICE, INT, PARAMETERS, REQUIRED, SAME, SIDE, TEXT
 
     defaults = defaults or {}
     for p in PARAMETERS:
         if not p.flag or (names is not None and p.name not in names):
             continue
-        default = defaults.get(p.name, p.default if p.cli_default is REQUIRED else p.cli_default)
+        default = defaults.get(p.name, p.default if p.cli_default is SAME else p.cli_default)
         kwargs: dict[str, Any] = {"metavar": p.metavar}
+        help_text = p.describe()
         if p.kind == TEXT:  # one per --prompt: the flag repeats
             kwargs["action"] = "append"
             if default is REQUIRED:
                 kwargs["required"] = True
-            help_text = p.describe()
         else:
-            kind = int if p.kind in (INT, "side") else float
+            kind = int if p.kind in (INT, SIDE) else float
             kwargs["type"] = _words_or(kind, dict(p.cli_words), p.name.split("_")[-1]) if p.cli_words else kind
             kwargs["default"] = default
             if p.kind == CHOICE:
                 kwargs.update(type=str, choices=list(p.choices), metavar=None)
-            help_text = p.describe()
             if default is not None:
                 help_text += " (default %(default)s)"
         group.add_argument(p.flag, help=help_text, **kwargs)

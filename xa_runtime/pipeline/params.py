@@ -54,6 +54,7 @@ class SizeRules:
 
 
 REQUIRED: Any = object()  # the default of a parameter every request must give (the prompt)
+SAME: Any = object()  # a door's default that is the pipeline's own
 # The kinds of parameter: how it is typed and checked.
 TEXT, INT, FLOAT, CHOICE, SIDE = "text", "int", "float", "choice", "side"
 
@@ -85,7 +86,7 @@ class Param:
     optional: bool = False
     flag: str | None = None
     metavar: str | None = None
-    cli_default: Any = REQUIRED  # REQUIRED here: the same default as the pipeline's
+    cli_default: Any = SAME
     cli_words: Mapping[str, Any] = field(default_factory=dict)
     http: bool = True
     label: str = ""
