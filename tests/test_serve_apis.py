@@ -171,7 +171,7 @@ def test_auth_config_flags_and_key_file(tmp_path):
 
 
 def test_cli_refuses_a_public_address_without_a_key(capsys, monkeypatch):
-    from xa_runtime.serve.cli import main
+    from xa_runtime.cli.serve import main
 
     monkeypatch.delenv("XA_API_KEY", raising=False)
     assert main(["--host", "0.0.0.0"]) == 2  # before any model is loaded

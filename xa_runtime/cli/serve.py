@@ -20,8 +20,8 @@ from typing import Any
 
 import xa_runtime
 
-from .auth import AuthError, from_flags, is_loopback, key_id
-from .config import ConfigError, load_config
+from ..serve.auth import AuthError, from_flags, is_loopback, key_id
+from ..serve.config import ConfigError, load_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,12 +80,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         import uvicorn
 
-        from .app import create_app
+        from ..serve.app import create_app
     except ImportError as e:
         print(f"error: xa-serve needs the serve extra (pip install 'xa-runtime[serve]'): {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=args.log_level.upper())
-    from .service import build_service
+    from ..serve.service import build_service
 
     service = build_service(cfg).start()
     app = create_app(service, auth=cfg.auth)
@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _serve_on_ray(cfg, host: str, port: int) -> int:
     try:
-        from .ray_app import run
+        from ..serve.ray_app import run
     except ImportError as e:
         print(f"error: --ray needs Ray Serve (pip install 'xa-runtime[ray]'): {e}", file=sys.stderr)
         return 2
