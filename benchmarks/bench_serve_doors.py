@@ -80,7 +80,7 @@ def measure_disconnect(runs: int, warm_steps: int) -> dict:
             t0 = time.perf_counter()
             service.pipeline.generate(GenerationParams(**{**BODY, "num_inference_steps": 20}))
             steps.append((time.perf_counter() - t0) / (20 + 18))
-        out["one denoising step (for scale)"] = {"step_s": summarize(steps)}
+        out["20-step run / 38 steps, overhead incl."] = {"step_s": summarize(steps)}
         for name, (path, body, _) in ROUTES.items():
             if path.split("?")[0] not in paths:
                 out[name] = "not served by this code"
