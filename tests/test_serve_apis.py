@@ -411,3 +411,43 @@ def test_openai_edit_is_the_native_img2img(live):
     with pytest.raises(openai.BadRequestError) as e:
         client.images.edit(image=("init.png", init, "image/png"), mask=("m.png", init, "image/png"), prompt="a")
     assert e.value.body["param"] == "mask"
+
+
+def test_open_webui_and_sillytavern_call_sequences(live):
+    """The calls Open WebUI's automatic1111 engine and SillyTavern's SD WebUI source make (from
+    their sources), with Basic auth: probes and lists, the options posted back, txt2img."""
+    url, service = live
+
+    def get(path):
+        r = httpx.get(f"{url}{path}", headers=BASIC)
+        assert r.status_code == 200, (path, r.text)
+        return r.json()
+
+    # Open WebUI: the current model from options, the models, the whole options dict back, txt2img
+    options = get("/sdapi/v1/options")
+    assert options["sd_model_checkpoint"] in [m["title"] for m in get("/sdapi/v1/sd-models")]
+    assert httpx.post(f"{url}/sdapi/v1/options", json=options, headers=BASIC).status_code == 200
+    r = httpx.post(f"{url}/sdapi/v1/txt2img", headers=BASIC, timeout=60, json={
+        "prompt": "a cat", "negative_prompt": "", "batch_size": 1, "width": 128, "height": 128, "steps": 2})
+    assert r.status_code == 200 and len(r.json()["images"]) == 1
+
+    # SillyTavern: ping (options), upscalers, VAEs, samplers, schedulers, models, set-model then
+    # wait for progress 0 and job_count 0, generate with its whole settings body (url, auth included)
+    assert all(isinstance(get(f"/sdapi/v1/{p}"), list) for p in
+               ("upscalers", "latent-upscale-modes", "sd-vae", "sd-modules", "samplers", "schedulers", "sd-models"))
+    assert httpx.post(f"{url}/sdapi/v1/options", json={"sd_model_checkpoint": service.model_name},
+                      headers=BASIC).status_code == 200
+    idle = get("/sdapi/v1/progress")
+    assert idle["progress"] == 0.0 and idle["state"]["job_count"] == 0
+    body = {"url": url, "auth": f"{USER}:{PASSWORD}", "prompt": "a cat", "negative_prompt": "blurry",
+            "sampler_name": "DPM++ 2M", "scheduler": "automatic", "steps": 2, "cfg_scale": 7, "width": 128,
+            "height": 128, "restore_faces": False, "enable_hr": False, "hr_upscaler": "Latent", "hr_scale": 2,
+            "hr_additional_modules": [], "denoising_strength": 0.7, "hr_second_pass_steps": 0, "seed": -1,
+            "override_settings": {"CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic"},
+            "override_settings_restore_afterwards": True, "clip_skip": 1, "save_images": False, "send_images": True,
+            "do_not_save_grid": False, "do_not_save_samples": False}
+    r = httpx.post(f"{url}/sdapi/v1/txt2img", json=body, headers=BASIC, timeout=60)
+    assert r.status_code == 200 and "auth" not in r.json()["parameters"]
+    ignored = json.loads(r.json()["info"])["xa_ignored_fields"]
+    assert set(ignored) == {"url", "auth", "clip_skip", "override_settings.CLIP_stop_at_last_layers",
+                            "override_settings.sd_vae"}
