@@ -28,7 +28,7 @@ import time
 from typing import Any
 
 from ..infotext import A1111_SAMPLERS, infotext
-from .doors import NativeDoor, Refused, base_size, key_of
+from .doors import NativeDoor, Refused, base_size, jsonable, key_of
 
 SAMPLERS = {a1111: ours for ours, a1111 in A1111_SAMPLERS.items()}
 DEFAULTS = {"steps": 20, "width": 512, "height": 512, "cfg_scale": 7.0}  # A1111's, where a body leaves them out
@@ -127,8 +127,7 @@ def _controlnet_units(args: Any, controls: dict[str, float], native: dict[str, A
             native.setdefault("images", {})[name] = image
 
 
-def translate(body: dict[str, Any], img2img: bool, door: NativeDoor, options: dict[str, Any]
-              ) -> tuple[dict[str, Any], list[str]]:
+def translate(body: dict[str, Any], img2img: bool, door: NativeDoor) -> tuple[dict[str, Any], list[str]]:
     """An A1111 txt2img / img2img body -> (the native body, the A1111 fields not used)."""
     service, rules = door.service, door.service.rules
     used = {"prompt", "negative_prompt", "seed", "sampler_name", "steps", "cfg_scale", "width", "height",
@@ -234,7 +233,7 @@ def _info(body: dict[str, Any], done: Any, ignored: list[str], door: NativeDoor)
         "extra_generation_params": {"X-Adapter": extra, "plugins": done.req.plugins}, "index_of_first_image": 0,
         "infotexts": texts, "styles": body.get("styles") or [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
         "clip_skip": 1, "is_using_inpainting_conditioning": False, "version": "xa-serve",
-        "xa_parameters": done.native_body()["parameters"], "xa_ignored_fields": ignored,
+        "xa_parameters": jsonable(p), "xa_ignored_fields": ignored,
     }
 
 
@@ -256,7 +255,7 @@ def register(app: Any, door: NativeDoor) -> None:
     async def generate(request: Request, img2img: bool):
         try:
             body = await door.read(request)
-            native, ignored = translate(body, img2img, door, options)
+            native, ignored = translate(body, img2img, door)
         except Refused as e:
             return a1111_error(e)
         try:
