@@ -143,6 +143,7 @@ def train(models: TrainModels, data: str, output: str | Path, options: TrainOpti
 
     o = check_options(options)
     output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
     if device == "cpu" and o.dtype == "fp16":
         raise ParameterError("--dtype", "fp16", "fp32 or bf16 with --device cpu (fp16 mixed precision needs a GPU)")
     mismatch = schedule_mismatch(models.sd15.scheduler_config, models.sdxl.scheduler_config)
