@@ -161,6 +161,10 @@ def train(models: TrainModels, data: str, output: str | Path, options: TrainOpti
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision=MIXED_PRECISION[o.dtype],
                               log_with=None if o.report_to == "none" else o.report_to, project_dir=str(output))
     world, rank = accelerator.num_processes, accelerator.process_index
+    kind = str(accelerator.distributed_type).split(".")[-1]
+    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise ParameterError("accelerate config (distributed_type)", kind, "one process or DDP (MULTI_GPU, MULTI_CPU): "
+                             "the 213M trainable parameters and their optimizer state fit every GPU (docs/training.md)")
     if o.batch_size % world:
         raise ParameterError("--batch-size", o.batch_size, f"a multiple of the {world} processes (it is the global batch)")
     fp = ckpt.fingerprint(o, config, models.identity, data)
