@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="widest bucket, 1..8 (default %(default)s)")
     data.add_argument("--shuffle-buffer", type=int, default=d.shuffle_buffer, metavar="N",
                       help="samples in the seeded shuffle buffer (default %(default)s)")
+    data.add_argument("--cache", metavar="DIR",
+                      help="cache of VAE latents and caption embeddings: built here on first use, then read instead "
+                           "of the images (default: encode every step)")
     data.add_argument("--max-bad-share", type=float, default=d.max_bad_share, metavar="F",
                       help="stop when more than this share of samples is unreadable or captionless, 0..1 "
                            "(default %(default)s)")

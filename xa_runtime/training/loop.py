@@ -27,6 +27,7 @@ from ..models.components import SD15Components, SDXLComponents, quiet_casts
 from ..models.mapping import MappingConfig, MappingLayers
 from ..pipeline.schedulers import schedule_mismatch
 from . import checkpoint as ckpt
+from .cache import build_cache, iter_cached_batches, open_cache
 from .data import (Bucket, DataSource, DataStats, check_bad_share, iter_batches, iter_samples, make_buckets,
                    open_source, prepare_row)
 from .options import TrainOptions, check_options
@@ -173,7 +174,11 @@ def train(models: TrainModels, data: str, output: str | Path, options: TrainOpti
         resume_dir = ckpt.resolve_resume(resume)
         resume_state = ckpt.read_state(resume_dir)
         ckpt.check_fingerprint(resume_dir, resume_state, fp)
-    preflight(source, buckets, o)
+    cache_fp = {"models": models.identity, "data": fp["data"], "dtype": o.dtype,
+                "buckets": [[list(b.new_hw), list(b.old_hw)] for b in buckets]}
+    cache = open_cache(Path(o.cache), cache_fp) if o.cache else None
+    if cache is None:
+        preflight(source, buckets, o)
 
     dev = accelerator.device
     weight_dtype = TORCH_DTYPES[o.dtype]
@@ -183,10 +188,19 @@ def train(models: TrainModels, data: str, output: str | Path, options: TrainOpti
     mapping = models.init_mapping if models.init_mapping is not None else zero_initialised_mapping(config, o.seed)
     mapping.to(dev, torch.float32).train().requires_grad_(True)
     step_fn = XAdapterTrainingStep(models.sd15, models.sdxl, o, dev, weight_dtype, vae_dtype)
+    if o.cache and cache is None:
+        if accelerator.is_main_process:
+            build_cache(Path(o.cache), source, buckets, step_fn, cache_fp, o.max_bad_share, progress)
+        accelerator.wait_for_everyone()
+        cache = open_cache(Path(o.cache), cache_fp)
+    if cache is not None and next(iter_cached_batches(cache, o.seed, 0, o.batch_size), None) is None:
+        raise ParameterError("--data", data, f"captioned images; the cache holds fewer usable samples than --batch-size "
+                             f"{o.batch_size} in every bucket ({cache.stats.describe()})")
     trainable = TrainableMapping(mapping, o.gradient_checkpointing)
     optimizer = torch.optim.AdamW(trainable.parameters(), lr=o.learning_rate, betas=(o.adam_beta1, o.adam_beta2),
                                   eps=o.adam_epsilon, weight_decay=o.weight_decay)
-    per_epoch = count_samples(source) // (o.batch_size * o.gradient_accumulation_steps)
+    samples_per_epoch = len(cache.entries) if cache is not None else count_samples(source)
+    per_epoch = samples_per_epoch // (o.batch_size * o.gradient_accumulation_steps)
     total = o.max_steps if o.max_steps is not None else max(1, per_epoch) * o.epochs
     # Not prepared by accelerate: it would step the schedule once per process per step.
     lr_scheduler = get_scheduler(o.lr_scheduler, optimizer, num_warmup_steps=o.warmup_steps, num_training_steps=total)
@@ -221,8 +235,12 @@ def train(models: TrainModels, data: str, output: str | Path, options: TrainOpti
         e = start_epoch
         while o.max_steps is not None or e < o.epochs:
             skip = start_index if e == start_epoch else 0
-            for i, (bucket, samples) in enumerate(iter_batches(
-                    iter_samples(source, o.seed, e, stats, o.shuffle_buffer, o.max_bad_share), buckets, o.batch_size)):
+            if cache is not None:
+                epoch_batches: Iterator = iter_cached_batches(cache, o.seed, e, o.batch_size)
+            else:
+                epoch_batches = iter_batches(iter_samples(source, o.seed, e, stats, o.shuffle_buffer, o.max_bad_share),
+                                             buckets, o.batch_size)
+            for i, (bucket, samples) in enumerate(epoch_batches):
                 if i >= skip:
                     yield e, i + 1, bucket, samples
             check_bad_share(stats, o.max_bad_share)
@@ -266,8 +284,10 @@ def train(models: TrainModels, data: str, output: str | Path, options: TrainOpti
             loss_sum = torch.zeros((), device=dev)
             for k, (bucket, samples) in enumerate(micro):
                 draws = step_fn.draw(len(samples), bucket.new_hw, bucket.old_hw, generator)
-                rows = [prepare_row(s, bucket) for s in samples[mine]]
-                inputs = step_fn.prepare(rows, draws.take(mine))
+                if cache is not None:
+                    inputs = step_fn.prepare_cached([cache.row(i) for i in samples[mine]], draws.take(mine))
+                else:
+                    inputs = step_fn.prepare([prepare_row(s, bucket) for s in samples[mine]], draws.take(mine))
                 sync = contextlib.nullcontext() if k == len(micro) - 1 else accelerator.no_sync(trainable)
                 with sync:
                     with accelerator.autocast():
@@ -308,6 +328,8 @@ def train(models: TrainModels, data: str, output: str | Path, options: TrainOpti
                 break
     bar.close()
     total_stats = DataStats(**{k: getattr(stats_before, k) + getattr(stats, k) for k in stats.to_dict()})
+    if cache is not None:
+        total_stats = cache.stats
     written: list[Path] = []
     if stopped_by is None and accelerator.is_main_process:
         record = {"format": "xa-runtime X-Adapter mapping layers", "key_layout": "X_Adapter_v1 (body.N.*, zero_out.N.*)",

@@ -28,7 +28,7 @@ MATH_FIELDS = (
     "learning_rate", "batch_size", "gradient_accumulation_steps", "lr_scheduler", "warmup_steps", "adam_beta1",
     "adam_beta2", "adam_epsilon", "weight_decay", "max_grad_norm", "dtype", "seed", "null_text_share", "noise",
     "loss_weighting", "snr_gamma", "resolution", "resolution_sd15", "bucketing", "max_aspect_ratio",
-    "shuffle_buffer", "gradient_checkpointing",
+    "shuffle_buffer", "gradient_checkpointing", "cache",
 )
 
 
@@ -69,6 +69,7 @@ class TrainOptions:
     max_aspect_ratio: float = 2.0
     shuffle_buffer: int = 1000
     max_bad_share: float = 0.05
+    cache: str | None = None  # folder of the latent/embedding cache (built on first use); None: encode every step
     # run
     checkpoint_every: int = 500
     keep_checkpoints: int = 3

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -147,26 +147,44 @@ class XAdapterTrainingStep:
             lat_new = self._latents(self.sdxl.vae, px_new, d.vae_new)
             lat_old = self._latents(self.sd15.vae, px_old, d.vae_old)
             captions = [r.caption for r in rows]
-            emb_old = encode_sd15(self.sd15, captions, [], 1, False, dev).to(dt) if not self.naive else \
-                _encode_with_grad(encode_sd15, self.sd15, captions, [], 1, False, dev).to(dt)
-            n = len(rows)
-            emb_new, pooled = self.null_emb.expand(n, -1, -1), self.null_pooled.expand(n, -1)
-            use_caption = (d.null_text >= self.options.null_text_share).to(dev)
-            if bool(use_caption.any()):
-                cap_emb, cap_pooled = encode_sdxl(self.sdxl, captions, None, 1, False, dev)
-                emb_new = torch.where(use_caption[:, None, None], cap_emb.to(dt), emb_new)
-                pooled = torch.where(use_caption[:, None], cap_pooled.to(dt), pooled)
-            t = d.timesteps.to(dev)
-            noise_new, noise_old = d.noise_new.to(dev, dt), d.noise_old.to(dev, dt)
-            noisy_new = self.noise_scheduler.add_noise(lat_new, noise_new, t)
-            noisy_old = self.noise_scheduler.add_noise(lat_old, noise_old, t)
-            if self.prediction_type == "v_prediction":
-                target = self.noise_scheduler.get_velocity(lat_new, noise_new, t)
-            else:
-                target = noise_new
-            time_ids = torch.tensor([r.time_ids for r in rows], dtype=dt, device=dev)
-        return StepInputs(noisy_old, noisy_new, t, emb_old, emb_new.contiguous(), pooled.contiguous(), time_ids,
-                          target, self.loss_weights(t))
+            emb_old = encode_sd15(self.sd15, captions, [], 1, False, dev) if not self.naive else \
+                _encode_with_grad(encode_sd15, self.sd15, captions, [], 1, False, dev)
+            return self._noised(lat_new, lat_old, emb_old.to(dt), captions, [r.time_ids for r in rows], d)
+
+    def prepare_cached(self, rows: Sequence[Any], d: Draws) -> StepInputs:
+        """As `prepare`, from cached posteriors and caption embeddings (cache.CachedRow)."""
+        dev, dt = self.device, self.weight_dtype
+        with torch.no_grad():
+            def sample(vae: nn.Module, means: list, stds: list, eps: torch.Tensor) -> torch.Tensor:
+                mean, std = torch.stack(means).to(dev), torch.stack(stds).to(dev)
+                return ((mean + std * eps.to(dev, mean.dtype)) * vae.config.scaling_factor).to(dt)
+
+            lat_new = sample(self.sdxl.vae, [r.mean_new for r in rows], [r.std_new for r in rows], d.vae_new)
+            lat_old = sample(self.sd15.vae, [r.mean_old for r in rows], [r.std_old for r in rows], d.vae_old)
+            emb_old = torch.stack([r.emb_old for r in rows]).to(dev, dt)
+            return self._noised(lat_new, lat_old, emb_old, [r.caption for r in rows], [r.time_ids for r in rows], d)
+
+    def _noised(self, lat_new: torch.Tensor, lat_old: torch.Tensor, emb_old: torch.Tensor, captions: list[str],
+                time_ids: list, d: Draws) -> StepInputs:
+        dev, dt = self.device, self.weight_dtype
+        n = len(captions)
+        emb_new, pooled = self.null_emb.expand(n, -1, -1), self.null_pooled.expand(n, -1)
+        use_caption = (d.null_text >= self.options.null_text_share).to(dev)
+        if bool(use_caption.any()):
+            cap_emb, cap_pooled = encode_sdxl(self.sdxl, captions, None, 1, False, dev)
+            emb_new = torch.where(use_caption[:, None, None], cap_emb.to(dt), emb_new)
+            pooled = torch.where(use_caption[:, None], cap_pooled.to(dt), pooled)
+        t = d.timesteps.to(dev)
+        noise_new, noise_old = d.noise_new.to(dev, dt), d.noise_old.to(dev, dt)
+        noisy_new = self.noise_scheduler.add_noise(lat_new, noise_new, t)
+        noisy_old = self.noise_scheduler.add_noise(lat_old, noise_old, t)
+        if self.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(lat_new, noise_new, t)
+        else:
+            target = noise_new
+        ids = torch.tensor(time_ids, dtype=dt, device=dev)
+        return StepInputs(noisy_old, noisy_new, t, emb_old, emb_new.contiguous(), pooled.contiguous(), ids, target,
+                          self.loss_weights(t))
 
     def loss_weights(self, t: torch.Tensor) -> torch.Tensor:
         """Per-row weights: 1, or Min-SNR-gamma (Hang et al. 2023): min(SNR, gamma) / SNR for
