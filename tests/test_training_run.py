@@ -218,3 +218,45 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, data):
     a, b = load_file(tmp_path / "one" / "x_adapter.safetensors"), load_file(tmp_path / "two" / "x_adapter.safetensors")
     diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
     assert float(diff.max()) <= 1e-4 and float((diff <= 1e-6).float().mean()) >= 0.99, float(diff.max())
+
+
+def test_bf16_and_the_open_choices_train_and_validate_through_the_pipeline(tmp_path, data):
+    sd15, sdxl, _ = build_tiny_models(0)
+    opts = options(max_steps=2, dtype="bf16", gradient_accumulation_steps=2, lr_scheduler="cosine", warmup_steps=1,
+                   loss_weighting="min-snr", noise="shared", null_text_share=0.5, validate_every=1,
+                   validation_prompts=("a red square",), validation_steps=2)
+    result = train(TrainModels(sd15, sdxl, identity={"kind": "tiny"}), data, tmp_path, opts, progress=False)
+    assert result.step == 2 and all(np.isfinite(loss) for _, loss in result.losses)
+    assert sdxl.unet.dtype == torch.bfloat16  # frozen weights in the training dtype
+    state = load_file(tmp_path / "x_adapter.safetensors")
+    assert all(v.dtype == torch.float32 for v in state.values())  # fp32 masters
+    for step in (1, 2):
+        image = Image.open(tmp_path / "validation" / f"step-{step:07d}-0.png")
+        assert image.size == (128, 128)  # the tiny SDXL's square bucket
+
+
+@pytest.mark.slow
+def test_the_cli_killed_by_sigterm_checkpoints_exits_143_and_resumes_bit_for_bit(tmp_path, data, uninterrupted):
+    """A real `xa-train` process, SIGTERM once its first checkpoint exists; resumed by the CLI,
+    the adapter equals the uninterrupted in-process run (same options, one thread) bit for bit."""
+    result, out, _, _ = uninterrupted
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "xa_runtime.cli.train", "--data", data, "--output", str(tmp_path), "--batch-size", "2",
+            "--max-steps", "4", "--learning-rate", "0.001", "--no-progress", "--report-to", "none",
+            "--validate-every", "0", "--threads", "1", "--checkpoint-every", "1"]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = 300
+    import time
+
+    start = time.monotonic()
+    while not (tmp_path / "checkpoints" / "step-0000001").exists():
+        assert proc.poll() is None and time.monotonic() - start < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143 and "stopped by SIGTERM" in err, err[-3000:]
+    assert not (tmp_path / "x_adapter.safetensors").exists()
+    resumed = subprocess.run([*args, "--resume", str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = load_file(out / "x_adapter.safetensors"), load_file(tmp_path / "x_adapter.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

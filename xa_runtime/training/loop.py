@@ -138,7 +138,21 @@ def train(models: TrainModels, data: str, output: str | Path, options: TrainOpti
           resume: str | None = None, progress: bool = True,
           on_step: Callable[[int, float], None] | None = None) -> TrainResult:
     """Train the mapping layers of `models` on `data`; write checkpoints and the final
-    adapter under `output`. `on_step(step, loss)` is called after every optimizer step."""
+    adapter under `output`. `on_step(step, loss)` is called after every optimizer step.
+    The frozen models are placed on the device in the training dtype (`options.dtype`)."""
+    from accelerate.state import AcceleratorState
+
+    try:
+        return _train(models, data, output, options, device, resume, progress, on_step)
+    finally:
+        # accelerate keeps one process-wide state (mixed precision, device); a later run in
+        # this process may choose others. The process group (PartialState) is left alone.
+        with contextlib.suppress(Exception):
+            AcceleratorState._reset_state()
+
+
+def _train(models: TrainModels, data: str, output: str | Path, options: TrainOptions, device: str,
+           resume: str | None, progress: bool, on_step: Callable[[int, float], None] | None) -> TrainResult:
     from accelerate import Accelerator
     from diffusers.optimization import get_scheduler
 
