@@ -188,10 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         fd, name = tempfile.mkstemp(prefix="bench-train-", suffix=".json")
         os.close(fd)
         path = Path(name)
-    fd, tmp = tempfile.mkstemp(dir=path.resolve().parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(record, f, indent=2)
-    os.replace(tmp, path)
+    from xa_runtime.cli.output_files import write_all_or_nothing
+
+    write_all_or_nothing({path: (json.dumps(record, indent=2) + "\n").encode()})
     print(f"wrote {path}")
     return 0
 

@@ -12,7 +12,7 @@ TOOLS = [
     ("xa-export", "xa_runtime.cli.export"),
     ("xa-build-engines", "xa_runtime.cli.build_engines"),
     ("xa-bench", "xa_runtime.cli.bench"),
-    ("xa-serve", "xa_runtime.serve.cli"),
+    ("xa-serve", "xa_runtime.cli.serve"),
     ("xa-train", "xa_runtime.cli.train"),
 ]
 

@@ -28,10 +28,10 @@ import xa_runtime
 
 from ..errors import ParameterError
 from ..models.presets import get_preset
-from ..pipeline.params import DEFAULT_SCHEDULER, MAX_BATCH, SCHEDULERS, SizeRules, validate
+from ..pipeline.params import MAX_BATCH, SCHEDULERS, SizeRules, validate
 from .usage import add_debug_argument
 from .vocabulary import DTYPES, add_device_argument, add_dtype_argument, add_model_arguments, add_threads_argument
-from .vocabulary import check_threads, check_tiny_seed, set_threads
+from .vocabulary import add_generation_arguments, check_threads, check_tiny_seed, generation_flags, set_threads
 
 if TYPE_CHECKING:  # torch is imported once the arguments parse (--help and argparse errors answer at once)
     import torch
@@ -40,6 +40,9 @@ MODES = ("latency", "throughput", "components")
 BASELINE_NAMES = ("sdxl-alone", "mapping")
 MAX_CONCURRENCY = 16
 BENCH_PLUGINS = ("lora", "controlnet", "t2i")  # --plugins: built with random weights
+# The generation parameters a benchmark workload sets (their flags as xa-generate spells them).
+BENCH_PARAMETERS = ("num_inference_steps", "adapter_guidance_start", "guidance_scale", "num_images_per_prompt", "height",
+                    "width", "height_sd15", "width_sd15", "scheduler")
 # The package each variant needs (checked before loading; named in the error).
 # variant -> the package it needs (tensorrt: availability.tensorrt_installed, below, which tells
 # the real library from tensorrt-stubs)
@@ -63,20 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "(default %(default)s)")
     work.add_argument("--baseline", default="", help="comma-separated: sdxl-alone (latency/components), mapping "
                       "(default none)")
-    work.add_argument("--steps", type=int, default=30, metavar="N",
-                      help="denoising steps of each run (default %(default)s: the recorded benchmark workload)")
-    work.add_argument("--adapter-guidance-start", type=float, default=0.9, metavar="F",
-                      help="fraction of the steps run with the adapter (default %(default)s)")
-    work.add_argument("--guidance-scale", type=float, default=7.5, metavar="F",
-                      help="classifier-free guidance of both branches (default %(default)s)")
-    work.add_argument("--batch", type=int, default=1, metavar="B", help="images per request (default %(default)s)")
+    # the recorded benchmark workload: 30 steps (the pipeline's default is 50)
+    add_generation_arguments(work, BENCH_PARAMETERS, defaults={"num_inference_steps": 30})
     work.add_argument("--batches", default=None, help="throughput: comma-separated batch sizes (default: --batch)")
     work.add_argument("--concurrency", default=None, help="throughput: comma-separated numbers of concurrent requests")
-    for flag, what in (("--height", "SDXL image height"), ("--width", "SDXL image width"),
-                       ("--height-sd15", "SD1.5 height"), ("--width-sd15", "SD1.5 width")):
-        work.add_argument(flag, type=int, metavar="PX", help=f"{what} in pixels (default: the models' own)")
-    work.add_argument("--scheduler", choices=list(SCHEDULERS), default=DEFAULT_SCHEDULER,
-                      help="sampler of both branches (default %(default)s)")
     work.add_argument("--plugins", default="", help=f"comma-separated plugins on for every request, built with random "
                       f"weights to fit the SD1.5 UNet: {', '.join(BENCH_PLUGINS)} (default none; lora: rank 8, unfused, "
                       "the side path a per-request LoRA costs; fused costs nothing per step)")
@@ -282,8 +275,7 @@ def _check(args: argparse.Namespace):
     try:
         validate(workload.params(seed=0), rules)
     except ParameterError as e:
-        flag = {"num_inference_steps": "--steps", "num_images_per_prompt": "--batch"}.get(e.name, "--" + e.name.replace("_", "-"))
-        raise ParameterError(flag, e.value, e.accepted) from None
+        raise ParameterError(generation_flags().get(e.name, e.name), e.value, e.accepted) from None
     options = []
     for m in modes:  # each baseline runs once, in the first mode that takes it
         taken = [b for b in baselines if not (b == "sdxl-alone" and m == "throughput")

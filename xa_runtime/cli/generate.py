@@ -26,7 +26,7 @@ import xa_runtime
 
 from ..errors import CheckpointError, ParameterError
 from ..models.presets import get_preset
-from ..pipeline.params import DEFAULT_SCHEDULER, MAX_SEED, SCHEDULERS, GenerationParams, SizeRules, validate
+from ..pipeline.params import PARAMETERS, GenerationParams, SizeRules, validate
 from .backend_args import add_backend_arguments, check_backend, loras_to_backend, open_cli_backend
 from .output_files import image_paths, sidecar_path, write_outputs
 from .plugin_args import (
@@ -46,30 +46,13 @@ from .usage import (
     parameter_error_line,
     report,
 )
-from .vocabulary import (DTYPES, MODEL_FLAGS, add_device_argument, add_dtype_argument, add_model_arguments,
-                         add_no_progress_argument, add_threads_argument, check_threads, check_tiny_seed, set_threads)
+from .vocabulary import (DTYPES, MODEL_FLAGS, add_device_argument, add_dtype_argument, add_generation_arguments,
+                         add_model_arguments, add_no_progress_argument, add_threads_argument, check_threads,
+                         check_tiny_seed, generation_flags, params_from_args, set_threads)
 
 PROG = "xa-generate"
 # GenerationParams field -> the flag that sets it, so errors name what the user typed.
-FLAGS = {
-    "prompt": "--prompt",
-    "prompt_sd15": "--prompt-sd15",
-    "negative_prompt": "--negative-prompt",
-    "num_inference_steps": "--steps",
-    "guidance_scale": "--guidance-scale",
-    "adapter_guidance_start": "--adapter-guidance-start",
-    "adapter_condition_scale": "--adapter-condition-scale",
-    "fusion_guidance_scale": "--fusion-guidance-scale",
-    "height": "--height",
-    "width": "--width",
-    "height_sd15": "--height-sd15",
-    "width_sd15": "--width-sd15",
-    "scheduler": "--scheduler",
-    "seed": "--seed",
-    "num_images_per_prompt": "--batch",
-    "strength": "--strength",
-    "lora": "--lora/--sdxl-lora",
-}
+FLAGS = {**generation_flags(), "lora": "--lora/--sdxl-lora"}
 # Parameter names the plugin loaders and the pipeline use in errors raised after loading
 # -> their flags (only for naming the error; accepted texts are not rewritten with these).
 PLUGIN_FLAGS = {
@@ -105,17 +88,7 @@ resolved seed and sizes, model paths, versions, device, dtype and seconds per st
 """
 
 
-def _seed(text: str) -> int | None:
-    if text == "random":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid seed {text!r}: an integer or 'random'") from None
-
-
 def build_parser() -> argparse.ArgumentParser:
-    defaults = GenerationParams(prompt="")
     ap = CheckedParser(
         prog=PROG,
         description="Generate images with X-Adapter: an SD1.5 branch guiding SDXL through mapping layers.",
@@ -127,32 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--sdxl-vae", metavar="PATH", help="replacement SDXL VAE (e.g. the fp16-fix VAE): folder or file")
 
     gen = ap.add_argument_group("generation")
-    gen.add_argument("--prompt", action="append", required=True, metavar="TEXT",
-                     help="prompt of the SDXL branch (repeat the flag for several prompts)")
-    gen.add_argument("--prompt-sd15", action="append", metavar="TEXT",
-                     help="prompt of the SD1.5 branch (default: --prompt); one per --prompt")
-    gen.add_argument("--negative-prompt", action="append", metavar="TEXT",
-                     help="negative prompt of both branches; one per --prompt")
-    gen.add_argument("--steps", type=int, default=defaults.num_inference_steps, metavar="N",
-                     help="denoising steps N, 1..1000 (default %(default)s)")
-    gen.add_argument("--guidance-scale", type=float, default=defaults.guidance_scale, metavar="F",
-                     help="classifier-free guidance of both branches, 0..100; <= 1 turns CFG off (default %(default)s)")
-    gen.add_argument("--adapter-guidance-start", type=float, default=defaults.adapter_guidance_start, metavar="F",
-                     help="fraction of the steps run with the adapter, (0, 1], int(N * F) >= 1 (default %(default)s)")
-    gen.add_argument("--adapter-condition-scale", type=float, default=defaults.adapter_condition_scale, metavar="F",
-                     help="scale of the mapped residuals, 0..10 (default %(default)s)")
-    gen.add_argument("--fusion-guidance-scale", type=float, default=None, metavar="F",
-                     help="inject as a lerp h + F * (r - h), 0..1 (default: plain add h + r)")
-    gen.add_argument("--height", type=int, metavar="PX", help="SDXL image height, multiple of 32 (default: model's, 1024)")
-    gen.add_argument("--width", type=int, metavar="PX", help="SDXL image width, multiple of 32 (default: model's, 1024)")
-    gen.add_argument("--height-sd15", type=int, metavar="PX", help="SD1.5 height, multiple of 64 (default: model's, 512)")
-    gen.add_argument("--width-sd15", type=int, metavar="PX", help="SD1.5 width, multiple of 64 (default: model's, 512)")
-    gen.add_argument("--scheduler", choices=list(SCHEDULERS), default=DEFAULT_SCHEDULER,
-                     help="sampler of both branches (default %(default)s)")
-    gen.add_argument("--seed", type=_seed, default=0, metavar="N",
-                     help=f"0..{MAX_SEED}, or 'random' (recorded in the outputs) (default %(default)s)")
-    gen.add_argument("--batch", type=int, default=defaults.num_images_per_prompt, metavar="B",
-                     help="images per prompt, 1..64 in all (default %(default)s)")
+    add_generation_arguments(gen, [p.name for p in PARAMETERS if p.name != "strength"])  # --strength: with --init-image
 
     run = ap.add_argument_group("run")
     add_device_argument(run)
@@ -171,31 +119,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--version", action="version", version=f"%(prog)s {xa_runtime.__version__}")
     add_plugin_arguments(ap)
     return ap
-
-
-def _one_or_list(values: list[str] | None) -> str | list[str] | None:
-    return values[0] if values and len(values) == 1 else values
-
-
-def params_from_args(args: argparse.Namespace) -> GenerationParams:
-    return GenerationParams(
-        prompt=_one_or_list(args.prompt),  # type: ignore[arg-type]
-        prompt_sd15=_one_or_list(args.prompt_sd15),
-        negative_prompt=_one_or_list(args.negative_prompt),
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        adapter_guidance_start=args.adapter_guidance_start,
-        adapter_condition_scale=args.adapter_condition_scale,
-        fusion_guidance_scale=args.fusion_guidance_scale,
-        height=args.height,
-        width=args.width,
-        height_sd15=args.height_sd15,
-        width_sd15=args.width_sd15,
-        scheduler=args.scheduler,
-        seed=args.seed,
-        num_images_per_prompt=args.batch,
-        strength=args.strength,
-    )
 
 
 def _flag(name: str) -> str:

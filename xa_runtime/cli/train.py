@@ -20,8 +20,7 @@ from typing import Any
 import xa_runtime
 
 from ..errors import CheckpointError, ParameterError
-from ..training.options import (DEFAULT_VALIDATION_PROMPTS, LOSS_WEIGHTINGS, LR_SCHEDULERS, NOISE_CHOICES, REPORT_TO,
-                                TrainOptions, check_options)
+from ..training.options import BY_NAME, CHOICE, FLOAT, INT, OPTIONS, PATH, SWITCH, TEXTS, TrainOptions, check_options
 from .usage import CheckedParser, UsageError, add_debug_argument, debug_requested, parameter_error_line, report
 from .vocabulary import (add_device_argument, add_dtype_argument, add_model_arguments, add_no_progress_argument,
                          add_threads_argument, check_threads, check_tiny_seed, set_threads)
@@ -43,8 +42,28 @@ accelerate launch --multi_gpu --num_processes N -m xa_runtime.cli.train ... (doc
 """
 
 
+GROUPS = {"data": "data", "optimisation": "optimisation (defaults: the paper's)",
+          "method": "the method's open choices (docs/training.md)", "run": "run"}
+
+
+def _add_option(group: Any, row: Any) -> None:
+    """The flag of one training option row (training/options.py OPTIONS)."""
+    if row.kind == SWITCH:
+        group.add_argument(row.cli_flag, dest=row.name, action="store_false" if row.default else "store_true",
+                           help=row.help)
+    elif row.kind == TEXTS:
+        group.add_argument(row.cli_flag, dest=row.name, action="append", metavar=row.metavar, help=row.help)
+    elif row.kind == CHOICE:
+        group.add_argument(row.cli_flag, dest=row.name, choices=list(row.choices), default=row.default,
+                           help=f"{row.help} (default %(default)s)")
+    else:
+        kind = {INT: int, FLOAT: float, PATH: str}[row.kind]
+        default = "" if row.default is None else " (default %(default)s)"
+        group.add_argument(row.cli_flag, dest=row.name, type=kind, default=row.default,
+                           metavar=row.metavar or ("N" if row.kind == INT else "F"), help=row.help + default)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    d = TrainOptions()
     ap = CheckedParser(prog=PROG, description="Train X-Adapter mapping layers for an SD1.5-like and SDXL-like pair.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     models = ap.add_argument_group("models (--sd15 and --sdxl, or none for the built-in tiny models)")
@@ -53,88 +72,31 @@ def build_parser() -> argparse.ArgumentParser:
         if action.dest == "adapter":
             action.help = "X-Adapter checkpoint to start from (default: fresh mapping layers, zero_out at zero)"
     models.add_argument("--sdxl-vae", metavar="PATH", help="replacement SDXL VAE (e.g. the fp16-fix VAE): folder or file")
-
-    data = ap.add_argument_group("data")
-    data.add_argument("--data", required=True, metavar="PATH",
-                      help="webdataset .tar shards (folder, file, glob or {00000..00009} pattern) or an image folder "
-                           "with metadata.jsonl")
-    data.add_argument("--resolution", type=int, metavar="PX",
-                      help="new model's bucket side, pixels (area = PX^2) (default: the model's, 1024 for SDXL)")
-    data.add_argument("--resolution-sd15", type=int, metavar="PX",
-                      help="old model's bucket side, pixels (default: the model's, 512 for SD1.5)")
-    data.add_argument("--no-bucketing", dest="bucketing", action="store_false",
-                      help="one square bucket instead of aspect-ratio buckets")
-    data.add_argument("--max-aspect-ratio", type=float, default=d.max_aspect_ratio, metavar="F",
-                      help="widest bucket, 1..8 (default %(default)s)")
-    data.add_argument("--shuffle-buffer", type=int, default=d.shuffle_buffer, metavar="N",
-                      help="samples in the seeded shuffle buffer (default %(default)s)")
-    data.add_argument("--cache", metavar="DIR",
-                      help="cache of VAE latents and caption embeddings: built here on first use, then read instead "
-                           "of the images (default: encode every step)")
-    data.add_argument("--max-bad-share", type=float, default=d.max_bad_share, metavar="F",
-                      help="stop when more than this share of samples is unreadable or captionless, 0..1 "
-                           "(default %(default)s)")
-
-    opt = ap.add_argument_group("optimisation (defaults: the paper's)")
-    opt.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps to train (default: --epochs)")
-    opt.add_argument("--epochs", type=int, default=d.epochs, metavar="N", help="passes over the data (default %(default)s)")
-    opt.add_argument("--batch-size", type=int, default=d.batch_size, metavar="B",
-                     help="global batch per micro-step, split over the processes (default %(default)s)")
-    opt.add_argument("--gradient-accumulation-steps", type=int, default=d.gradient_accumulation_steps, metavar="N",
-                     help="micro-steps per optimizer step (default %(default)s)")
-    opt.add_argument("--learning-rate", type=float, default=d.learning_rate, metavar="LR",
-                     help="AdamW learning rate (default %(default)s)")
-    opt.add_argument("--lr-scheduler", choices=list(LR_SCHEDULERS), default=d.lr_scheduler,
-                     help="learning-rate schedule (default %(default)s)")
-    opt.add_argument("--warmup-steps", type=int, default=d.warmup_steps, metavar="N",
-                     help="linear warm-up steps of the schedule (default %(default)s)")
-    opt.add_argument("--weight-decay", type=float, default=d.weight_decay, metavar="F",
-                     help="AdamW weight decay (default %(default)s)")
-    opt.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, metavar="F",
-                     help="gradient clipping norm, 0 = none (default %(default)s)")
-    opt.add_argument("--seed", type=int, default=d.seed, metavar="N",
-                     help="seed of the mapping layers' init, data order, timesteps and noise (default %(default)s)")
-
-    method = ap.add_argument_group("the method's open choices (docs/training.md)")
-    method.add_argument("--null-text-share", type=float, default=d.null_text_share, metavar="F",
-                        help="share of rows whose new model sees the empty prompt, 0..1 (default %(default)s)")
-    method.add_argument("--noise", choices=list(NOISE_CHOICES), default=d.noise,
-                        help="the two latents' noise: independent draws or one shared draw (default %(default)s)")
-    method.add_argument("--loss-weighting", choices=list(LOSS_WEIGHTINGS), default=d.loss_weighting,
-                        help="per-timestep loss weight (default %(default)s)")
-    method.add_argument("--snr-gamma", type=float, default=d.snr_gamma, metavar="F",
-                        help="gamma of --loss-weighting min-snr (default %(default)s)")
-    method.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
-                        help="keep every activation where gradients pass (faster, more memory)")
-
-    run = ap.add_argument_group("run")
+    groups = {key: ap.add_argument_group(title) for key, title in GROUPS.items()}
+    groups["data"].add_argument("--data", required=True, metavar="PATH",
+                                help="webdataset .tar shards (folder, file, glob or {00000..00009} pattern) or an image "
+                                     "folder with metadata.jsonl")
+    for row in OPTIONS:
+        if row.cli_flag:
+            _add_option(groups[row.group], row)
+    run = groups["run"]
     add_device_argument(run)
-    add_dtype_argument(run, what="frozen models' weights and mixed precision (the mapping layers keep fp32 masters)")
+    add_dtype_argument(run, what=BY_NAME["dtype"].help)
     add_threads_argument(run)
     run.add_argument("--output", required=True, metavar="DIR", help="folder for the adapter, checkpoints and logs")
     run.add_argument("--resume", metavar="PATH", help="continue from a checkpoint folder, or the newest under an output folder")
-    run.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, metavar="N",
-                     help="checkpoint every N steps, 0 = only on signals (default %(default)s)")
-    run.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, metavar="K",
-                     help="checkpoints kept, newest first (default %(default)s)")
-    run.add_argument("--save-bin", action="store_true", help="also write x_adapter.bin (torch.save, as the release)")
-    run.add_argument("--validate-every", type=int, default=d.validate_every, metavar="N",
-                     help="validation images every N steps, 0 = never (default %(default)s)")
-    run.add_argument("--validation-prompt", action="append", metavar="TEXT",
-                     help=f"validation prompt, seed = its index (repeat; default: {'; '.join(DEFAULT_VALIDATION_PROMPTS)})")
-    run.add_argument("--validation-steps", type=int, default=d.validation_steps, metavar="N",
-                     help="denoising steps of a validation image (default %(default)s)")
-    run.add_argument("--log-every", type=int, default=d.log_every, metavar="N", help="log every N steps (default %(default)s)")
-    run.add_argument("--report-to", choices=list(REPORT_TO), default=d.report_to, help="tracker (default %(default)s)")
     add_no_progress_argument(run)
     add_debug_argument(run)
     run.add_argument("--version", action="version", version=f"%(prog)s {xa_runtime.__version__}")
     return ap
 
 
-def options_from_args(args: argparse.Namespace) -> TrainOptions:
-    fields = {f: getattr(args, f) for f in TrainOptions.__dataclass_fields__ if hasattr(args, f)}
-    fields["validation_prompts"] = tuple(args.validation_prompt or DEFAULT_VALIDATION_PROMPTS)
+def options_from_args(args: argparse.Namespace) -> Any:
+    fields = {row.name: getattr(args, row.name) for row in OPTIONS if hasattr(args, row.name)}  # rows without a flag: defaults
+    if fields.get("validation_prompts") is None:
+        fields["validation_prompts"] = BY_NAME["validation_prompts"].default
+    else:
+        fields["validation_prompts"] = tuple(fields["validation_prompts"])
     return TrainOptions(**fields)
 
 
