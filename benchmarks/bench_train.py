@@ -4,9 +4,9 @@ training script does) against ours (frozen parts without autograd, gradient
 checkpointing where gradients pass), in one run.
 
 Each variant runs in its own fresh process (so that peak memory is its own): warm-up
-steps, then --runs timed steps (median, min, max). Peak memory: on CUDA
-torch.cuda.max_memory_allocated over the timed steps; on the CPU the process's peak RSS
-above its RSS when the timed steps start. Prints a table and writes JSON with the device,
+steps, then --runs timed steps (median, min, max). Peak memory over all steps, warm-up
+included: on CUDA torch.cuda.max_memory_allocated; on the CPU the process's peak RSS above
+its RSS before the first step. Prints a table and writes JSON with the device,
 date, versions and the exact command.
 
     python benchmarks/bench_train.py --threads 1 --output benchmarks/results/train-tiny-cpu-<date>.json
@@ -113,12 +113,14 @@ def worker(args: argparse.Namespace) -> dict:
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
+    # Memory from before the first step: the first one allocates what later steps reuse
+    # (the naive step's gradient buffers of every frozen weight, the optimizer's moments).
+    rss_start = _rss_bytes()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     for _ in range(args.warmup):
         one_step()
     sync()
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    rss_start = _rss_bytes()
     times = []
     for _ in range(args.runs):
         t0 = time.perf_counter()
@@ -130,7 +132,7 @@ def worker(args: argparse.Namespace) -> dict:
         memory_kind = "torch.cuda.max_memory_allocated"
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_start
-        memory_kind = "peak RSS above the RSS at the first timed step"
+        memory_kind = "peak RSS above the RSS before the first step"
     return {"step_s": times, "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
             "peak_memory_bytes": peak, "memory_kind": memory_kind,
             "bucket": {"new": list(bucket.new_hw), "old": list(bucket.old_hw)},

@@ -260,3 +260,15 @@ def test_the_cli_killed_by_sigterm_checkpoints_exits_143_and_resumes_bit_for_bit
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = load_file(out / "x_adapter.safetensors"), load_file(tmp_path / "x_adapter.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_bench_train_runs_both_variants_and_writes_json(tmp_path):
+    from bench_scripts import load_script
+
+    out = tmp_path / "bench.json"
+    assert load_script("bench_train").main(["--runs", "1", "--warmup", "0", "--rounds", "1", "--batch-size", "2",
+                                            "--output", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert set(record["results"]) == {"naive", "ours"} and record["device"] == "cpu"
+    assert all(r["median_s"] > 0 and r["peak_memory_bytes"] > 0 for r in record["results"].values())
