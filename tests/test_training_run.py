@@ -224,7 +224,7 @@ def test_bf16_and_the_open_choices_train_and_validate_through_the_pipeline(tmp_p
     sd15, sdxl, _ = build_tiny_models(0)
     opts = options(max_steps=2, dtype="bf16", gradient_accumulation_steps=2, lr_scheduler="cosine", warmup_steps=1,
                    loss_weighting="min-snr", noise="shared", null_text_share=0.5, validate_every=1,
-                   validation_prompts=("a red square",), validation_steps=2)
+                   validation_prompts=("a red square",), validation_steps=2, report_to="tensorboard", log_every=1)
     result = train(TrainModels(sd15, sdxl, identity={"kind": "tiny"}), data, tmp_path, opts, progress=False)
     assert result.step == 2 and all(np.isfinite(loss) for _, loss in result.losses)
     assert sdxl.unet.dtype == torch.bfloat16  # frozen weights in the training dtype
@@ -233,6 +233,14 @@ def test_bf16_and_the_open_choices_train_and_validate_through_the_pipeline(tmp_p
     for step in (1, 2):
         image = Image.open(tmp_path / "validation" / f"step-{step:07d}-0.png")
         assert image.size == (128, 128)  # the tiny SDXL's square bucket
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = []
+    for events in tmp_path.glob("xa-train/events*"):
+        acc = EventAccumulator(str(events), size_guidance={"images": 0})
+        acc.Reload()
+        tags += acc.Tags()["images"] + acc.Tags()["scalars"]
+    assert {"validation", "loss", "lr"} <= set(tags)
 
 
 @pytest.mark.slow
@@ -272,3 +280,36 @@ def test_bench_train_runs_both_variants_and_writes_json(tmp_path):
     record = json.loads(out.read_text())
     assert set(record["results"]) == {"naive", "ours"} and record["device"] == "cpu"
     assert all(r["median_s"] > 0 and r["peak_memory_bytes"] > 0 for r in record["results"].values())
+
+
+def test_a_failed_checkpoint_write_keeps_the_last_good_one(tmp_path, data, monkeypatch):
+    from xa_runtime.training import checkpoint as ckpt
+
+    sd15, sdxl, _ = build_tiny_models(0)
+    models = TrainModels(sd15, sdxl, identity={"kind": "tiny"})
+    real_save = torch.save
+
+    def failing_save(obj, path, *args, **kwargs):
+        if "step-0000002" in str(path) and str(path).endswith("scheduler.pt"):
+            raise OSError(28, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt.torch, "save", failing_save)
+    with pytest.raises(OSError, match="No space left"):
+        train(models, data, tmp_path, options(max_steps=3, checkpoint_every=1), progress=False)
+    root = tmp_path / "checkpoints"
+    assert [p.name for p in root.iterdir()] == ["step-0000001"]  # no partial step-0000002, no temporary folder
+    assert ckpt.read_state(root / "step-0000001")["step"] == 1
+
+
+def test_models_whose_widths_do_not_pair_are_refused(tmp_path, data, capsys):
+    sd15, sdxl, _ = build_tiny_models(0)
+    with pytest.raises(Exception) as e:
+        train(TrainModels(sdxl, sdxl), data, tmp_path, options(), progress=False)
+    assert getattr(e.value, "name", "") == "--sd15/--sdxl" and not (tmp_path / "checkpoints").exists()
+    other = zero_initialised_mapping(MappingConfig((64, 32, 32), (64, 64, 32)), 0)
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, tmp_path / "other.safetensors")
+    code = train_cli.main(["--data", data, "--output", str(tmp_path / "out"), "--adapter", str(tmp_path / "other.safetensors"),
+                           "--no-progress", "--report-to", "none"])
+    err = capsys.readouterr().err
+    assert code == 2 and "other.safetensors" in err and "Traceback" not in err
