@@ -50,7 +50,7 @@ def run(mode: str, sd15: Path, sdxl: Path, adapter: Path) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("layout", ["diffusers", "single_file"])
+@pytest.mark.parametrize("layout", ["diffusers", pytest.param("single_file", marks=pytest.mark.slow)])
 def test_inference_is_bit_identical_with_and_without_accelerate(tiny_paths, layout):
     pytest.importorskip("accelerate", reason="the [train] / [test] extras install it")
     if layout == "diffusers":
