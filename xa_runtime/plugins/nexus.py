@@ -284,3 +284,8 @@ def build_tiny_nexus(
                          hetconv_bias=hetconv and hetconv_bias)
     torch.manual_seed(seed)
     return NexusAdapter(config).eval().requires_grad_(False)
+
+
+def plugin_from_spec(unet: torch.nn.Module | None, spec: Any) -> NexusAdapterPlugin:
+    """The table's loader (plugin_kinds, kind "nexus"): a PluginSpec's Nexus Adapter."""
+    return load_nexus_adapter_plugin(unet, spec.path, spec.image, scale=spec.scale)
