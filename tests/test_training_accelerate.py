@@ -4,7 +4,6 @@ notice: the tiny models loaded from every on-disk format and run through the pip
 give the same weights and the same image, bit for bit, with accelerate importable and with
 it hidden (an import blocker on sys.meta_path, in a fresh interpreter each)."""
 
-import hashlib
 import json
 import os
 import subprocess

@@ -2,7 +2,6 @@
 VAE's batch-of-1 vs batch-of-2 rounding), a run from the cache never calls a VAE or the old
 text encoder, is deterministic, and a cache built for other settings is refused by flag."""
 
-import pytest
 import torch
 from safetensors.torch import load_file
 

@@ -4,7 +4,6 @@ flags spelled as in the other CLIs."""
 
 import argparse
 
-import numpy as np
 import pytest
 from PIL import Image
 
