@@ -275,6 +275,7 @@ def test_output_whose_sidecar_is_a_folder_is_refused_before_any_work(sidecar, tm
 
 
 def test_a_failing_write_leaves_nothing_behind(tmp_path, monkeypatch):
+    from xa_runtime import atomic_files
     from xa_runtime.cli import output_files
 
     targets = {tmp_path / "a.png": b"a", tmp_path / "b.png": b"b", tmp_path / "a.json": b"{}"}
@@ -286,7 +287,7 @@ def test_a_failing_write_leaves_nothing_behind(tmp_path, monkeypatch):
             raise OSError("disk full")
         real_replace(src, dst)
 
-    monkeypatch.setattr(output_files.os, "replace", replace_then_fail)
+    monkeypatch.setattr(atomic_files.os, "replace", replace_then_fail)
     with pytest.raises(OSError):
         output_files.write_all_or_nothing(targets)
     assert sorted(p.name for p in tmp_path.iterdir()) == []

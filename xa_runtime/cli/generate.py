@@ -43,6 +43,7 @@ from .usage import (
     add_debug_argument,
     check_output_files,
     debug_requested,
+    exit_on_signals,
     parameter_error_line,
     report,
 )
@@ -465,7 +466,12 @@ def records(args: argparse.Namespace, tiny: bool, result: Any, seconds: dict[str
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run `xa-generate`; returns the exit code (0 ok, 2 bad input, nothing written)."""
+    """Run `xa-generate`; returns the exit code (0 ok, 2 bad input, nothing written; 130 / 143
+    stopped by SIGINT / SIGTERM, nothing written)."""
+    return exit_on_signals(PROG, lambda: _main(argv))
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     command = [PROG, *(sys.argv[1:] if argv is None else argv)]
     debug = debug_requested(argv)
