@@ -309,6 +309,35 @@ def check_device(device: str) -> None:
         raise ParameterError("--device", device, f"cpu here: CUDA is not available ({why}, torch {torch.__version__})")
 
 
+def check_memory(args: argparse.Namespace, tiny: bool, p: GenerationParams, prompts: int) -> None:
+    """ParameterError naming --batch (or the sizes) when the run's estimated activation memory
+    (runtime.memory.estimate_generation_bytes) exceeds all the memory of the device."""
+    from ..runtime.memory import device_memory_bytes, estimate_generation_bytes
+
+    capacity = device_memory_bytes(args.device)
+    if capacity is None:
+        return
+    presets = (get_preset("tiny-sdxl"), get_preset("tiny-sd15")) if tiny else (get_preset("sdxl"), get_preset("sd15"))
+    widths = tuple(pr.vae["block_out_channels"][0] for pr in presets)
+    dtype_bytes = 4 if args.dtype == "fp32" else 2
+    images = prompts * p.num_images_per_prompt
+
+    def need(n: int) -> int:
+        return estimate_generation_bytes(n, p.height * p.width, p.height_sd15 * p.width_sd15, widths, dtype_bytes)
+
+    if need(images) <= capacity:
+        return
+    fits = max((n for n in range(1, images) if need(n) <= capacity), default=0)
+    sizes = (f"--height {p.height} --width {p.width} and --height-sd15 {p.height_sd15} --width-sd15 {p.width_sd15}")
+    gib = 2**30
+    why = (f"{images} images at {sizes} need about {need(images) / gib:.0f} GiB of memory (estimated), more than "
+           f"all of this {args.device}'s {capacity / gib:.0f} GiB")
+    if fits:
+        images_fit = f"at most {fits} image{'s' if fits > 1 else ''}"
+        raise ParameterError("--batch", args.batch, f"{images_fit} in all at these sizes: {why}")
+    raise ParameterError("--height", p.height, f"smaller sizes: {why}, even for one image")
+
+
 def _blame(error: Exception, args: argparse.Namespace) -> str:
     """Prefix a loading error with the flag whose path it mentions (the longest match)."""
     from ..plugins.lora import parse_lora_argument
@@ -393,13 +422,14 @@ def check_inputs(args: argparse.Namespace) -> tuple[bool, GenerationParams, Path
     args.threads = check_threads(args)
     params = params_from_args(args)
     # A check only: sizes left unset resolve to the loaded models' own defaults in generate.
-    validate(params, size_rules(tiny))
+    resolved = validate(params, size_rules(tiny))
     output = check_output(args.output, len(args.prompt) * args.batch)
     runtime_names(args)
     # From here on the checks read files or ask torch (model headers, CUDA, plugin files).
     if not tiny:
         check_models(args)
     check_device(args.device)
+    check_memory(args, tiny, resolved, len(args.prompt))
     set_threads(args.threads)
     args.runtime_config = runtime_config(args)
     args.plugin_specs = check_plugin_arguments(args)
