@@ -24,7 +24,7 @@ from typing import Any
 
 import xa_runtime
 
-from ..errors import CheckpointError, ParameterError
+from ..errors import CheckpointError, NonFiniteError, ParameterError
 from ..models.presets import get_preset
 from ..pipeline.params import DEFAULT_SCHEDULER, MAX_SEED, SCHEDULERS, GenerationParams, SizeRules, validate
 from .backend_args import add_backend_arguments, check_backend, loras_to_backend, open_cli_backend
@@ -533,6 +533,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
             return report(describe(e), debug)
         except (CheckpointError, OSError) as e:  # a file that passed the cheap checks but does not load
             return report(_blame(e, args), debug)
+        except NonFiniteError as e:  # NaN / inf latents or pixels: no image is written
+            return report(str(e), debug)
         finally:
             if backend is not None:
                 backend.close()
