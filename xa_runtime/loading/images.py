@@ -56,7 +56,7 @@ def open_image(source: Any, name: str, max_pixels: int = MAX_IMAGE_PIXELS, value
     except Exception as e:  # noqa: BLE001 -- PIL raises OSError, SyntaxError, ValueError, ... for bad bytes
         raise ParameterError(name, shown, f"{FILE_FORMATS} ({type(e).__name__}: {e})") from None
     try:
-        check_image_size(name, im.width, im.height, max_pixels, shown if value is not None else None)
+        check_image_size(name, im.width, im.height, max_pixels, shown)
     except ParameterError:
         im.close()
         raise
