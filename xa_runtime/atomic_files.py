@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
 import re
 import shutil
@@ -21,6 +20,11 @@ import signal
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: moves are not locked against a concurrent writer
+    fcntl = None  # type: ignore[assignment]
 
 TEMP_TAG = "xa-tmp-"  # hidden temporaries: .NAME.xa-tmp-PID-XXXX[.tmp] (files), .[NAME-]xa-tmp-PID-XXXX (folders)
 _TEMP = re.compile(r"^\..*" + TEMP_TAG + r"(\d+)-[^/]+$")
@@ -69,6 +73,9 @@ def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
 def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
     """An exclusive flock on the folder itself (no lock file to leave behind) while the body
     runs: two writers of one folder move their sets in one after the other, never interleaved."""
+    if fcntl is None:
+        yield
+        return
     fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -119,6 +126,9 @@ def _keep_old(target: Path) -> str | None:
 @contextlib.contextmanager
 def _signals_held() -> Iterator[None]:
     # SIGINT / SIGTERM wait while the set moves (a few renames): their handlers run after it.
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
     held = {signal.SIGINT, signal.SIGTERM}
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
     try:

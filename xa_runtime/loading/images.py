@@ -64,12 +64,12 @@ def open_image(source: Any, name: str, max_pixels: int = MAX_IMAGE_PIXELS, value
 
 
 def to_rgb(image: Image.Image, orient: bool = True) -> Image.Image:
-    """An 8-bit RGB copy of a PIL image: 16-bit and 32-bit grey ("I;16", "I") scaled by their
-    range (PIL's convert clips them at 255: a 16-bit ramp would come out 99.6% white), float
-    grey ("F") taken as [0, 1]; with `orient`, its EXIF orientation applied first."""
+    """An 8-bit RGB copy of a PIL image: 16-bit grey ("I;16", and "I" as Pillow opens 16-bit
+    PNG / TIFF grey) scaled by its range (PIL's convert clips it at 255: a 16-bit ramp would
+    come out 99.6% white); with `orient`, its EXIF orientation applied first."""
     if orient:
         image = ImageOps.exif_transpose(image)
-    top = _HIGH_DEPTH_RANGE.get(image.mode, 1.0 if image.mode == "F" else None)
+    top = _HIGH_DEPTH_RANGE.get(image.mode)
     if top is not None:
         grey = np.asarray(image, dtype=np.float64) / top
         image = Image.fromarray((np.clip(grey, 0, 1) * 255).round().astype(np.uint8))

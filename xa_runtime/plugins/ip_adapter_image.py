@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from ..errors import CheckpointError, ParameterError
+from ..loading.checkpoint_files import check_finite
 from ..loading.images import check_image_size, read_image, to_rgb
 
 
@@ -163,6 +164,7 @@ def load_image_encoder(
         model = CLIPVisionModelWithProjection.from_pretrained(str(p), local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         raise CheckpointError(f"image_encoder {p}: not a CLIP vision model folder: {exc}") from exc
+    check_finite(model.named_parameters(), f"image_encoder {p}", "weight")
     model.to(device=device, dtype=dtype)
     pre = p / "preprocessor_config.json"
     spec = ClipPreprocess.from_config(json.loads(pre.read_text()), model.config.image_size) if pre.is_file() else None
