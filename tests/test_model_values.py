@@ -141,3 +141,11 @@ def test_a_safetensors_header_nested_100000_deep_is_an_error_not_a_recursion_err
     path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
     with pytest.raises(CheckpointError, match="nests too deeply"):
         read_safetensors_shapes(path)
+
+
+def test_a_text_encoder_config_beyond_clip_is_refused_before_loading(tmp_path):
+    folder = unet_folder(tmp_path)
+    (folder / "text_encoder").mkdir()
+    (folder / "text_encoder" / "config.json").write_text(json.dumps({"num_hidden_layers": 10**6, "hidden_size": 32}))
+    with pytest.raises(ParameterError, match=r"text_encoder/config\.json: config key 'num_hidden_layers'"):
+        check_model_path(folder, "sd15", "--sd15")

@@ -196,6 +196,9 @@ MODEL_CONFIG_BOUNDS: dict[str, tuple[int, int]] = {
     "cross_attention_dim": (1, 8192), "attention_head_dim": (1, 8192), "num_attention_heads": (1, 1024),
     "norm_num_groups": (1, 1024), "addition_time_embed_dim": (1, 8192),
     "projection_class_embeddings_input_dim": (1, 65536), "downscale_factor": (1, 64),
+    # the CLIP text encoders' (transformers) configs: CLIP-L and OpenCLIP-bigG are far inside
+    "num_hidden_layers": (1, 128), "hidden_size": (1, 16384), "intermediate_size": (1, 65536),
+    "max_position_embeddings": (1, 4096), "vocab_size": (1, 1_048_576), "projection_dim": (1, 16384),
 }
 _MAX_CONFIG_LIST = 16  # stages of a UNet: 3 (SDXL) or 4 (SD1.5)
 

@@ -57,7 +57,11 @@ def family_of_folder(path: str | Path) -> str:
         if own.is_file() and read_json_config(own).get("_class_name") == "AutoencoderKL":
             raise CheckpointError(f"{path} is a VAE folder, not a full diffusers model folder")
         raise CheckpointError(f"{path} is not a diffusers model folder (no unet/config.json)")
-    return family_of_unet_config(read_json_config(unet_config))
+    family = family_of_unet_config(read_json_config(unet_config))
+    for part in ("vae", "text_encoder", "text_encoder_2"):  # their values checked before anything is built
+        if (path / part / "config.json").is_file():
+            read_json_config(path / part / "config.json")
+    return family
 
 
 def _has(shapes: Shapes, prefix: str) -> bool:
