@@ -136,13 +136,13 @@ def mount_tmpfs(path: Path, size: str) -> bool:
 
 def fill(folder: Path) -> None:
     """Fill a tmpfs to its last bytes."""
-    with open(folder / "filler", "wb") as f:
-        try:
+    try:
+        with open(folder / "filler", "wb") as f:
             while True:
                 f.write(b"\0" * 4096)
                 f.flush()
-        except OSError:
-            pass
+    except OSError:
+        pass
 
 
 GEN = ["-m", "xa_runtime.cli.generate", "--prompt", "a", "--steps", "2", "--no-progress"]

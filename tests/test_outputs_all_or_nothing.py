@@ -129,6 +129,32 @@ def test_sigterm_while_writing_leaves_no_temporary_and_the_old_set(tmp_path):
     assert hidden(tmp_path) == []
 
 
+SIGNAL_WHILE_MOVING = """
+import os, signal, sys, threading
+from pathlib import Path
+from xa_runtime.atomic_files import write_all_or_nothing
+from xa_runtime.cli.usage import exit_on_signals
+threading.Thread(target=lambda: threading.Event().wait(60), daemon=True).start()  # a thread the kernel may pick
+real = os.replace
+def replace(src, dst):
+    if str(dst).endswith("out.png"):
+        os.kill(os.getpid(), signal.SIGTERM)  # between the first and the last move of the set
+    real(src, dst)
+os.replace = replace
+out = Path(sys.argv[1])
+sys.exit(exit_on_signals("writer", lambda: write_all_or_nothing({out / "out.png": b"new", out / "out.json": b"{}"}) or 0))
+"""
+
+
+def test_sigterm_while_the_set_moves_leaves_it_whole(tmp_path):
+    old_set(tmp_path)
+    done = subprocess.run([sys.executable, "-c", SIGNAL_WHILE_MOVING, str(tmp_path)], env=ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 143, done.stderr
+    assert (tmp_path / "out.png").read_bytes() == b"new" and (tmp_path / "out.json").read_bytes() == b"{}"
+    assert hidden(tmp_path) == []
+
+
 def _enospc(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 

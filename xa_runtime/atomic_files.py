@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import signal
+import threading
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -125,16 +126,25 @@ def _keep_old(target: Path) -> str | None:
 
 @contextlib.contextmanager
 def _signals_held() -> Iterator[None]:
-    # SIGINT / SIGTERM wait while the set moves (a few renames): their handlers run after it.
-    if not hasattr(signal, "pthread_sigmask"):
+    """SIGINT / SIGTERM wait while the set moves (a few renames): they are recorded and sent
+    again afterwards. (Blocking them with pthread_sigmask would not do: the kernel hands a
+    process's signal to any thread that does not block it, and Python then runs the handler
+    in the main thread at once.) Python runs handlers in the main thread only, so a writer in
+    another thread is not interrupted by them anyway."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    caught: list[int] = []
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, lambda signum, frame: caught.append(signum))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in caught:
+            signal.raise_signal(s)
 
 
 def move_all_or_nothing(moves: Sequence[tuple[str | os.PathLike, Path]]) -> None:
@@ -149,26 +159,30 @@ def move_all_or_nothing(moves: Sequence[tuple[str | os.PathLike, Path]]) -> None
             for folder in sorted({str(t.parent) for _, t in moves}):
                 held.enter_context(folder_lock(folder))
             held.enter_context(_signals_held())
-            for src, target in moves:
-                backup = _keep_old(target)
-                try:
-                    os.replace(src, target)
-                except BaseException:
-                    if backup is not None:
-                        os.unlink(backup)
-                    raise
-                moved.append((target, backup))
-                pending.remove(src)
+            try:
+                for src, target in moves:
+                    backup = _keep_old(target)
+                    try:
+                        os.replace(src, target)
+                    except BaseException:
+                        if backup is not None:
+                            os.unlink(backup)
+                        raise
+                    moved.append((target, backup))
+                    pending.remove(src)
+            except BaseException:
+                for target, backup in reversed(moved):
+                    with contextlib.suppress(OSError):
+                        if backup is not None:
+                            os.replace(backup, target)
+                        else:
+                            os.unlink(target)
+                raise
             for _, backup in moved:
                 if backup is not None:
-                    os.unlink(backup)
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(backup)
     except BaseException:
-        for target, backup in reversed(moved):
-            with contextlib.suppress(OSError):
-                if backup is not None:
-                    os.replace(backup, target)
-                else:
-                    os.unlink(target)
         for src in pending:
             with contextlib.suppress(OSError):
                 shutil.rmtree(src) if os.path.isdir(src) and not os.path.islink(src) else os.unlink(src)
