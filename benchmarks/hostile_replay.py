@@ -313,7 +313,7 @@ def images(r: Replay, fx: dict) -> None:
     Image.new("RGB", (6, 4), "red").save(w / "exif.jpg", exif=exif.tobytes())
     Image.new("L", (16_777_216, 1)).save(w / "wide.png")
     done = subprocess.run([sys.executable, "-c", IMAGE_CHECKS, str(w)], env=r.env, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, cwd=w)  # not this checkout's folder: `-c` puts the cwd first on sys.path
     try:
         checks = json.loads(done.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
@@ -359,7 +359,7 @@ def main() -> int:
 
             Image.new("RGB", (64, 64), "white").save(r.work / "ctrl.png")
             done = subprocess.run([sys.executable, "-c", FIXTURES, str(r.work)], env=r.env, capture_output=True,
-                                  text=True, check=True, timeout=600)
+                                  text=True, check=True, timeout=600, cwd=r.work)
             fx = json.loads(done.stdout.strip().splitlines()[-1])
         started = time.monotonic()
         for name, fn in (("data", data_safety), ("signals", signals), ("models", model_values), ("images", images),
