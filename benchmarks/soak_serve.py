@@ -63,7 +63,7 @@ def start_server(config: str | None, log: Path) -> tuple[str, subprocess.Popen]:
     import httpx
 
     port = _free_port()
-    cmd = [sys.executable, "-c", "import sys; from xa_runtime.serve.cli import main; sys.exit(main())",
+    cmd = [sys.executable, "-c", "import sys; from xa_runtime.cli.serve import main; sys.exit(main())",
            "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
     if config:
         cmd += ["--config", config]

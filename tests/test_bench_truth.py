@@ -61,6 +61,18 @@ def test_schema_omits_p99_and_requires_cv():
     assert validation_errors(runner.summarize(BUSY), {"$defs": load_schema()["$defs"], "$ref": "#/$defs/summary"}) == []
 
 
+def test_schema_errors_name_the_path_and_the_fault():
+    from xa_runtime.bench.schema import load_schema
+
+    summary = {"$defs": load_schema()["$defs"], "$ref": "#/$defs/summary"}
+    bad = {**runner.summarize(BUSY), "cv": "high"}
+    del bad["median"]
+    errors = validation_errors(bad, summary)
+    assert any(e.startswith("$: ") and "'median' is a required property" in e for e in errors), errors
+    assert any(e.startswith("$.cv: ") and "'high'" in e for e in errors), errors
+    assert validation_errors({"mode": "nope"})[-1].startswith("$.mode: 'nope' is not one of"), validation_errors({"mode": "nope"})
+
+
 def test_write_atomic_makes_0644(tmp_path):
     old = os.umask(0o022)
     try:

@@ -25,7 +25,7 @@ CLIS = {
                          ["--tiny", "--onnx-dir", "{tmp}/onnx", "--output", "{tmp}/engines", "--precision", "fp64"],
                          "--precision"),
     "xa-bench": ("xa_runtime.cli.bench", ["--mode", "fastest"], "--mode"),
-    "xa-serve": ("xa_runtime.serve.cli", ["--port", "eighty"], "--port"),
+    "xa-serve": ("xa_runtime.cli.serve", ["--port", "eighty"], "--port"),
 }
 
 PROBE = """

@@ -8,7 +8,7 @@ import argparse
 import pytest
 
 from xa_runtime.cli import bench, build_engines, export, generate, vocabulary
-from xa_runtime.serve import cli as serve_cli
+from xa_runtime.cli import serve as serve_cli
 from xa_runtime.serve import config as serve_config
 
 PARSERS = {"xa-generate": generate.build_parser, "xa-export": export.build_parser,

@@ -63,3 +63,45 @@ def test_stage2_steps():
 def test_error_message_says_what_is_accepted():
     with pytest.raises(ParameterError, match=r"a multiple of 32 in \[32, 4096\] pixels"):
         validate(GenerationParams(prompt="a", height=1000))
+
+
+def test_each_rows_json_schema_accepts_what_its_check_accepts():
+    """The HTTP door's schema and the Python door's check come from one row: at and around
+    every bound they agree (jsonschema as the independent reader of the schema)."""
+    from jsonschema import Draft202012Validator
+
+    from xa_runtime.pipeline.params import CHOICE, PARAMETERS, SIDE, TEXT
+
+    for p in PARAMETERS:
+        if p.kind == TEXT:
+            continue
+        schema = p.json_schema()
+        schema["type"] = "string" if p.kind == CHOICE else "number"
+        lo, hi = p.bounds()
+        if p.kind == CHOICE:
+            values = [*p.choices, "nope"]
+        else:
+            middle = lo + (hi - lo) // 2 if p.kind in ("int", SIDE) else (lo + hi) / 2
+            values = [lo, hi, lo - 1, hi + 1, lo + 0.5, middle]
+        if p.kind == SIDE:
+            values += [2 * lo, 2 * lo + 1]
+        for value in values:
+            try:
+                p.check(value)
+                checked = True
+            except ParameterError as e:
+                assert e.name == p.name and str(value) in str(e)
+                checked = False
+            schema_ok = Draft202012Validator(schema).is_valid(value) and (p.kind not in ("int", SIDE)
+                                                                         or float(value).is_integer())
+            assert checked == schema_ok, (p.name, value)
+
+
+def test_every_field_of_generation_params_is_a_row():
+    import dataclasses
+
+    from xa_runtime.pipeline.params import PARAMETERS
+
+    names = [f.name for f in dataclasses.fields(GenerationParams)]
+    assert names == [p.name for p in PARAMETERS] + ["extra"]
+    assert [f.default for f in dataclasses.fields(GenerationParams)][3:6] == [50, 7.5, 0.9]

@@ -49,6 +49,10 @@ def test_playground_generates_and_shows_errors(server, page):
     page.goto(server + "/")
     page.wait_for_selector("input[name=plugin][value=anime]")
     assert "anime (lora, scale 0.8)" in page.inner_text("#plugins")
+    # the form's defaults and ranges are the server's (GET /v1/parameters), not the page's own
+    assert page.input_value("#adapter_guidance_start") == "0.9" and page.input_value("#num_inference_steps") == "50"
+    assert page.get_attribute("#num_inference_steps", "max") == "150"  # Limits.max_steps of this server
+    assert page.input_value("#scheduler") == "dpmpp-2m" and page.get_attribute("#seed", "placeholder") == "random"
     page.fill("#prompt", "a lighthouse")
     page.fill("#num_inference_steps", "4")
     page.fill("#adapter_guidance_start", "0.5")

@@ -19,7 +19,7 @@ from PIL import Image  # noqa: E402
 from xa_runtime.errors import ParameterError  # noqa: E402
 from xa_runtime.pipeline import GenerationParams, SizeRules, XAdapterOutput  # noqa: E402
 from xa_runtime.serve.app import create_app  # noqa: E402
-from xa_runtime.serve.cli import main as serve_main  # noqa: E402
+from xa_runtime.cli.serve import main as serve_main  # noqa: E402
 from xa_runtime.serve.config import ConfigError, Limits, ServeConfig, load_config, parse_config  # noqa: E402
 from xa_runtime.serve.service import Cancelled, QueueFull, Service, Unavailable, build_service  # noqa: E402
 
@@ -102,6 +102,29 @@ def test_health_ready_and_generate_json(tiny_client):
     # A1111 infotext and the JSON record (tests/test_png_infotext.py parses them)
     assert image.text["parameters"].startswith(f"{FAST['prompt']}\nNegative prompt: blurry\nSteps: 2, ")
     assert json.loads(image.text["xa_runtime"])["seed"] == 3
+
+
+def test_parameters_and_request_schema_come_from_the_one_definition():
+    from xa_runtime.pipeline.params import PARAMETERS
+
+    service, client = stub_client(StubPipe(), max_steps=40, max_side=512)
+    with client:
+        listed = client.get("/v1/parameters").json()["parameters"]
+        body = client.get("/openapi.json").json()["paths"]["/v1/generate"]["post"]["requestBody"]
+    schema = body["content"]["application/json"]["schema"]["properties"]
+    assert [p["name"] for p in listed] == [p.name for p in PARAMETERS if p.http] and "output_type" not in schema
+    defaults = GenerationParams(prompt="")
+    for p in listed:
+        assert p["required"] == (p["name"] == "prompt")
+        assert p.get("default") == (None if p["required"] else getattr(defaults, p["name"]))
+        numbers = lambda d: json.loads(json.dumps(d), parse_int=float)  # noqa: E731 -- /openapi.json writes 2**63-1 as a float
+        assert numbers({k: v for k, v in schema[p["name"]].items() if k not in ("title", "default")}) == numbers({
+            k: v for k, v in p.items() if k not in ("name", "kind", "required", "label", "blank", "default")})
+    by_name = {p["name"]: p for p in listed}
+    # the server's limits narrow the range; the row's own bounds stay otherwise
+    assert by_name["num_inference_steps"]["maximum"] == 40 and by_name["width"]["maximum"] == 512
+    assert by_name["width_sd15"]["maximum"] == 2048 and by_name["adapter_guidance_start"]["exclusiveMinimum"] == 0
+    assert by_name["adapter_guidance_start"]["default"] == 0.9 and by_name["adapter_guidance_start"]["label"]
 
 
 def test_generate_png_and_metrics(tiny_client):
@@ -493,7 +516,7 @@ def _free_port():
 
 
 def serve_process(*flags, env=None, ready_s=60.0):
-    """`python -m xa_runtime.serve.cli --port P *flags` on loopback, returned once /readyz
+    """`python -m xa_runtime.cli.serve --port P *flags` on loopback, returned once /readyz
     answers 200: (process, url). The caller kills it if the test does not end it."""
     import subprocess
     import sys
@@ -501,7 +524,7 @@ def serve_process(*flags, env=None, ready_s=60.0):
     import httpx
 
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "xa_runtime.serve.cli", "--port", str(port), "--log-level", "warning",
+    proc = subprocess.Popen([sys.executable, "-m", "xa_runtime.cli.serve", "--port", str(port), "--log-level", "warning",
                              *flags], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + ready_s
     while True:

@@ -28,10 +28,11 @@ import xa_runtime
 
 from ..errors import ParameterError
 from ..models.presets import get_preset
-from ..pipeline.params import DEFAULT_SCHEDULER, MAX_BATCH, SCHEDULERS, SizeRules, validate
+from ..pipeline.params import MAX_BATCH, SCHEDULERS, SizeRules, validate
+from ..plugin_kinds import BACKENDS, PluginSpec, check_backend
 from .usage import add_debug_argument
 from .vocabulary import DTYPES, add_device_argument, add_dtype_argument, add_model_arguments, add_threads_argument
-from .vocabulary import check_threads, check_tiny_seed, set_threads
+from .vocabulary import add_generation_arguments, check_threads, check_tiny_seed, generation_flags, set_threads
 
 if TYPE_CHECKING:  # torch is imported once the arguments parse (--help and argparse errors answer at once)
     import torch
@@ -40,6 +41,9 @@ MODES = ("latency", "throughput", "components")
 BASELINE_NAMES = ("sdxl-alone", "mapping")
 MAX_CONCURRENCY = 16
 BENCH_PLUGINS = ("lora", "controlnet", "t2i")  # --plugins: built with random weights
+# The generation parameters a benchmark workload sets (their flags as xa-generate spells them).
+BENCH_PARAMETERS = ("num_inference_steps", "adapter_guidance_start", "guidance_scale", "num_images_per_prompt", "height",
+                    "width", "height_sd15", "width_sd15", "scheduler")
 # The package each variant needs (checked before loading; named in the error).
 # variant -> the package it needs (tensorrt: availability.tensorrt_installed, below, which tells
 # the real library from tensorrt-stubs)
@@ -63,20 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "(default %(default)s)")
     work.add_argument("--baseline", default="", help="comma-separated: sdxl-alone (latency/components), mapping "
                       "(default none)")
-    work.add_argument("--steps", type=int, default=30, metavar="N",
-                      help="denoising steps of each run (default %(default)s: the recorded benchmark workload)")
-    work.add_argument("--adapter-guidance-start", type=float, default=0.9, metavar="F",
-                      help="fraction of the steps run with the adapter (default %(default)s)")
-    work.add_argument("--guidance-scale", type=float, default=7.5, metavar="F",
-                      help="classifier-free guidance of both branches (default %(default)s)")
-    work.add_argument("--batch", type=int, default=1, metavar="B", help="images per request (default %(default)s)")
+    # the recorded benchmark workload: 30 steps (the pipeline's default is 50)
+    add_generation_arguments(work, BENCH_PARAMETERS, defaults={"num_inference_steps": 30})
     work.add_argument("--batches", default=None, help="throughput: comma-separated batch sizes (default: --batch)")
     work.add_argument("--concurrency", default=None, help="throughput: comma-separated numbers of concurrent requests")
-    for flag, what in (("--height", "SDXL image height"), ("--width", "SDXL image width"),
-                       ("--height-sd15", "SD1.5 height"), ("--width-sd15", "SD1.5 width")):
-        work.add_argument(flag, type=int, metavar="PX", help=f"{what} in pixels (default: the models' own)")
-    work.add_argument("--scheduler", choices=list(SCHEDULERS), default=DEFAULT_SCHEDULER,
-                      help="sampler of both branches (default %(default)s)")
     work.add_argument("--plugins", default="", help=f"comma-separated plugins on for every request, built with random "
                       f"weights to fit the SD1.5 UNet: {', '.join(BENCH_PLUGINS)} (default none; lora: rank 8, unfused, "
                       "the side path a per-request LoRA costs; fused costs nothing per step)")
@@ -192,6 +186,24 @@ def _model_kind(args: argparse.Namespace) -> str:
     return kind
 
 
+def _check_plugins(args: argparse.Namespace, variants: list[str], concurrency: Any) -> list[str]:
+    """--plugins: names among BENCH_PLUGINS, no --concurrency, and on the backend variants the
+    table's backend check (plugin_kinds.check_backend: the benchmark's graphs have no plugin inputs)."""
+    plugins = _names("--plugins", args.plugins)
+    for name in plugins:
+        if name not in BENCH_PLUGINS:
+            raise ParameterError("--plugins", name, f"comma-separated names among {', '.join(BENCH_PLUGINS)}")
+    if plugins and concurrency:
+        raise ParameterError("--plugins", args.plugins, "no --concurrency with it (plugin objects hold per-request "
+                             "state; concurrent replicas would share it)")
+    specs = [PluginSpec(name, name, "(random weights)") for name in plugins]
+    for backend in [v for v in variants if v in BACKENDS[1:]]:
+        problem = check_backend(specs, backend, lambda s: f"--plugins {s.name}", plugin_graphs=False)
+        if problem:
+            raise ParameterError("--plugins", args.plugins, f"no {backend} variant with it: {problem}")
+    return plugins
+
+
 def _check(args: argparse.Namespace):
     """Every argument checked before anything is loaded; returns (variants, workload, device, dtype,
     options per mode)."""
@@ -259,16 +271,7 @@ def _check(args: argparse.Namespace):
                   "silences this)", file=sys.stderr)
         else:
             args.plots = str(Path(args.output).resolve().parent)
-    plugins = _names("--plugins", args.plugins)
-    for name in plugins:
-        if name not in BENCH_PLUGINS:
-            raise ParameterError("--plugins", name, f"comma-separated names among {', '.join(BENCH_PLUGINS)}")
-    if plugins and concurrency:
-        raise ParameterError("--plugins", args.plugins, "no --concurrency with it (plugin objects hold per-request "
-                             "state; concurrent replicas would share it)")
-    if plugins and ("onnxruntime" in variants or "tensorrt" in variants):
-        raise ParameterError("--plugins", args.plugins, "no onnxruntime or tensorrt variant with it (the benchmark's "
-                             "graphs have no plugin inputs)")
+    plugins = _check_plugins(args, variants, concurrency)
     workload = Workload(
         steps=args.steps, adapter_guidance_start=args.adapter_guidance_start, guidance_scale=args.guidance_scale,
         batch=args.batch, height=args.height, width=args.width, height_sd15=args.height_sd15,
@@ -282,8 +285,7 @@ def _check(args: argparse.Namespace):
     try:
         validate(workload.params(seed=0), rules)
     except ParameterError as e:
-        flag = {"num_inference_steps": "--steps", "num_images_per_prompt": "--batch"}.get(e.name, "--" + e.name.replace("_", "-"))
-        raise ParameterError(flag, e.value, e.accepted) from None
+        raise ParameterError(generation_flags().get(e.name, e.name), e.value, e.accepted) from None
     options = []
     for m in modes:  # each baseline runs once, in the first mode that takes it
         taken = [b for b in baselines if not (b == "sdxl-alone" and m == "throughput")
@@ -371,7 +373,7 @@ def _with_plugins(workload: Any, pipes: dict[str, Any]) -> Any:
     image = Image.fromarray((np.random.RandomState(0).rand(side, side, 3) * 255).astype(np.uint8))
     objects: list[Any] = []
     if "lora" in workload.plugins:
-        _install_random_lora({id(p.sd15): p.sd15 for p in pipes.values()}.values())
+        _install_random_lora({id(p.sd15): p for p in pipes.values()}.values())
     if "controlnet" in workload.plugins:
         objects.append(ControlNetPlugin(build_tiny_controlnet(unet), image))
     if "t2i" in workload.plugins:
@@ -379,16 +381,17 @@ def _with_plugins(workload: Any, pipes: dict[str, Any]) -> Any:
     return dataclasses.replace(workload, plugin_objects=tuple(objects))
 
 
-def _install_random_lora(branches: Any) -> None:
+def _install_random_lora(pipes: Any) -> None:
+    """A random rank-8 LoRA, unfused, by the pipeline's own loading path (one pipeline per
+    distinct SD1.5 model set)."""
     import tempfile
 
-    from ..plugins.lora import LoraManager, load_lora
     from ..testing import write_random_lora
 
-    for components in branches:
+    for pipe in pipes:
         with tempfile.TemporaryDirectory(prefix="xa-bench-lora-") as tmp:
-            path = write_random_lora(Path(tmp) / "lora.safetensors", components.unet, components.text_encoder, rank=8)
-            LoraManager.for_branch(components, "unfused").add("bench", load_lora(path), 1.0)
+            path = write_random_lora(Path(tmp) / "lora.safetensors", pipe.sd15.unet, pipe.sd15.text_encoder, rank=8)
+            pipe.load_plugins([PluginSpec("bench", "lora", str(path), 1.0)])
 
 
 def _write_atomic(files: dict[Path, str]) -> None:

@@ -19,6 +19,7 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +27,16 @@ import xa_runtime
 
 from ..errors import CheckpointError, NonFiniteError, ParameterError
 from ..models.presets import get_preset
-from ..pipeline.params import DEFAULT_SCHEDULER, MAX_SEED, SCHEDULERS, GenerationParams, SizeRules, validate
+from ..pipeline.params import PARAMETERS, GenerationParams, SizeRules, validate
 from .backend_args import add_backend_arguments, check_backend, loras_to_backend, open_cli_backend
 from .output_files import image_paths, sidecar_path, write_outputs
 from .plugin_args import (
+    GENERIC_KINDS,
     add_plugin_arguments,
-    apply_loras,
-    build_plugins,
     check_plugin_arguments,
     check_plugin_files,
     load_init_image,
+    plugin_record,
 )
 from .usage import (
     CheckedParser,
@@ -47,30 +48,13 @@ from .usage import (
     parameter_error_line,
     report,
 )
-from .vocabulary import (DTYPES, MODEL_FLAGS, add_device_argument, add_dtype_argument, add_model_arguments,
-                         add_no_progress_argument, add_threads_argument, check_threads, check_tiny_seed, set_threads)
+from .vocabulary import (DTYPES, MODEL_FLAGS, add_device_argument, add_dtype_argument, add_generation_arguments,
+                         add_model_arguments, add_no_progress_argument, add_threads_argument, check_threads,
+                         check_tiny_seed, generation_flags, params_from_args, set_threads)
 
 PROG = "xa-generate"
 # GenerationParams field -> the flag that sets it, so errors name what the user typed.
-FLAGS = {
-    "prompt": "--prompt",
-    "prompt_sd15": "--prompt-sd15",
-    "negative_prompt": "--negative-prompt",
-    "num_inference_steps": "--steps",
-    "guidance_scale": "--guidance-scale",
-    "adapter_guidance_start": "--adapter-guidance-start",
-    "adapter_condition_scale": "--adapter-condition-scale",
-    "fusion_guidance_scale": "--fusion-guidance-scale",
-    "height": "--height",
-    "width": "--width",
-    "height_sd15": "--height-sd15",
-    "width_sd15": "--width-sd15",
-    "scheduler": "--scheduler",
-    "seed": "--seed",
-    "num_images_per_prompt": "--batch",
-    "strength": "--strength",
-    "lora": "--lora/--sdxl-lora",
-}
+FLAGS = {**generation_flags(), "lora": "--lora/--sdxl-lora"}
 # Parameter names the plugin loaders and the pipeline use in errors raised after loading
 # -> their flags (only for naming the error; accepted texts are not rewritten with these).
 PLUGIN_FLAGS = {
@@ -88,8 +72,8 @@ PLUGIN_FLAGS = {
 }
 # Flags whose values are paths, for naming the flag of a loading error that quotes one.
 PATH_FLAGS = (*MODEL_FLAGS, "--sdxl-vae", "--lora", "--sdxl-lora", "--controlnet", "--control-image", "--t2i-adapter",
-              "--t2i-image", "--nexus-adapter", "--adapter-image", "--ip-adapter", "--ip-image", "--image-encoder",
-              "--init-image", "--onnx-dir")
+              "--t2i-image", *(f for row in GENERIC_KINDS for f in row.flags[:2]), "--ip-adapter", "--ip-image",
+              "--image-encoder", "--init-image", "--onnx-dir")
 # Versions recorded with every output.
 VERSIONED = ("torch", "diffusers", "transformers", "safetensors", "numpy", "pillow")
 
@@ -106,17 +90,7 @@ resolved seed and sizes, model paths, versions, device, dtype and seconds per st
 """
 
 
-def _seed(text: str) -> int | None:
-    if text == "random":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid seed {text!r}: an integer or 'random'") from None
-
-
 def build_parser() -> argparse.ArgumentParser:
-    defaults = GenerationParams(prompt="")
     ap = CheckedParser(
         prog=PROG,
         description="Generate images with X-Adapter: an SD1.5 branch guiding SDXL through mapping layers.",
@@ -128,32 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--sdxl-vae", metavar="PATH", help="replacement SDXL VAE (e.g. the fp16-fix VAE): folder or file")
 
     gen = ap.add_argument_group("generation")
-    gen.add_argument("--prompt", action="append", required=True, metavar="TEXT",
-                     help="prompt of the SDXL branch (repeat the flag for several prompts)")
-    gen.add_argument("--prompt-sd15", action="append", metavar="TEXT",
-                     help="prompt of the SD1.5 branch (default: --prompt); one per --prompt")
-    gen.add_argument("--negative-prompt", action="append", metavar="TEXT",
-                     help="negative prompt of both branches; one per --prompt")
-    gen.add_argument("--steps", type=int, default=defaults.num_inference_steps, metavar="N",
-                     help="denoising steps N, 1..1000 (default %(default)s)")
-    gen.add_argument("--guidance-scale", type=float, default=defaults.guidance_scale, metavar="F",
-                     help="classifier-free guidance of both branches, 0..100; <= 1 turns CFG off (default %(default)s)")
-    gen.add_argument("--adapter-guidance-start", type=float, default=defaults.adapter_guidance_start, metavar="F",
-                     help="fraction of the steps run with the adapter, (0, 1], int(N * F) >= 1 (default %(default)s)")
-    gen.add_argument("--adapter-condition-scale", type=float, default=defaults.adapter_condition_scale, metavar="F",
-                     help="scale of the mapped residuals, 0..10 (default %(default)s)")
-    gen.add_argument("--fusion-guidance-scale", type=float, default=None, metavar="F",
-                     help="inject as a lerp h + F * (r - h), 0..1 (default: plain add h + r)")
-    gen.add_argument("--height", type=int, metavar="PX", help="SDXL image height, multiple of 32 (default: model's, 1024)")
-    gen.add_argument("--width", type=int, metavar="PX", help="SDXL image width, multiple of 32 (default: model's, 1024)")
-    gen.add_argument("--height-sd15", type=int, metavar="PX", help="SD1.5 height, multiple of 64 (default: model's, 512)")
-    gen.add_argument("--width-sd15", type=int, metavar="PX", help="SD1.5 width, multiple of 64 (default: model's, 512)")
-    gen.add_argument("--scheduler", choices=list(SCHEDULERS), default=DEFAULT_SCHEDULER,
-                     help="sampler of both branches (default %(default)s)")
-    gen.add_argument("--seed", type=_seed, default=0, metavar="N",
-                     help=f"0..{MAX_SEED}, or 'random' (recorded in the outputs) (default %(default)s)")
-    gen.add_argument("--batch", type=int, default=defaults.num_images_per_prompt, metavar="B",
-                     help="images per prompt, 1..64 in all (default %(default)s)")
+    add_generation_arguments(gen, [p.name for p in PARAMETERS if p.name != "strength"])  # --strength: with --init-image
 
     run = ap.add_argument_group("run")
     add_device_argument(run)
@@ -172,31 +121,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--version", action="version", version=f"%(prog)s {xa_runtime.__version__}")
     add_plugin_arguments(ap)
     return ap
-
-
-def _one_or_list(values: list[str] | None) -> str | list[str] | None:
-    return values[0] if values and len(values) == 1 else values
-
-
-def params_from_args(args: argparse.Namespace) -> GenerationParams:
-    return GenerationParams(
-        prompt=_one_or_list(args.prompt),  # type: ignore[arg-type]
-        prompt_sd15=_one_or_list(args.prompt_sd15),
-        negative_prompt=_one_or_list(args.negative_prompt),
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        adapter_guidance_start=args.adapter_guidance_start,
-        adapter_condition_scale=args.adapter_condition_scale,
-        fusion_guidance_scale=args.fusion_guidance_scale,
-        height=args.height,
-        width=args.width,
-        height_sd15=args.height_sd15,
-        width_sd15=args.width_sd15,
-        scheduler=args.scheduler,
-        seed=args.seed,
-        num_images_per_prompt=args.batch,
-        strength=args.strength,
-    )
 
 
 def _flag(name: str) -> str:
@@ -414,9 +338,21 @@ def _library_output(progress: bool) -> Iterator[None]:
                 module.disable_progress_bar()
 
 
-def check_inputs(args: argparse.Namespace) -> tuple[bool, GenerationParams, Path]:
-    """Everything that can be checked without loading a model, cheapest first:
-    (tiny models?, parameters with sizes left as given, output path)."""
+@dataclass(frozen=True)
+class CheckedInputs:
+    """What check_inputs found: tiny models?, the parameters with sizes left as given, the
+    output path, the runtime configuration, the plugin specs and the LoRAs already read (by path)."""
+
+    tiny: bool
+    params: GenerationParams
+    output: Path
+    runtime: Any
+    plugins: list[Any]
+    loras: dict[str, Any]
+
+
+def check_inputs(args: argparse.Namespace) -> CheckedInputs:
+    """Everything that can be checked without loading a model, cheapest first."""
     tiny = uses_tiny_models(args)
     check_tiny_seed(args)
     args.threads = check_threads(args)
@@ -431,14 +367,14 @@ def check_inputs(args: argparse.Namespace) -> tuple[bool, GenerationParams, Path
     check_device(args.device)
     check_memory(args, tiny, resolved, len(args.prompt))
     set_threads(args.threads)
-    args.runtime_config = runtime_config(args)
-    args.plugin_specs = check_plugin_arguments(args)
-    check_backend(args, tiny, args.plugin_specs, UsageError)
-    check_plugin_files(args, args.plugin_specs)
-    return tiny, params, output
+    runtime = runtime_config(args)
+    plugins = check_plugin_arguments(args)
+    check_backend(args, tiny, plugins, UsageError)
+    loras = check_plugin_files(plugins)
+    return CheckedInputs(tiny, params, output, runtime, plugins, loras)
 
 
-def load_pipeline(args: argparse.Namespace, tiny: bool) -> Any:
+def load_pipeline(args: argparse.Namespace, tiny: bool, runtime: Any) -> Any:
     import torch
 
     from ..pipeline import XAdapterPipeline
@@ -449,10 +385,10 @@ def load_pipeline(args: argparse.Namespace, tiny: bool) -> Any:
         print(f"{PROG}: tiny random model: the image is noise-like (built-in random weights, seed "
               f"{args.tiny_seed or 0}; give --sd15, --sdxl and --adapter for real weights)", file=sys.stderr)
         return XAdapterPipeline.from_tiny(args.tiny_seed or 0, device=args.device, dtype=dtype, progress=progress,
-                                          runtime=args.runtime_config)
+                                          runtime=runtime)
     return XAdapterPipeline.from_pretrained(
         args.sd15, args.sdxl, args.adapter, sdxl_vae=args.sdxl_vae, device=args.device, dtype=dtype, progress=progress,
-        runtime=args.runtime_config,
+        runtime=runtime,
     )
 
 
@@ -462,7 +398,8 @@ def _torch_threads() -> int:
     return torch.get_num_threads()  # as the run used them (--threads / default_threads)
 
 
-def records(args: argparse.Namespace, tiny: bool, result: Any, seconds: dict[str, float], command: list[str]):
+def records(args: argparse.Namespace, tiny: bool, result: Any, seconds: dict[str, float], command: list[str],
+            plugins: Sequence[Any] = ()):
     """(the sidecar's record, one PNG text record per image)."""
     p = result.params  # resolved: sizes and the seed as used
     parameters = {k: v for k, v in p.to_dict().items() if k not in ("extra", "output_type")}
@@ -479,7 +416,7 @@ def records(args: argparse.Namespace, tiny: bool, result: Any, seconds: dict[str
         "models": models,
         **run,
         "versions": versions(),
-        "plugins": getattr(args, "plugin_specs", {}),
+        "plugins": plugin_record(list(plugins)),
         "init_image": args.init_image,
         "timings": dict(result.timings),
         "overheads": dict(getattr(result, "overheads", {})),  # compile / graph capture, inside the timings
@@ -507,7 +444,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
     debug = debug_requested(argv)
     try:
         args = build_parser().parse_args(argv)
-        tiny, params, output = check_inputs(args)
+        checked = check_inputs(args)
+        tiny, params, output = checked.tiny, checked.params, checked.output
     except SystemExit as e:  # --help, --version
         return int(e.code or 0)
     except UsageError as e:
@@ -521,12 +459,13 @@ def _main(argv: Sequence[str] | None = None) -> int:
         backend = None
         try:
             t0 = time.perf_counter()
-            pipe = load_pipeline(args, tiny)
+            pipe = load_pipeline(args, tiny, checked.runtime)
             t1 = time.perf_counter()
-            backend = open_cli_backend(args, pipe, tiny)  # before the LoRAs: exported / checked graphs are the base weights
+            # before the LoRAs: exported / checked graphs are the base weights
+            backend = open_cli_backend(args, pipe, tiny, checked.plugins)
             pipe = backend.pipeline
-            loras_to_backend(backend, apply_loras(args.plugin_specs, pipe, getattr(args, "lora_weights", None)))
-            plugins = build_plugins(args.plugin_specs, pipe.sd15.unet)
+            plugins = pipe.load_plugins(checked.plugins, loras=checked.loras)
+            loras_to_backend(backend, pipe)
             result = pipe.generate(params, plugins=plugins, init_image=load_init_image(args.init_image))
             t2 = time.perf_counter()
         except ParameterError as e:
@@ -540,7 +479,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
                 backend.close()
 
     seconds = {"load_seconds": t1 - t0, "generate_seconds": t2 - t1, "total_seconds": t2 - started}
-    record, per_image = records(args, tiny, result, seconds, command)
+    record, per_image = records(args, tiny, result, seconds, command, checked.plugins)
     try:
         written = write_outputs(output, result.images, record, per_image)
     except OSError as e:  # all or nothing: no file of this run is left

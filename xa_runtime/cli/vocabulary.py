@@ -1,6 +1,7 @@
 """The flags every CLI spells the same way: model selection (none = the built-in tiny models),
---device, --dtype, --threads, --no-progress, each added by one function so that the five
-tools cannot drift apart (tests/test_cli_vocabulary.py walks their parsers to check)."""
+--device, --dtype, --threads, --no-progress, and the generation parameters' flags (from the
+rows of pipeline/params.py PARAMETERS), each added by one function so that the five tools
+cannot drift apart (tests/test_cli_vocabulary.py walks their parsers to check)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,68 @@ def add_model_arguments(group: Any, *, extra: str = "") -> None:
                             "(the flag is accepted for explicitness)")
     group.add_argument("--tiny-seed", type=int, default=None, metavar="N",
                        help=f"seed of the built-in tiny random models, 0..{MAX_TINY_SEED} (default 0)")
+
+
+def generation_flags() -> dict[str, str]:
+    """GenerationParams field -> the xa-generate flag that sets it (so errors name what the user typed)."""
+    from ..pipeline.params import PARAMETERS
+
+    return {p.name: p.flag for p in PARAMETERS if p.flag}
+
+
+def _words_or(kind: type, words: dict[str, Any], name: str) -> Any:
+    def parse(text: str) -> Any:
+        if text in words:
+            return words[text]
+        try:
+            return kind(text)
+        except ValueError:
+            accepted = f"{'an integer' if kind is int else 'a number'}" + "".join(f" or {w!r}" for w in words)
+            raise argparse.ArgumentTypeError(f"invalid {name} {text!r}: {accepted}") from None
+    return parse
+
+
+def add_generation_arguments(group: Any, names: Any = None, defaults: dict[str, Any] | None = None) -> None:
+    """One flag per generation parameter that has one (PARAMETERS' `flag`), `names` only if
+    given; its help, range and default come from the row (`defaults` overrides a default,
+    e.g. xa-bench's recorded workload). The dest is the flag's name (--steps -> args.steps)."""
+    from ..pipeline.params import CHOICE, INT, PARAMETERS, REQUIRED, SAME, SIDE, TEXT
+
+    defaults = defaults or {}
+    for p in PARAMETERS:
+        if not p.flag or (names is not None and p.name not in names):
+            continue
+        default = defaults.get(p.name, p.default if p.cli_default is SAME else p.cli_default)
+        kwargs: dict[str, Any] = {"metavar": p.metavar}
+        help_text = p.describe()
+        if p.kind == TEXT:  # one per --prompt: the flag repeats
+            kwargs["action"] = "append"
+            if default is REQUIRED:
+                kwargs["required"] = True
+        else:
+            kind = int if p.kind in (INT, SIDE) else float
+            kwargs["type"] = _words_or(kind, dict(p.cli_words), p.name.split("_")[-1]) if p.cli_words else kind
+            kwargs["default"] = default
+            if p.kind == CHOICE:
+                kwargs.update(type=str, choices=list(p.choices), metavar=None)
+            if default is not None:
+                help_text += " (default %(default)s)"
+        group.add_argument(p.flag, help=help_text, **kwargs)
+
+
+def params_from_args(args: argparse.Namespace, **fixed: Any) -> Any:
+    """GenerationParams from the flags add_generation_arguments added (a repeated text flag
+    given once is a string); `fixed` sets the fields that have no flag here."""
+    from ..pipeline.params import PARAMETERS, TEXT, GenerationParams
+
+    values: dict[str, Any] = {}
+    for p in PARAMETERS:
+        dest = (p.flag or "").lstrip("-").replace("-", "_")
+        if not p.flag or not hasattr(args, dest):
+            continue
+        value = getattr(args, dest)
+        values[p.name] = value[0] if p.kind == TEXT and value and len(value) == 1 else value
+    return GenerationParams(**values, **fixed)
 
 
 def add_device_argument(group: Any, what: str = "where the models run") -> None:

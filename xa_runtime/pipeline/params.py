@@ -1,4 +1,10 @@
-"""Generation parameters (the official names), their defaults and their validation.
+"""Generation parameters: their one definition (`PARAMETERS`), and what derives from it.
+
+Each `Param` row says a parameter's name, kind, accepted range, default, help and which doors
+expose it. From the rows come the `GenerationParams` dataclass, `validate`, xa-generate's and
+xa-bench's flags (cli/vocabulary.py add_generation_arguments), the JSON schema of xa-serve's
+request body and its GET /v1/parameters (serve/app.py), and so the playground's form. A new
+parameter is one row here (plus a rule in `validate` only if it depends on another one).
 
 Validation needs no model and no torch: it runs before anything is loaded (the CLIs call it
 before importing torch), and every error names the parameter, the value and the accepted
@@ -8,8 +14,8 @@ range (xa_runtime.errors.ParameterError).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, make_dataclass
+from typing import Any, Mapping
 
 from ..errors import ParameterError
 
@@ -47,54 +53,188 @@ class SizeRules:
     sdxl_default: int = 1024
 
 
-@dataclass
-class GenerationParams:
-    """One request. Sizes left as None take the models' default sizes."""
+REQUIRED: Any = object()  # the default of a parameter every request must give (the prompt)
+SAME: Any = object()  # a door's default that is the pipeline's own
+# The kinds of parameter: how it is typed and checked.
+TEXT, INT, FLOAT, CHOICE, SIDE = "text", "int", "float", "choice", "side"
 
-    prompt: str | list[str]
-    prompt_sd15: str | list[str] | None = None
-    negative_prompt: str | list[str] | None = None
-    num_inference_steps: int = 50
-    guidance_scale: float = 7.5
-    adapter_guidance_start: float = 0.9
-    adapter_condition_scale: float = 1.0
-    fusion_guidance_scale: float | None = None
-    height: int | None = None
-    width: int | None = None
-    height_sd15: int | None = None
-    width_sd15: int | None = None
-    scheduler: str = DEFAULT_SCHEDULER
-    # With an init image (img2img / ControlNet-tile): the fraction of stage 1 that runs.
-    strength: float = 1.0
-    seed: int | None = None
-    num_images_per_prompt: int = 1
-    output_type: str = "pil"
-    extra: dict[str, Any] = field(default_factory=dict)
+
+@dataclass(frozen=True)
+class Param:
+    """One generation parameter: the single source of its name, range, default and help.
+
+    `kind`: TEXT (a string or a list of strings, one per prompt unless it is the prompt
+    itself), INT / FLOAT (within [minimum, maximum], `exclusive_minimum` for (minimum, maximum]),
+    CHOICE (one of `choices`), SIDE (pixels, a multiple of SizeRules' `side` multiple up to
+    `maximum`; None takes the model's default). `optional`: None is accepted (the default then
+    means "decided elsewhere": drawn seed, model size, plain add).
+    Doors: every row is a GenerationParams field and a keyword of the pipeline; `flag` names
+    its xa-generate flag (None: not on the command line; `cli_default` and `cli_words`, e.g.
+    seed's 'random', differ there); `http` puts it in xa-serve's request body; `label` puts it
+    on the playground's form (`blank`: what its empty field means).
+    """
+
+    name: str
+    kind: str
+    default: Any
+    help: str
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: bool = False
+    choices: tuple[str, ...] = ()
+    side: str = ""  # SIDE: "sdxl" or "sd15"
+    optional: bool = False
+    flag: str | None = None
+    metavar: str | None = None
+    cli_default: Any = SAME
+    cli_words: Mapping[str, Any] = field(default_factory=dict)
+    http: bool = True
+    label: str = ""
+    blank: str = ""  # an optional parameter left out: what that means, said on the playground's empty field
+    example: Any = None
 
     @property
+    def annotation(self) -> str:
+        base = {TEXT: "str | list[str]", INT: "int", FLOAT: "float", CHOICE: "str", SIDE: "int"}[self.kind]
+        return base + " | None" if self.optional else base
+
+    def bounds(self, rules: SizeRules = SizeRules(), cap: float | None = None) -> tuple[Any, Any]:
+        """(minimum, maximum), the maximum lowered to `cap` (a server limit) when given."""
+        lo = getattr(rules, f"{self.side}_multiple") if self.kind == SIDE else self.minimum
+        hi = self.maximum if cap is None or self.maximum is None else min(self.maximum, cap)
+        return lo, hi
+
+    def accepted(self, rules: SizeRules = SizeRules(), cap: float | None = None) -> str:
+        """What the row accepts, as ParameterError says it."""
+        lo, hi = self.bounds(rules, cap)
+        if self.kind == INT:
+            return f"an integer in [{lo}, {hi}]"
+        if self.kind == FLOAT:
+            return f"a finite number in {'(' if self.exclusive_minimum else '['}{lo}, {hi}]"
+        if self.kind == CHOICE:
+            return f"one of {', '.join(self.choices)}"
+        if self.kind == SIDE:
+            return f"a multiple of {lo} in [{lo}, {hi}] pixels"
+        return "a string or a non-empty list of strings"
+
+    def range_text(self, rules: SizeRules = SizeRules(), cap: float | None = None) -> str:
+        """The range in a flag's help: 1..1000, (0, 1], multiple of 32 ..."""
+        lo, hi = self.bounds(rules, cap)
+        if self.kind == SIDE:
+            return f"multiple of {lo}"
+        if self.kind in (INT, FLOAT) and self.exclusive_minimum:
+            return f"({lo:g}, {hi:g}]"
+        if self.kind in (INT, FLOAT):
+            return f"{lo:g}..{hi:g}" if self.kind == FLOAT else f"{lo}..{hi}"
+        return ""
+
+    def describe(self, rules: SizeRules = SizeRules(), cap: float | None = None) -> str:
+        """The help with its range: at `{range}` in `help`, else appended."""
+        rng = self.range_text(rules, cap)
+        if "{range}" in self.help:
+            return self.help.format(range=rng)
+        return f"{self.help}, {rng}" if rng else self.help
+
+    def json_schema(self, rules: SizeRules = SizeRules(), cap: float | None = None) -> dict[str, Any]:
+        """The JSON-Schema keywords of the value's range (the type comes from `annotation`)."""
+        lo, hi = self.bounds(rules, cap)
+        out: dict[str, Any] = {"description": self.describe(rules, cap)}
+        if self.kind in (INT, FLOAT, SIDE):
+            out["exclusiveMinimum" if self.exclusive_minimum else "minimum"] = lo
+            out["maximum"] = hi
+        if self.kind == SIDE:
+            out["multipleOf"] = lo
+        if self.kind == CHOICE:
+            out["enum"] = list(self.choices)
+        if self.example is not None:
+            out["examples"] = [self.example]
+        return out
+
+    def check(self, value: Any, rules: SizeRules = SizeRules()) -> None:
+        """ParameterError unless `value` is in range (TEXT: see _prompt_list)."""
+        if value is None and self.optional:
+            return
+        lo, hi = self.bounds(rules)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if self.kind == INT:
+            ok = number and isinstance(value, int) and lo <= value <= hi
+        elif self.kind == FLOAT:
+            ok = number and math.isfinite(value) and (value > lo if self.exclusive_minimum else value >= lo) and value <= hi
+        elif self.kind == SIDE:
+            ok = number and isinstance(value, int) and not value % lo and lo <= value <= hi
+        elif self.kind == CHOICE:
+            ok = value in self.choices
+        else:
+            raise ValueError(f"{self.name}: TEXT parameters are checked with the prompt count")
+        if not ok:
+            raise ParameterError(self.name, value, self.accepted(rules))
+
+
+def _side(name: str, side: str, flag: str, label: str, what: str, dim: str, default: int) -> Param:
+    return Param(name, SIDE, None, f"{what} {dim} in pixels, {{range}} (default: the model's, {default})", side=side,
+                 maximum=MAX_SDXL_SIDE if side == "sdxl" else MAX_SD15_SIDE, optional=True, flag=flag, metavar="PX",
+                 label=label, blank="model's")
+
+
+# The definition. Row order is the dataclass' field order and the order of validation.
+PARAMETERS: tuple[Param, ...] = (
+    Param("prompt", TEXT, REQUIRED, "prompt of the SDXL branch (several prompts: a list, or the flag repeated)",
+          flag="--prompt", metavar="TEXT", label="Prompt", example="a cat"),
+    Param("prompt_sd15", TEXT, None, "prompt of the SD1.5 branch (default: the prompt); one per prompt",
+          optional=True, flag="--prompt-sd15", metavar="TEXT", blank="the prompt"),
+    Param("negative_prompt", TEXT, None, "negative prompt of both branches; one per prompt", optional=True,
+          flag="--negative-prompt", metavar="TEXT", label="Negative prompt", blank="none"),
+    Param("num_inference_steps", INT, 50, "denoising steps N", minimum=1, maximum=MAX_STEPS, flag="--steps",
+          metavar="N", label="Steps"),
+    Param("guidance_scale", FLOAT, 7.5, "classifier-free guidance of both branches, {range}; <= 1 turns CFG off",
+          minimum=0.0, maximum=100.0, flag="--guidance-scale", metavar="F", label="Guidance"),
+    Param("adapter_guidance_start", FLOAT, 0.9, "fraction of the steps run with the adapter, {range}, int(N * F) >= 1",
+          minimum=0.0, maximum=1.0, exclusive_minimum=True, flag="--adapter-guidance-start", metavar="F",
+          label="Adapter start"),
+    Param("adapter_condition_scale", FLOAT, 1.0, "scale of the mapped residuals", minimum=0.0, maximum=10.0,
+          flag="--adapter-condition-scale", metavar="F", label="Condition scale"),
+    Param("fusion_guidance_scale", FLOAT, None, "inject as a lerp h + F * (r - h), {range} (default: plain add h + r)",
+          minimum=0.0, maximum=1.0, optional=True, flag="--fusion-guidance-scale", metavar="F", blank="plain add"),
+    _side("height", "sdxl", "--height", "SDXL height", "SDXL image", "height", 1024),
+    _side("width", "sdxl", "--width", "SDXL width", "SDXL image", "width", 1024),
+    _side("height_sd15", "sd15", "--height-sd15", "SD1.5 height", "SD1.5", "height", 512),
+    _side("width_sd15", "sd15", "--width-sd15", "SD1.5 width", "SD1.5", "width", 512),
+    Param("scheduler", CHOICE, DEFAULT_SCHEDULER, "sampler of both branches", choices=tuple(SCHEDULERS),
+          flag="--scheduler", label="Sampler"),
+    Param("strength", FLOAT, 1.0, "with an init image: the fraction of stage 1 that runs, {range}, int(N * F) >= 1",
+          minimum=0.0, maximum=1.0, exclusive_minimum=True, flag="--strength", metavar="F"),
+    Param("seed", INT, None, "seed of the initial noise, {range}; none ('random' on the command line): drawn, and recorded in the outputs", minimum=0, maximum=MAX_SEED,
+          optional=True, flag="--seed", metavar="N", cli_default=0, cli_words={"random": None}, label="Seed", blank="random"),
+    Param("num_images_per_prompt", INT, 1, "images per prompt, {range} in all", minimum=1,
+          maximum=MAX_BATCH, flag="--batch", metavar="B"),
+    Param("output_type", CHOICE, "pil", "what the pipeline returns", choices=OUTPUT_TYPES, http=False),
+)
+PARAMETER = {p.name: p for p in PARAMETERS}
+
+
+class _GenerationParamsMethods:
+    @property
     def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)  # type: ignore[attr-defined]
 
     @property
     def stage2_steps(self) -> int:
         """k = int(N * adapter_guidance_start): steps run with both branches."""
-        return int(self.num_inference_steps * self.adapter_guidance_start)
+        return int(self.num_inference_steps * self.adapter_guidance_start)  # type: ignore[attr-defined]
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return asdict(self)  # type: ignore[call-overload]
 
 
-def _finite(name: str, value: Any, lo: float, hi: float, lo_open: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > lo if lo_open else value >= lo) and value <= hi
-    if not ok:
-        bracket = "(" if lo_open else "["
-        raise ParameterError(name, value, f"a finite number in {bracket}{lo}, {hi}]")
-
-
-def _integer(name: str, value: Any, lo: int, hi: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-        raise ParameterError(name, value, f"an integer in [{lo}, {hi}]")
+# One request: a dataclass with a field per row of PARAMETERS (their defaults), + `extra`.
+# Sizes left as None take the models' default sizes.
+GenerationParams: Any = make_dataclass(
+    "GenerationParams",
+    [(p.name, p.annotation) if p.default is REQUIRED else (p.name, p.annotation, field(default=p.default))
+     for p in PARAMETERS] + [("extra", "dict[str, Any]", field(default_factory=dict))],
+    bases=(_GenerationParamsMethods,), namespace={"__module__": __name__},
+)
+GenerationParams.__doc__ = "One request: a field per row of PARAMETERS. Sizes left as None take the models' default sizes."
 
 
 def _prompt_list(name: str, value: Any, n: int | None) -> int:
@@ -120,58 +260,44 @@ def _unicode(name: str, text: str) -> None:
                                          "bytes that are not UTF-8 on a command line become)") from None
 
 
-def _side(name: str, value: int, multiple: int, hi: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value % multiple or not multiple <= value <= hi:
-        raise ParameterError(name, value, f"a multiple of {multiple} in [{multiple}, {hi}] pixels")
+def _steps_of(name: str, params: Any) -> None:
+    # adapter_guidance_start and strength are fractions of the steps: each must leave one step
+    n, fraction = params.num_inference_steps, getattr(params, name)
+    if int(n * fraction) >= 1:
+        return
+    if name == "adapter_guidance_start":
+        raise ParameterError(name, fraction, f"a value with int(num_inference_steps * adapter_guidance_start) >= 1 "
+                                             f"(it gives 0 stage-2 steps with num_inference_steps={n}); use at least "
+                                             f"{1 / n:.4g}")
+    raise ParameterError(name, fraction, f"a value with int(num_inference_steps * {name}) >= 1 (num_inference_steps={n})")
 
 
-def validate(params: GenerationParams, rules: SizeRules = SizeRules()) -> GenerationParams:
-    """Check every parameter; return a copy with sizes resolved to the defaults."""
-    n = _prompt_list("prompt", params.prompt, None)
-    if params.prompt_sd15 is not None:
-        _prompt_list("prompt_sd15", params.prompt_sd15, n)
-    if params.negative_prompt is not None:
-        _prompt_list("negative_prompt", params.negative_prompt, n)
-    _integer("num_inference_steps", params.num_inference_steps, 1, MAX_STEPS)
-    _finite("guidance_scale", params.guidance_scale, 0.0, 100.0)
-    _finite("adapter_guidance_start", params.adapter_guidance_start, 0.0, 1.0, lo_open=True)
-    if params.stage2_steps < 1:
-        raise ParameterError(
-            "adapter_guidance_start",
-            params.adapter_guidance_start,
-            f"a value with int(num_inference_steps * adapter_guidance_start) >= 1 (it gives 0 stage-2 steps "
-            f"with num_inference_steps={params.num_inference_steps}); use at least "
-            f"{1 / params.num_inference_steps:.4g}",
-        )
-    _finite("strength", params.strength, 0.0, 1.0, lo_open=True)
-    if int(params.num_inference_steps * params.strength) < 1:
-        raise ParameterError(
-            "strength", params.strength,
-            f"a value with int(num_inference_steps * strength) >= 1 (num_inference_steps={params.num_inference_steps})",
-        )
-    _finite("adapter_condition_scale", params.adapter_condition_scale, 0.0, 10.0)
-    if params.fusion_guidance_scale is not None:
-        _finite("fusion_guidance_scale", params.fusion_guidance_scale, 0.0, 1.0)
-    if params.scheduler not in SCHEDULERS:
-        raise ParameterError("scheduler", params.scheduler, f"one of {', '.join(SCHEDULERS)}")
-    if params.seed is not None:
-        _integer("seed", params.seed, 0, MAX_SEED)
-    _integer("num_images_per_prompt", params.num_images_per_prompt, 1, MAX_BATCH)
-    if n * params.num_images_per_prompt > MAX_BATCH:
+def _batch_total(params: Any, prompts: int) -> None:
+    if prompts * params.num_images_per_prompt > MAX_BATCH:
         raise ParameterError(
             "num_images_per_prompt", params.num_images_per_prompt,
-            f"at most {MAX_BATCH} images per call in all ({n} prompts x {params.num_images_per_prompt})",
+            f"at most {MAX_BATCH} images per call in all ({prompts} prompts x {params.num_images_per_prompt})",
         )
-    if params.output_type not in OUTPUT_TYPES:
-        raise ParameterError("output_type", params.output_type, f"one of {', '.join(OUTPUT_TYPES)}")
 
-    resolved = GenerationParams(**{**params.to_dict()})
-    resolved.height = params.height if params.height is not None else rules.sdxl_default
-    resolved.width = params.width if params.width is not None else rules.sdxl_default
-    resolved.height_sd15 = params.height_sd15 if params.height_sd15 is not None else rules.sd15_default
-    resolved.width_sd15 = params.width_sd15 if params.width_sd15 is not None else rules.sd15_default
-    _side("height", resolved.height, rules.sdxl_multiple, MAX_SDXL_SIDE)
-    _side("width", resolved.width, rules.sdxl_multiple, MAX_SDXL_SIDE)
-    _side("height_sd15", resolved.height_sd15, rules.sd15_multiple, MAX_SD15_SIDE)
-    _side("width_sd15", resolved.width_sd15, rules.sd15_multiple, MAX_SD15_SIDE)
+
+def validate(params: Any, rules: SizeRules = SizeRules()) -> Any:
+    """Check every parameter (each row's range, in PARAMETERS' order, then the rules that tie
+    two together right after the later of them); return a copy with sizes resolved to the
+    defaults."""
+    resolved = GenerationParams(**params.to_dict())
+    for p in PARAMETERS:
+        if p.kind == SIDE and getattr(params, p.name) is None:
+            setattr(resolved, p.name, getattr(rules, f"{p.side}_default"))
+    n = _prompt_list("prompt", params.prompt, None)
+    for p in PARAMETERS:
+        value = getattr(resolved, p.name)
+        if p.kind == TEXT:
+            if value is not None and p.name != "prompt":
+                _prompt_list(p.name, value, n)
+        else:
+            p.check(value, rules)
+        if p.name in ("adapter_guidance_start", "strength"):
+            _steps_of(p.name, params)
+        elif p.name == "num_images_per_prompt":
+            _batch_total(params, n)
     return resolved

@@ -8,6 +8,8 @@ POST /v1/generate  JSON body with the pipeline's parameter names (+ plugins, ima
                    stopped at the next denoising step).
 GET /              the playground: a page to try the server from a browser (no external assets)
 GET /v1/plugins    the configured plugins: name, kind, scale, whether they take / need an image
+GET /v1/parameters the generation parameters of the request body (from pipeline/params.py
+                   PARAMETERS): JSON-Schema range and default on this server, the playground's label
 GET /docs, /redoc  the API docs (Swagger UI, ReDoc) from packaged assets, offline; /openapi.json
 GET /healthz       200 while the process serves
 GET /readyz        200 when the models are loaded and warm and requests are accepted; else 503
@@ -28,8 +30,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import ParameterError
-from ..pipeline.params import MAX_SD15_SIDE, MAX_SDXL_SIDE, MAX_SEED, MAX_STEPS, GenerationParams, SizeRules
-from ..pipeline.schedulers import SCHEDULERS
+from ..pipeline.params import CHOICE, FLOAT, INT, PARAMETERS, REQUIRED, SIDE, TEXT, GenerationParams, SizeRules
 from .config import Limits
 from .service import Cancelled, DeadlineExceeded, QueueFull, Service, Ticket, Unavailable, is_out_of_memory
 
@@ -37,58 +38,69 @@ DISCONNECT_POLL_S = 0.1
 PLAYGROUND = Path(__file__).with_name("static") / "playground.html"
 
 
+def server_caps(limits: Limits) -> dict[str, int]:
+    """The parameters whose range this server's limits narrow: name -> the lower maximum."""
+    return {"num_inference_steps": limits.max_steps, "height": limits.max_side, "width": limits.max_side,
+            "num_images_per_prompt": limits.max_batch}
+
+
 def _request_model(limits: Limits = Limits(), rules: SizeRules = SizeRules(), plugin_names: Sequence[str] = (),
                    image_names: Sequence[str] = ()) -> Any:
-    """The request body's pydantic model. Validation beyond types stays with GenerationParams'
-    validate() and the service (their errors name the field and the accepted range); the ranges
-    are also written into the JSON schema (`doc`) so that /openapi.json tells clients and
-    fuzzers what is accepted on this server."""
-    from pydantic import BaseModel, ConfigDict, Field, field_validator
+    """The request body's pydantic model: a field per row of PARAMETERS that the HTTP door
+    exposes (its type, default and range from the row, the range narrowed by this server's
+    limits), + plugins, images, init_image, timeout_s. Validation beyond types stays with
+    validate() and the service (their errors name the field and the accepted range); the
+    ranges are written into the JSON schema so that /openapi.json tells clients, fuzzers and
+    the playground what is accepted on this server."""
+    from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
-    d = GenerationParams(prompt="")
+    types: dict[str, Any] = {TEXT: str | list[str], INT: int, FLOAT: float, CHOICE: str, SIDE: int}
+    caps = server_caps(limits)
+    fields: dict[str, Any] = {}
+    for p in PARAMETERS:
+        if not p.http:
+            continue
+        schema = p.json_schema(rules, caps.get(p.name))
+        if p.kind == TEXT:
+            schema["maxLength"] = limits.max_prompt_chars
+        kind = types[p.kind] | None if p.optional else types[p.kind]
+        fields[p.name] = (kind, Field(default=... if p.default is REQUIRED else p.default, json_schema_extra=schema))
+    integral = [p.name for p in PARAMETERS if p.http and p.kind in (INT, SIDE)]
 
-    def doc(default: Any = None, **schema: Any) -> Any:
-        return Field(default=default, json_schema_extra=schema)
-
-    texts = {"maxLength": limits.max_prompt_chars}
-    sdxl = {"multipleOf": rules.sdxl_multiple, "minimum": rules.sdxl_multiple, "maximum": min(limits.max_side, MAX_SDXL_SIDE)}
-    sd15 = {"multipleOf": rules.sd15_multiple, "minimum": rules.sd15_multiple, "maximum": MAX_SD15_SIDE}
-
-    class GenerateRequest(BaseModel):
+    class Strict(BaseModel):
         # strict: JSON true is not an integer (lax mode would run 1 step for "num_inference_steps": true)
         model_config = ConfigDict(extra="forbid", strict=True)
 
-        prompt: str | list[str] = doc(..., **texts)
-        prompt_sd15: str | list[str] | None = doc(None, **texts)
-        negative_prompt: str | list[str] | None = doc(None, **texts)
-        num_inference_steps: int = doc(d.num_inference_steps, minimum=1, maximum=min(limits.max_steps, MAX_STEPS))
-        guidance_scale: float = doc(d.guidance_scale, minimum=0, maximum=100)
-        adapter_guidance_start: float = doc(d.adapter_guidance_start, exclusiveMinimum=0, maximum=1)
-        adapter_condition_scale: float = doc(d.adapter_condition_scale, minimum=0, maximum=10)
-        fusion_guidance_scale: float | None = doc(None, minimum=0, maximum=1)
-        height: int | None = doc(None, **sdxl)
-        width: int | None = doc(None, **sdxl)
-        height_sd15: int | None = doc(None, **sd15)
-        width_sd15: int | None = doc(None, **sd15)
-        scheduler: str = doc(d.scheduler, enum=list(SCHEDULERS))
-        strength: float = doc(d.strength, exclusiveMinimum=0, maximum=1)
-        seed: int | None = doc(None, minimum=0, maximum=MAX_SEED)  # None: drawn, returned in X-Seed and "parameters"
-        num_images_per_prompt: int = doc(d.num_images_per_prompt, minimum=1, maximum=limits.max_batch)
-        plugins: list[str] = Field(default_factory=list, json_schema_extra={"items": {"enum": list(plugin_names)},
-                                                                            "uniqueItems": True})
-        # plugin name -> base64 image, for the plugins that take one
-        images: dict[str, str] = Field(default_factory=dict, json_schema_extra={"propertyNames": {"enum": list(image_names)}})
-        init_image: str | None = None  # base64; img2img with strength < 1
-        timeout_s: float | None = doc(None, exclusiveMinimum=0)
-
-        @field_validator("num_inference_steps", "height", "width", "height_sd15", "width_sd15", "seed",
-                         "num_images_per_prompt", mode="before")
+        @field_validator(*integral, mode="before", check_fields=False)  # the fields come with create_model
         @classmethod
         def _integral(cls, value: Any) -> Any:
             # JSON Schema counts 2.0 as an integer; strict mode alone would refuse it (true stays refused)
             return int(value) if isinstance(value, float) and value.is_integer() else value
 
-    return GenerateRequest
+    return create_model(
+        "GenerateRequest", __base__=Strict, **fields,
+        plugins=(list[str], Field(default_factory=list, json_schema_extra={"items": {"enum": list(plugin_names)},
+                                                                           "uniqueItems": True})),
+        # plugin name -> base64 image, for the plugins that take one
+        images=(dict[str, str], Field(default_factory=dict,
+                                      json_schema_extra={"propertyNames": {"enum": list(image_names)}})),
+        init_image=(str | None, None),  # base64; img2img with strength < 1
+        timeout_s=(float | None, Field(default=None, json_schema_extra={"exclusiveMinimum": 0})),
+    )
+
+
+def parameters_doc(model: Any) -> list[dict[str, Any]]:
+    """GET /v1/parameters: the request's generation parameters in PARAMETERS' order, each with
+    its JSON-Schema keywords on this server (type, default, range) and, for the playground's
+    form, its `label` (null: not on the form) and `blank` (what an empty field means)."""
+    schema = model.model_json_schema()
+    out = []
+    for p in PARAMETERS:
+        if p.http:
+            doc = {k: v for k, v in schema["properties"][p.name].items() if k != "title"}
+            out.append({"name": p.name, "kind": p.kind, "required": p.name in schema.get("required", ()),
+                        "label": p.label or None, "blank": p.blank or None, **doc})
+    return out
 
 
 def request_schema(limits: Limits = Limits(), rules: SizeRules = SizeRules(), plugin_names: Sequence[str] = (),
@@ -227,6 +239,12 @@ def create_app(service: Service, shutdown_on_exit: bool = True) -> Any:
     @app.get("/v1/plugins")
     def plugins():
         return {"plugins": service.describe_plugins()}
+
+    parameters = parameters_doc(GenerateRequest)
+
+    @app.get("/v1/parameters")
+    def generation_parameters():
+        return {"parameters": parameters}
 
     @app.get("/healthz")
     def healthz():

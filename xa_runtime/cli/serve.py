@@ -17,7 +17,7 @@ from typing import Any
 
 import xa_runtime
 
-from .config import ConfigError, load_config
+from ..serve.config import ConfigError, load_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,12 +46,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         import uvicorn
 
-        from .app import create_app
+        from ..serve.app import create_app
     except ImportError as e:
         print(f"error: xa-serve needs the serve extra (pip install 'xa-runtime[serve]'): {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=args.log_level.upper())
-    from .service import build_service
+    from ..serve.service import build_service
 
     service = build_service(cfg).start()
     app = create_app(service)
