@@ -25,7 +25,7 @@ from typing import Any
 
 import xa_runtime
 
-from ..errors import CheckpointError, ParameterError
+from ..errors import CheckpointError, NonFiniteError, ParameterError
 from ..models.presets import get_preset
 from ..pipeline.params import PARAMETERS, GenerationParams, SizeRules, validate
 from .backend_args import add_backend_arguments, check_backend, loras_to_backend, open_cli_backend
@@ -44,6 +44,7 @@ from .usage import (
     add_debug_argument,
     check_output_files,
     debug_requested,
+    exit_on_signals,
     parameter_error_line,
     report,
 )
@@ -232,6 +233,35 @@ def check_device(device: str) -> None:
         raise ParameterError("--device", device, f"cpu here: CUDA is not available ({why}, torch {torch.__version__})")
 
 
+def check_memory(args: argparse.Namespace, tiny: bool, p: GenerationParams, prompts: int) -> None:
+    """ParameterError naming --batch (or the sizes) when the run's estimated activation memory
+    (runtime.memory.estimate_generation_bytes) exceeds all the memory of the device."""
+    from ..runtime.memory import device_memory_bytes, estimate_generation_bytes
+
+    capacity = device_memory_bytes(args.device)
+    if capacity is None:
+        return
+    presets = (get_preset("tiny-sdxl"), get_preset("tiny-sd15")) if tiny else (get_preset("sdxl"), get_preset("sd15"))
+    widths = tuple(pr.vae["block_out_channels"][0] for pr in presets)
+    dtype_bytes = 4 if args.dtype == "fp32" else 2
+    images = prompts * p.num_images_per_prompt
+
+    def need(n: int) -> int:
+        return estimate_generation_bytes(n, p.height * p.width, p.height_sd15 * p.width_sd15, widths, dtype_bytes)
+
+    if need(images) <= capacity:
+        return
+    fits = max((n for n in range(1, images) if need(n) <= capacity), default=0)
+    sizes = (f"--height {p.height} --width {p.width} and --height-sd15 {p.height_sd15} --width-sd15 {p.width_sd15}")
+    gib = 2**30
+    why = (f"{images} images at {sizes} need about {need(images) / gib:.0f} GiB of memory (estimated), more than "
+           f"all of this {args.device}'s {capacity / gib:.0f} GiB")
+    if fits:
+        images_fit = f"at most {fits} image{'s' if fits > 1 else ''}"
+        raise ParameterError("--batch", args.batch, f"{images_fit} in all at these sizes: {why}")
+    raise ParameterError("--height", p.height, f"smaller sizes: {why}, even for one image")
+
+
 def _blame(error: Exception, args: argparse.Namespace) -> str:
     """Prefix a loading error with the flag whose path it mentions (the longest match)."""
     from ..plugins.lora import parse_lora_argument
@@ -328,13 +358,14 @@ def check_inputs(args: argparse.Namespace) -> CheckedInputs:
     args.threads = check_threads(args)
     params = params_from_args(args)
     # A check only: sizes left unset resolve to the loaded models' own defaults in generate.
-    validate(params, size_rules(tiny))
+    resolved = validate(params, size_rules(tiny))
     output = check_output(args.output, len(args.prompt) * args.batch)
     runtime_names(args)
     # From here on the checks read files or ask torch (model headers, CUDA, plugin files).
     if not tiny:
         check_models(args)
     check_device(args.device)
+    check_memory(args, tiny, resolved, len(args.prompt))
     set_threads(args.threads)
     runtime = runtime_config(args)
     plugins = check_plugin_arguments(args)
@@ -402,7 +433,12 @@ def records(args: argparse.Namespace, tiny: bool, result: Any, seconds: dict[str
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run `xa-generate`; returns the exit code (0 ok, 2 bad input, nothing written)."""
+    """Run `xa-generate`; returns the exit code (0 ok, 2 bad input, nothing written; 130 / 143
+    stopped by SIGINT / SIGTERM, nothing written)."""
+    return exit_on_signals(PROG, lambda: _main(argv))
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     command = [PROG, *(sys.argv[1:] if argv is None else argv)]
     debug = debug_requested(argv)
@@ -436,6 +472,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return report(describe(e), debug)
         except (CheckpointError, OSError) as e:  # a file that passed the cheap checks but does not load
             return report(_blame(e, args), debug)
+        except NonFiniteError as e:  # NaN / inf latents or pixels: no image is written
+            return report(str(e), debug)
         finally:
             if backend is not None:
                 backend.close()

@@ -334,6 +334,12 @@ class XAdapterPipeline(DiffusersCallMixin, XAdapterLoadersMixin, XAdapterPipelin
             return latents
         vae = self.sdxl.vae
         image = vae.decode(latents.to(self.vae_xl_dtype) / vae.config.scaling_factor).sample
+        if not bool(torch.isfinite(image).all()):  # clamp would make NaN black: a silent wrong image
+            raise NonFiniteError(
+                f"the SDXL VAE decoded non-finite pixels (NaN or inf) from finite latents in "
+                f"{str(self.vae_xl_dtype).replace('torch.', '')}; fp16 overflow in the SDXL VAE is the usual cause: "
+                "use an fp16-fix VAE (sdxl_vae) or dtype fp32"
+            )
         pixels = (image.float() / 2 + 0.5).clamp(0, 1)
         if output_type == "pt":  # B x 3 x H x W in [0, 1], fp32, on the device (diffusers' "pt")
             return pixels
