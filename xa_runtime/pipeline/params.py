@@ -14,10 +14,11 @@ range (xa_runtime.errors.ParameterError).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, field, make_dataclass
 from typing import Any, Mapping
 
-from ..errors import ParameterError
+from ..errors import AspectWarning, ParameterError
 
 # Sampler name -> (diffusers scheduler class, config overrides): the accepted values of
 # `scheduler`. Classes are named, not imported, so that checking a request needs no torch;
@@ -280,14 +281,74 @@ def _batch_total(params: Any, prompts: int) -> None:
         )
 
 
+ASPECT_TOLERANCE = 0.05  # relative aspect difference between the stages' sizes taken as the same aspect
+
+
+def _aspect_error(h: int, w: int, height: int, width: int) -> float:
+    return abs(math.log((w / h) / (width / height)))
+
+
+def sd15_size(height: int, width: int, rules: SizeRules = SizeRules(), height_sd15: int | None = None,
+              width_sd15: int | None = None) -> tuple[int, int]:
+    """The SD1.5 stage's (height, width) for an SDXL image of height x width: the one place
+    that picks it (the pipeline, xa-generate and xa-serve all resolve sizes in `validate`).
+
+    Not given: the method's scale (SD1.5's default side / SDXL's: 512 / 1024 = 1:2) on each
+    side, rounded to SD1.5's multiple so that the aspect stays within ASPECT_TOLERANCE
+    (1216x832 -> 640x448 wide x high); where that grid is too coarse (tiny models:
+    192x256 -> 96x128 has no 4:3 size of 64 px multiples) the smallest SD1.5 size, no larger
+    than the SDXL image, with that aspect. One side given: the other follows the SDXL aspect.
+    Both given with another aspect: kept, with an AspectWarning that says the hand-over
+    stretches the SD1.5 image."""
+    m, tol = rules.sd15_multiple, math.log1p(ASPECT_TOLERANCE)
+    top_h, top_w = min(MAX_SD15_SIDE, max(m, height // m * m)), min(MAX_SD15_SIDE, max(m, width // m * m))
+
+    def fit(side: int, ratio: float, hi: int) -> int:
+        return min(hi, max(m, round(side * ratio / m) * m))
+
+    if height_sd15 is not None and width_sd15 is not None:
+        if _aspect_error(height_sd15, width_sd15, height, width) > tol:
+            follow = sd15_size(height, width, rules)
+            warnings.warn(
+                f"SD1.5 size {width_sd15}x{height_sd15} (width x height, aspect {width_sd15 / height_sd15:.2f}) differs "
+                f"in aspect from the SDXL size {width}x{height} (aspect {width / height:.2f}): at the hand-over the SD1.5 "
+                f"image is resized to {width}x{height}, so it is stretched {width / width_sd15 / (height / height_sd15):.2f}x "
+                f"horizontally; leave height_sd15 / width_sd15 (--height-sd15 / --width-sd15) unset for "
+                f"{follow[1]}x{follow[0]}, which follows the SDXL aspect", AspectWarning, stacklevel=3)
+        return height_sd15, width_sd15
+    if height_sd15 is not None:
+        return height_sd15, fit(height_sd15, width / height, MAX_SD15_SIDE)
+    if width_sd15 is not None:
+        return fit(width_sd15, height / width, MAX_SD15_SIDE), width_sd15
+    scale = rules.sd15_default / rules.sdxl_default
+    exact_h, exact_w = height * scale, width * scale
+    near = [(h, w) for h in {max(m, math.floor(exact_h / m) * m), max(m, math.ceil(exact_h / m) * m)}
+            for w in {max(m, math.floor(exact_w / m) * m), max(m, math.ceil(exact_w / m) * m)}
+            if h <= MAX_SD15_SIDE and w <= MAX_SD15_SIDE]
+    best = min(near, key=lambda hw: (_aspect_error(*hw, height, width), abs(hw[0] * hw[1] - exact_h * exact_w)))
+    if _aspect_error(*best, height, width) <= tol:
+        return best
+    target = exact_h * exact_w
+    same_aspect = [(h, w) for h in range(m, top_h + 1, m) for w in range(m, top_w + 1, m)
+                   if _aspect_error(h, w, height, width) <= tol]
+    if not same_aspect:
+        warnings.warn(f"no SD1.5 size of {m} px multiples up to the SDXL size {width}x{height} (width x height) has its "
+                      f"aspect; the SD1.5 stage runs at {best[1]}x{best[0]} and is stretched to {width}x{height} at "
+                      "the hand-over; give an SDXL size whose aspect SD1.5's grid can follow", AspectWarning,
+                      stacklevel=3)
+        return best
+    return min(same_aspect, key=lambda hw: (hw[0] * hw[1] < target, abs(hw[0] * hw[1] - target),
+                                            _aspect_error(*hw, height, width)))
+
+
 def validate(params: Any, rules: SizeRules = SizeRules()) -> Any:
     """Check every parameter (each row's range, in PARAMETERS' order, then the rules that tie
     two together right after the later of them); return a copy with sizes resolved to the
     defaults."""
     resolved = GenerationParams(**params.to_dict())
-    for p in PARAMETERS:
-        if p.kind == SIDE and getattr(params, p.name) is None:
-            setattr(resolved, p.name, getattr(rules, f"{p.side}_default"))
+    for name in ("height", "width"):
+        if getattr(params, name) is None:
+            setattr(resolved, name, rules.sdxl_default)
     n = _prompt_list("prompt", params.prompt, None)
     for p in PARAMETERS:
         value = getattr(resolved, p.name)
@@ -296,6 +357,9 @@ def validate(params: Any, rules: SizeRules = SizeRules()) -> Any:
                 _prompt_list(p.name, value, n)
         else:
             p.check(value, rules)
+        if p.name == "width_sd15":  # both stages' sides checked: the SD1.5 size that follows the SDXL one
+            resolved.height_sd15, resolved.width_sd15 = sd15_size(resolved.height, resolved.width, rules,
+                                                                  params.height_sd15, params.width_sd15)
         if p.name in ("adapter_guidance_start", "strength"):
             _steps_of(p.name, params)
         elif p.name == "num_images_per_prompt":
