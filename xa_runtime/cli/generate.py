@@ -24,7 +24,7 @@ from typing import Any
 
 import xa_runtime
 
-from ..errors import CheckpointError, ParameterError
+from ..errors import AspectWarning, CheckpointError, ParameterError
 from ..models.presets import get_preset
 from ..pipeline.params import PARAMETERS, GenerationParams, SizeRules, validate
 from .backend_args import add_backend_arguments, check_backend, loras_to_backend, open_cli_backend
@@ -314,8 +314,11 @@ def check_inputs(args: argparse.Namespace) -> tuple[bool, GenerationParams, Path
     check_tiny_seed(args)
     args.threads = check_threads(args)
     params = params_from_args(args)
-    # A check only: sizes left unset resolve to the loaded models' own defaults in generate.
-    validate(params, size_rules(tiny))
+    # A check only: sizes left unset resolve to the loaded models' own defaults in generate (which
+    # warns, as one `warning:` line, when the SD1.5 size cannot keep the SDXL aspect).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AspectWarning)
+        validate(params, size_rules(tiny))
     output = check_output(args.output, len(args.prompt) * args.batch)
     runtime_names(args)
     # From here on the checks read files or ask torch (model headers, CUDA, plugin files).
