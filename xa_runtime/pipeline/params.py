@@ -57,7 +57,7 @@ class SizeRules:
 REQUIRED: Any = object()  # the default of a parameter every request must give (the prompt)
 SAME: Any = object()  # a door's default that is the pipeline's own
 # The kinds of parameter: how it is typed and checked.
-TEXT, INT, FLOAT, CHOICE, SIDE = "text", "int", "float", "choice", "side"
+TEXT, INT, FLOAT, CHOICE, SIDE, PAIR = "text", "int", "float", "choice", "side", "pair"
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,8 @@ class Param:
     `kind`: TEXT (a string or a list of strings, one per prompt unless it is the prompt
     itself), INT / FLOAT (within [minimum, maximum], `exclusive_minimum` for (minimum, maximum]),
     CHOICE (one of `choices`), SIDE (pixels, a multiple of SizeRules' `side` multiple up to
-    `maximum`; None takes the model's default). `optional`: None is accepted (the default then
+    `maximum`; None takes the model's default), PAIR (two integers in [minimum, maximum], e.g.
+    SDXL's (height, width) size conditioning; Python only). `optional`: None is accepted (the default then
     means "decided elsewhere": drawn seed, model size, plain add).
     Doors: every row is a GenerationParams field and a keyword of the pipeline; `flag` names
     its xa-generate flag (None: not on the command line; `cli_default` and `cli_words`, e.g.
@@ -96,7 +97,8 @@ class Param:
 
     @property
     def annotation(self) -> str:
-        base = {TEXT: "str | list[str]", INT: "int", FLOAT: "float", CHOICE: "str", SIDE: "int"}[self.kind]
+        base = {TEXT: "str | list[str]", INT: "int", FLOAT: "float", CHOICE: "str", SIDE: "int",
+                PAIR: "tuple[int, int]"}[self.kind]
         return base + " | None" if self.optional else base
 
     def bounds(self, rules: SizeRules = SizeRules(), cap: float | None = None) -> tuple[Any, Any]:
@@ -116,6 +118,8 @@ class Param:
             return f"one of {', '.join(self.choices)}"
         if self.kind == SIDE:
             return f"a multiple of {lo} in [{lo}, {hi}] pixels"
+        if self.kind == PAIR:
+            return f"two integers in [{lo}, {hi}], (height, width) or (top, left)"
         return "a string or a non-empty list of strings"
 
     def range_text(self, rules: SizeRules = SizeRules(), cap: float | None = None) -> str:
@@ -165,6 +169,9 @@ class Param:
             ok = number and isinstance(value, int) and not value % lo and lo <= value <= hi
         elif self.kind == CHOICE:
             ok = value in self.choices
+        elif self.kind == PAIR:
+            ok = (isinstance(value, (tuple, list)) and len(value) == 2
+                  and all(isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi for v in value))
         else:
             raise ValueError(f"{self.name}: TEXT parameters are checked with the prompt count")
         if not ok:
@@ -181,14 +188,25 @@ def _side(name: str, side: str, flag: str, label: str, what: str, dim: str, defa
 PARAMETERS: tuple[Param, ...] = (
     Param("prompt", TEXT, REQUIRED, "prompt of the SDXL branch (several prompts: a list, or the flag repeated)",
           flag="--prompt", metavar="TEXT", label="Prompt", example="a cat"),
+    Param("prompt_2", TEXT, None, "prompt of SDXL's second text encoder (OpenCLIP-bigG), as diffusers' prompt_2 "
+          "(default: the prompt); one per prompt", optional=True, flag="--prompt-2", metavar="TEXT", blank="the prompt"),
     Param("prompt_sd15", TEXT, None, "prompt of the SD1.5 branch (default: the prompt); one per prompt",
           optional=True, flag="--prompt-sd15", metavar="TEXT", blank="the prompt"),
     Param("negative_prompt", TEXT, None, "negative prompt of both branches; one per prompt", optional=True,
           flag="--negative-prompt", metavar="TEXT", label="Negative prompt", blank="none"),
+    Param("negative_prompt_2", TEXT, None, "negative prompt of SDXL's second text encoder, as diffusers' "
+          "negative_prompt_2 (default: the negative prompt); one per prompt", optional=True,
+          flag="--negative-prompt-2", metavar="TEXT", blank="the negative prompt"),
     Param("num_inference_steps", INT, 50, "denoising steps N", minimum=1, maximum=MAX_STEPS, flag="--steps",
           metavar="N", label="Steps"),
     Param("guidance_scale", FLOAT, 7.5, "classifier-free guidance of both branches, {range}; <= 1 turns CFG off",
           minimum=0.0, maximum=100.0, flag="--guidance-scale", metavar="F", label="Guidance"),
+    Param("guidance_rescale", FLOAT, 0.0, "rescale of the guided prediction of both branches (Lin et al. 2023, "
+          "diffusers' guidance_rescale), {range}; 0 turns it off", minimum=0.0, maximum=1.0, flag="--guidance-rescale",
+          metavar="F"),
+    Param("clip_skip", INT, None, "text-encoder layers skipped from the end, both branches, as diffusers' clip_skip "
+          "(A1111's 'Clip skip' minus 1), {range} (default: none)", minimum=0, maximum=10, optional=True,
+          flag="--clip-skip", metavar="N", blank="none"),
     Param("adapter_guidance_start", FLOAT, 0.9, "fraction of the steps run with the adapter, {range}, int(N * F) >= 1",
           minimum=0.0, maximum=1.0, exclusive_minimum=True, flag="--adapter-guidance-start", metavar="F",
           label="Adapter start"),
@@ -200,6 +218,12 @@ PARAMETERS: tuple[Param, ...] = (
     _side("width", "sdxl", "--width", "SDXL width", "SDXL image", "width", 1024),
     _side("height_sd15", "sd15", "--height-sd15", "SD1.5 height", "SD1.5", "height", 512),
     _side("width_sd15", "sd15", "--width-sd15", "SD1.5 width", "SD1.5", "width", 512),
+    Param("original_size", PAIR, None, "SDXL's size conditioning (height, width) of the source image, as diffusers' "
+          "original_size (default: the SDXL size)", minimum=1, maximum=MAX_SDXL_SIDE * 4, optional=True, http=False),
+    Param("target_size", PAIR, None, "SDXL's target size conditioning (height, width), as diffusers' target_size "
+          "(default: the SDXL size)", minimum=1, maximum=MAX_SDXL_SIDE * 4, optional=True, http=False),
+    Param("crops_coords_top_left", PAIR, (0, 0), "SDXL's crop conditioning (top, left), as diffusers' "
+          "crops_coords_top_left", minimum=0, maximum=MAX_SDXL_SIDE * 4, http=False),
     Param("scheduler", CHOICE, DEFAULT_SCHEDULER, "sampler of both branches", choices=tuple(SCHEDULERS),
           flag="--scheduler", label="Sampler"),
     Param("strength", FLOAT, 1.0, "with an init image: the fraction of stage 1 that runs, {range}, int(N * F) >= 1",

@@ -195,7 +195,8 @@ class XAdapterPipeline(DiffusersCallMixin, XAdapterLoadersMixin, XAdapterPipelin
         with timer.stage("stage2"):
             st = _Stage2(
                 timesteps=schedxl.timesteps[-p.stage2_steps:], lat15=lat15, latxl=latxl,
-                sampler15=self._sampler(sched15, generator), samplerxl=self._sampler(schedxl, generator),
+                sampler15=self._sampler(sched15, generator, p.guidance_rescale),
+                samplerxl=self._sampler(schedxl, generator, p.guidance_rescale),
                 emb15=r.emb15, embxl=r.embxl, xl_cond=r.xl_cond, guidance=r.guidance, cfg=r.cfg,
                 latent_hw=r.shapexl[-2:], unet_kwargs=unet_kwargs, step_callback=step_callback,
                 on_step_end=on_step_end, plugins=bool(plugins),
@@ -235,7 +236,7 @@ class XAdapterPipeline(DiffusersCallMixin, XAdapterLoadersMixin, XAdapterPipelin
             with self.residency.use(self.sd15.vae):
                 init = self._vae_sample(self.sd15.vae, pixels.to(self.device, self.dtype) * 2 - 1, r.generator)
             lat = sched.add_noise(init.to(self.dtype), self._noise(r, r.shape15), steps[:1].repeat(batch))
-        sampler = self._sampler(sched, r.generator)
+        sampler = self._sampler(sched, r.generator, p.guidance_rescale)
         self._num_timesteps = len(steps)
         for i, t in enumerate(tqdm(steps, desc="stage 1 (SD1.5)", disable=not self.progress, leave=False)):
             if self._interrupt:
@@ -430,9 +431,9 @@ class XAdapterPipeline(DiffusersCallMixin, XAdapterLoadersMixin, XAdapterPipelin
     def _cfg_batch(latents: torch.Tensor, cfg: bool) -> torch.Tensor:
         return torch.cat([latents, latents]) if cfg else latents
 
-    def _sampler(self, scheduler: Any, generator: torch.Generator) -> Sampler:
+    def _sampler(self, scheduler: Any, generator: torch.Generator, guidance_rescale: float = 0.0) -> Sampler:
         """A prepared scheduler, stepped by the fused CFG + update kernel when the runtime hands one over."""
-        return Sampler(scheduler, generator, guided_step=self.kernel_hooks.guided_step)
+        return Sampler(scheduler, generator, guided_step=self.kernel_hooks.guided_step, guidance_rescale=guidance_rescale)
 
     def _injections(self, feats: tuple[torch.Tensor, ...], acs: float, fusion: float | None) -> list[Injection]:
         """One callable per SDXL injection site: mapping -> r -> h + acs*r (or the lerp), or
