@@ -50,7 +50,8 @@ def encode_sd15(
         emb = c.text_encoder(ids)[0]
     else:
         out = c.text_encoder(ids, output_hidden_states=True)
-        emb = c.text_encoder.text_model.final_layer_norm(_skipped(out, clip_skip, -1))
+        model = getattr(c.text_encoder, "text_model", c.text_encoder)  # transformers moved it
+        emb = model.final_layer_norm(_skipped(out, clip_skip, -1))
     return emb.repeat_interleave(repeat, dim=0)
 
 
