@@ -84,6 +84,19 @@ def check_latents(latents: torch.Tensor | None, shape: tuple[int, ...], p: Gener
                              f"a tensor of shape {shape} (SD1.5 latents at {p.height_sd15}x{p.width_sd15})")
 
 
+# diffusers call arguments this pipeline does not take -> what to do instead
+UNSUPPORTED = {
+    "cross_attention_kwargs": "not taken per call: set LoRA weights with set_adapters(names, weights) or "
+                              "fuse_lora(lora_scale=...)",
+    "denoising_start": "not taken (no refiner hand-over): adapter_guidance_start sets where stage 2 starts",
+    "denoising_end": "not taken (no refiner hand-over): adapter_guidance_start sets where stage 2 starts",
+    "timesteps": "not taken: num_inference_steps and scheduler= (a name or a diffusers scheduler)",
+    "sigmas": "not taken: num_inference_steps and scheduler= (use_karras_sigmas=True for Karras sigmas)",
+    "ip_adapter_image_embeds": "not taken: ip_adapter_image= (an image)",
+    "eta": "not taken: the scheduler's defaults are used (scheduler= a configured diffusers scheduler)",
+}
+
+
 class DiffusersCallMixin:
     """`pipe(...)` with diffusers' call arguments (the XAdapterPipeline's __call__)."""
 
@@ -162,6 +175,10 @@ class DiffusersCallMixin:
                 raise ParameterError("image", "an image", "a control image only when a ControlNet is set "
                                      "(pipe.controlnet); for img2img give strength= with it (or init_image=)")
             image, init_image = None, image
+        unknown = sorted(set(kwargs) - set(GenerationParams.__dataclass_fields__))
+        if unknown:
+            raise ParameterError(unknown[0], kwargs[unknown[0]], UNSUPPORTED.get(unknown[0], "no such keyword: diffusers' "
+                                 "call arguments listed in XAdapterPipeline.__call__, or GenerationParams fields"))
         params = GenerationParams(prompt=prompt, **kwargs)  # type: ignore[arg-type]
         if image is not None and control_image is not None:
             raise ParameterError("control_image", "an image", "None when image= is given (they are the same argument)")

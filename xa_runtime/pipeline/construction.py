@@ -204,6 +204,16 @@ class XAdapterPipelineBase:
             self._place()
         return self.to(target)
 
+    def enable_vae_slicing(self) -> None:
+        """diffusers' VAE slicing, on both VAEs: decode/encode one image of a batch at a time."""
+        for vae in (self.sd15.vae, self.sdxl.vae):
+            vae.enable_slicing()
+
+    def enable_vae_tiling(self) -> None:
+        """diffusers' VAE tiling, on both VAEs: large images decoded/encoded in overlapping tiles."""
+        for vae in (self.sd15.vae, self.sdxl.vae):
+            vae.enable_tiling()
+
     def _parts(self) -> dict[str, torch.nn.Module]:
         """The modules RuntimeConfig's model-level switches change, by CHANNELS_LAST_PARTS name."""
         return {"sd15_unet": self.sd15.unet, "mapping": self.mapping, "sdxl_unet": self.sdxl.unet}
