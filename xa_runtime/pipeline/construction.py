@@ -204,6 +204,19 @@ class XAdapterPipelineBase:
             self._place()
         return self.to(target)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """For pickle: transformers installs output-capturing forward hooks (local functions, which
+        do not pickle) on a text encoder's first call; they are removed here and transformers puts
+        them back on the next call (its `_output_capturing_hooks_installed` flag is cleared)."""
+        for encoder in (self.sd15.text_encoder, self.sdxl.text_encoder, self.sdxl.text_encoder_2):
+            for module in encoder.modules():
+                for key, hook in list(module._forward_hooks.items()):
+                    if "output_capturing_hook" in getattr(hook, "__qualname__", ""):
+                        del module._forward_hooks[key]
+                if getattr(module, "_output_capturing_hooks_installed", False):
+                    module._output_capturing_hooks_installed = False
+        return self.__dict__.copy()
+
     def enable_vae_slicing(self) -> None:
         """diffusers' VAE slicing, on both VAEs: decode/encode one image of a batch at a time."""
         for vae in (self.sd15.vae, self.sdxl.vae):
