@@ -1,4 +1,4 @@
-"""Writes reference/cli.md at build time from the five command-line tools' argparse parsers,
+"""Writes reference/cli.md at build time from the command-line tools' argparse parsers,
 so that the reference cannot drift from the code. (No well-kept MkDocs plugin renders
 argparse parsers: mkdocs-click is for Click; this is the small part written by hand.)"""
 
@@ -13,6 +13,7 @@ TOOLS = [
     ("xa-build-engines", "xa_runtime.cli.build_engines"),
     ("xa-bench", "xa_runtime.cli.bench"),
     ("xa-serve", "xa_runtime.cli.serve"),
+    ("xa-train", "xa_runtime.cli.train"),
 ]
 
 

@@ -5,7 +5,6 @@ and leaves no file behind. The hostile files are built here, in tmp_path."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import pickle

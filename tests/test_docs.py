@@ -18,7 +18,7 @@ PAGES = sorted((ROOT / "docs").rglob("*.md")) + [ROOT / "README.md"]
 BLOCK = re.compile(r"(<!-- example: (?P<needs>[^>]*) -->\n)?```(?P<lang>\w*)[^\n]*\n(?P<code>.*?)```", re.S)
 TOOLS = {"xa-generate": "xa_runtime.cli.generate", "xa-export": "xa_runtime.cli.export",
          "xa-build-engines": "xa_runtime.cli.build_engines", "xa-bench": "xa_runtime.cli.bench",
-         "xa-serve": "xa_runtime.cli.serve"}
+         "xa-serve": "xa_runtime.cli.serve", "xa-train": "xa_runtime.cli.train"}
 
 
 def blocks(lang: str):

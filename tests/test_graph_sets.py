@@ -113,7 +113,7 @@ def test_onnx_folder_needs_its_manifest(tmp_path):
 
 def test_sets_derive_from_roles():
     assert graphs.PLUGIN_GRAPHS == {"controlnet": "sd15_unet_control", "t2i": "sd15_unet_t2i",
-                                    "nexus": "sd15_unet_t2i", "ip": "sd15_unet_ip"}
+                                    "nexus": "sd15_unet_t2i", "ip_adapter": "sd15_unet_ip"}
     assert graphs.LORA_GRAPHS == {"sd15": ("sd15_unet", "sd15_unet_control", "sd15_unet_t2i", "sd15_unet_ip"),
                                   "sdxl": ("sdxl_unet", "sdxl_unet_fused")}
     assert graphs.OPTIONAL_GRAPHS == ("sd15_unet_control", "sd15_unet_t2i", "sd15_unet_ip")

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from .errors import ParameterError
+from .plugin_kinds import BACKENDS, PLUGIN_KINDS, get_kind
 
 DTYPE_KINDS = ("float", "float32", "int64")  # "float": the graph's dtype (fp16 or fp32)
 DYNAMIC_DIMS = ("B", "H", "W", "T", "N")
@@ -92,8 +93,8 @@ class GraphSpec:
     refittable: regular expressions (re.search) over the torch parameter names of the
     exported module; matches are the weights a LoRA changes, refitted without a rebuild.
     role: what the graph does in a generation (ROLES); variant: which SD1.5 UNet input set
-    ("" plain, "control", "t2i", "ip"); plugins: the plugin kinds whose step arguments go
-    into this graph; lora_target: the pipeline component whose weights the graph holds (the
+    ("" plain, "control", "t2i", "ip"; plugin_kinds.PluginKind.variant names it per plugin
+    kind); lora_target: the pipeline component whose weights the graph holds (the
     LoRA target name of its weights: "unet", "text_encoder", ...; None: no LoRA reaches it).
     """
 
@@ -107,7 +108,6 @@ class GraphSpec:
     needs: tuple[str, ...] = field(default=())
     role: str = ""
     variant: str = ""
-    plugins: tuple[str, ...] = ()
     lora_target: str | None = None
 
     @property
@@ -227,17 +227,17 @@ _GRAPHS = (
               role="sd15_unet", lora_target="unet"),
     GraphSpec("sd15_unet_control", _LATENT_IN + CONTROL_RESIDUALS, (_t("eps", "float", "B", 4, "H", "W"),) + _FEATURES,
               _SD15, UNET_LORA_WEIGHTS, "sd15_unet taking ControlNet down/mid residuals (their sum over ControlNets)",
-              ("sd15",), role="sd15_unet", variant="control", plugins=("controlnet",), lora_target="unet"),
+              ("sd15",), role="sd15_unet", variant="control", lora_target="unet"),
     GraphSpec("sd15_unet_t2i", _LATENT_IN + ADAPTER_RESIDUALS, (_t("eps", "float", "B", 4, "H", "W"),) + _FEATURES,
               _SD15, UNET_LORA_WEIGHTS, "sd15_unet taking T2I-Adapter (or Nexus Adapter) features, already scaled, "
               "added inside the down blocks", ("sd15",),
-              role="sd15_unet", variant="t2i", plugins=("t2i", "nexus"), lora_target="unet"),
+              role="sd15_unet", variant="t2i", lora_target="unet"),
     GraphSpec("sd15_unet_ip", _LATENT_IN + IP_INPUTS, (_t("eps", "float", "B", 4, "H", "W"),) + _FEATURES,
               {**_SD15, "N": IP_TOKENS}, UNET_LORA_WEIGHTS,
               "sd15_unet with one IP-Adapter file's decoupled cross-attention (its to_k_ip/to_v_ip weights baked in, "
               "not refittable): image tokens after the adapter's projection, one scale per cross-attention layer "
               "(a float scale or InstantStyle's per-block dict, expanded)", ("sd15", "ip_adapter"),
-              role="sd15_unet", variant="ip", plugins=("ip",), lora_target="unet"),
+              role="sd15_unet", variant="ip", lora_target="unet"),
     GraphSpec("t2i_adapter", (_t("image", "float", "B", "c_image", "8*H", "8*W"),),
               tuple(TensorSpec(f"adapter_feature_{i}", "float", t.shape) for i, t in enumerate(ADAPTER_RESIDUALS)),
               {"B": UNET_ROWS, "H": SD15_LATENT, "W": SD15_LATENT}, (),
@@ -301,9 +301,8 @@ SDXL_MODES = ("auto", *SDXL_MODE_ROLES)
 PREFERRED_SDXL_MODE = "fused"
 # The UNet graphs of each pipeline branch: a LoRA of that branch changes all of them.
 LORA_BRANCH_ROLES = {"sd15": ("sd15_unet",), "sdxl": ("sdxl_split", "sdxl_fused")}
-# The plugin kinds each non-torch backend runs through graph variants (the others need torch).
-BACKEND_PLUGINS = {"onnxruntime": ("controlnet", "t2i", "nexus", "ip"), "tensorrt": ("controlnet",)}
-BACKENDS = ("torch", *BACKEND_PLUGINS)  # torch runs the modules themselves, every plugin included
+# The plugin kinds each non-torch backend runs through graph variants (plugin_kinds' table).
+BACKEND_PLUGINS = {b: tuple(k.name for k in PLUGIN_KINDS if k.variant and b in k.backends) for b in BACKENDS[1:]}
 # How a folder holds each graph: an xa-export folder NAME.onnx (+ manifest.json); an
 # xa-build-engines folder NAME.engine.json beside NAME.plan.
 FOLDER_KINDS = ("onnx", "engine")
@@ -326,7 +325,7 @@ BASE_SD15_UNET = next(g.name for g in _GRAPHS if g.role == "sd15_unet" and not g
 OPTIONAL_GRAPHS = tuple(g.name for g in _GRAPHS if g.role == "sd15_unet" and g.variant)
 FUSED_GRAPH = graphs_with_role("sdxl_fused")[0]  # mapping + SDXL UNet in one graph
 # plugin kind -> the SD1.5 UNet graph its step arguments go into
-PLUGIN_GRAPHS = {kind: g.name for g in _GRAPHS if g.role == "sd15_unet" for kind in g.plugins}
+PLUGIN_GRAPHS = {k.name: g.name for k in PLUGIN_KINDS for g in _GRAPHS if g.role == "sd15_unet" and g.variant == k.variant}
 # LoRA branch -> the graphs holding that branch's UNet
 LORA_GRAPHS = {branch: graphs_with_role(*roles) for branch, roles in LORA_BRANCH_ROLES.items()}
 # graph -> the pipeline component its weights belong to (the LoRA target name)
@@ -348,7 +347,8 @@ def required_graphs(sdxl_mode: str) -> list[str]:
 
 def plugin_graphs(kinds: Sequence[str]) -> list[str]:
     """The SD1.5 UNet graph variants the given plugin kinds need (none for LoRAs), sorted."""
-    return sorted({PLUGIN_GRAPHS[k] for k in kinds if k in PLUGIN_GRAPHS})
+    names = [get_kind(k).name for k in kinds]
+    return sorted({PLUGIN_GRAPHS[k] for k in names if k in PLUGIN_GRAPHS})
 
 
 def default_build_graphs(sdxl_mode: str, exported: Callable[[str], bool] = lambda name: False) -> list[str]:
@@ -362,7 +362,8 @@ def backend_optional_graphs(backend: str) -> list[str]:
     """The graph variants of the plugins `backend` runs ("onnxruntime" or "tensorrt")."""
     if backend not in BACKEND_PLUGINS:
         raise ParameterError("backend", backend, " or ".join(BACKEND_PLUGINS))
-    return [g for g in OPTIONAL_GRAPHS if set(GRAPHS[g].plugins) & set(BACKEND_PLUGINS[backend])]
+    variants = {get_kind(k).variant for k in BACKEND_PLUGINS[backend]}
+    return [g for g in OPTIONAL_GRAPHS if GRAPHS[g].variant in variants]
 
 
 def resolve_sdxl_mode(has: Callable[[str], bool], sdxl_mode: str) -> str:

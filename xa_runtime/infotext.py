@@ -140,7 +140,7 @@ def _plugin_fields(plugins: list[Mapping[str, Any]]) -> dict[str, Any]:
             f"Guidance Start: {e.get('guidance_start', 0.0):g}", f"Guidance End: {e.get('guidance_end', 1.0):g}",
             "Pixel Perfect: False",
             f"Control Mode: {'My prompt is more important' if e.get('guess_mode') else 'Balanced'}"])
-    for kind, key in (("t2i", "X-Adapter T2I-Adapter"), ("nexus", "X-Adapter Nexus"), ("ip", "X-Adapter IP-Adapter")):
+    for kind, key in (("t2i", "X-Adapter T2I-Adapter"), ("nexus", "X-Adapter Nexus"), ("ip_adapter", "X-Adapter IP-Adapter")):
         for i, e in enumerate(e for e in plugins if e.get("kind") == kind):
             fields[f"{key} {i}"] = f"{e['name']} [{e['hash']}], scale {e.get('scale', 1.0):g}"
     return fields

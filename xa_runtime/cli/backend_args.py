@@ -12,7 +12,8 @@ engines, onnxruntime reloads refitted graphs); on onnxruntime also T2I-Adapter /
 (features into sd15_unet_t2i) and IP-Adapter (sd15_unet_ip, exported from that --ip-adapter
 file: on the fly, or an --onnx-dir exported with xa-export --ip-adapter, checked by the
 manifest), one of ControlNet / T2I-Nexus / IP-Adapter per run (no graph takes two).
-TensorRT takes ControlNet and LoRAs (graphs.BACKEND_PLUGINS); the others need --backend torch.
+TensorRT takes ControlNet and LoRAs; the others need --backend torch (plugin_kinds.check_backend,
+the one rule set xa-serve and xa-bench use too).
 """
 
 from __future__ import annotations
@@ -22,10 +23,9 @@ from typing import Any
 
 from ..availability import ONNXRUNTIME_NOT_INSTALLED, onnxruntime_installed
 from ..errors import ParameterError
-from ..graphs import BACKEND_PLUGINS, BACKENDS, PLUGIN_GRAPHS, folder_problem, has_graph, plugin_graphs
-
-_PLUGIN_FLAGS = {"controlnet": "--controlnet", "t2i": "--t2i-adapter", "nexus": "--nexus-adapter", "ip": "--ip-adapter"}
-LORA_BRANCHES = {"lora": "sd15", "sdxl_lora": "sdxl"}
+from ..graphs import BACKENDS, PLUGIN_GRAPHS, folder_problem, has_graph, plugin_graphs
+from ..plugin_kinds import PluginSpec
+from ..plugin_kinds import check_backend as check_backend_plugins
 
 
 def add_backend_arguments(group: Any) -> None:
@@ -52,7 +52,7 @@ def _check_tensorrt(args: argparse.Namespace, usage_error: type) -> None:
         raise ParameterError("--engine-dir", args.engine_dir, problem)
 
 
-def check_backend(args: argparse.Namespace, tiny: bool, plugin_specs: dict[str, list[Any]], usage_error: type) -> None:
+def check_backend(args: argparse.Namespace, tiny: bool, plugin_specs: list[PluginSpec], usage_error: type) -> None:
     """Cheap checks of --backend / --onnx-dir (nothing loaded)."""
     if args.engine_dir is not None and args.backend != "tensorrt":
         raise usage_error("--engine-dir only applies to --backend tensorrt")
@@ -71,50 +71,46 @@ def check_backend(args: argparse.Namespace, tiny: bool, plugin_specs: dict[str, 
         problem = folder_problem(args.onnx_dir, "onnx")
         if problem:
             raise ParameterError("--onnx-dir", args.onnx_dir, problem)
+    problem = check_backend_plugins(plugin_specs, args.backend, lambda spec: spec.row.flags[0])
+    if problem:
+        raise usage_error(problem)
     if args.backend == "tensorrt":
-        used = [flag for kind, flag in _PLUGIN_FLAGS.items()
-                if plugin_specs.get(kind) and kind not in BACKEND_PLUGINS["tensorrt"]]
-        if used:
-            raise usage_error(f"{', '.join(used)} need --backend torch ({args.backend} takes ControlNet and LoRAs)")
         return
     graphs = plugin_graphs(plugin_kinds(plugin_specs))
-    if len(graphs) > 1:
-        flags = [f for kind, f in _PLUGIN_FLAGS.items() if plugin_specs.get(kind)]
-        raise usage_error(f"{' and '.join(flags)} together need --backend torch (no onnxruntime graph takes both)")
     if args.onnx_dir is not None:
         missing = [g for g in graphs if not has_graph(args.onnx_dir, "onnx")(g)]
         if missing:
-            hint = " (xa-export --ip-adapter FILE)" if PLUGIN_GRAPHS["ip"] in missing else ""
+            baked = [s.row.flags[0] for s in plugin_specs if s.row.installed and PLUGIN_GRAPHS[s.kind] in missing]
+            hint = f" (xa-export {baked[0]} FILE)" if baked else ""
             raise ParameterError("--onnx-dir", args.onnx_dir, f"an xa-export folder with {missing[0]}.onnx for these "
                                  f"plugins{hint}")
 
 
-def plugin_kinds(plugin_specs: dict[str, list[Any]]) -> list[str]:
-    """The plugin kinds given (those with specs)."""
-    return [kind for kind, specs in plugin_specs.items() if specs]
+def plugin_kinds(plugin_specs: list[PluginSpec]) -> list[str]:
+    """The plugin kinds given, once each."""
+    return list(dict.fromkeys(s.kind for s in plugin_specs))
 
 
-def open_cli_backend(args: argparse.Namespace, pipe: Any, tiny: bool) -> Any:
+def open_cli_backend(args: argparse.Namespace, pipe: Any, tiny: bool, plugin_specs: list[PluginSpec]) -> Any:
     """The backend handle (runtime.backends.Backend) of --backend for `pipe`; close it when done.
     An --onnx-dir is first checked to hold graphs of the models loaded here."""
     from ..runtime.backends import open_backend
 
-    ip_state = ip_adapter_state(args) if args.backend == "onnxruntime" else None
+    ip_state = ip_adapter_state(plugin_specs) if args.backend == "onnxruntime" else None
     if args.backend == "onnxruntime" and args.onnx_dir is not None:
         check_models_match(args, pipe, tiny, ip_state)
     return open_backend(args.backend, pipe, onnx_dir=args.onnx_dir, engine_dir=args.engine_dir, device=args.device,
-                        plugin_kinds=plugin_kinds(getattr(args, "plugin_specs", {})), ip_adapter_state=ip_state)
+                        plugin_kinds=plugin_kinds(plugin_specs), ip_adapter_state=ip_state)
 
 
-def loras_to_backend(backend: Any, managers: dict[str, Any]) -> dict[str, dict[str, int]]:
-    """After apply_loras on a backend pipeline: each manager's UNet deltas to the backend's
-    engines / graphs of its branch (its text encoder part is already in the torch modules).
-    Returns kind -> the backend's report (graph -> weights changed); {} for --backend torch."""
+def loras_to_backend(backend: Any, pipe: Any) -> dict[str, dict[str, int]]:
+    """After pipe.load_plugins on a backend pipeline: each branch's LoRA UNet deltas to the
+    backend's engines / graphs of that branch (the text encoder part is already in the torch
+    modules). Returns branch -> the backend's report (graph -> weights changed); {} for
+    --backend torch."""
     if backend.graphs is None:
         return {}
-    return {kind: backend.set_lora_deltas({k: v for k, v in m.weight_deltas().items() if k.startswith("unet.")},
-                                          LORA_BRANCHES[kind])
-            for kind, m in managers.items()}
+    return {branch: backend.set_lora_deltas(deltas, branch) for branch, deltas in pipe.lora_weight_deltas().items()}
 
 
 def check_models_match(args: argparse.Namespace, pipe: Any, tiny: bool, ip_state: Any = None) -> None:
@@ -138,11 +134,11 @@ def check_models_match(args: argparse.Namespace, pipe: Any, tiny: bool, ip_state
     mf.check_same_models(args.onnx_dir, current, what)
 
 
-def ip_adapter_state(args: argparse.Namespace) -> Any:
+def ip_adapter_state(plugin_specs: list[PluginSpec]) -> Any:
     """The --ip-adapter file's state (read here), or None without --ip-adapter."""
-    specs = getattr(args, "plugin_specs", {}).get("ip")
+    specs = [s for s in plugin_specs if s.row.installed]
     if not specs:
         return None
     from ..plugins.ip_adapter_loading import read_ip_adapter_file
 
-    return read_ip_adapter_file(specs[0]["path"])
+    return read_ip_adapter_file(specs[0].path)

@@ -29,6 +29,7 @@ import xa_runtime
 from ..errors import ParameterError
 from ..models.presets import get_preset
 from ..pipeline.params import MAX_BATCH, SCHEDULERS, SizeRules, validate
+from ..plugin_kinds import BACKENDS, PluginSpec, check_backend
 from .usage import add_debug_argument
 from .vocabulary import DTYPES, add_device_argument, add_dtype_argument, add_model_arguments, add_threads_argument
 from .vocabulary import add_generation_arguments, check_threads, check_tiny_seed, generation_flags, set_threads
@@ -185,6 +186,24 @@ def _model_kind(args: argparse.Namespace) -> str:
     return kind
 
 
+def _check_plugins(args: argparse.Namespace, variants: list[str], concurrency: Any) -> list[str]:
+    """--plugins: names among BENCH_PLUGINS, no --concurrency, and on the backend variants the
+    table's backend check (plugin_kinds.check_backend: the benchmark's graphs have no plugin inputs)."""
+    plugins = _names("--plugins", args.plugins)
+    for name in plugins:
+        if name not in BENCH_PLUGINS:
+            raise ParameterError("--plugins", name, f"comma-separated names among {', '.join(BENCH_PLUGINS)}")
+    if plugins and concurrency:
+        raise ParameterError("--plugins", args.plugins, "no --concurrency with it (plugin objects hold per-request "
+                             "state; concurrent replicas would share it)")
+    specs = [PluginSpec(name, name, "(random weights)") for name in plugins]
+    for backend in [v for v in variants if v in BACKENDS[1:]]:
+        problem = check_backend(specs, backend, lambda s: f"--plugins {s.name}", plugin_graphs=False)
+        if problem:
+            raise ParameterError("--plugins", args.plugins, f"no {backend} variant with it: {problem}")
+    return plugins
+
+
 def _check(args: argparse.Namespace):
     """Every argument checked before anything is loaded; returns (variants, workload, device, dtype,
     options per mode)."""
@@ -252,16 +271,7 @@ def _check(args: argparse.Namespace):
                   "silences this)", file=sys.stderr)
         else:
             args.plots = str(Path(args.output).resolve().parent)
-    plugins = _names("--plugins", args.plugins)
-    for name in plugins:
-        if name not in BENCH_PLUGINS:
-            raise ParameterError("--plugins", name, f"comma-separated names among {', '.join(BENCH_PLUGINS)}")
-    if plugins and concurrency:
-        raise ParameterError("--plugins", args.plugins, "no --concurrency with it (plugin objects hold per-request "
-                             "state; concurrent replicas would share it)")
-    if plugins and ("onnxruntime" in variants or "tensorrt" in variants):
-        raise ParameterError("--plugins", args.plugins, "no onnxruntime or tensorrt variant with it (the benchmark's "
-                             "graphs have no plugin inputs)")
+    plugins = _check_plugins(args, variants, concurrency)
     workload = Workload(
         steps=args.steps, adapter_guidance_start=args.adapter_guidance_start, guidance_scale=args.guidance_scale,
         batch=args.batch, height=args.height, width=args.width, height_sd15=args.height_sd15,
@@ -363,7 +373,7 @@ def _with_plugins(workload: Any, pipes: dict[str, Any]) -> Any:
     image = Image.fromarray((np.random.RandomState(0).rand(side, side, 3) * 255).astype(np.uint8))
     objects: list[Any] = []
     if "lora" in workload.plugins:
-        _install_random_lora({id(p.sd15): p.sd15 for p in pipes.values()}.values())
+        _install_random_lora({id(p.sd15): p for p in pipes.values()}.values())
     if "controlnet" in workload.plugins:
         objects.append(ControlNetPlugin(build_tiny_controlnet(unet), image))
     if "t2i" in workload.plugins:
@@ -371,16 +381,17 @@ def _with_plugins(workload: Any, pipes: dict[str, Any]) -> Any:
     return dataclasses.replace(workload, plugin_objects=tuple(objects))
 
 
-def _install_random_lora(branches: Any) -> None:
+def _install_random_lora(pipes: Any) -> None:
+    """A random rank-8 LoRA, unfused, by the pipeline's own loading path (one pipeline per
+    distinct SD1.5 model set)."""
     import tempfile
 
-    from ..plugins.lora import LoraManager, load_lora
     from ..testing import write_random_lora
 
-    for components in branches:
+    for pipe in pipes:
         with tempfile.TemporaryDirectory(prefix="xa-bench-lora-") as tmp:
-            path = write_random_lora(Path(tmp) / "lora.safetensors", components.unet, components.text_encoder, rank=8)
-            LoraManager.for_branch(components, "unfused").add("bench", load_lora(path), 1.0)
+            path = write_random_lora(Path(tmp) / "lora.safetensors", pipe.sd15.unet, pipe.sd15.text_encoder, rank=8)
+            pipe.load_plugins([PluginSpec("bench", "lora", str(path), 1.0)])
 
 
 def _write_atomic(path: Path, text: str | bytes) -> None:

@@ -19,6 +19,7 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +31,12 @@ from ..pipeline.params import PARAMETERS, TEXT, GenerationParams, SizeRules, val
 from .backend_args import add_backend_arguments, check_backend, loras_to_backend, open_cli_backend
 from .output_files import image_paths, sidecar_path, write_outputs
 from .plugin_args import (
+    GENERIC_KINDS,
     add_plugin_arguments,
-    apply_loras,
-    build_plugins,
     check_plugin_arguments,
     check_plugin_files,
     load_init_image,
+    plugin_record,
 )
 from .usage import (
     CheckedParser,
@@ -70,8 +71,8 @@ PLUGIN_FLAGS = {
 }
 # Flags whose values are paths, for naming the flag of a loading error that quotes one.
 PATH_FLAGS = (*MODEL_FLAGS, "--sdxl-vae", "--lora", "--sdxl-lora", "--controlnet", "--control-image", "--t2i-adapter",
-              "--t2i-image", "--nexus-adapter", "--adapter-image", "--ip-adapter", "--ip-image", "--image-encoder",
-              "--init-image", "--onnx-dir")
+              "--t2i-image", *(f for row in GENERIC_KINDS for f in row.flags[:2]), "--ip-adapter", "--ip-image",
+              "--image-encoder", "--init-image", "--onnx-dir")
 # Versions recorded with every output.
 VERSIONED = ("torch", "diffusers", "transformers", "safetensors", "numpy", "pillow")
 
@@ -307,9 +308,21 @@ def _library_output(progress: bool) -> Iterator[None]:
                 module.disable_progress_bar()
 
 
-def check_inputs(args: argparse.Namespace) -> tuple[bool, GenerationParams, Path]:
-    """Everything that can be checked without loading a model, cheapest first:
-    (tiny models?, parameters with sizes left as given, output path)."""
+@dataclass(frozen=True)
+class CheckedInputs:
+    """What check_inputs found: tiny models?, the parameters with sizes left as given, the
+    output path, the runtime configuration, the plugin specs and the LoRAs already read (by path)."""
+
+    tiny: bool
+    params: GenerationParams
+    output: Path
+    runtime: Any
+    plugins: list[Any]
+    loras: dict[str, Any]
+
+
+def check_inputs(args: argparse.Namespace) -> CheckedInputs:
+    """Everything that can be checked without loading a model, cheapest first."""
     tiny = uses_tiny_models(args)
     check_tiny_seed(args)
     args.threads = check_threads(args)
@@ -326,14 +339,14 @@ def check_inputs(args: argparse.Namespace) -> tuple[bool, GenerationParams, Path
         check_models(args)
     check_device(args.device)
     set_threads(args.threads)
-    args.runtime_config = runtime_config(args)
-    args.plugin_specs = check_plugin_arguments(args)
-    check_backend(args, tiny, args.plugin_specs, UsageError)
-    check_plugin_files(args, args.plugin_specs)
-    return tiny, params, output
+    runtime = runtime_config(args)
+    plugins = check_plugin_arguments(args)
+    check_backend(args, tiny, plugins, UsageError)
+    loras = check_plugin_files(plugins)
+    return CheckedInputs(tiny, params, output, runtime, plugins, loras)
 
 
-def load_pipeline(args: argparse.Namespace, tiny: bool) -> Any:
+def load_pipeline(args: argparse.Namespace, tiny: bool, runtime: Any) -> Any:
     import torch
 
     from ..pipeline import XAdapterPipeline
@@ -344,10 +357,10 @@ def load_pipeline(args: argparse.Namespace, tiny: bool) -> Any:
         print(f"{PROG}: tiny random model: the image is noise-like (built-in random weights, seed "
               f"{args.tiny_seed or 0}; give --sd15, --sdxl and --adapter for real weights)", file=sys.stderr)
         return XAdapterPipeline.from_tiny(args.tiny_seed or 0, device=args.device, dtype=dtype, progress=progress,
-                                          runtime=args.runtime_config)
+                                          runtime=runtime)
     return XAdapterPipeline.from_pretrained(
         args.sd15, args.sdxl, args.adapter, sdxl_vae=args.sdxl_vae, device=args.device, dtype=dtype, progress=progress,
-        runtime=args.runtime_config,
+        runtime=runtime,
     )
 
 
@@ -357,7 +370,8 @@ def _torch_threads() -> int:
     return torch.get_num_threads()  # as the run used them (--threads / default_threads)
 
 
-def records(args: argparse.Namespace, tiny: bool, result: Any, seconds: dict[str, float], command: list[str]):
+def records(args: argparse.Namespace, tiny: bool, result: Any, seconds: dict[str, float], command: list[str],
+            plugins: Sequence[Any] = ()):
     """(the sidecar's record, one PNG text record per image)."""
     p = result.params  # resolved: sizes and the seed as used
     parameters = {k: v for k, v in p.to_dict().items() if k not in ("extra", "output_type")}
@@ -374,7 +388,7 @@ def records(args: argparse.Namespace, tiny: bool, result: Any, seconds: dict[str
         "models": models,
         **run,
         "versions": versions(),
-        "plugins": getattr(args, "plugin_specs", {}),
+        "plugins": plugin_record(list(plugins)),
         "init_image": args.init_image,
         "timings": dict(result.timings),
         "overheads": dict(getattr(result, "overheads", {})),  # compile / graph capture, inside the timings
@@ -384,12 +398,12 @@ def records(args: argparse.Namespace, tiny: bool, result: Any, seconds: dict[str
     }
     from ..infotext import file_hash, plugin_entries
 
-    plugins = plugin_entries(getattr(args, "plugin_specs", {}))  # file, short hash, scales, window: enough to redo it
+    entries = plugin_entries(plugin_record(list(plugins)))  # file, short hash, scales, window: enough to redo it
     init = ({"path": args.init_image, "file": Path(args.init_image).name, "sha256": file_hash(args.init_image)}
             if args.init_image else None)
     per_image = [
         {**parameters, "image_index": i, "prompt_index": i // p.num_images_per_prompt, "models": models, **run,
-         "plugins": plugins, "init_image": init, "xa_runtime": xa_runtime.__version__}
+         "plugins": entries, "init_image": init, "xa_runtime": xa_runtime.__version__}
         for i in range(len(result.images))
     ]
     return record, per_image
@@ -450,7 +464,7 @@ def arguments_from_record(record: dict[str, Any]) -> list[str]:
                     argv += [setting, str(entry[key])]
             if entry.get("guess_mode"):
                 argv.append("--guess-mode")
-        elif kind == "ip":
+        elif kind == "ip_adapter":
             argv += ["--ip-adapter", checked(entry, "--ip-adapter"), "--ip-scale", str(entry.get("scale", 1.0))]
             for image in entry.get("images", []):
                 argv += ["--ip-image", image]
@@ -469,7 +483,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = debug_requested(argv)
     try:
         args = build_parser().parse_args(argv)
-        tiny, params, output = check_inputs(args)
+        checked = check_inputs(args)
+        tiny, params, output = checked.tiny, checked.params, checked.output
     except SystemExit as e:  # --help, --version
         return int(e.code or 0)
     except UsageError as e:
@@ -483,12 +498,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         backend = None
         try:
             t0 = time.perf_counter()
-            pipe = load_pipeline(args, tiny)
+            pipe = load_pipeline(args, tiny, checked.runtime)
             t1 = time.perf_counter()
-            backend = open_cli_backend(args, pipe, tiny)  # before the LoRAs: exported / checked graphs are the base weights
+            # before the LoRAs: exported / checked graphs are the base weights
+            backend = open_cli_backend(args, pipe, tiny, checked.plugins)
             pipe = backend.pipeline
-            loras_to_backend(backend, apply_loras(args.plugin_specs, pipe, getattr(args, "lora_weights", None)))
-            plugins = build_plugins(args.plugin_specs, pipe.sd15.unet)
+            plugins = pipe.load_plugins(checked.plugins, loras=checked.loras)
+            loras_to_backend(backend, pipe)
             result = pipe.generate(params, plugins=plugins, init_image=load_init_image(args.init_image))
             t2 = time.perf_counter()
         except ParameterError as e:
@@ -500,7 +516,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 backend.close()
 
     seconds = {"load_seconds": t1 - t0, "generate_seconds": t2 - t1, "total_seconds": t2 - started}
-    record, per_image = records(args, tiny, result, seconds, command)
+    record, per_image = records(args, tiny, result, seconds, command, checked.plugins)
     try:
         written = write_outputs(output, result.images, record, per_image)
     except OSError as e:  # all or nothing: no file of this run is left

@@ -1,6 +1,7 @@
 """`xa-generate` flags for SD1.5 plugins and the stage-1 init image: parsed, checked before
-any model is loaded (paths exist, flag groups pair up, scales in range), then turned into
-plugin objects once the pipeline is loaded."""
+any model is loaded (paths exist, flag groups pair up, scales in range) into
+plugin_kinds.PluginSpec values, which XAdapterPipeline.load_plugins loads once the pipeline
+is loaded."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ParameterError
+from ..plugin_kinds import KIND_NAMES, KINDS, PLUGIN_KINDS, PluginSpec
 
 CONTROL_TYPES = ("none", "canny")
+GENERIC_KINDS = tuple(row for row in PLUGIN_KINDS if row.cli_generic)
+GENERIC_PATH_FLAGS = {row.flags[0]: row for row in GENERIC_KINDS}
 
 
 def add_plugin_arguments(ap: argparse.ArgumentParser) -> None:
@@ -41,10 +45,12 @@ def add_plugin_arguments(ap: argparse.ArgumentParser) -> None:
                    help="its feature scale (default 1.0)")
     g.add_argument("--t2i-factor", action="append", default=[], type=float, metavar="F",
                    help="fraction of each stage's steps with the adapter (default 1.0)")
-    g.add_argument("--nexus-adapter", action="append", default=[], metavar="PATH", help="Nexus Adapter folder")
-    g.add_argument("--adapter-image", action="append", default=[], metavar="IMG", help="its control image")
-    g.add_argument("--nexus-scale", action="append", default=[], type=float, metavar="F",
-                   help="its feature scale (default 1.0)")
+    for row in GENERIC_KINDS:  # kinds whose flags come from their table row alone
+        path_flag, image_flag, scale_flag = row.flags
+        g.add_argument(path_flag, action="append", default=[], metavar="PATH", help=row.description)
+        g.add_argument(image_flag, action="append", default=[], metavar="IMG", help="its control image")
+        g.add_argument(scale_flag, action="append", default=[], type=float, metavar="F",
+                       help="its feature scale (default 1.0)")
     g.add_argument("--ip-adapter", metavar="PATH", help="IP-Adapter (ip-adapter_sd15 layout, plain or plus)")
     g.add_argument("--ip-image", action="append", default=[], metavar="IMG", help="its image(s)")
     g.add_argument("--ip-scale", type=float, default=None, metavar="F",
@@ -108,8 +114,8 @@ def _plugin_model(flag: str, path: str) -> None:
             raise ParameterError(flag, path, f"{accepted}; unknown suffix {p.suffix!r}")
     elif flag == "--t2i-adapter":
         read_folder_config(p, flag, "a local diffusers T2IAdapter folder (config.json + weights)", "T2IAdapter")
-    elif flag == "--nexus-adapter":
-        read_folder_config(p, flag, "a local Nexus Adapter folder (config.json + weights)")
+    elif flag in GENERIC_PATH_FLAGS:
+        read_folder_config(p, flag, f"a local {GENERIC_PATH_FLAGS[flag].description} (config.json + weights)")
     elif flag == "--ip-adapter":
         from ..plugins.ip_adapter_loading import IP_ADAPTER_SUFFIXES
 
@@ -150,20 +156,20 @@ def _scale(flag: str, value: float, lo: float, hi: float) -> None:
         raise ParameterError(flag, value, f"a finite number in [{lo}, {hi}]")
 
 
-def check_plugin_arguments(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
+def check_plugin_arguments(args: argparse.Namespace) -> list[PluginSpec]:
     """Plugin specs from the flags, every path and value checked; nothing loaded."""
-    specs: dict[str, list[dict[str, Any]]] = {"controlnet": [], "t2i": [], "nexus": [], "ip": [], "lora": [], "sdxl_lora": []}
     from ..plugins.lora import parse_lora_argument
 
+    specs: list[PluginSpec] = []
     for flag, kind in (("--lora", "lora"), ("--sdxl-lora", "sdxl_lora")):
-        for text in getattr(args, kind):
+        for i, text in enumerate(getattr(args, kind)):
             path, scale = parse_lora_argument(text)
             _exists(flag, path)
             _scale(flag, scale, -10.0, 10.0)
-            specs[kind].append(dict(path=path, scale=scale, mode=args.lora_mode))
+            specs.append(PluginSpec(f"{kind}{i}:{path}", kind, path, scale, fused=args.lora_mode == "fused"))
     for main, image_flag, kind in (("--controlnet", "--control-image", "controlnet"),
                                    ("--t2i-adapter", "--t2i-image", "t2i"),
-                                   ("--nexus-adapter", "--adapter-image", "nexus")):
+                                   *((row.flags[0], row.flags[1], row.name) for row in GENERIC_KINDS)):
         paths = getattr(args, main.lstrip("-").replace("-", "_"))
         images = getattr(args, image_flag.lstrip("-").replace("-", "_"))
         if paths and len(images) != len(paths):
@@ -183,30 +189,31 @@ def check_plugin_arguments(args: argparse.Namespace) -> dict[str, list[dict[str,
                 _scale("--control-end", end, 0.0, 1.0)
                 if start >= end:
                     raise ParameterError("--control-start", start, f"less than --control-end ({end})")
-                specs[kind].append(dict(path=p, image=im, control_type=ctype, conditioning_scale=scale,
-                                        guidance_start=start, guidance_end=end, guess_mode=args.guess_mode))
+                specs.append(PluginSpec(None, kind, p, scale, im, control_type=ctype, guidance_start=start,
+                                        guidance_end=end, guess_mode=args.guess_mode))
         elif kind == "t2i":
             for p, im, scale, factor in zip(paths, images, _paired(args, main, "--t2i-scale", 1.0),
                                             _paired(args, main, "--t2i-factor", 1.0)):
                 _scale("--t2i-scale", scale, 0.0, 10.0)
                 _scale("--t2i-factor", factor, 0.0, 1.0)
-                specs[kind].append(dict(path=p, image=im, scale=scale, conditioning_factor=factor))
+                specs.append(PluginSpec(None, kind, p, scale, im, conditioning_factor=factor))
         else:
-            for p, im, scale in zip(paths, images, _paired(args, main, "--nexus-scale", 1.0)):
-                _scale("--nexus-scale", scale, 0.0, 10.0)
-                specs[kind].append(dict(path=p, image=im, scale=scale))
+            scale_flag = KINDS[kind].flags[2]
+            for p, im, scale in zip(paths, images, _paired(args, main, scale_flag, 1.0)):
+                _scale(scale_flag, scale, 0.0, 10.0)
+                specs.append(PluginSpec(None, kind, p, scale, im))
     if args.ip_adapter:
         _plugin_model("--ip-adapter", args.ip_adapter)
-        if args.ip_scale is None:
-            args.ip_scale = 1.0
+        ip_scale = 1.0 if args.ip_scale is None else args.ip_scale
         if not args.ip_image:
             raise ParameterError("--ip-image", None, "at least one image with --ip-adapter")
         for im in args.ip_image:
             _image("--ip-image", im)
         if args.image_encoder is not None:
             _plugin_model("--image-encoder", args.image_encoder)
-        _scale("--ip-scale", args.ip_scale, 0.0, 10.0)
-        specs["ip"].append(dict(path=args.ip_adapter, images=list(args.ip_image), scale=args.ip_scale,
+        _scale("--ip-scale", ip_scale, 0.0, 10.0)
+        ip_images = tuple(args.ip_image) if len(args.ip_image) > 1 else args.ip_image[0]
+        specs.append(PluginSpec(None, "ip_adapter", args.ip_adapter, ip_scale, ip_images,
                                 image_encoder=args.image_encoder))
     elif args.ip_image or args.image_encoder or args.ip_scale is not None:
         flag, value = next((f, v) for f, v in (("--ip-image", args.ip_image), ("--image-encoder", args.image_encoder),
@@ -219,46 +226,23 @@ def check_plugin_arguments(args: argparse.Namespace) -> dict[str, list[dict[str,
     return specs
 
 
-def check_plugin_files(args: argparse.Namespace, specs: dict[str, list[dict[str, Any]]]) -> None:
+def check_plugin_files(specs: list[PluginSpec]) -> dict[str, Any]:
     """The reads that check_plugin_arguments leaves for last (they read whole files, still
-    before any model loads): each LoRA parsed and checked (ranks, alpha, finite factors; kept
-    in args.lora_weights for apply_loras), the IP-Adapter file read weights-only and its
-    image encoder found."""
+    before any model loads): each LoRA parsed and checked (ranks, alpha, finite factors), the
+    IP-Adapter file read weights-only and its image encoder found. Returns the LoraWeights
+    read, by path, for XAdapterPipeline.load_plugins(specs, loras=...)."""
     from ..plugins.lora import load_lora
 
-    args.lora_weights = {}
-    for kind in ("lora", "sdxl_lora"):
-        for s in specs[kind]:
-            args.lora_weights[s["path"]] = load_lora(s["path"])
-    for s in specs["ip"]:
-        _ip_adapter_file(s["path"], s["image_encoder"])
+    loras = {s.path: load_lora(s.path) for s in specs if s.row.branch is not None}
+    for s in specs:
+        if s.kind == "ip_adapter":
+            _ip_adapter_file(s.path, s.image_encoder)
+    return loras
 
 
-def build_plugins(specs: dict[str, list[dict[str, Any]]], sd15_unet: Any) -> list[Any]:
-    """Load the plugins the specs name, fitted to the SD1.5 UNet (its device and dtype)."""
-    from ..plugins import (
-        load_controlnet_plugin,
-        load_ip_adapter_plugin,
-        load_nexus_adapter_plugin,
-        load_t2i_adapter_plugin,
-    )
-
-    plugins: list[Any] = []
-    for s in specs["controlnet"]:
-        plugins.append(load_controlnet_plugin(
-            sd15_unet, s["path"], s["image"], control_type=s["control_type"],
-            scale=s["conditioning_scale"], guidance_start=s["guidance_start"],
-            guidance_end=s["guidance_end"], guess_mode=s["guess_mode"]))
-    for s in specs["t2i"]:
-        plugins.append(load_t2i_adapter_plugin(sd15_unet, s["path"], s["image"], scale=s["scale"],
-                                               conditioning_factor=s["conditioning_factor"]))
-    for s in specs["nexus"]:
-        plugins.append(load_nexus_adapter_plugin(sd15_unet, s["path"], s["image"], scale=s["scale"]))
-    for s in specs["ip"]:
-        images = s["images"] if len(s["images"]) > 1 else s["images"][0]
-        plugins.append(load_ip_adapter_plugin(sd15_unet, s["path"], images, scale=s["scale"],
-                                              image_encoder=s["image_encoder"]))
-    return plugins
+def plugin_record(specs: list[PluginSpec]) -> dict[str, list[dict[str, Any]]]:
+    """The sidecar's "plugins": kind -> what each spec of that kind recorded."""
+    return {kind: [s.record() for s in specs if s.kind == kind] for kind in KIND_NAMES}
 
 
 def load_init_image(path: str | None) -> Any:
@@ -268,20 +252,3 @@ def load_init_image(path: str | None) -> Any:
 
     with Image.open(path) as im:
         return im.convert("RGB")
-
-
-def apply_loras(specs: dict[str, list[dict[str, Any]]], pipe: Any, loaded: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Load the LoRAs onto their branches (SD1.5 UNet + text encoder; SDXL UNet + both
-    text encoders); returns the managers by kind ("lora", "sdxl_lora"; keep them to change
-    scales or unload). loaded: LoraWeights already read by check_plugin_arguments, by path."""
-    from ..plugins.lora import LoraManager, load_lora
-
-    managers = {}
-    for kind, components in (("lora", pipe.sd15), ("sdxl_lora", pipe.sdxl)):
-        if specs[kind]:
-            manager = LoraManager.for_branch(components, specs[kind][0]["mode"])
-            for i, s in enumerate(specs[kind]):
-                weights = (loaded or {}).get(s["path"]) or load_lora(s["path"])
-                manager.add(f"{kind}{i}:{s['path']}", weights, s["scale"])
-            managers[kind] = manager
-    return managers

@@ -5,14 +5,14 @@ and ip_adapter_image= onto `generate` (the algorithm, xadapter.py), and checks t
 from __future__ import annotations
 
 import random
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence, cast
 
 import torch
 
 from ..errors import ParameterError
 from ..plugins.base import SD15StepPlugin
 from .params import DEFAULT_SCHEDULER, GenerationParams
-from .schedulers import scheduler_spec
+from .schedulers import SchedulerSpec, scheduler_spec
 
 StepCallback = Callable[[str, int, int], None]  # (stage name, step index, steps in stage)
 # diffusers' callback_on_step_end, as the pipeline calls it: (stage, step index, timestep, tensors) ->
@@ -97,6 +97,20 @@ UNSUPPORTED = {
 }
 
 
+class CallComponents(Protocol):
+    """What `__call__` asks of the pipeline's components (loaders.XAdapterLoadersMixin
+    provides it; nothing else of theirs is read here)."""
+
+    def scheduler_component(self) -> SchedulerSpec | None:
+        """The scheduler set as a component (`pipe.scheduler = ...`), or None."""
+        ...
+
+    def call_plugins(self, control_image: Any, conditioning_scale: Any, guidance_start: Any, guidance_end: Any,
+                     guess_mode: bool, ip_adapter_image: Any) -> list[SD15StepPlugin]:
+        """The step plugins a call's image= / ip_adapter_image= mean with the components set."""
+        ...
+
+
 class DiffusersCallMixin:
     """`pipe(...)` with diffusers' call arguments (the XAdapterPipeline's __call__)."""
 
@@ -152,6 +166,7 @@ class DiffusersCallMixin:
         `init_image=`); ip_adapter_image: the image
         prompt of the IP-Adapter loaded by `load_ip_adapter`.
         """
+        components = cast(CallComponents, self)
         embeds = {k: kwargs.pop(k) for k in list(kwargs) if k in EMBEDS and kwargs[k] is not None}
         embeds = self._check_embeds(prompt, kwargs.get("prompt_sd15"), embeds)
         if prompt is None:
@@ -161,7 +176,7 @@ class DiffusersCallMixin:
             scheduler = None
         spec = None
         if scheduler is None and "scheduler" not in kwargs:
-            scheduler = self._scheduler_spec  # the pipeline's scheduler component, when set
+            scheduler = components.scheduler_component()  # the pipeline's scheduler component, when set
         if scheduler is not None or use_karras_sigmas is not None:
             spec = scheduler_spec(scheduler if scheduler is not None else kwargs.get("scheduler", DEFAULT_SCHEDULER),
                                   use_karras_sigmas)
@@ -170,7 +185,7 @@ class DiffusersCallMixin:
 
             if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
                 callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        if image is not None and not self._controlnets and init_image is None and control_image is None:
+        if image is not None and getattr(self, "controlnet", None) is None and init_image is None and control_image is None:
             if "strength" not in kwargs:  # no ControlNet: image= is img2img's, as diffusers' img2img pipelines
                 raise ParameterError("image", "an image", "a control image only when a ControlNet is set "
                                      "(pipe.controlnet); for img2img give strength= with it (or init_image=)")
@@ -183,14 +198,9 @@ class DiffusersCallMixin:
         if image is not None and control_image is not None:
             raise ParameterError("control_image", "an image", "None when image= is given (they are the same argument)")
         control = image if image is not None else control_image
-        extra: list[SD15StepPlugin] = list(plugins)
-        if control is not None or self._controlnets:
-            if control is None:
-                raise ParameterError("image", None, "a control image: a ControlNet is set (pipe.controlnet)")
-            extra += self._control_plugins(control, controlnet_conditioning_scale, control_guidance_start,
-                                           control_guidance_end, guess_mode)
-        if ip_adapter_image is not None:
-            extra.append(self._ip_plugin(ip_adapter_image))
+        extra: list[SD15StepPlugin] = list(plugins) + components.call_plugins(
+            control, controlnet_conditioning_scale, control_guidance_start, control_guidance_end, guess_mode,
+            ip_adapter_image)
         out = self.generate(
             params, plugins=extra, step_callback=step_callback, init_image=init_image, generator=generator,
             latents=latents, scheduler=spec, embeds=embeds, callback_on_step_end=callback_on_step_end,

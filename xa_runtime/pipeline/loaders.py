@@ -2,9 +2,13 @@
 `set_adapters`, `fuse_lora`, ...), IP-Adapter (`load_ip_adapter`, `set_ip_adapter_scale`),
 ControlNet as a component (`controlnet=`) and the scheduler as a component (`scheduler`).
 
-They are thin: LoRAs go to one plugins.LoraManager per branch (made on first use), the
-IP-Adapter and ControlNets become the same step plugins that `generate(params, plugins=...)`
-takes, so both ways give the same results bit for bit.
+They are thin: LoRAs go to one plugins.LoraManager per branch (made on first use, here
+only), the IP-Adapter and ControlNets become the same step plugins that
+`generate(params, plugins=...)` takes, so both ways give the same results bit for bit.
+`load_plugins(specs)` is the one way every entry point (xa-generate, xa-serve, the Python
+API) loads plugin_kinds.PluginSpec values: LoRA kinds through `load_lora_weights` (then
+`fuse_lora` when a spec says fused), the others by their table row's loader, so
+`get_active_adapters()` sees every LoRA whichever door it came through.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..errors import ParameterError
+from ..plugin_kinds import PluginSpec
 from ..plugins.controlnet import ControlNetPlugin, check_controlnet_fits
 from ..plugins.lora import LoraManager, LoraWeights, load_lora, parse_lora
 from .schedulers import SchedulerSpec, make_scheduler, scheduler_spec
@@ -30,6 +35,7 @@ class XAdapterLoadersMixin:
         self._lora: dict[str, LoraManager] = {}
         self._lora_loaded: dict[str, dict[str, LoraWeights]] = {b: {} for b in BRANCHES}
         self._lora_fuse_scale: float | None = None
+        self._lora_disabled: dict[str, float] = {}  # disable_lora(): name -> weight, for enable_lora()
         self._ip_adapter: Any = None
         self._ip_encoder: Any = None
         self._ip_scale: float | dict = 1.0
@@ -73,6 +79,24 @@ class XAdapterLoadersMixin:
     def scheduler(self, value: Any) -> None:
         self._scheduler_spec = None if value is None else scheduler_spec(value)
 
+    def scheduler_component(self) -> SchedulerSpec | None:
+        """The scheduler set as a component (`pipe.scheduler = ...`), or None (call.CallComponents)."""
+        return self._scheduler_spec
+
+    def call_plugins(self, control_image: Any, conditioning_scale: Any, guidance_start: Any, guidance_end: Any,
+                     guess_mode: bool, ip_adapter_image: Any) -> list[Any]:
+        """The step plugins of a call's image= (one per ControlNet set) and ip_adapter_image= (the
+        loaded IP-Adapter) (call.CallComponents)."""
+        plugins: list[Any] = []
+        if control_image is not None or self._controlnets:
+            if control_image is None:
+                raise ParameterError("image", None, "a control image: a ControlNet is set (pipe.controlnet)")
+            plugins += self._control_plugins(control_image, conditioning_scale, guidance_start, guidance_end,
+                                             guess_mode)
+        if ip_adapter_image is not None:
+            plugins.append(self._ip_plugin(ip_adapter_image))
+        return plugins
+
     def _control_plugins(self, image: Any, scale: float | Sequence[float], start: float | Sequence[float],
                          end: float | Sequence[float], guess_mode: bool) -> list[ControlNetPlugin]:
         """One ControlNetPlugin per ControlNet for a call's `image=` (one image, or one per ControlNet)."""
@@ -107,7 +131,7 @@ class XAdapterLoadersMixin:
 
     def load_lora_weights(
         self,
-        pretrained_model_name_or_path_or_dict: str | os.PathLike | Mapping[str, torch.Tensor],
+        pretrained_model_name_or_path_or_dict: str | os.PathLike | Mapping[str, torch.Tensor] | LoraWeights,
         adapter_name: str | None = None,
         *,
         branch: str | None = None,
@@ -119,7 +143,9 @@ class XAdapterLoadersMixin:
         `adapter_name` defaults to "default_<n>". Loaded LoRAs run unfused (a side path per
         layer, weights unchanged) until `fuse_lora()`."""
         source = pretrained_model_name_or_path_or_dict
-        if isinstance(source, Mapping):
+        if isinstance(source, LoraWeights):  # already read (and checked), e.g. by xa-generate's checks
+            lora = source
+        elif isinstance(source, Mapping):
             lora = parse_lora(dict(source))
         else:
             if not os.path.isfile(source):
@@ -215,6 +241,59 @@ class XAdapterLoadersMixin:
             manager.clear()
         self._lora_loaded = {b: {} for b in BRANCHES}
         self._lora_fuse_scale = None
+
+    def disable_lora(self) -> None:
+        """Turn every active LoRA off, both branches, keeping them loaded (diffusers'
+        disable_lora); `enable_lora()` turns the same ones back on at their weights. Fused
+        LoRAs are in the weights: unfuse_lora() first."""
+        if self._lora_fuse_scale is not None:
+            raise ParameterError("disable_lora", "fused LoRAs", "unfused LoRAs: call unfuse_lora() first")
+        active = {n: s for m in self._lora.values() for n, s in m.scales.items()}
+        if active:
+            self._lora_disabled = active
+            self.set_adapters([], [])
+
+    def enable_lora(self) -> None:
+        """Turn the LoRAs that disable_lora() turned off back on, at the weights they had."""
+        disabled = self._lora_disabled
+        loaded = {n for d in self._lora_loaded.values() for n in d}
+        names = [n for n in disabled if n in loaded]  # deleted since: gone
+        if names:
+            self.set_adapters(names, [disabled[n] for n in names])
+        self._lora_disabled = {}
+
+    def installed_in(self, branch: str) -> list[str]:
+        """What the loaders installed in a branch's UNet ("LoRAs", "the IP-Adapter"): a UNet
+        swapped in for it would lack them."""
+        out = ["LoRAs"] if self._lora_loaded.get(branch) else []
+        return out + (["the IP-Adapter"] if branch == "sd15" and self._ip_adapter is not None else [])
+
+    def lora_weight_deltas(self) -> dict[str, dict[str, torch.Tensor]]:
+        """branch -> its active LoRAs' UNet weight changes ("unet.<module>.weight" -> fp32
+        delta), for a backend's engines / graphs (LoraManager.weight_deltas)."""
+        return {b: {k: v for k, v in m.weight_deltas().items() if k.startswith("unet.")}
+                for b, m in self._lora.items() if m.names}
+
+    # ------------------------------------------------------------------ any plugin kind
+    def load_plugins(self, specs: Sequence[PluginSpec], loras: Mapping[str, LoraWeights] | None = None) -> list[Any]:
+        """Load plugin_kinds.PluginSpec values, the one path of every entry point: LoRA kinds
+        by load_lora_weights (adapter name spec.name, the kind's branch, weight spec.scale;
+        `loras`: LoraWeights already read, by path), then fuse_lora() when any LoRA spec is
+        fused; every other kind by its table row's loader, fitted to the SD1.5 UNet. Returns
+        the step plugins, in the order of `specs`, for generate(params, plugins=...)."""
+        step_plugins = []
+        fuse = False
+        for spec in specs:
+            if spec.row.branch is not None:
+                source = (loras or {}).get(spec.path) or spec.path
+                self.load_lora_weights(source, adapter_name=spec.name, branch=spec.row.branch,
+                                       adapter_weight=spec.scale)
+                fuse = fuse or spec.fused
+            else:
+                step_plugins.append(spec.row.load()(self.sd15.unet, spec))
+        if fuse:
+            self.fuse_lora()
+        return step_plugins
 
     # ------------------------------------------------------------------ IP-Adapter
     def load_ip_adapter(

@@ -396,9 +396,7 @@ class XAdapterPipeline(DiffusersCallMixin, XAdapterLoadersMixin, XAdapterPipelin
             if not isinstance(branch, branch_cls) or branch.unet is unet:
                 continue  # another backend runs this branch, or nothing changed
             wraps = getattr(unet, "_orig_mod", None) is branch.unet
-            held = [what for what, on in (("LoRAs", name in getattr(self, "_lora", {})),
-                                          ("the IP-Adapter", name == "sd15" and getattr(self, "_ip_adapter", None)))
-                    if on]
+            held = self.installed_in(name)
             if held and not wraps:
                 raise ParameterError(f"{name}.unet", type(unet).__name__,
                                      f"the UNet {' and '.join(held)} were loaded into, or a wrapper of it "

@@ -270,3 +270,10 @@ def build_tiny_controlnet(sd15_unet: torch.nn.Module, seed: int = 0) -> ControlN
         for p in module.parameters():
             torch.nn.init.normal_(p, std=0.05)
     return controlnet.eval().requires_grad_(False)
+
+
+def plugin_from_spec(unet: torch.nn.Module | None, spec: Any) -> ControlNetPlugin:
+    """The table's loader (plugin_kinds, kind "controlnet"): a PluginSpec's ControlNet."""
+    return load_controlnet_plugin(unet, spec.path, spec.image, scale=spec.scale, control_type=spec.control_type,
+                                  guidance_start=spec.guidance_start, guidance_end=spec.guidance_end,
+                                  guess_mode=spec.guess_mode)

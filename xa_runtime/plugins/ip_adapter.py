@@ -325,3 +325,10 @@ def load_ip_adapter_plugin(
     except Exception:
         adapter.unload()
         raise
+
+
+def plugin_from_spec(unet: torch.nn.Module, spec: Any) -> IPAdapterPlugin:
+    """The table's loader (plugin_kinds, kind "ip_adapter"): a PluginSpec's IP-Adapter (its
+    image, or several images as a tuple)."""
+    image = list(spec.image) if isinstance(spec.image, tuple) else spec.image
+    return load_ip_adapter_plugin(unet, spec.path, image, scale=spec.scale, image_encoder=spec.image_encoder)

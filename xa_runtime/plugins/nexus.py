@@ -23,7 +23,6 @@ heads from `to_q` (64-wide heads) unless the config names them.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -284,3 +283,8 @@ def build_tiny_nexus(
                          hetconv_bias=hetconv and hetconv_bias)
     torch.manual_seed(seed)
     return NexusAdapter(config).eval().requires_grad_(False)
+
+
+def plugin_from_spec(unet: torch.nn.Module | None, spec: Any) -> NexusAdapterPlugin:
+    """The table's loader (plugin_kinds, kind "nexus"): a PluginSpec's Nexus Adapter."""
+    return load_nexus_adapter_plugin(unet, spec.path, spec.image, scale=spec.scale)

@@ -156,3 +156,9 @@ def build_tiny_t2i_adapter(sd15_unet: torch.nn.Module, adapter_type: str = "full
     else:
         raise ParameterError("adapter_type", adapter_type, f"one of {', '.join(SD15_ADAPTER_TYPES)}")
     return adapter.eval().requires_grad_(False)
+
+
+def plugin_from_spec(unet: torch.nn.Module | None, spec: Any) -> T2IAdapterPlugin:
+    """The table's loader (plugin_kinds, kind "t2i"): a PluginSpec's T2I-Adapter."""
+    return load_t2i_adapter_plugin(unet, spec.path, spec.image, scale=spec.scale,
+                                   conditioning_factor=spec.conditioning_factor)

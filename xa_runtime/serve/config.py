@@ -12,7 +12,7 @@
     deadline_s = 120
 
     [plugins.anime]               # requests name plugins by these names only
-    kind = "lora"                 # lora, sdxl_lora, controlnet, t2i, nexus, ip_adapter
+    kind = "lora"                 # a plugin_kinds kind: lora, sdxl_lora, controlnet, t2i, nexus, ip_adapter
     path = "loras/anime.safetensors"
     scale = 0.8
     # controlnet / t2i / nexus / ip_adapter may take image = "control.png": the image used when
@@ -24,7 +24,10 @@
     onnx_dir = "export"           # xa-export folder of these models (tiny models: exported at start)
     engine_dir = "engines"        # xa-build-engines folder (tensorrt)
     # onnxruntime takes controlnet, t2i and nexus plugins; tensorrt controlnet; LoRAs (per-request
-    # scales) and IP-Adapters need torch
+    # scales) and IP-Adapters need torch (plugin_kinds: served_backends)
+
+The document is parsed by one pydantic model (ConfigModel); every error is one line naming
+the key (e.g. `plugins.anime.scale: ...`).
 
     [ray]                         # xa-serve --ray only (Ray Serve); every key optional
     min_replicas = 1
@@ -37,18 +40,23 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Optional
 
-PLUGIN_KINDS = ("lora", "sdxl_lora", "controlnet", "t2i", "nexus", "ip_adapter")
-IMAGE_KINDS = ("controlnet", "t2i", "nexus", "ip_adapter")
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+
+from ..errors import ParameterError
+from ..graphs import BACKENDS, folder_problem
+from ..plugin_kinds import KINDS, PluginSpec, check_backend, get_kind
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover -- Python 3.10
     import tomli as tomllib
 
+__all__ = ["BackendOptions", "ConfigError", "Limits", "PluginSpec", "RayOptions", "ServeConfig", "load_config",
+           "parse_config"]
+
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-# serve's plugin kind -> the kind the graph table names it by
-_GRAPH_PLUGIN_KINDS = {"controlnet": "controlnet", "t2i": "t2i", "nexus": "nexus"}
 
 
 class ConfigError(ValueError):
@@ -68,16 +76,6 @@ class Limits:
     max_batch: int = 4             # images per request (prompts x num_images_per_prompt)
     shutdown_timeout_s: float = 60.0
     retry_after_s: int = 5
-
-
-@dataclass
-class PluginSpec:
-    name: str
-    kind: str
-    path: str
-    scale: float = 1.0
-    image: str | None = None           # the default image of an image plugin; None: each request sends one
-    image_encoder: str | None = None   # ip_adapter only
 
 
 @dataclass
@@ -118,96 +116,142 @@ class ServeConfig:
         return self.sd15 is None and self.sdxl is None and self.adapter is None
 
 
-def _table(data: dict[str, Any], key: str) -> dict[str, Any]:
-    value = data.get(key, {})
-    if not isinstance(value, dict):
-        raise ConfigError(f"[{key}] must be a table")
-    return value
+# ---------------------------------------------------------------------- the TOML's typed model
+_Number = float  # strict: an integer is a number too, a TOML boolean or string is not
+_Positive = Annotated[_Number, Field(gt=0)]
+_NonNegative = Annotated[_Number, Field(ge=0)]
+
+
+class _Table(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class _Models(_Table):
+    sd15: Optional[str] = None
+    sdxl: Optional[str] = None
+    adapter: Optional[str] = None
+    device: str = "cpu"
+    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    tiny_seed: int = 0
+
+    @model_validator(mode="after")
+    def _all_or_none(self) -> "_Models":
+        given = [k for k in ("sd15", "sdxl", "adapter") if getattr(self, k) is not None]
+        if given and len(given) != 3:
+            raise ValueError(f"give sd15, sdxl and adapter together, or none (tiny models); got {given}")
+        return self
+
+
+# every Limits field, optional, a positive number
+_Limits = create_model("_Limits", __base__=_Table,
+                       **{f.name: (Optional[_Positive], None) for f in fields(Limits)})  # type: ignore[call-overload]
+
+
+class _Plugin(_Table):
+    kind: str
+    path: str
+    scale: _Number = 1.0
+    image: Optional[str] = None
+    image_encoder: Optional[str] = None
+
+    @field_validator("kind")
+    @classmethod
+    def _known(cls, kind: str) -> str:
+        try:
+            return get_kind(kind).name
+        except ParameterError as e:
+            raise ValueError(f"{kind!r}: {e.accepted}") from None
+
+    @model_validator(mode="after")
+    def _keys_of_kind(self) -> "_Plugin":
+        row = KINDS[self.kind]
+        for key in ("image", "image_encoder"):
+            if getattr(self, key) is not None and key not in row.config_keys:
+                takers = ", ".join(k.name for k in KINDS.values() if key in k.config_keys)
+                raise ValueError(f"{key}: for {takers} only (not {self.kind})")
+        return self
+
+
+class _Ray(_Table):
+    min_replicas: Annotated[_Number, Field(ge=1, multiple_of=1)] = 1
+    max_replicas: Annotated[_Number, Field(ge=1, multiple_of=1)] = 1
+    num_gpus: Optional[_NonNegative] = None
+    num_cpus: _NonNegative = 1.0
+    target_ongoing_requests: _NonNegative = 2.0
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "_Ray":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas={self.max_replicas}: at least min_replicas={self.min_replicas}")
+        return self
+
+
+class _Backend(_Table):
+    kind: Literal[BACKENDS] = "torch"  # type: ignore[valid-type]
+    onnx_dir: Optional[str] = None
+    engine_dir: Optional[str] = None
+
+
+class ConfigModel(_Table):
+    """The whole xa-serve TOML document (see the module doc)."""
+
+    models: _Models = _Models()
+    limits: _Limits = _Limits()  # type: ignore[valid-type]
+    plugins: dict[str, _Plugin] = {}
+    ray: _Ray = _Ray()
+    backend: _Backend = _Backend()
+
+
+def _one_line(error: ValidationError) -> str:
+    """The first error as `key.path: what is wrong` (pydantic's own message)."""
+    e = error.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"])
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "extra_forbidden":
+        msg = "unknown key"
+    return f"{loc}: {msg}" + (f" (got {e['input']!r})" if e["type"] not in ("extra_forbidden", "value_error") else "")
 
 
 def parse_config(data: dict[str, Any], base: Path = Path(".")) -> ServeConfig:
     """Check a parsed TOML document; relative paths are taken from `base` (the file's folder)."""
-    unknown = set(data) - {"models", "limits", "plugins", "ray", "backend"}
-    if unknown:
-        raise ConfigError(f"unknown top-level keys {sorted(unknown)}: models, limits, plugins, ray, backend")
-    cfg = ServeConfig()
-    models = _table(data, "models")
-    for key, value in models.items():
-        if key in ("sd15", "sdxl", "adapter"):
-            setattr(cfg, key, str(base / str(value)))
-        elif key == "device" or key == "dtype":
-            setattr(cfg, key, str(value))
-        elif key == "tiny_seed" and isinstance(value, int):
-            cfg.tiny_seed = value
-        else:
-            raise ConfigError(f"models.{key}: unknown key or bad value {value!r}")
-    given = [k for k in ("sd15", "sdxl", "adapter") if getattr(cfg, k) is not None]
-    if given and len(given) != 3:
-        raise ConfigError(f"models: give sd15, sdxl and adapter together, or none (tiny models); got {given}")
-    if cfg.dtype not in DTYPES:
-        raise ConfigError(f"models.dtype={cfg.dtype!r}: one of {', '.join(DTYPES)}")
-    names = {f.name: f.type for f in fields(Limits)}
-    for key, value in _table(data, "limits").items():
-        if key not in names:
-            raise ConfigError(f"limits.{key}: unknown key; known: {', '.join(names)}")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise ConfigError(f"limits.{key}={value!r}: a positive number")
-        setattr(cfg.limits, key, value if names[key] == "float" else int(value))
-    for name, spec in _table(data, "plugins").items():
-        if not isinstance(spec, dict):
-            raise ConfigError(f"plugins.{name} must be a table")
-        kind, path = spec.get("kind"), spec.get("path")
-        if kind not in PLUGIN_KINDS:
-            raise ConfigError(f"plugins.{name}.kind={kind!r}: one of {', '.join(PLUGIN_KINDS)}")
-        if not isinstance(path, str):
-            raise ConfigError(f"plugins.{name}.path: a string")
-        scale = spec.get("scale", 1.0)
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-            raise ConfigError(f"plugins.{name}.scale={scale!r}: a number")
-        image, encoder = spec.get("image"), spec.get("image_encoder")
-        if image is not None and (kind not in IMAGE_KINDS or not isinstance(image, str)):
-            raise ConfigError(f"plugins.{name}.image: a path, for {', '.join(IMAGE_KINDS)} only")
-        if encoder is not None and (kind != "ip_adapter" or not isinstance(encoder, str)):
-            raise ConfigError(f"plugins.{name}.image_encoder: a folder, for ip_adapter only")
-        extra = set(spec) - {"kind", "path", "scale", "image", "image_encoder"}
-        if extra:
-            raise ConfigError(f"plugins.{name}: unknown keys {sorted(extra)}")
-        cfg.plugins[name] = PluginSpec(name, kind, str(base / path), float(scale),
-                                       None if image is None else str(base / image),
-                                       None if encoder is None else str(base / encoder))
-    cfg.ray = _ray_options(_table(data, "ray"))
-    cfg.backend = _backend_options(_table(data, "backend"), cfg, base)
+    try:
+        doc = ConfigModel.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_one_line(e)) from None
+
+    def path(value: str | None) -> str | None:
+        return None if value is None else str(base / value)
+
+    m = doc.models
+    cfg = ServeConfig(path(m.sd15), path(m.sdxl), path(m.adapter), m.device, m.dtype, m.tiny_seed)
+    for key, value in doc.limits.model_dump(exclude_none=True).items():
+        setattr(cfg.limits, key, float(value) if isinstance(Limits.__dataclass_fields__[key].default, float)
+                else int(value))
+    cfg.plugins = {name: PluginSpec(name, p.kind, str(base / p.path), float(p.scale), path(p.image),
+                                    path(p.image_encoder))
+                   for name, p in doc.plugins.items()}
+    r = doc.ray
+    cfg.ray = RayOptions(int(r.min_replicas), int(r.max_replicas), r.num_gpus, r.num_cpus, r.target_ongoing_requests)
+    b = doc.backend
+    cfg.backend = BackendOptions(b.kind, path(b.onnx_dir), path(b.engine_dir))
+    _check_backend(cfg)
     return cfg
 
 
-def _backend_options(table: dict[str, Any], cfg: ServeConfig, base: Path) -> BackendOptions:
-    """[backend], checked as xa-generate checks --backend / --onnx-dir / --engine-dir (the
-    folders by graphs.folder_problem); nothing is loaded."""
-    from ..graphs import BACKEND_PLUGINS, BACKENDS, folder_problem
-
-    opts = BackendOptions()
-    for key, value in table.items():
-        if key == "kind" and value in BACKENDS:
-            opts.kind = value
-        elif key in ("onnx_dir", "engine_dir") and isinstance(value, str):
-            setattr(opts, key, str(base / value))
-        else:
-            raise ConfigError(f"backend.{key}={value!r}: unknown key or bad value (kind: {', '.join(BACKENDS)}; "
-                              "onnx_dir, engine_dir: folders)")
+def _check_backend(cfg: ServeConfig) -> None:
+    """[backend] against the models and the plugins (plugin_kinds.check_backend, served: the
+    rules every CLI uses) and its folders (graphs.folder_problem); nothing is loaded."""
+    opts = cfg.backend
     if opts.kind == "torch":
         if opts.onnx_dir or opts.engine_dir:
             raise ConfigError("backend.onnx_dir / backend.engine_dir: only with backend.kind onnxruntime or tensorrt")
-        return opts
+        return
     if opts.engine_dir is not None and opts.kind != "tensorrt":
         raise ConfigError("backend.engine_dir: only with backend.kind = \"tensorrt\"")
-    kinds = []
-    for name, spec in cfg.plugins.items():
-        kind = _GRAPH_PLUGIN_KINDS.get(spec.kind)
-        if kind not in BACKEND_PLUGINS[opts.kind]:
-            raise ConfigError(f"plugins.{name}.kind={spec.kind!r}: backend.kind = {opts.kind!r} takes "
-                              f"{', '.join(k for k, v in _GRAPH_PLUGIN_KINDS.items() if v in BACKEND_PLUGINS[opts.kind])} "
-                              "plugins; the others need backend.kind = \"torch\"")
-        kinds.append(kind)
+    problem = check_backend(cfg.plugins.values(), opts.kind, lambda s: f"plugins.{s.name}.kind={s.kind!r}", served=True)
+    if problem:
+        raise ConfigError(problem)
+    kinds = [s.kind for s in cfg.plugins.values()]
     if opts.kind == "tensorrt":
         from ..availability import NOT_INSTALLED, tensorrt_installed
 
@@ -227,25 +271,6 @@ def _backend_options(table: dict[str, Any], cfg: ServeConfig, base: Path) -> Bac
         problem = folder_problem(opts.onnx_dir, "onnx", kinds)
         if problem:
             raise ConfigError(f"backend.onnx_dir={opts.onnx_dir!r}: {problem}")
-    return opts
-
-
-def _ray_options(table: dict[str, Any]) -> RayOptions:
-    opts = RayOptions()
-    known = {f.name for f in fields(RayOptions)}
-    for key, value in table.items():
-        if key not in known:
-            raise ConfigError(f"ray.{key}: unknown key; known: {', '.join(sorted(known))}")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise ConfigError(f"ray.{key}={value!r}: a number >= 0")
-        if key in ("min_replicas", "max_replicas"):
-            if value != int(value) or value < 1:
-                raise ConfigError(f"ray.{key}={value!r}: an integer >= 1")
-            value = int(value)
-        setattr(opts, key, value)
-    if opts.max_replicas < opts.min_replicas:
-        raise ConfigError(f"ray.max_replicas={opts.max_replicas}: at least ray.min_replicas={opts.min_replicas}")
-    return opts
 
 
 def load_config(path: str | Path | None) -> ServeConfig:

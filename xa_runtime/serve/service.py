@@ -23,7 +23,8 @@ from typing import Any
 
 from ..errors import ParameterError
 from ..pipeline.params import MAX_SEED, GenerationParams, SizeRules, validate
-from .config import IMAGE_KINDS, Limits, PluginSpec, ServeConfig
+from ..plugin_kinds import IMAGE_KINDS, KINDS, LORA_KINDS, PluginSpec
+from .config import Limits, ServeConfig
 
 log = logging.getLogger("xa_runtime.serve")
 OUTCOMES = ("ok", "invalid", "rejected", "deadline", "cancelled", "error", "unavailable")
@@ -104,11 +105,12 @@ class Service:
     """One pipeline behind a bounded queue and a single worker thread.
 
     `pipeline` needs generate(params, plugins=..., step_callback=..., init_image=...) and
-    may have size_rules; tests pass stubs. `plugins` maps configured names to built plugin
-    objects (step plugins; those with with_image(image) take per-request images),
-    ("ip_adapter", plugin) pairs (an IP-Adapter resumed only for the requests naming it) or
-    ("lora", manager, key, scale) tuples (LoRA scales set per request). `needs_image`: the
-    image plugins with no configured image, which every request naming them must send one for.
+    may have size_rules; tests pass stubs. `plugins` maps configured names to Served entries
+    (load_plugins: their kind, and the step plugin, or for LoRAs the configured scale: the
+    LoRA itself lives in the pipeline under that name, its weight set per request with
+    set_adapters) or to bare step plugins (those with with_image(image) take per-request
+    images). `needs_image`: the image plugins with no configured image, which every request
+    naming them must send one for.
     """
 
     def __init__(self, pipeline: Any, limits: Limits = Limits(), plugins: dict[str, Any] | None = None,
@@ -183,7 +185,9 @@ class Service:
 
     def takes_image(self, name: str) -> bool:
         plugin = self.plugins.get(name)
-        return _kind(plugin) == "ip_adapter" or _kind(plugin) == "step" and hasattr(plugin, "with_image")
+        if isinstance(plugin, Served):
+            return KINDS[plugin.kind].takes_image
+        return hasattr(plugin, "with_image")
 
     def check(self, params: GenerationParams, plugins: list[str], images: dict[str, Any] | None = None,
               init_image: Any = None) -> GenerationParams:
@@ -229,7 +233,7 @@ class Service:
                 raise ParameterError("plugins", name, f"a configured plugin name: {known}")
         if len(set(plugins)) != len(plugins):
             raise ParameterError("plugins", plugins, "each plugin at most once")
-        ip = [n for n in plugins if _kind(self.plugins[n]) == "ip_adapter"]
+        ip = [n for n in plugins if _installed(self.plugins[n])]
         if len(ip) > 1:
             raise ParameterError("plugins", plugins, f"at most one IP-Adapter per request (got {', '.join(ip)})")
         for name in image_names:
@@ -342,24 +346,41 @@ class Service:
         the named one resumed, the others suspended. Step plugins: the named ones, on the
         request's image where it sent one."""
         step_plugins = []
+        loras = {n: p.scale if n in names else 0.0 for n, p in self.plugins.items() if _kind(p) in LORA_KINDS}
+        if loras:  # every configured LoRA stays active, at weight 0 unless named (unfused: free)
+            self.pipeline.set_adapters(list(loras), list(loras.values()))
         for name, plugin in self.plugins.items():  # suspend first: one IP-Adapter active at a time
-            if _kind(plugin) == "ip_adapter" and name not in names:
-                plugin[1].adapter.suspend()
+            if _installed(plugin) and name not in names:
+                plugin.plugin.adapter.suspend()
         for name, plugin in self.plugins.items():
-            if _kind(plugin) == "lora":
-                _, manager, key, scale = plugin
-                manager.set_scale(key, scale if name in names else 0.0)
-            elif name in names:
-                if _kind(plugin) == "ip_adapter":  # ("ip_adapter", IPAdapterPlugin)
-                    plugin = plugin[1]
-                    plugin.adapter.resume()
+            if name in names and _kind(plugin) not in LORA_KINDS:
+                if _installed(plugin):
+                    plugin.plugin.adapter.resume()
+                if isinstance(plugin, Served):
+                    plugin = plugin.plugin
                 step_plugins.append(plugin.with_image(images[name]) if name in images else plugin)
         return step_plugins
 
 
+@dataclass(frozen=True)
+class Served:
+    """A configured plugin as Service.plugins holds it: its kind (plugin_kinds), its step
+    plugin (None for a LoRA, held by the pipeline under the configured name) and the
+    configured scale (a LoRA's weight when a request names it)."""
+
+    kind: str
+    plugin: Any
+    scale: float
+
+
+def _installed(plugin: Any) -> bool:
+    """An IP-Adapter-like entry (PluginKind.installed): one active per request, suspended otherwise."""
+    return isinstance(plugin, Served) and KINDS[plugin.kind].installed
+
+
 def _kind(plugin: Any) -> str:
-    """"lora" or "ip_adapter" for the tagged tuples of Service.plugins, else "step"."""
-    return plugin[0] if isinstance(plugin, tuple) else "step"
+    """The plugin kind of a Served entry, else "step" (a bare step plugin)."""
+    return plugin.kind if isinstance(plugin, Served) else "step"
 
 
 # torch's CPU allocator reports a failed allocation as a plain RuntimeError with this text
@@ -418,37 +439,24 @@ def build_service(cfg: ServeConfig, warm: bool = True) -> Service:
                    specs=cfg.plugins)
 
 
-def load_plugins(specs: dict[str, PluginSpec], pipe: Any) -> dict[str, Any]:
+def load_plugins(specs: dict[str, PluginSpec], pipe: Any) -> dict[str, Served]:
+    """The configured plugins, loaded by the pipeline's one loading path (pipe.load_plugins):
+    LoRAs by name at weight 0 (unfused; set per request), the others with their configured
+    image (read here); IP-Adapters suspended until a request names one."""
     from PIL import Image
 
-    from ..plugins import load_controlnet_plugin, load_nexus_adapter_plugin, load_t2i_adapter_plugin
-    from ..plugins.ip_adapter import load_ip_adapter_plugin
-    from ..plugins.lora import LoraManager, load_lora
-
-    out: dict[str, Any] = {}
-    managers: dict[str, Any] = {}
+    out: dict[str, Served] = {}
     for name, s in specs.items():
-        if s.kind in ("lora", "sdxl_lora"):
-            branch = pipe.sd15 if s.kind == "lora" else pipe.sdxl
-            if s.kind not in managers:  # one manager per branch, made once (a model takes one)
-                managers[s.kind] = LoraManager.for_branch(branch, "unfused")
-            manager = managers[s.kind]
-            manager.add(name, load_lora(s.path), 0.0)
-            out[name] = ("lora", manager, name, s.scale)
+        if s.kind in LORA_KINDS:
+            pipe.load_plugins([replace(s, scale=0.0, fused=False)])
+            out[name] = Served(s.kind, None, s.scale)
             continue
         image = None
         if s.image is not None:
             with Image.open(s.image) as im:
                 image = im.convert("RGB")
-        unet = pipe.sd15.unet
-        if s.kind == "ip_adapter":
-            plugin = load_ip_adapter_plugin(unet, s.path, image, scale=s.scale, image_encoder=s.image_encoder)
+        (plugin,) = pipe.load_plugins([replace(s, image=image)])
+        if s.row.installed:
             plugin.adapter.suspend()  # resumed for the requests naming it
-            out[name] = ("ip_adapter", plugin)
-        elif s.kind == "controlnet":
-            out[name] = load_controlnet_plugin(unet, s.path, image, scale=s.scale)
-        elif s.kind == "t2i":
-            out[name] = load_t2i_adapter_plugin(unet, s.path, image, scale=s.scale)
-        else:
-            out[name] = load_nexus_adapter_plugin(unet, s.path, image, scale=s.scale)
+        out[name] = Served(s.kind, plugin, s.scale)
     return out

@@ -64,9 +64,9 @@ def open_backend(kind: str, pipe: Any, *, onnx_dir: str | Path | None = None, en
 
     onnxruntime: the graphs of `onnx_dir` (xa-export's folder, verified by its manifest);
     without one, the graphs `pipe` needs (its SDXL mode's, plus the variants of
-    `plugin_kinds`: "controlnet", "t2i", "nexus", "ip", the last exported with
-    `ip_adapter_state`, an IP-Adapter file's state) are exported from pipe's own modules to a
-    temporary folder first (seconds for the tiny models, minutes at full size), in `dtype`
+    `plugin_kinds`: names of the plugin-kind table, "controlnet", "t2i", "nexus", "ip_adapter"
+    or an alias, the last exported with `ip_adapter_state`, an IP-Adapter file's state) are
+    exported from pipe's own modules to a temporary folder first (seconds for the tiny models, minutes at full size), in `dtype`
     (None: fp32). device: onnxruntime's provider ("cpu" / "cuda").
     tensorrt: the engines of `engine_dir` (xa-build-engines' folder) with `onnx_dir` their
     source (checked; LoRA refit weights); without engine_dir, pipe's graphs are exported and
