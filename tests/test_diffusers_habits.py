@@ -277,8 +277,15 @@ def lora_load_and_switch(pipe, saved, tmp_path_factory):
     p = fresh(pipe)
     path = write_random_lora(tmp_path_factory.mktemp("lora") / "style.safetensors", p.sd15.unet, p.sd15.text_encoder,
                              std=0.2)
-    p.load_lora_weights(path, adapter_name="style")
-    assert p.get_active_adapters() == ["style"] and not np.array_equal(run(p, generator=gen()), plain(pipe))
+    p.load_lora_weights(path, adapter_name="style", adapter_weight=0.5)
+    styled = run(p, generator=gen())
+    assert p.get_active_adapters() == ["style"] and not np.array_equal(styled, plain(pipe))
+    p.disable_lora()  # diffusers' switch: off, still loaded
+    assert p.get_active_adapters() == [] and np.array_equal(run(p, generator=gen()), plain(pipe))
+    p.enable_lora()  # back at its weight
+    assert p.get_active_adapters() == ["style"] and np.array_equal(run(p, generator=gen()), styled)
+    p.fuse_lora()
+    refused("disable_lora", p.disable_lora, "unfuse_lora")
     p.unload_lora_weights()
     assert np.array_equal(run(p, generator=gen()), plain(pipe))
 
@@ -387,4 +394,4 @@ def test_habit_count(capsys):
     with capsys.disabled():
         print(f"\ndiffusers habits: {len(HABITS)} tried, {work} work, {error} clear error, 0 bad "
               "(a bad one fails its test_habit)")
-    assert work + error == len(HABITS) and work >= 2 * error
+    assert work + error == len(HABITS) and len(HABITS) >= 38  # every habit classified; none dropped unnoticed
