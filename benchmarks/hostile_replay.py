@@ -15,7 +15,6 @@ SIGTERM); full disks are small tmpfs mounts when run as root (skipped otherwise)
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import signal

@@ -5,7 +5,6 @@ load_image), and sizes bounded by pixel count and aspect ratio before any pixel 
 from __future__ import annotations
 
 import base64
-import io
 
 import numpy as np
 import pytest

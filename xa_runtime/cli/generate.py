@@ -25,9 +25,9 @@ from typing import Any
 
 import xa_runtime
 
-from ..errors import CheckpointError, NonFiniteError, ParameterError
+from ..errors import AspectWarning, CheckpointError, NonFiniteError, ParameterError
 from ..models.presets import get_preset
-from ..pipeline.params import PARAMETERS, GenerationParams, SizeRules, validate
+from ..pipeline.params import PARAMETERS, TEXT, GenerationParams, SizeRules, validate
 from .backend_args import add_backend_arguments, check_backend, loras_to_backend, open_cli_backend
 from .output_files import image_paths, sidecar_path, write_outputs
 from .plugin_args import (
@@ -357,8 +357,11 @@ def check_inputs(args: argparse.Namespace) -> CheckedInputs:
     check_tiny_seed(args)
     args.threads = check_threads(args)
     params = params_from_args(args)
-    # A check only: sizes left unset resolve to the loaded models' own defaults in generate.
-    resolved = validate(params, size_rules(tiny))
+    # A check only: sizes left unset resolve to the loaded models' own defaults in generate (which
+    # warns, as one `warning:` line, when the SD1.5 size cannot keep the SDXL aspect).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AspectWarning)
+        resolved = validate(params, size_rules(tiny))
     output = check_output(args.output, len(args.prompt) * args.batch)
     runtime_names(args)
     # From here on the checks read files or ask torch (model headers, CUDA, plugin files).
@@ -424,12 +427,84 @@ def records(args: argparse.Namespace, tiny: bool, result: Any, seconds: dict[str
         **seconds,
         "command": command,
     }
+    from ..infotext import file_hash, plugin_entries
+
+    entries = plugin_entries(plugin_record(list(plugins)))  # file, short hash, scales, window: enough to redo it
+    init = ({"path": args.init_image, "file": Path(args.init_image).name, "sha256": file_hash(args.init_image)}
+            if args.init_image else None)
     per_image = [
         {**parameters, "image_index": i, "prompt_index": i // p.num_images_per_prompt, "models": models, **run,
-         "xa_runtime": xa_runtime.__version__}
+         "plugins": entries, "init_image": init, "xa_runtime": xa_runtime.__version__}
         for i in range(len(result.images))
     ]
     return record, per_image
+
+
+# plugin kind -> (path flag, its image flag, {entry key: per-plugin flag})
+_PLUGIN_FLAGS = {
+    "controlnet": ("--controlnet", "--control-image", {"control_type": "--control-type",
+                   "conditioning_scale": "--controlnet-scale", "guidance_start": "--control-start",
+                   "guidance_end": "--control-end"}),
+    "t2i": ("--t2i-adapter", "--t2i-image", {"scale": "--t2i-scale", "conditioning_factor": "--t2i-factor"}),
+    "nexus": ("--nexus-adapter", "--adapter-image", {"scale": "--nexus-scale"}),
+}
+
+
+def arguments_from_record(record: dict[str, Any]) -> list[str]:
+    """The xa-generate arguments that made an image, from its PNG's JSON chunk (`xa_runtime`)
+    alone (without --output): every parameter with a flag, the models, device, dtype, runtime,
+    backend, plugins and init image. Each plugin and init-image file is checked against the
+    sha256 recorded: ParameterError naming it where the file at that path changed."""
+    from ..infotext import file_hash
+
+    argv: list[str] = []
+    for row in PARAMETERS:
+        value = record.get(row.name)
+        if not row.flag or value is None or (row.name == "strength" and not record.get("init_image")):
+            continue
+        for v in value if isinstance(value, list) and row.kind == TEXT else [value]:
+            argv += [row.flag, str(v)]
+    models = record.get("models") or {}
+    if models.get("kind") == "tiny":
+        argv += ["--tiny-seed", str(models.get("tiny_seed", 0))]
+    else:
+        for key in ("sd15", "sdxl", "adapter", "sdxl_vae"):
+            if models.get(key):
+                argv += [f"--{key.replace('_', '-')}", str(models[key])]
+    argv += ["--device", record.get("device", "cpu"), "--dtype", record.get("dtype", "fp32"),
+             "--offload", record.get("offload") or "none", "--backend", record.get("backend") or "torch"]
+    if record.get("runtime"):
+        argv += ["--runtime", record["runtime"]]
+
+    def checked(entry: dict[str, Any], what: str) -> str:
+        path, recorded = entry["path"], entry.get("sha256")
+        if recorded and file_hash(path, addnet=entry.get("kind") in ("lora", "sdxl_lora")) != recorded:
+            raise ParameterError(what, path, f"the file recorded with the image (sha256 {recorded[:10]}...); it changed")
+        return path
+
+    for entry in record.get("plugins") or []:
+        kind = entry["kind"]
+        if kind in ("lora", "sdxl_lora"):
+            flag = "--lora" if kind == "lora" else "--sdxl-lora"
+            argv += [flag, f"{checked(entry, flag)}:{entry.get('scale', 1.0)}", "--lora-mode", entry.get("mode", "fused")]
+        elif kind in _PLUGIN_FLAGS:
+            flag, image_flag, settings = _PLUGIN_FLAGS[kind]
+            argv += [flag, checked(entry, flag), image_flag, entry["image"]]
+            for key, setting in settings.items():
+                if entry.get(key) is not None:
+                    argv += [setting, str(entry[key])]
+            if entry.get("guess_mode"):
+                argv.append("--guess-mode")
+        elif kind == "ip_adapter":
+            argv += ["--ip-adapter", checked(entry, "--ip-adapter"), "--ip-scale", str(entry.get("scale", 1.0))]
+            for image in entry.get("images", []):
+                argv += ["--ip-image", image]
+            if entry.get("image_encoder"):
+                argv += ["--image-encoder", entry["image_encoder"]]
+    init = record.get("init_image")
+    if init:
+        argv += ["--init-image", checked(init, "--init-image")]
+    return argv
 
 
 def main(argv: Sequence[str] | None = None) -> int:
