@@ -26,6 +26,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .plugin_kinds import CONTROLNET, KINDS, LORA_KINDS
+
 TEXT_KEY = "parameters"  # A1111's chunk: infotext
 JSON_KEY = "xa_runtime"  # the full record as JSON
 # our sampler names -> A1111's (modules/sd_samplers_kdiffusion.py / sd_samplers_timesteps.py)
@@ -68,7 +70,7 @@ def plugin_entries(specs: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[dic
     for kind, items in specs.items():
         for spec in items:
             path = spec["path"]
-            lora = kind in ("lora", "sdxl_lora")
+            lora = kind in LORA_KINDS
             full = file_hash(path, addnet=lora)
             out.append({"kind": kind, "name": Path(path).stem if Path(path).is_file() else Path(path).name,
                         "file": Path(path).name, "hash": full[:12] if lora else full[:10], "sha256": full,
@@ -98,7 +100,7 @@ def infotext(params: Mapping[str, Any], prompt_index: int = 0, model: str | None
     prompt = _pick(params.get("prompt"), prompt_index) or ""
     negative = _pick(params.get("negative_prompt"), prompt_index)
     plugins = list(params.get("plugins") or [])
-    loras = [e for e in plugins if e.get("kind") in ("lora", "sdxl_lora")]
+    loras = [e for e in plugins if e.get("kind") in LORA_KINDS]
     if loras:  # A1111 keeps the extra-network tags in the prompt
         prompt = " ".join([str(prompt), *(f"<lora:{e['name']}:{e.get('scale', 1.0):g}>" for e in loras)])
     lines = [str(prompt)]
@@ -129,10 +131,10 @@ def infotext(params: Mapping[str, Any], prompt_index: int = 0, model: str | None
 def _plugin_fields(plugins: list[Mapping[str, Any]]) -> dict[str, Any]:
     """Infotext entries of the plugins, as A1111 and sd-webui-controlnet write them."""
     fields: dict[str, Any] = {}
-    loras = [e for e in plugins if e.get("kind") in ("lora", "sdxl_lora")]
+    loras = [e for e in plugins if e.get("kind") in LORA_KINDS]
     if loras:
         fields["Lora hashes"] = ", ".join(f"{e['name']}: {e['hash']}" for e in loras)
-    controlnets = [e for e in plugins if e.get("kind") == "controlnet"]
+    controlnets = [e for e in plugins if e.get("kind") == CONTROLNET]
     for i, e in enumerate(controlnets):
         fields[f"ControlNet {i}"] = ", ".join([
             f"Module: {e.get('control_type') or 'none'}", f"Model: {e['name']} [{e['sha256'][:8]}]",
@@ -140,9 +142,9 @@ def _plugin_fields(plugins: list[Mapping[str, Any]]) -> dict[str, Any]:
             f"Guidance Start: {e.get('guidance_start', 0.0):g}", f"Guidance End: {e.get('guidance_end', 1.0):g}",
             "Pixel Perfect: False",
             f"Control Mode: {'My prompt is more important' if e.get('guess_mode') else 'Balanced'}"])
-    for kind, key in (("t2i", "X-Adapter T2I-Adapter"), ("nexus", "X-Adapter Nexus"), ("ip_adapter", "X-Adapter IP-Adapter")):
-        for i, e in enumerate(e for e in plugins if e.get("kind") == kind):
-            fields[f"{key} {i}"] = f"{e['name']} [{e['hash']}], scale {e.get('scale', 1.0):g}"
+    for kind in (k for k in KINDS.values() if k.label):  # the other kinds, under the table's label
+        for i, e in enumerate(e for e in plugins if e.get("kind") == kind.name):
+            fields[f"X-Adapter {kind.label} {i}"] = f"{e['name']} [{e['hash']}], scale {e.get('scale', 1.0):g}"
     return fields
 
 

@@ -54,6 +54,7 @@ class PluginKind:
     installed: bool = False
     cli_generic: bool = False
     description: str = ""
+    label: str = ""  # its name in an image's infotext (`X-Adapter <label> <i>` entries); "": none
 
     def load(self) -> Callable[..., Any]:
         """The loader function (imports its module: torch)."""
@@ -74,20 +75,23 @@ PLUGIN_KINDS: tuple[PluginKind, ...] = (
                loader="xa_runtime.plugins.controlnet:plugin_from_spec", description="an SD1.5 ControlNet"),
     PluginKind("t2i", ("t2i_adapter",), ("--t2i-adapter", "--t2i-image", "--t2i-scale", "--t2i-factor"),
                ("scale", "image"), True, "t2i", ("torch", "onnxruntime"), ("torch", "onnxruntime"),
-               loader="xa_runtime.plugins.t2i_adapter:plugin_from_spec", description="an SD1.5 T2I-Adapter"),
+               loader="xa_runtime.plugins.t2i_adapter:plugin_from_spec", description="an SD1.5 T2I-Adapter",
+               label="T2I-Adapter"),
     PluginKind("nexus", ("nexus_adapter",), ("--nexus-adapter", "--adapter-image", "--nexus-scale"),
                ("scale", "image"), True, "t2i", ("torch", "onnxruntime"), ("torch", "onnxruntime"),
-               loader="xa_runtime.plugins.nexus:plugin_from_spec", cli_generic=True, description="Nexus Adapter folder"),
+               loader="xa_runtime.plugins.nexus:plugin_from_spec", cli_generic=True, description="Nexus Adapter folder",
+               label="Nexus"),
     PluginKind("ip_adapter", ("ip",), ("--ip-adapter", "--ip-image", "--ip-scale", "--image-encoder"),
                ("scale", "image", "image_encoder"), True, "ip", ("torch", "onnxruntime"), ("torch",),
                loader="xa_runtime.plugins.ip_adapter:plugin_from_spec", installed=True,
-               description="an SD1.5 IP-Adapter"),
+               description="an SD1.5 IP-Adapter", label="IP-Adapter"),
 )
 KINDS: dict[str, PluginKind] = {k.name: k for k in PLUGIN_KINDS}
 _BY_SPELLING: dict[str, PluginKind] = {s: k for k in PLUGIN_KINDS for s in (k.name, *k.aliases)}
 KIND_NAMES = tuple(KINDS)
 LORA_KINDS = tuple(k.name for k in PLUGIN_KINDS if k.branch is not None)
 IMAGE_KINDS = tuple(k.name for k in PLUGIN_KINDS if k.takes_image)
+CONTROLNET = "controlnet"  # the kind sd-webui-controlnet's infotext entries ("ControlNet <i>") describe
 
 
 def get_kind(kind: str, name: str = "kind") -> PluginKind:
