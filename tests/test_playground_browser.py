@@ -77,3 +77,41 @@ def test_api_docs_render_offline(server, page):
     title = page.wait_for_selector(".swagger-ui .info .title", timeout=30_000)
     assert "xa-serve" in title.inner_text()
     page.get_by_text("/v1/generate", exact=True).first.wait_for(timeout=10_000)
+
+
+def test_playground_asks_for_a_key(page):
+    """Against a server with an API key (stub pipeline): the page shows the key field after
+    the 401, loads the plugins once a key is typed, and generates with it."""
+    import threading
+    import time
+
+    import uvicorn
+    from test_serve import StubPipe, _free_port
+
+    from xa_runtime.serve.app import create_app
+    from xa_runtime.serve.auth import AuthConfig
+    from xa_runtime.serve.config import Limits
+    from xa_runtime.serve.service import Service
+
+    service = Service(StubPipe(), Limits(), plugins={"sketch": object()}).start()
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(service, auth=AuthConfig(api_keys=["sk-play"])),
+                                           host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.wait_for_selector("#auth.on", timeout=10_000)
+        page.fill("#api-key", "sk-play")
+        page.dispatch_event("#api-key", "change")
+        page.wait_for_selector("input[name=plugin][value=sketch]", timeout=10_000)
+        page.fill("#num_inference_steps", "2")
+        page.click("#generate")
+        page.wait_for_selector("#result img", timeout=30_000)
+        assert page.inner_text("#error") == ""
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        service.shutdown(5)

@@ -53,8 +53,9 @@ class StubPipe:
 
     size_rules = SizeRules(sd15_default=64, sdxl_default=128)
 
-    def __init__(self, delay=0.0, gate=None):
+    def __init__(self, delay=0.0, gate=None, failures=True):
         self.delay, self.gate, self.steps_run, self.calls = delay, gate, [], 0
+        self.failures = failures  # False: 'boom' and 'oom' are prompts like any other (the fuzzer may send them)
 
     def generate(self, params, plugins=(), step_callback=None, init_image=None):
         self.calls += 1
@@ -69,9 +70,9 @@ class StubPipe:
                     step_callback("stage1", i, params.num_inference_steps)
         finally:
             self.steps_run.append(done)
-        if params.prompt == "boom":
+        if self.failures and params.prompt == "boom":
             raise RuntimeError("stub failure")
-        if params.prompt == "oom":
+        if self.failures and params.prompt == "oom":
             import torch
 
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")

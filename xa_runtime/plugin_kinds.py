@@ -39,7 +39,8 @@ class PluginKind:
     graph backend its weights are baked into its graph variant (exported from that file).
     cli_generic: xa-generate makes and checks its flags from the row alone: flags are (PATH
     flag, image flag, scale flag), the path a folder with a config.json; description: what
-    the path is, for --help and errors."""
+    the path is, for --help and errors. control_unit: what an A1111 ControlNet unit
+    (sd-webui-controlnet's API) may select."""
 
     name: str
     aliases: tuple[str, ...]
@@ -54,6 +55,7 @@ class PluginKind:
     installed: bool = False
     cli_generic: bool = False
     description: str = ""
+    control_unit: bool = False
 
     def load(self) -> Callable[..., Any]:
         """The loader function (imports its module: torch)."""
@@ -71,10 +73,12 @@ PLUGIN_KINDS: tuple[PluginKind, ...] = (
     PluginKind("controlnet", (), ("--controlnet", "--control-image", "--control-type", "--controlnet-scale",
                                   "--control-start", "--control-end", "--guess-mode"),
                ("scale", "image"), True, "control", BACKENDS, BACKENDS,
-               loader="xa_runtime.plugins.controlnet:plugin_from_spec", description="an SD1.5 ControlNet"),
+               loader="xa_runtime.plugins.controlnet:plugin_from_spec", description="an SD1.5 ControlNet",
+               control_unit=True),
     PluginKind("t2i", ("t2i_adapter",), ("--t2i-adapter", "--t2i-image", "--t2i-scale", "--t2i-factor"),
                ("scale", "image"), True, "t2i", ("torch", "onnxruntime"), ("torch", "onnxruntime"),
-               loader="xa_runtime.plugins.t2i_adapter:plugin_from_spec", description="an SD1.5 T2I-Adapter"),
+               loader="xa_runtime.plugins.t2i_adapter:plugin_from_spec", description="an SD1.5 T2I-Adapter",
+               control_unit=True),
     PluginKind("nexus", ("nexus_adapter",), ("--nexus-adapter", "--adapter-image", "--nexus-scale"),
                ("scale", "image"), True, "t2i", ("torch", "onnxruntime"), ("torch", "onnxruntime"),
                loader="xa_runtime.plugins.nexus:plugin_from_spec", cli_generic=True, description="Nexus Adapter folder"),
@@ -88,6 +92,7 @@ _BY_SPELLING: dict[str, PluginKind] = {s: k for k in PLUGIN_KINDS for s in (k.na
 KIND_NAMES = tuple(KINDS)
 LORA_KINDS = tuple(k.name for k in PLUGIN_KINDS if k.branch is not None)
 IMAGE_KINDS = tuple(k.name for k in PLUGIN_KINDS if k.takes_image)
+CONTROL_UNIT_KINDS = tuple(k.name for k in PLUGIN_KINDS if k.control_unit)
 
 
 def get_kind(kind: str, name: str = "kind") -> PluginKind:

@@ -1,10 +1,13 @@
-"""`xa-serve [--config FILE] [--host 127.0.0.1] [--port 8000] [--ray]`: serve X-Adapter over HTTP.
+"""`xa-serve [--config FILE] [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--ray]`: serve X-Adapter over HTTP.
 
 Without --config the built-in tiny random models are served (noise-like images). Models and
 plugins are loaded and warmed before the port opens; SIGINT/SIGTERM drain: /readyz and new
 requests answer 503, the request in flight (and those queued) finish within
 limits.shutdown_timeout_s (then the running one is stopped between steps: 503), exit 0.
 --ray serves the same API from Ray Serve replicas (one per GPU; the config's [ray] table).
+With --api-key / XA_API_KEY / --api-key-file / --api-auth (or the config's [auth]) every route
+but /healthz, /readyz and the playground page needs the key (docs/clients.md); listening on a
+non-loopback address without any key needs --allow-no-auth.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 
 import xa_runtime
 
+from ..serve.auth import AuthError, from_flags, is_loopback, key_id
 from ..serve.config import ConfigError, load_config
 
 
@@ -28,6 +32,19 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--port", type=int, default=8000, help="TCP port to listen on (default %(default)s)")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                     help="server log level (default %(default)s)")
+    auth = ap.add_argument_group("API keys (docs/clients.md)")
+    auth.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                      help="accept 'Authorization: Bearer KEY' (repeatable; also XA_API_KEY and the config's [auth])")
+    auth.add_argument("--api-key-file", action="append", default=[], metavar="FILE",
+                      help="accept the keys in FILE, one per line (repeatable)")
+    auth.add_argument("--api-auth", action="append", default=[], metavar="USER:PASS[,USER2:PASS2]",
+                      help="as A1111's --api-auth: HTTP Basic on /sdapi/... and the API docs, or Bearer USER:PASS")
+    auth.add_argument("--requests-per-minute", type=int, default=0, metavar="N",
+                      help="generation requests per key per minute, then 429 (default: the config's, else no limit)")
+    auth.add_argument("--concurrent-jobs", type=int, default=0, metavar="N",
+                      help="generation jobs queued or running per key, then 429 (default: the config's, else no limit)")
+    auth.add_argument("--allow-no-auth", action="store_true",
+                      help="listen on a non-loopback --host without any key (everyone who reaches the port may use it)")
     ap.add_argument("--ray", action="store_true",
                     help="serve on Ray Serve (local Ray, or the cluster named by RAY_ADDRESS); needs the ray extra")
     ap.add_argument("--version", action="version", version=f"%(prog)s {xa_runtime.__version__}")
@@ -41,6 +58,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: --config: {e}", file=sys.stderr)
         return 2
+    try:
+        cfg.auth = cfg.auth.merged(from_flags(args.api_key, args.api_key_file, args.api_auth,
+                                              args.requests_per_minute, args.concurrent_jobs))
+    except AuthError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not cfg.auth.enabled and not is_loopback(args.host):
+        if not args.allow_no_auth:
+            print(f"error: --host {args.host} is not a loopback address and no API key is configured: give "
+                  "--api-key (or XA_API_KEY, --api-key-file, --api-auth, [auth] in the config), or --allow-no-auth "
+                  "to serve everyone who reaches the port", file=sys.stderr)
+            return 2
+        print(f"warning: serving on {args.host} with no API key (--allow-no-auth): anyone who reaches the port "
+              "may use this server", file=sys.stderr)
+    elif cfg.auth.enabled:
+        ids = sorted({key_id(k) for k in cfg.auth.api_keys} | {key_id(f"{u}:{p}") for u, p in cfg.auth.users})
+        print(f"xa-serve: API keys required; key ids (in /metrics): {', '.join(ids)}", file=sys.stderr)
     if args.ray:
         return _serve_on_ray(cfg, args.host, args.port)
     try:
@@ -54,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ..serve.service import build_service
 
     service = build_service(cfg).start()
-    app = create_app(service)
+    app = create_app(service, auth=cfg.auth)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=5)  # after the drain: only responses left to write
     _server_class()(config, service).run()
@@ -63,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _serve_on_ray(cfg, host: str, port: int) -> int:
     try:
-        from .ray_app import run
+        from ..serve.ray_app import run
     except ImportError as e:
         print(f"error: --ray needs Ray Serve (pip install 'xa-runtime[ray]'): {e}", file=sys.stderr)
         return 2

@@ -31,10 +31,16 @@ from typing import Any, Sequence
 
 from ..errors import ParameterError
 from ..pipeline.params import CHOICE, FLOAT, INT, PARAMETERS, REQUIRED, SIDE, TEXT, GenerationParams, SizeRules
+from .auth import AuthConfig, AuthMiddleware, Gate, KeyLimited
 from .config import Limits
+from .doors import Generated, NativeDoor, Refused, key_of
+from .doors import jsonable as _jsonable
+from .a1111 import register as register_a1111
+from .events import register as register_stream
+from .events import stream_events
+from .openai_images import register as register_openai
 from .service import Cancelled, DeadlineExceeded, QueueFull, Service, Ticket, Unavailable, is_out_of_memory
 
-DISCONNECT_POLL_S = 0.1
 PLAYGROUND = Path(__file__).with_name("static") / "playground.html"
 
 
@@ -186,26 +192,9 @@ def _png(image: Any, params: dict[str, Any], index: int, plugins: Any) -> bytes:
     return buf.getvalue()
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
-
-
-class Refused(Exception):
-    """A request answered with an error status: the JSON body {"error": message, "field": field}."""
-
-    def __init__(self, status: int, message: str, field: str | None = None, retry_after: int | None = None):
-        super().__init__(message)
-        self.status, self.field, self.retry_after = status, field, retry_after
-
-
-def create_app(service: Service, shutdown_on_exit: bool = True) -> Any:
-    """A FastAPI app serving `service` (already started); its shutdown shuts the service down."""
+def create_app(service: Service, shutdown_on_exit: bool = True, auth: AuthConfig | None = None) -> Any:
+    """A FastAPI app serving `service` (already started); its shutdown shuts the service down.
+    `auth`: the API keys and per-key limits (auth.py; None: no key asked)."""
     from fastapi import Request
     from fastapi.responses import HTMLResponse, JSONResponse, Response
     from fastapi_offline import FastAPIOffline  # /docs and /redoc from packaged assets, no CDN
@@ -262,37 +251,75 @@ def create_app(service: Service, shutdown_on_exit: bool = True) -> Any:
     # FastAPI cannot infer the body's schema: it is declared here for /openapi.json.
     body_doc = {"required": True, "content": {"application/json": {"schema": GenerateRequest.model_json_schema()}}}
 
+    gate = Gate(auth or AuthConfig(), service.metrics.registry, service.limits.retry_after_s)
+    app.state.gate = gate
+
+    async def run_native(request: Request, data: Any, preview: bool = False, on_queued: Any = None) -> Generated:
+        """Every door's one path: the native body validated, queued under the caller's key limits, run."""
+        req, params, images, init_image = await _parse_request(data, service, GenerateRequest)
+        ident = key_of(request)
+        try:
+            release = gate.admit(ident)
+        except KeyLimited as e:
+            service.metrics.requests.labels("rejected").inc()
+            raise Refused(429, str(e), None, e.retry_after) from None
+        try:
+            ticket = _submit(service, req, params, images, init_image, preview, ident)
+        except BaseException:
+            release()
+            raise
+        ticket.add_done_callback(lambda _: release())
+        if on_queued is not None:
+            on_queued(ticket)
+        out = await _outcome(service, ticket, request)
+        used = {k: v for k, v in out.params.to_dict().items() if k != "extra"}
+        return Generated(req, out, ticket, lambda i: _png(out.images[i], used, i, req.plugins))
+
+    door = NativeDoor(run_native, service, GenerateRequest, lambda request: read_body(request, service),
+                      lambda field, text: _refused_422(_open_image, field, text, service.limits.max_image_pixels))
+    app.state.door = door
+
     @app.post("/v1/generate", openapi_extra={"requestBody": body_doc})
     async def generate(request: Request):
         try:
-            req, params, images, init_image = await _read_request(request, service, GenerateRequest)
-            ticket = _submit(service, req, params, images, init_image)
-            out = await _outcome(service, ticket, request)
+            data = await read_body(request, service)
+            if "text/event-stream" in request.headers.get("accept", ""):
+                return stream_events(door, request, data, preview=True)
+            done = await run_native(request, data)
         except Refused as e:
             return error(e)
-        params = {k: v for k, v in out.params.to_dict().items() if k != "extra"}
+        out, ticket = done.output, done.ticket
         if "image/png" in request.headers.get("accept", ""):
-            return Response(_png(out.images[0], params, 0, req.plugins), media_type="image/png",
+            return Response(done.png(0), media_type="image/png",
                             headers={"X-Seed": str(out.params.seed), "X-Queue-Seconds": f"{ticket.queue_seconds:.6f}"})
-        return {
-            "images": [base64.b64encode(_png(im, params, i, req.plugins)).decode() for i, im in enumerate(out.images)],
-            "parameters": _jsonable(params),
-            "plugins": req.plugins,
-            "timings": _jsonable({"queue": ticket.queue_seconds, **dict(out.timings)}),
-            "overheads": _jsonable(dict(getattr(out, "overheads", {}) or {})),
-        }
+        return done.native_body()
 
+    register_stream(app, door, error, body_doc)
+    register_a1111(app, door)
+    register_openai(app, door)
+    app.add_middleware(AuthMiddleware, gate=gate)  # outermost: every route, those above included
     return app
 
 
-async def _read_request(request: Any, service: Service, model: Any) -> tuple[Any, GenerationParams, dict, Any]:
-    """The body within its size limit, parsed, typed, its plugin names and then its images
-    checked; Refused (413 / 422, counted as invalid) naming the field otherwise."""
-    from pydantic import ValidationError
 
+
+def _refused_422(fn: Any, field: str, *args: Any) -> Any:
+    try:
+        return fn(field, *args)
+    except ParameterError as e:
+        raise Refused(422, str(e), e.name) from None
+
+
+def _invalid(service: Service, status: int, field: str, message: str) -> Refused:
+    service.metrics.requests.labels("invalid").inc()
+    return Refused(status, message, field)
+
+
+async def read_body(request: Any, service: Service) -> dict[str, Any]:
+    """The JSON object of a request's body, read within the size limit; Refused (413 / 422,
+    counted as invalid) otherwise."""
     def invalid(status: int, field: str, message: str) -> Refused:
-        service.metrics.requests.labels("invalid").inc()
-        return Refused(status, message, field)
+        return _invalid(service, status, field, message)
 
     limit = service.limits.max_body_bytes
     declared = request.headers.get("content-length")
@@ -311,6 +338,17 @@ async def _read_request(request: Any, service: Service, model: Any) -> tuple[Any
         raise invalid(422, "body", f"not JSON: {e}") from None
     if not isinstance(data, dict):
         raise invalid(422, "body", "a JSON object")
+    return data
+
+
+async def _parse_request(data: dict[str, Any], service: Service, model: Any) -> tuple[Any, GenerationParams, dict, Any]:
+    """A native body typed, its plugin names and then its images checked; Refused (422,
+    counted as invalid) naming the field otherwise."""
+    from pydantic import ValidationError
+
+    def invalid(status: int, field: str, message: str) -> Refused:
+        return _invalid(service, status, field, message)
+
     try:
         req = model.model_validate(data)
     except ValidationError as e:
@@ -330,10 +368,11 @@ async def _read_request(request: Any, service: Service, model: Any) -> tuple[Any
     return req, params, images, init_image
 
 
-def _submit(service: Service, req: Any, params: GenerationParams, images: dict, init_image: Any) -> Ticket:
+def _submit(service: Service, req: Any, params: GenerationParams, images: dict, init_image: Any,
+            preview: bool = False, key_id: str | None = None) -> Ticket:
     """Queue the request (the service counts its own refusals)."""
     try:
-        return service.submit(params, req.plugins, req.timeout_s, images, init_image)
+        return service.submit(params, req.plugins, req.timeout_s, images, init_image, preview, key_id)
     except ParameterError as e:
         raise Refused(422, str(e), e.name) from None
     except QueueFull as e:
@@ -347,7 +386,9 @@ async def _outcome(service: Service, ticket: Ticket, request: Any) -> Any:
     retry = service.limits.retry_after_s
     try:
         return await _wait_or_abandon(ticket, request)
-    except Cancelled as e:  # the client is gone: nobody reads this response
+    except Cancelled as e:  # the client is gone (nobody reads this response), or A1111's interrupt
+        if ticket.reason == "interrupted":
+            raise Refused(409, f"interrupted (POST /sdapi/v1/interrupt): {e}") from None
         raise Refused(499, f"cancelled: {e}") from None
     except ParameterError as e:
         raise Refused(422, str(e), e.name) from None
@@ -364,16 +405,36 @@ async def _outcome(service: Service, ticket: Ticket, request: Any) -> Any:
 
 async def _wait_or_abandon(ticket: Ticket, request: Any) -> Any:
     """The ticket's result; if the client disconnects (or this handler is cancelled, as Ray
-    Serve does when its client goes away) the request is abandoned and Cancelled raised."""
+    Serve does when its client goes away) the request is abandoned and Cancelled raised.
+    The disconnect is awaited (ASGI's http.disconnect), not polled: the job is told at once
+    and stops at its next denoising step."""
     waiter = asyncio.wrap_future(ticket)
+    gone = asyncio.ensure_future(_client_gone(request))
     try:
-        while True:
-            done, _ = await asyncio.wait({waiter}, timeout=DISCONNECT_POLL_S)
-            if done:
-                return waiter.result()
-            if await request.is_disconnected():
-                ticket.abandon()
-                raise Cancelled("the client disconnected")
+        done, _ = await asyncio.wait({waiter, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if waiter in done:
+            return waiter.result()
+        ticket.abandon()
+        _unread(waiter)
+        raise Cancelled("the client disconnected")
     except asyncio.CancelledError:
         ticket.abandon()
+        _unread(waiter)
         raise
+    finally:
+        gone.cancel()
+
+
+async def _client_gone(request: Any) -> None:
+    """Returns when the client has disconnected (the body was read before: the next ASGI
+    message is http.disconnect; uvicorn repeats it to every reader)."""
+    try:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    except Exception:  # noqa: BLE001 -- a server whose receive cannot be awaited here: its cancellation tells
+        await asyncio.Event().wait()
+
+
+def _unread(waiter: "asyncio.Future") -> None:
+    """Nobody reads an abandoned request's outcome: retrieve it when it comes (asyncio would log it)."""
+    waiter.add_done_callback(lambda f: f.cancelled() or f.exception())

@@ -29,6 +29,13 @@
 The document is parsed by one pydantic model (ConfigModel); every error is one line naming
 the key (e.g. `plugins.anime.scale: ...`).
 
+    [auth]                        # API keys (docs/clients.md); every key optional
+    api_keys = ["..."]            # Bearer keys (also: --api-key, XA_API_KEY)
+    api_auth = "user:pass"        # A1111's --api-auth: Basic on /sdapi/..., or Bearer "user:pass"
+    key_file = "keys.txt"         # one key per line
+    requests_per_minute = 60      # generation requests per key (0: no limit), then 429
+    concurrent_jobs = 2           # generation jobs queued or running per key (0: no limit)
+
     [ray]                         # xa-serve --ray only (Ray Serve); every key optional
     min_replicas = 1
     max_replicas = 1              # > min_replicas: autoscaling on ongoing requests
@@ -47,6 +54,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from ..errors import ParameterError
 from ..graphs import BACKENDS, folder_problem
 from ..plugin_kinds import KINDS, PluginSpec, check_backend, get_kind
+
+from .auth import AuthConfig, AuthError, parse_auth_table
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -110,6 +119,7 @@ class ServeConfig:
     plugins: dict[str, PluginSpec] = field(default_factory=dict)
     ray: RayOptions = field(default_factory=RayOptions)
     backend: BackendOptions = field(default_factory=BackendOptions)
+    auth: AuthConfig = field(default_factory=AuthConfig)
 
     @property
     def tiny(self) -> bool:
@@ -200,6 +210,7 @@ class ConfigModel(_Table):
     plugins: dict[str, _Plugin] = {}
     ray: _Ray = _Ray()
     backend: _Backend = _Backend()
+    auth: dict[str, Any] = {}  # checked by serve.auth.parse_auth_table (its own messages)
 
 
 def _one_line(error: ValidationError) -> str:
@@ -235,6 +246,10 @@ def parse_config(data: dict[str, Any], base: Path = Path(".")) -> ServeConfig:
     b = doc.backend
     cfg.backend = BackendOptions(b.kind, path(b.onnx_dir), path(b.engine_dir))
     _check_backend(cfg)
+    try:
+        cfg.auth = parse_auth_table(doc.auth, base)
+    except AuthError as e:
+        raise ConfigError(str(e)) from None
     return cfg
 
 

@@ -29,11 +29,12 @@ class XAdapterDeployment:
         from .service import build_service
 
         self.service = build_service(cfg).start()
+        self.auth = cfg.auth
 
     def __serve_build_asgi_app__(self) -> Any:
         from .app import create_app
 
-        return create_app(self.service)
+        return create_app(self.service, auth=self.auth)
 
     def check_health(self) -> None:
         """Ray Serve restarts a replica whose health check raises (its worker thread died)."""

@@ -25,6 +25,7 @@ from ..errors import ParameterError
 from ..pipeline.params import MAX_SEED, GenerationParams, SizeRules, validate
 from ..plugin_kinds import IMAGE_KINDS, KINDS, LORA_KINDS, PluginSpec
 from .config import Limits, ServeConfig
+from .progress import JobProgress, expected_steps
 
 log = logging.getLogger("xa_runtime.serve")
 OUTCOMES = ("ok", "invalid", "rejected", "deadline", "cancelled", "error", "unavailable")
@@ -61,10 +62,13 @@ class Ticket(Future):
     def __init__(self) -> None:
         super().__init__()
         self.abandoned = threading.Event()
+        self.reason = "abandoned"  # or "interrupted" (POST /sdapi/v1/interrupt)
         self.queue_seconds: float | None = None
         self.run_seconds: float | None = None
+        self.progress: JobProgress | None = None  # set by Service.submit
 
-    def abandon(self) -> None:
+    def abandon(self, reason: str = "abandoned") -> None:
+        self.reason = reason
         self.abandoned.set()
 
 
@@ -129,6 +133,9 @@ class Service:
         self._warmup = warmup
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self.running: Ticket | None = None  # the request the worker runs now
+        self.model_name = "xa-runtime"      # what the A1111 and OpenAI routes call the model
+        self.previews = False               # keep latents of every request (A1111's live previews)
 
     # ------------------------------------------------------------------ life cycle
     def start(self) -> "Service":
@@ -139,6 +146,10 @@ class Service:
         self._thread = threading.Thread(target=self._work, name="xa-serve-worker", daemon=True)
         self._thread.start()
         return self
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
 
     @property
     def ready(self) -> bool:
@@ -243,9 +254,11 @@ class Service:
                                      f"an image for a plugin named in this request that takes one: {takers}")
 
     def submit(self, params: GenerationParams, plugins: list[str] = (), timeout_s: float | None = None,
-               images: dict[str, Any] | None = None, init_image: Any = None) -> Ticket:
+               images: dict[str, Any] | None = None, init_image: Any = None, preview: bool = False,
+               key_id: str | None = None) -> Ticket:
         """Queue a request: `images` maps plugin names to their per-request images (PIL);
-        `init_image` (PIL) starts from an image (img2img, with params.strength < 1)."""
+        `init_image` (PIL) starts from an image (img2img, with params.strength < 1); `preview`
+        keeps every step's latents for ticket.progress's preview; `key_id`: whose request."""
         plugins = list(plugins)
         try:
             resolved = self.check(params, plugins, images, init_image)
@@ -254,6 +267,8 @@ class Service:
             raise
         budget = self.limits.deadline_s if timeout_s is None else min(timeout_s, self.limits.deadline_s)
         job = Job(resolved, plugins, time.monotonic() + budget, dict(images or {}), init_image)
+        job.future.progress = JobProgress(*expected_steps(resolved, init_image is not None),
+                                          keep_latents=preview or self.previews, key_id=key_id)
         with self._lock:
             if not self._accepting:
                 self.metrics.requests.labels("unavailable").inc()
@@ -301,16 +316,23 @@ class Service:
         def step_callback(stage: str, i: int, steps: int) -> None:
             if self._abort.is_set():
                 raise _Stop("shutdown")
+            if progress is not None:
+                progress.step(stage, i, steps)
             if ticket.abandoned.is_set():
-                raise _Stop(f"abandoned during {stage} after step {i + 1} of {steps}")
+                raise _Stop(f"{ticket.reason} during {stage} after step {i + 1} of {steps}")
             if time.monotonic() >= job.deadline:
                 raise _Stop(f"deadline passed during {stage} after step {i + 1} of {steps}")
 
+        progress = ticket.progress
+        latents = {} if progress is None or not progress.keep_latents else {"callback_on_step_end": progress.on_step_end}
+        if progress is not None:
+            progress.begin()
         m.in_flight.set(1)
+        self.running = ticket
         try:
             plugins = self._activate(job.plugins, job.images)
             out = self.pipeline.generate(job.params, plugins=plugins, step_callback=step_callback,
-                                         init_image=job.init_image)
+                                         init_image=job.init_image, **latents)
         except _Stop as e:
             outcome = ("unavailable" if self._abort.is_set() else
                        "cancelled" if ticket.abandoned.is_set() else "deadline")
@@ -339,6 +361,7 @@ class Service:
             job.future.set_result(out)
         finally:
             ticket.run_seconds = time.monotonic() - started
+            self.running = None
             m.in_flight.set(0)
 
     def _activate(self, names: list[str], images: dict[str, Any]) -> list[Any]:
@@ -435,8 +458,21 @@ def build_service(cfg: ServeConfig, warm: bool = True) -> Service:
                               height=rules.sdxl_multiple, width=rules.sdxl_multiple,
                               height_sd15=rules.sd15_multiple, width_sd15=rules.sd15_multiple, seed=0)
     needs_image = [n for n, s in cfg.plugins.items() if s.kind in IMAGE_KINDS and s.image is None]
-    return Service(pipe, cfg.limits, plugins, warmup=replace(warmup) if warm else None, needs_image=needs_image,
-                   specs=cfg.plugins)
+    service = Service(pipe, cfg.limits, plugins, warmup=replace(warmup) if warm else None, needs_image=needs_image,
+                      specs=cfg.plugins)
+    service.model_name = model_name(cfg)
+    return service
+
+
+def model_name(cfg: ServeConfig) -> str:
+    """The served model's name in the A1111 and OpenAI routes: the SDXL model's file or folder
+    name with the SD1.5 one (no paths), or the tiny models' name."""
+    import os
+
+    if cfg.tiny:
+        return f"xa-runtime-tiny-seed{cfg.tiny_seed}"
+    base = [os.path.splitext(os.path.basename(os.path.normpath(p)))[0] for p in (cfg.sdxl, cfg.sd15)]
+    return f"xa-{base[0]}+{base[1]}"
 
 
 def load_plugins(specs: dict[str, PluginSpec], pipe: Any) -> dict[str, Served]:
