@@ -21,7 +21,7 @@ from typing import Any
 import xa_runtime
 
 from ..serve.auth import AuthError, from_flags, is_loopback, key_id
-from ..serve.config import ConfigError, load_config
+from ..serve.config import ConfigError, check_at_start, load_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,9 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        ap.error(f"--port {args.port}: a TCP port in [0, 65535] (0: any free port)")
     try:
         cfg = load_config(args.config)
+        check_at_start(cfg)
     except ConfigError as e:
         print(f"error: --config: {e}", file=sys.stderr)
         return 2
@@ -87,12 +91,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper())
     from ..serve.service import build_service
 
-    service = build_service(cfg).start()
-    app = create_app(service, auth=cfg.auth)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=5)  # after the drain: only responses left to write
+    try:
+        service = build_service(cfg).start()
+    except ConfigError as e:  # a file that is not what its key says (found while loading it)
+        print(f"error: --config: {e}", file=sys.stderr)
+        return 2
+    app = create_app(service, auth=cfg.auth, http=cfg.http)
+    config = uvicorn_config(app, args.host, args.port, cfg.limits, args.log_level)
     _server_class()(config, service).run()
     return 0
+
+
+def uvicorn_config(app: Any, host: str, port: int, limits: Any, log_level: str = "info") -> Any:
+    """uvicorn's settings for xa-serve: slow clients bounded (a deadline on each request head,
+    limits.max_connections open at once, heads of at most 64 KiB), a short keep-alive."""
+    import uvicorn
+
+    from ..serve.guard import slow_client_protocol
+
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                          timeout_graceful_shutdown=5,  # after the drain: only responses left to write
+                          http=slow_client_protocol(limits.header_timeout_s), limit_concurrency=limits.max_connections,
+                          timeout_keep_alive=5, h11_max_incomplete_event_size=64 * 1024)
 
 
 def _serve_on_ray(cfg, host: str, port: int) -> int:

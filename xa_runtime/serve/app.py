@@ -32,11 +32,12 @@ from typing import Any, Sequence
 from ..errors import ParameterError
 from ..pipeline.params import CHOICE, FLOAT, INT, PARAMETERS, REQUIRED, SIDE, TEXT, GenerationParams, SizeRules
 from .auth import AuthConfig, AuthMiddleware, Gate, KeyLimited
-from .config import Limits
+from .config import HttpOptions, Limits
 from .doors import Generated, NativeDoor, Refused, key_of
 from .doors import jsonable as _jsonable
 from .a1111 import register as register_a1111
 from .events import register as register_stream
+from .guard import CrossSiteGuard
 from .events import stream_events
 from .openai_images import register as register_openai
 from .service import Cancelled, DeadlineExceeded, QueueFull, Service, Ticket, Unavailable, is_out_of_memory
@@ -192,9 +193,11 @@ def _png(image: Any, params: dict[str, Any], index: int, plugins: Any) -> bytes:
     return buf.getvalue()
 
 
-def create_app(service: Service, shutdown_on_exit: bool = True, auth: AuthConfig | None = None) -> Any:
+def create_app(service: Service, shutdown_on_exit: bool = True, auth: AuthConfig | None = None,
+               http: HttpOptions | None = None) -> Any:
     """A FastAPI app serving `service` (already started); its shutdown shuts the service down.
-    `auth`: the API keys and per-key limits (auth.py; None: no key asked)."""
+    `auth`: the API keys and per-key limits (auth.py; None: no key asked); `http`: the origins
+    allowed besides the server's own (guard.py) and the request log."""
     from fastapi import Request
     from fastapi.responses import HTMLResponse, JSONResponse, Response
     from fastapi_offline import FastAPIOffline  # /docs and /redoc from packaged assets, no CDN
@@ -297,7 +300,8 @@ def create_app(service: Service, shutdown_on_exit: bool = True, auth: AuthConfig
     register_stream(app, door, error, body_doc)
     register_a1111(app, door)
     register_openai(app, door)
-    app.add_middleware(AuthMiddleware, gate=gate)  # outermost: every route, those above included
+    app.add_middleware(AuthMiddleware, gate=gate)  # every route, those above included
+    app.add_middleware(CrossSiteGuard, allowed_origins=(http or HttpOptions()).allowed_origins)  # outermost
     return app
 
 
@@ -321,15 +325,31 @@ async def read_body(request: Any, service: Service) -> dict[str, Any]:
     def invalid(status: int, field: str, message: str) -> Refused:
         return _invalid(service, status, field, message)
 
+    from starlette.requests import ClientDisconnect
+
     limit = service.limits.max_body_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise invalid(413, "body", f"request body over {limit} bytes")
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise invalid(413, "body", f"request body over {limit} bytes")
+    chunks: list[bytes] = []
+
+    async def read() -> None:
+        size = 0
+        async for chunk in request.stream():
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                raise invalid(413, "body", f"request body over {limit} bytes")
+
+    timeout = service.limits.header_timeout_s
+    try:
+        await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:
+        raise invalid(408, "body", f"request body not received within {timeout:g} s "
+                      "(limits.header_timeout_s)") from None
+    except ClientDisconnect:  # the client left mid-body: nobody reads an answer
+        raise Refused(499, "cancelled: the client disconnected while sending its body") from None
+    body = b"".join(chunks)
     try:
         data = json.loads(body)
     except RecursionError:

@@ -21,10 +21,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..errors import ParameterError
+from ..errors import CheckpointError, ParameterError
 from ..pipeline.params import MAX_SEED, GenerationParams, SizeRules, validate
 from ..plugin_kinds import IMAGE_KINDS, KINDS, LORA_KINDS, PluginSpec
-from .config import Limits, ServeConfig
+from .config import ConfigError, Limits, ServeConfig
 from .progress import JobProgress, expected_steps
 
 log = logging.getLogger("xa_runtime.serve")
@@ -445,8 +445,11 @@ def build_service(cfg: ServeConfig, warm: bool = True) -> Service:
     if cfg.tiny:
         pipe = XAdapterPipeline.from_tiny(cfg.tiny_seed, device=cfg.device, dtype=dtype, progress=False)
     else:
-        pipe = XAdapterPipeline.from_pretrained(cfg.sd15, cfg.sdxl, cfg.adapter, device=cfg.device, dtype=dtype,
-                                                progress=False)
+        try:
+            pipe = XAdapterPipeline.from_pretrained(cfg.sd15, cfg.sdxl, cfg.adapter, device=cfg.device, dtype=dtype,
+                                                    progress=False)
+        except (ParameterError, CheckpointError) as e:  # a path that is not the model its key says
+            raise ConfigError(f"[models]: {e}") from None
     # the backend lives as long as the process (its temporary graphs go with it)
     backend = open_backend(cfg.backend.kind, pipe, onnx_dir=cfg.backend.onnx_dir, engine_dir=cfg.backend.engine_dir,
                            device=cfg.device, plugin_kinds=[s.kind for s in cfg.plugins.values()])
@@ -483,15 +486,18 @@ def load_plugins(specs: dict[str, PluginSpec], pipe: Any) -> dict[str, Served]:
 
     out: dict[str, Served] = {}
     for name, s in specs.items():
-        if s.kind in LORA_KINDS:
-            pipe.load_plugins([replace(s, scale=0.0, fused=False)])
-            out[name] = Served(s.kind, None, s.scale)
-            continue
-        image = None
-        if s.image is not None:
-            with Image.open(s.image) as im:
-                image = im.convert("RGB")
-        (plugin,) = pipe.load_plugins([replace(s, image=image)])
+        try:
+            if s.kind in LORA_KINDS:
+                pipe.load_plugins([replace(s, scale=0.0, fused=False)])
+                out[name] = Served(s.kind, None, s.scale)
+                continue
+            image = None
+            if s.image is not None:
+                with Image.open(s.image) as im:
+                    image = im.convert("RGB")
+            (plugin,) = pipe.load_plugins([replace(s, image=image)])
+        except (ParameterError, CheckpointError, OSError) as e:  # the file is not this kind's model: the key's fault
+            raise ConfigError(f"plugins.{name} (kind {s.kind!r}, path {s.path!r}): {e}") from None
         if s.row.installed:
             plugin.adapter.suspend()  # resumed for the requests naming it
         out[name] = Served(s.kind, plugin, s.scale)
