@@ -99,6 +99,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     app = create_app(service, auth=cfg.auth, http=cfg.http)
     config = uvicorn_config(app, args.host, args.port, cfg.limits, args.log_level)
     _server_class()(config, service).run()
+    if service.worker_alive:  # drained past shutdown_timeout_s inside one long step: leave it, exit now
+        import os
+
+        print("xa-serve: a step was still running after limits.shutdown_timeout_s; exiting", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)  # not interpreter teardown under a running torch op (it aborts)
     return 0
 
 
