@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "plugins, limits); default: the built-in tiny models on the CPU")
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
     ap.add_argument("--port", type=int, default=8000, help="TCP port to listen on (default %(default)s)")
+    ap.add_argument("--log-format", choices=["text", "json"], default=None,
+                    help="the one line per request: text or json (default: the config's [http] log_format, else text)")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                     help="server log level (default %(default)s)")
     auth = ap.add_argument_group("API keys (docs/clients.md)")
@@ -79,6 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif cfg.auth.enabled:
         ids = sorted({key_id(k) for k in cfg.auth.api_keys} | {key_id(f"{u}:{p}") for u, p in cfg.auth.users})
         print(f"xa-serve: API keys required; key ids (in /metrics): {', '.join(ids)}", file=sys.stderr)
+    if args.log_format is not None:
+        cfg.http.log_format = args.log_format
     if args.ray:
         return _serve_on_ray(cfg, args.host, args.port)
     try:
@@ -89,6 +93,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: xa-serve needs the serve extra (pip install 'xa-runtime[serve]'): {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=args.log_level.upper())
+    requests_log = logging.getLogger("xa_runtime.serve.requests")  # one bare line per request (JSON parses as is)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    requests_log.addHandler(handler)
+    requests_log.propagate = False
     from ..serve.service import build_service
 
     try:
@@ -116,7 +125,7 @@ def uvicorn_config(app: Any, host: str, port: int, limits: Any, log_level: str =
 
     from ..serve.guard import slow_client_protocol
 
-    return uvicorn.Config(app, host=host, port=port, log_level=log_level,
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,  # serve.requestlog's line
                           timeout_graceful_shutdown=5,  # after the drain: only responses left to write
                           http=slow_client_protocol(limits.header_timeout_s), limit_concurrency=limits.max_connections,
                           timeout_keep_alive=5, h11_max_incomplete_event_size=64 * 1024)

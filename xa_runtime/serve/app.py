@@ -38,6 +38,7 @@ from .doors import jsonable as _jsonable
 from .a1111 import register as register_a1111
 from .events import register as register_stream
 from .guard import CrossSiteGuard
+from .requestlog import RequestLog, note
 from .events import stream_events
 from .openai_images import register as register_openai
 from .service import Cancelled, DeadlineExceeded, QueueFull, Service, Ticket, Unavailable, is_out_of_memory
@@ -274,7 +275,17 @@ def create_app(service: Service, shutdown_on_exit: bool = True, auth: AuthConfig
         ticket.add_done_callback(lambda _: release())
         if on_queued is not None:
             on_queued(ticket)
-        out = await _outcome(service, ticket, request)
+        try:
+            out = await _outcome(service, ticket, request)
+        except Refused as e:
+            note(request, outcome=f"{e.status}", queue_seconds=ticket.queue_seconds, run_seconds=ticket.run_seconds)
+            raise
+        p = out.params
+        note(request, outcome="ok", seed=p.seed, steps=p.num_inference_steps, size=f"{p.width}x{p.height}",
+             size_sd15=f"{p.width_sd15}x{p.height_sd15}", images=len(out.images), plugins=list(req.plugins),
+             queue_seconds=round(ticket.queue_seconds or 0.0, 6),
+             stage_seconds={k: round(v, 6) for k, v in getattr(out, "timings", {}).items()},
+             prompt=p.prompt, negative_prompt=p.negative_prompt)
         used = {k: v for k, v in out.params.to_dict().items() if k != "extra"}
         return Generated(req, out, ticket, lambda i: _png(out.images[i], used, i, req.plugins))
 
@@ -301,7 +312,9 @@ def create_app(service: Service, shutdown_on_exit: bool = True, auth: AuthConfig
     register_a1111(app, door)
     register_openai(app, door)
     app.add_middleware(AuthMiddleware, gate=gate)  # every route, those above included
-    app.add_middleware(CrossSiteGuard, allowed_origins=(http or HttpOptions()).allowed_origins)  # outermost
+    http = http or HttpOptions()
+    app.add_middleware(CrossSiteGuard, allowed_origins=http.allowed_origins)
+    app.add_middleware(RequestLog, log_format=http.log_format, log_prompts=http.log_prompts)  # outermost: every answer
     return app
 
 
