@@ -253,7 +253,8 @@ def create_app(service: Service, shutdown_on_exit: bool = True, auth: AuthConfig
 
     # The handler reads the raw body itself (size limit while streaming, one error format), so
     # FastAPI cannot infer the body's schema: it is declared here for /openapi.json.
-    body_doc = {"required": True, "content": {"application/json": {"schema": GenerateRequest.model_json_schema()}}}
+    body_doc = {"required": True, "content": {"application/json": {"schema": GenerateRequest.model_json_schema(),
+                                                                   "example": request_example(service)}}}
 
     gate = Gate(auth or AuthConfig(), service.metrics.registry, service.limits.retry_after_s)
     app.state.gate = gate
@@ -293,7 +294,7 @@ def create_app(service: Service, shutdown_on_exit: bool = True, auth: AuthConfig
                       lambda field, text: _refused_422(_open_image, field, text, service.limits.max_image_pixels))
     app.state.door = door
 
-    @app.post("/v1/generate", openapi_extra={"requestBody": body_doc})
+    @app.post("/v1/generate", openapi_extra={"requestBody": body_doc}, responses=GENERATE_RESPONSES)
     async def generate(request: Request):
         try:
             data = await read_body(request, service)
@@ -318,6 +319,40 @@ def create_app(service: Service, shutdown_on_exit: bool = True, auth: AuthConfig
     return app
 
 
+
+
+def request_example(service: Service) -> dict[str, Any]:
+    """/docs' "Try it out" body: one that this server answers 200 (cheap: few steps, the
+    default sizes, a fixed seed), not the one Swagger would make from the schema's bounds."""
+    return {"prompt": "a photo of a cat", "negative_prompt": "blurry",
+            "num_inference_steps": min(4, service.limits.max_steps), "seed": 0}
+
+
+_ERROR_BODY = {"application/json": {"schema": {
+    "type": "object", "required": ["error"],
+    "properties": {"error": {"type": "string", "description": "what is wrong and what is accepted"},
+                   "field": {"type": "string", "description": "the field, header or key at fault"}}}}}
+# POST /v1/generate's answers, for /openapi.json (the handler builds its responses itself)
+GENERATE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "the first image as PNG (Accept: image/png), else JSON with every image",
+          "content": {"image/png": {"schema": {"type": "string", "format": "binary"}},
+                      "application/json": {"schema": {
+                          "type": "object", "required": ["images", "parameters", "timings"],
+                          "properties": {"images": {"type": "array", "items": {"type": "string", "format": "byte"},
+                                                    "description": "base64 PNGs"},
+                                         "parameters": {"type": "object", "description": "the parameters used"},
+                                         "plugins": {"type": "array", "items": {"type": "string"}},
+                                         "timings": {"type": "object", "additionalProperties": {"type": "number"},
+                                                     "description": "seconds per stage, queue included"},
+                                         "overheads": {"type": "object"}}}}}},
+    **{code: {"description": why, "content": _ERROR_BODY} for code, why in [
+        (401, "no or a wrong API key"), (403, "a cross-origin request (Origin) not allowed"),
+        (408, "the body did not arrive within limits.header_timeout_s"), (413, "body over limits.max_body_bytes"),
+        (415, "a body that is not JSON"), (422, "a bad field (named in `field`) or a cost over the budget"),
+        (429, "the queue or the key's limit is full (Retry-After)"), (499, "the client left"),
+        (500, "internal failure"), (503, "not ready, shutting down or out of device memory (Retry-After)"),
+        (504, "the deadline passed")]},
+}
 
 
 def _refused_422(fn: Any, field: str, *args: Any) -> Any:
