@@ -93,11 +93,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: xa-serve needs the serve extra (pip install 'xa-runtime[serve]'): {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=args.log_level.upper())
-    requests_log = logging.getLogger("xa_runtime.serve.requests")  # one bare line per request (JSON parses as is)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    requests_log.addHandler(handler)
-    requests_log.propagate = False
     from ..serve.service import build_service
 
     try:
@@ -107,6 +102,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     app = create_app(service, auth=cfg.auth, http=cfg.http)
     config = uvicorn_config(app, args.host, args.port, cfg.limits, args.log_level)
+    # one bare line per request (a JSON line parses as is); set only now that the server runs
+    requests_log = logging.getLogger("xa_runtime.serve.requests")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    requests_log.addHandler(handler)
+    requests_log.propagate = False
     _server_class()(config, service).run()
     if service.worker_alive:  # drained past shutdown_timeout_s inside one long step: leave it, exit now
         import os
