@@ -279,7 +279,7 @@ def create_app(service: Service, shutdown_on_exit: bool = True, auth: AuthConfig
         try:
             out = await _outcome(service, ticket, request)
         except Refused as e:
-            note(request, outcome=f"{e.status}", queue_seconds=ticket.queue_seconds, run_seconds=ticket.run_seconds)
+            note(request, outcome=f"{e.status}", queue_seconds=round(ticket.queue_seconds or 0.0, 6))
             raise
         p = out.params
         note(request, outcome="ok", seed=p.seed, steps=p.num_inference_steps, size=f"{p.width}x{p.height}",

@@ -173,6 +173,9 @@ class Service:
         self._stopping.set()
         if self._thread is None:
             return True
+        if self._abort.is_set():  # a second call (the app's shutdown after the signal's drain): done already
+            self._thread.join(0)
+            return not self._thread.is_alive()
         grace = min(5.0, timeout / 4)  # for the running request to reach its next step once told to stop
         self._thread.join(timeout - grace)
         clean = not self._thread.is_alive()
