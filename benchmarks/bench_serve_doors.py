@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import inspect
 import json
 import platform
 import socket

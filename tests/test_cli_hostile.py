@@ -274,6 +274,7 @@ def test_output_whose_sidecar_is_a_folder_is_refused_before_any_work(sidecar, tm
 
 
 def test_a_failing_write_leaves_nothing_behind(tmp_path, monkeypatch):
+    from xa_runtime import atomic_files
     from xa_runtime.cli import output_files
 
     targets = {tmp_path / "a.png": b"a", tmp_path / "b.png": b"b", tmp_path / "a.json": b"{}"}
@@ -285,7 +286,7 @@ def test_a_failing_write_leaves_nothing_behind(tmp_path, monkeypatch):
             raise OSError("disk full")
         real_replace(src, dst)
 
-    monkeypatch.setattr(output_files.os, "replace", replace_then_fail)
+    monkeypatch.setattr(atomic_files.os, "replace", replace_then_fail)
     with pytest.raises(OSError):
         output_files.write_all_or_nothing(targets)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
@@ -356,3 +357,30 @@ def test_build_engines_read_only_output_is_refused_first(tmp_path, capsys, monke
                         else real_access(p, mode, **k))
     refused(build_engines.main, ["--tiny", "--onnx-dir", tmp_path / "onnx", "--output", tmp_path / "engines"], capsys,
             "--output", "writable")
+
+
+# Limits: what cannot run is refused before it runs, naming the flag and the range.
+
+@pytest.mark.parametrize("tool", ["generate", "export", "bench"])
+def test_a_tiny_seed_past_int64_is_refused_with_its_range(tool, tmp_path, capsys, no_model_loading):
+    main, argv = {"generate": (generate_cli.main, gen_args(tmp_path)),
+                  "export": (export_cli.main, ["--output", tmp_path / "onnx"]),
+                  "bench": (bench_cli.main, [])}[tool]
+    line = refused(main, [*argv, "--tiny-seed", str(2**64)], capsys, "--tiny-seed")
+    assert "0..9223372036854775807" in line
+
+
+@pytest.mark.parametrize("tool", ["generate", "bench"])
+def test_a_billion_threads_is_refused_with_its_range(tool, tmp_path, capsys, no_model_loading):
+    main, argv = {"generate": (generate_cli.main, gen_args(tmp_path)), "bench": (bench_cli.main, [])}[tool]
+    line = refused(main, [*argv, "--threads", str(10**9)], capsys, "--threads")
+    assert "1..1024" in line
+
+
+def test_the_largest_sizes_with_the_largest_batch_are_refused_before_loading(tmp_path, capsys, no_model_loading,
+                                                                             monkeypatch):
+    monkeypatch.setattr("xa_runtime.runtime.memory.device_memory_bytes", lambda device: 64 * 2**30)  # a 64 GiB machine
+    line = refused(generate_cli.main, gen_args(tmp_path, "--batch", "64", "--height", "4096", "--width", "4096",
+                                               "--height-sd15", "2048", "--width-sd15", "2048"), capsys, "--batch")
+    assert "GiB" in line and "--height 4096" in line
+    assert list(tmp_path.iterdir()) == []

@@ -70,10 +70,10 @@ def test_each_rows_json_schema_accepts_what_its_check_accepts():
     every bound they agree (jsonschema as the independent reader of the schema)."""
     from jsonschema import Draft202012Validator
 
-    from xa_runtime.pipeline.params import CHOICE, PARAMETERS, SIDE, TEXT
+    from xa_runtime.pipeline.params import CHOICE, PAIR, PARAMETERS, SIDE, TEXT
 
     for p in PARAMETERS:
-        if p.kind == TEXT:
+        if p.kind in (TEXT, PAIR):  # PAIR: Python only, no schema door (tests/test_diffusers_habits.py checks it)
             continue
         schema = p.json_schema()
         schema["type"] = "string" if p.kind == CHOICE else "number"
@@ -104,4 +104,42 @@ def test_every_field_of_generation_params_is_a_row():
 
     names = [f.name for f in dataclasses.fields(GenerationParams)]
     assert names == [p.name for p in PARAMETERS] + ["extra"]
-    assert [f.default for f in dataclasses.fields(GenerationParams)][3:6] == [50, 7.5, 0.9]
+    defaults = {f.name: f.default for f in dataclasses.fields(GenerationParams)}
+    assert [defaults[n] for n in ("num_inference_steps", "guidance_scale", "adapter_guidance_start")] == [50, 7.5, 0.9]
+
+
+def test_the_sd15_size_follows_the_sdxl_aspect():
+    """validate() picks the SD1.5 size for the pipeline, xa-generate and xa-serve alike: the
+    method's 1:2 scale on SD1.5's 64 px grid where it keeps the aspect within 5%, else the
+    smallest size with that aspect; a given size of another aspect warns what the hand-over does."""
+    import warnings
+
+    from xa_runtime.errors import AspectWarning
+    from xa_runtime.pipeline.params import sd15_size
+
+    tiny = SizeRules(sd15_default=64, sdxl_default=128)
+    assert sd15_size(1024, 1024) == (512, 512) and sd15_size(832, 1216) == (448, 640)
+    assert sd15_size(1216, 832) == (640, 448) and sd15_size(768, 1344) == (384, 704)
+    assert sd15_size(128, 128, tiny) == (64, 64) and sd15_size(192, 256, tiny) == (192, 256)
+    assert sd15_size(832, 1216, height_sd15=512) == (512, 768)  # one side given: the other follows
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resolved = validate(GenerationParams(prompt="a", height=832, width=1216))
+    assert (resolved.height_sd15, resolved.width_sd15) == (448, 640)
+    with pytest.warns(AspectWarning, match=r"512x512 .* stretched 1\.46x horizontally.* 640x448"):
+        validate(GenerationParams(prompt="a", height=832, width=1216, height_sd15=512, width_sd15=512))
+
+
+def test_xa_generate_takes_the_same_sd15_size(tmp_path, capsys):
+    import json
+
+    from xa_runtime.cli.generate import main
+
+    out = tmp_path / "wide.png"
+    assert main(["--prompt", "a", "--steps", "1", "--adapter-guidance-start", "1", "--width", "256", "--height", "192",
+                 "--no-progress", "--output", str(out)]) == 0
+    parameters = json.loads(out.with_suffix(".json").read_text())["parameters"]
+    assert (parameters["width_sd15"], parameters["height_sd15"]) == (256, 192)
+    assert main(["--prompt", "a", "--steps", "1", "--adapter-guidance-start", "1", "--width", "256", "--height", "192",
+                 "--width-sd15", "64", "--height-sd15", "64", "--no-progress", "--output", str(out)]) == 0
+    assert capsys.readouterr().err.count("warning: SD1.5 size 64x64") == 1  # one line, said once

@@ -138,10 +138,8 @@ def test_no_module_outside_the_table_spells_new_kinds():
 
 
 # graph variants ("t2i", "ip") and export bundle parts ("controlnet", "t2i_adapter", "ip_adapter")
-# share the kinds' spellings; the CLIs' flag vocabularies name plugin parameters; A1111's API names
-# sd-webui-controlnet's script "controlnet" (alwayson_scripts, /sdapi/v1/scripts), not a kind
+# share the kinds' spellings; the CLIs' flag vocabularies name plugin parameters
 ALLOWED_SPELLERS = {
     "graphs.py", "export/manifest.py", "export/wrappers.py", "runtime/backends/adapters.py", "cli/export.py",
     "cli/generate.py", "cli/plugin_args.py", "cli/bench.py", "cli/backend_args.py", "pipeline/loaders.py",
-    "serve/a1111.py",
 }

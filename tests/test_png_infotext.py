@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from xa_runtime import infotext
+from xa_runtime.errors import ParameterError
 from xa_runtime.cli.generate import main
 
 sd_parsers = pytest.importorskip("sd_parsers")
@@ -137,3 +138,77 @@ def test_serve_png_carries_both_chunks():
     record = json.loads(text["xa_runtime"])
     assert record["image_index"] == 1 and record["prompt_index"] == 0 and record["plugins"] == ["canny"]
     assert record["fusion_guidance_scale"] == "nan"  # non-finite floats as text (valid JSON)
+
+
+@pytest.fixture(scope="module")
+def with_plugins(tmp_path_factory, tiny_models):
+    """A PNG made with an SD1.5 LoRA, an SDXL LoRA, a ControlNet and an init image."""
+    from xa_runtime.testing import write_random_lora
+    from xa_runtime.testing.plugins import write_tiny_controlnet
+
+    root = tmp_path_factory.mktemp("plugins")
+    sd15, sdxl = tiny_models[0], tiny_models[1]
+    lora = write_random_lora(root / "cat_style.safetensors", sd15.unet, sd15.text_encoder, std=0.2)
+    xl_lora = write_random_lora(root / "xl_detail.safetensors", sdxl.unet, sdxl.text_encoder,
+                                text_encoder_2=sdxl.text_encoder_2, std=0.2)
+    _, controlnet = write_tiny_controlnet(root / "cn", sd15.unet)
+    image = root / "edges.png"
+    Image.fromarray((np.indices((64, 64)).sum(0) % 16 * 16).astype(np.uint8)).save(image)
+    out = root / "made.png"
+    argv = ["--prompt", "a cat", "--steps", "3", "--adapter-guidance-start", "0.67", "--no-progress", "--seed", "5",
+            "--lora", f"{lora}:0.7", "--sdxl-lora", f"{xl_lora}:0.5", "--controlnet", str(controlnet),
+            "--control-image", str(image), "--controlnet-scale", "0.8", "--control-start", "0.1", "--control-end",
+            "0.9", "--init-image", str(image), "--strength", "0.67", "--clip-skip", "1"]
+    assert main([*argv, "--output", str(out)]) == 0
+    with Image.open(out) as png:
+        return dict(png.text), np.asarray(png), out, {"lora": lora, "xl_lora": xl_lora, "controlnet": controlnet}
+
+
+def test_plugins_in_the_infotext_as_a1111_and_controlnet_write_them(with_plugins):
+    from xa_runtime.infotext import file_hash
+
+    text, _, _, files = with_plugins
+    parsed = a1111_parse(text["parameters"])
+    assert parsed["Prompt"] == "a cat <lora:cat_style:0.7> <lora:xl_detail:0.5>"
+    lora_hash, xl_hash = file_hash(files["lora"], addnet=True)[:12], file_hash(files["xl_lora"], addnet=True)[:12]
+    assert parsed["Lora hashes"] == f"cat_style: {lora_hash}, xl_detail: {xl_hash}"
+    control = dict(item.split(": ", 1) for item in parsed["ControlNet 0"].split(", "))
+    assert control["Model"] == f"control_tiny_sd15 [{file_hash(files['controlnet'])[:8]}]"
+    assert (control["Weight"], control["Guidance Start"], control["Guidance End"]) == ("0.8", "0.1", "0.9")
+    assert parsed["Clip skip"] == "2" and parsed["Denoising strength"] == "0.67"
+    # the addnet hash is the sha256 of the tensor data after the safetensors header (independently computed)
+    import hashlib
+    raw = files["lora"].read_bytes()
+    assert lora_hash == hashlib.sha256(raw[8 + int.from_bytes(raw[:8], "little"):]).hexdigest()[:12]
+
+
+def test_sd_parsers_reads_the_plugin_entries(with_plugins):
+    text, _, path, _ = with_plugins
+    with Image.open(path) as image:
+        info = sd_parsers.ParserManager().parse(image)
+    assert info is not None and info.generator == sd_parsers.data.Generators.AUTOMATIC1111
+    assert [p.value for p in info.samplers[0].prompts] == ["a cat <lora:cat_style:0.7> <lora:xl_detail:0.5>"]
+    # sd-parsers 0.6 splits A1111's quoted values at their commas (it does not unquote them): it still
+    # sees the ControlNet's model with its hash, and the LoRAs through the prompt's tags
+    assert any(m.name.startswith("control_tiny_sd15 [") for m in info.models)
+    assert info.metadata["Clip skip"] == "2" and info.metadata["Guidance Start"] == "0.1"
+
+
+def test_the_json_chunk_alone_reproduces_the_image(with_plugins, tmp_path):
+    from xa_runtime.cli.generate import arguments_from_record
+
+    text, pixels, _, files = with_plugins
+    record = json.loads(text["xa_runtime"])
+    kinds = {e["kind"]: e for e in record["plugins"]}
+    assert set(kinds) == {"lora", "sdxl_lora", "controlnet"}
+    assert kinds["lora"]["file"] == "cat_style.safetensors" and kinds["lora"]["scale"] == 0.7
+    assert kinds["controlnet"]["guidance_start"] == 0.1 and len(kinds["controlnet"]["hash"]) == 10
+    again = tmp_path / "again.png"
+    assert main([*arguments_from_record(record), "--output", str(again)]) == 0
+    with Image.open(again) as png:
+        assert np.array_equal(np.asarray(png), pixels)
+        assert png.text["xa_runtime"] == text["xa_runtime"]  # the same record: nothing differs
+    # a plugin file that changed since is named, not silently used
+    files["lora"].write_bytes(files["lora"].read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(ParameterError, match="--lora"):
+        arguments_from_record(record)

@@ -19,3 +19,8 @@ class CheckpointError(ValueError):
 
 class NonFiniteError(RuntimeError):
     """A generation produced NaN or infinite values (the request fails; the process is fine)."""
+
+
+class AspectWarning(UserWarning):
+    """A given SD1.5 size whose aspect differs from the SDXL size's: the SD1.5 image is
+    stretched when it is resized to the SDXL size at the hand-over."""

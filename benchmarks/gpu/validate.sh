@@ -2,12 +2,14 @@
 # GPU validation in one device call (see README "What ran where"): the GPU-marked tests,
 # the kernel benchmark, the stage-2 profile and xa-bench at full size with random weights.
 # Steps (STEPS="..."): tests kernels profile latency (default), runtime-tests runtime
-# components (the lean runtime: run these first in a new GPU session), throughput.
+# components (the lean runtime: run these first in a new GPU session), throughput, train (one
+# full-size xa-train step, random weights, bf16: naive vs ours, step time and peak memory).
 # A session has ~15 min of device time, machine start included, and one call may run 10 min
 # (the step timeouts keep each call below under 600 s; a step cut short still leaves its log):
 #   call 1: STEPS="runtime-tests runtime components" PACK=1   (the lean runtime, never run on a GPU)
 #   call 2: STEPS="tests kernels profile" PACK=1              (conv epilogues, the GroupNorm kernel,
 #           the mixed layout and the layout-keeping swaps, never run; the rest re-measured)
+#   call 3: STEPS="train" PACK=1                              (xa-train's step at full size, never run)
 # The GPU image has torch, triton, onnx and onnxruntime but not diffusers: carry the wheels of
 # diffusers, importlib_metadata and lazy_loader (a runtime dependency) in .whl/.
 # Run from the repository root on a CUDA machine; results go to $OUT (default ./out/gpu).
@@ -39,6 +41,8 @@ for s in $steps; do
     throughput) timeout 240 python3 -m xa_runtime.cli.bench --random-weights --device cuda --dtype fp16 \
                --mode throughput --batches 1,2,4 --concurrency 1,2 --compare eager --steps 10 --warmup 1 --runs 2 \
                --output "$OUT/throughput.json" --plots "$OUT" 2>&1 | grep -v "round" | tail -20 ;;
+    train) timeout 300 python3 benchmarks/bench_train.py --models random --device cuda --dtype bf16 --batch-size 1 \
+               --warmup 1 --runs 3 --rounds 1 --output "$OUT/train.json" 2>&1 | tail -12 ;;
     latency) timeout 220 python3 -m xa_runtime.cli.bench --models random --device cuda --dtype fp16 \
                --compare eager,kernels --warmup 1 --runs 3 --output "$OUT/latency.json" 2>&1 | grep -v "round" | tail -12 ;;
   esac

@@ -7,36 +7,21 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..atomic_files import write_all_or_nothing
 from .components import BREAKDOWN
 from .runner import P99_MIN_SAMPLES
 
 SDXL_ALONE_GOAL = 1.45  # the lean runtime's goal: X-Adapter / SDXL alone
 
 
-def _file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write to a temporary file in the same folder, then rename over `path`. The file gets
-    the mode open() would give it (0644 under the usual umask 022): mkstemp makes 0600."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
-            f.write(data)
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write one file all or nothing (atomic_files.write_all_or_nothing)."""
+    write_all_or_nothing({path: data.encode() if isinstance(data, str) else data})
 
 
 def _run(cmd: list[str], cwd: Path | None = None) -> str | None:

@@ -394,13 +394,22 @@ def _install_random_lora(pipes: Any) -> None:
             pipe.load_plugins([PluginSpec("bench", "lora", str(path), 1.0)])
 
 
-def _write_atomic(path: Path, text: str | bytes) -> None:
-    from ..bench.report import write_atomic
+def _write_atomic(files: dict[Path, str]) -> None:
+    """The JSON and its Markdown summary as one set: both or neither (atomic_files)."""
+    from ..atomic_files import write_all_or_nothing
 
-    write_atomic(path, text)
+    write_all_or_nothing({path: text.encode() for path, text in files.items()})
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run `xa-bench`; returns the exit code (0 ok, 2 bad input or outputs not written,
+    130 / 143 stopped by SIGINT / SIGTERM)."""
+    from .usage import exit_on_signals
+
+    return exit_on_signals("xa-bench", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     from ..errors import CheckpointError
     from .usage import debug_requested, report
 
@@ -414,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args, argv, variants, workload, device, dtype, options)
     except (ParameterError, CheckpointError) as e:  # a model file that passed the checks but does not load
         return report(str(e), debug)
+    except OSError as e:  # a full disk, a folder at the output's name: the old outputs stay as they were
+        return report(f"--output {args.output!r}: cannot write the results ({e})", debug)
 
 
 def _run(args: argparse.Namespace, argv: list[str] | None, variants, workload, device, dtype, options) -> int:
@@ -447,8 +458,8 @@ def _run(args: argparse.Namespace, argv: list[str] | None, variants, workload, d
             result["plots"] = [str(p) for p in plots]
             print("plots: " + ", ".join(str(p) for p in plots), file=sys.stderr)
         if out is not None:
-            _write_atomic(out, json.dumps(result, indent=2))
-            _write_atomic(out.with_suffix(".md"), markdown(result, text, plots, out.resolve().parent))
+            _write_atomic({out: json.dumps(result, indent=2),
+                           out.with_suffix(".md"): markdown(result, text, plots, out.resolve().parent)})
             print(f"wrote {out} and {out.with_suffix('.md')}", file=sys.stderr)
     return 0
 

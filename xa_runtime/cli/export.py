@@ -12,16 +12,18 @@ nothing but the command line run before torch is imported.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import xa_runtime
 
 from ..errors import CheckpointError, ParameterError
 from ..graphs import GRAPHS
-from .usage import CheckedParser, UsageError, add_debug_argument, debug_requested, parameter_error_line, report
+from .usage import (CheckedParser, UsageError, add_debug_argument, debug_requested, exit_on_signals,
+                    parameter_error_line, report)
 from .vocabulary import MODEL_HELP, add_device_argument, add_dtype_argument, add_no_progress_argument, check_tiny_seed
 
 PROG = "xa-export"
@@ -163,12 +165,32 @@ def load_bundle(args: argparse.Namespace, names: list[str]):
     return ModuleBundle(sd15, sdxl, mapping, controlnet, t2i, ip)
 
 
+@contextlib.contextmanager
+def _new_folder(out: Path) -> Iterator[None]:
+    """`out`, created if it is not there; removed again if the body fails or is stopped while
+    it holds nothing else (a full disk or a signal leaves no folder this run made)."""
+    created = not out.exists()
+    out.mkdir(exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only if empty: the staging folder is gone by now
+        raise
+
+
 def describe(error: ParameterError) -> str:
     return parameter_error_line(error, PARAM_FLAGS.get(error.name, error.name))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run `xa-export`; returns the exit code (0 ok, 2 bad input, nothing written)."""
+    """Run `xa-export`; returns the exit code (0 ok, 2 bad input, nothing written; 130 / 143
+    stopped by SIGINT / SIGTERM, nothing written)."""
+    return exit_on_signals(PROG, lambda: _main(argv))
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     debug = debug_requested(argv)
     try:
         args = build_parser().parse_args(argv)
@@ -192,9 +214,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         bundle = load_bundle(args, names)
         if args.tiny:
             source = {**mf.source_from_bundle(bundle), "tiny_seed": args.tiny_seed}
-        out.mkdir(exist_ok=True)
-        paths = export_graphs(names, bundle, out, args.dtype, args.opset, progress=not args.no_progress,
-                              source=source, force=args.force)
+        with _new_folder(out):
+            paths = export_graphs(names, bundle, out, args.dtype, args.opset, progress=not args.no_progress,
+                                  source=source, force=args.force)
     except ParameterError as e:
         return report(describe(e), debug)
     except (CheckpointError, OSError) as e:

@@ -25,9 +25,9 @@ from typing import Any
 
 import xa_runtime
 
-from ..errors import CheckpointError, ParameterError
+from ..errors import AspectWarning, CheckpointError, NonFiniteError, ParameterError
 from ..models.presets import get_preset
-from ..pipeline.params import PARAMETERS, GenerationParams, SizeRules, validate
+from ..pipeline.params import PARAMETERS, TEXT, GenerationParams, SizeRules, validate
 from .backend_args import add_backend_arguments, check_backend, loras_to_backend, open_cli_backend
 from .output_files import image_paths, sidecar_path, write_outputs
 from .plugin_args import (
@@ -44,6 +44,7 @@ from .usage import (
     add_debug_argument,
     check_output_files,
     debug_requested,
+    exit_on_signals,
     parameter_error_line,
     report,
 )
@@ -232,6 +233,35 @@ def check_device(device: str) -> None:
         raise ParameterError("--device", device, f"cpu here: CUDA is not available ({why}, torch {torch.__version__})")
 
 
+def check_memory(args: argparse.Namespace, tiny: bool, p: GenerationParams, prompts: int) -> None:
+    """ParameterError naming --batch (or the sizes) when the run's estimated activation memory
+    (runtime.memory.estimate_generation_bytes) exceeds all the memory of the device."""
+    from ..runtime.memory import device_memory_bytes, estimate_generation_bytes
+
+    capacity = device_memory_bytes(args.device)
+    if capacity is None:
+        return
+    presets = (get_preset("tiny-sdxl"), get_preset("tiny-sd15")) if tiny else (get_preset("sdxl"), get_preset("sd15"))
+    widths = tuple(pr.vae["block_out_channels"][0] for pr in presets)
+    dtype_bytes = 4 if args.dtype == "fp32" else 2
+    images = prompts * p.num_images_per_prompt
+
+    def need(n: int) -> int:
+        return estimate_generation_bytes(n, p.height * p.width, p.height_sd15 * p.width_sd15, widths, dtype_bytes)
+
+    if need(images) <= capacity:
+        return
+    fits = max((n for n in range(1, images) if need(n) <= capacity), default=0)
+    sizes = (f"--height {p.height} --width {p.width} and --height-sd15 {p.height_sd15} --width-sd15 {p.width_sd15}")
+    gib = 2**30
+    why = (f"{images} images at {sizes} need about {need(images) / gib:.0f} GiB of memory (estimated), more than "
+           f"all of this {args.device}'s {capacity / gib:.0f} GiB")
+    if fits:
+        images_fit = f"at most {fits} image{'s' if fits > 1 else ''}"
+        raise ParameterError("--batch", args.batch, f"{images_fit} in all at these sizes: {why}")
+    raise ParameterError("--height", p.height, f"smaller sizes: {why}, even for one image")
+
+
 def _blame(error: Exception, args: argparse.Namespace) -> str:
     """Prefix a loading error with the flag whose path it mentions (the longest match)."""
     from ..plugins.lora import parse_lora_argument
@@ -327,14 +357,18 @@ def check_inputs(args: argparse.Namespace) -> CheckedInputs:
     check_tiny_seed(args)
     args.threads = check_threads(args)
     params = params_from_args(args)
-    # A check only: sizes left unset resolve to the loaded models' own defaults in generate.
-    validate(params, size_rules(tiny))
+    # A check only: sizes left unset resolve to the loaded models' own defaults in generate (which
+    # warns, as one `warning:` line, when the SD1.5 size cannot keep the SDXL aspect).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AspectWarning)
+        resolved = validate(params, size_rules(tiny))
     output = check_output(args.output, len(args.prompt) * args.batch)
     runtime_names(args)
     # From here on the checks read files or ask torch (model headers, CUDA, plugin files).
     if not tiny:
         check_models(args)
     check_device(args.device)
+    check_memory(args, tiny, resolved, len(args.prompt))
     set_threads(args.threads)
     runtime = runtime_config(args)
     plugins = check_plugin_arguments(args)
@@ -393,16 +427,93 @@ def records(args: argparse.Namespace, tiny: bool, result: Any, seconds: dict[str
         **seconds,
         "command": command,
     }
+    from ..infotext import file_hash, plugin_entries
+
+    entries = plugin_entries(plugin_record(list(plugins)))  # file, short hash, scales, window: enough to redo it
+    init = ({"path": args.init_image, "file": Path(args.init_image).name, "sha256": file_hash(args.init_image)}
+            if args.init_image else None)
     per_image = [
         {**parameters, "image_index": i, "prompt_index": i // p.num_images_per_prompt, "models": models, **run,
-         "xa_runtime": xa_runtime.__version__}
+         "plugins": entries, "init_image": init, "xa_runtime": xa_runtime.__version__}
         for i in range(len(result.images))
     ]
     return record, per_image
 
 
+# plugin kind -> (path flag, its image flag, {entry key: per-plugin flag})
+_PLUGIN_FLAGS = {
+    "controlnet": ("--controlnet", "--control-image", {"control_type": "--control-type",
+                   "conditioning_scale": "--controlnet-scale", "guidance_start": "--control-start",
+                   "guidance_end": "--control-end"}),
+    "t2i": ("--t2i-adapter", "--t2i-image", {"scale": "--t2i-scale", "conditioning_factor": "--t2i-factor"}),
+    "nexus": ("--nexus-adapter", "--adapter-image", {"scale": "--nexus-scale"}),
+}
+
+
+def arguments_from_record(record: dict[str, Any]) -> list[str]:
+    """The xa-generate arguments that made an image, from its PNG's JSON chunk (`xa_runtime`)
+    alone (without --output): every parameter with a flag, the models, device, dtype, runtime,
+    backend, plugins and init image. Each plugin and init-image file is checked against the
+    sha256 recorded: ParameterError naming it where the file at that path changed."""
+    from ..infotext import file_hash
+
+    argv: list[str] = []
+    for row in PARAMETERS:
+        value = record.get(row.name)
+        if not row.flag or value is None or (row.name == "strength" and not record.get("init_image")):
+            continue
+        for v in value if isinstance(value, list) and row.kind == TEXT else [value]:
+            argv += [row.flag, str(v)]
+    models = record.get("models") or {}
+    if models.get("kind") == "tiny":
+        argv += ["--tiny-seed", str(models.get("tiny_seed", 0))]
+    else:
+        for key in ("sd15", "sdxl", "adapter", "sdxl_vae"):
+            if models.get(key):
+                argv += [f"--{key.replace('_', '-')}", str(models[key])]
+    argv += ["--device", record.get("device", "cpu"), "--dtype", record.get("dtype", "fp32"),
+             "--offload", record.get("offload") or "none", "--backend", record.get("backend") or "torch"]
+    if record.get("runtime"):
+        argv += ["--runtime", record["runtime"]]
+
+    def checked(entry: dict[str, Any], what: str) -> str:
+        path, recorded = entry["path"], entry.get("sha256")
+        if recorded and file_hash(path, addnet=entry.get("kind") in ("lora", "sdxl_lora")) != recorded:
+            raise ParameterError(what, path, f"the file recorded with the image (sha256 {recorded[:10]}...); it changed")
+        return path
+
+    for entry in record.get("plugins") or []:
+        kind = entry["kind"]
+        if kind in ("lora", "sdxl_lora"):
+            flag = "--lora" if kind == "lora" else "--sdxl-lora"
+            argv += [flag, f"{checked(entry, flag)}:{entry.get('scale', 1.0)}", "--lora-mode", entry.get("mode", "fused")]
+        elif kind in _PLUGIN_FLAGS:
+            flag, image_flag, settings = _PLUGIN_FLAGS[kind]
+            argv += [flag, checked(entry, flag), image_flag, entry["image"]]
+            for key, setting in settings.items():
+                if entry.get(key) is not None:
+                    argv += [setting, str(entry[key])]
+            if entry.get("guess_mode"):
+                argv.append("--guess-mode")
+        elif kind == "ip_adapter":
+            argv += ["--ip-adapter", checked(entry, "--ip-adapter"), "--ip-scale", str(entry.get("scale", 1.0))]
+            for image in entry.get("images", []):
+                argv += ["--ip-image", image]
+            if entry.get("image_encoder"):
+                argv += ["--image-encoder", entry["image_encoder"]]
+    init = record.get("init_image")
+    if init:
+        argv += ["--init-image", checked(init, "--init-image")]
+    return argv
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run `xa-generate`; returns the exit code (0 ok, 2 bad input, nothing written)."""
+    """Run `xa-generate`; returns the exit code (0 ok, 2 bad input, nothing written; 130 / 143
+    stopped by SIGINT / SIGTERM, nothing written)."""
+    return exit_on_signals(PROG, lambda: _main(argv))
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     command = [PROG, *(sys.argv[1:] if argv is None else argv)]
     debug = debug_requested(argv)
@@ -436,6 +547,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return report(describe(e), debug)
         except (CheckpointError, OSError) as e:  # a file that passed the cheap checks but does not load
             return report(_blame(e, args), debug)
+        except NonFiniteError as e:  # NaN / inf latents or pixels: no image is written
+            return report(str(e), debug)
         finally:
             if backend is not None:
                 backend.close()

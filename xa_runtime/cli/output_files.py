@@ -2,18 +2,15 @@
 chunks (`parameters`: A1111 infotext that image tools read; `xa_runtime`: the image's full
 record as JSON; xa_runtime/infotext.py), and one JSON sidecar with everything about the run.
 
-All files are written under hidden temporary names in the output folder and moved into
-place with os.replace only once every one of them is complete, so a failed or
-interrupted run leaves no partial file behind.
+The set is written all or nothing (atomic_files.write_all_or_nothing): hidden temporary
+names, then moved into place under a lock on the folder; a failed, interrupted or
+concurrent run leaves the previous set whole and no temporary file behind.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,10 +18,12 @@ from typing import Any
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from ..atomic_files import write_all_or_nothing
 from ..infotext import JSON_KEY, TEXT_KEY, png_text_chunks
 
 PNG_TEXT_KEY = TEXT_KEY
 PNG_JSON_KEY = JSON_KEY
+__all__ = ["image_paths", "sidecar_path", "png_bytes", "write_all_or_nothing", "write_outputs"]
 
 
 def image_paths(output: Path, count: int) -> list[Path]:
@@ -57,37 +56,6 @@ def png_bytes(image: Image.Image, text: dict[str, Any]) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
-
-
-def _file_mode() -> int:
-    # mkstemp creates 0600 files; the final files get what open() would have given them.
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def write_all_or_nothing(contents: dict[Path, bytes]) -> None:
-    """Write every file to a temporary name beside its target, then move them all into
-    place. On any error the temporary files are removed and nothing new is left."""
-    temps: list[tuple[str, Path]] = []
-    placed: list[Path] = []  # targets that did not exist before and now do
-    try:
-        for target, data in contents.items():
-            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-            temps.append((tmp, target))
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.chmod(tmp, _file_mode())
-        for tmp, target in temps:
-            existed = os.path.lexists(target)
-            os.replace(tmp, target)
-            if not existed:
-                placed.append(target)
-    except BaseException:
-        for path in [tmp for tmp, _ in temps] + placed:  # a failed move takes back the files already moved
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-        raise
 
 
 def write_outputs(

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -73,31 +72,16 @@ def _exists(flag: str, path: str | None) -> None:
 
 
 def _image(flag: str, path: str) -> None:
-    """An image file PIL can decode, of at most MAX_IMAGE_PIXELS pixels (checked from the
-    header before decoding, so a decompression bomb is never expanded)."""
-    from PIL import Image
-
+    """An image file PIL can decode, its declared size within loading.images' bounds (pixels
+    and aspect ratio, checked from the header before decoding, so a decompression bomb is
+    never expanded)."""
     from ..loading.checkpoint_files import non_regular_kind
-    from ..loading.images import MAX_IMAGE_PIXELS
+    from ..loading.images import read_image
 
     kind = non_regular_kind(path)
     if not Path(path).is_file() or kind is not None:
         raise ParameterError(flag, path, "an existing image file (PNG, JPEG, ...)" + (f"; this is {kind}" if kind else ""))
-    try:
-        with warnings.catch_warnings():
-            # PIL warns above its own limit (89 Mpx); the limit here is checked just below.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(path)
-        with im:
-            width, height = im.size
-            if width * height > MAX_IMAGE_PIXELS:
-                raise ParameterError(flag, path, f"an image of at most {MAX_IMAGE_PIXELS} pixels; this one declares "
-                                                 f"{width}x{height} = {width * height}")
-            im.load()  # decodes every pixel: a corrupt stream fails here, before the models load
-    except ParameterError:
-        raise
-    except Exception as e:  # noqa: BLE001 -- PIL raises OSError, SyntaxError, zlib.error, ...
-        raise ParameterError(flag, path, f"an image file PIL can read ({type(e).__name__}: {e})") from None
+    read_image(path, flag)  # decodes every pixel: a corrupt stream fails here, before the models load
 
 
 def _plugin_model(flag: str, path: str) -> None:
@@ -248,7 +232,6 @@ def plugin_record(specs: list[PluginSpec]) -> dict[str, list[dict[str, Any]]]:
 def load_init_image(path: str | None) -> Any:
     if path is None:
         return None
-    from PIL import Image
+    from ..loading.images import read_image
 
-    with Image.open(path) as im:
-        return im.convert("RGB")
+    return read_image(path, "--init-image")  # EXIF orientation applied, 16-bit grey scaled

@@ -13,6 +13,8 @@ DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # --dtype -
 DEVICES = ("cpu", "cuda")
 MODEL_FLAGS = ("--sd15", "--sdxl", "--adapter")
 MAX_DEFAULT_THREADS = 4
+MAX_THREADS = 1024  # torch allocates per-thread state up front: 10^9 threads is a MemoryError, not a run
+MAX_TINY_SEED = 2**63 - 1  # the tiny models' seed goes to torch.manual_seed (a C int64)
 MODEL_HELP = {
     "--sd15": "SD1.5 diffusers folder or single .safetensors file",
     "--sdxl": "SDXL base diffusers folder or single .safetensors file",
@@ -28,7 +30,7 @@ def add_model_arguments(group: Any, *, extra: str = "") -> None:
                        help="the built-in tiny random models: the default without --sd15/--sdxl/--adapter "
                             "(the flag is accepted for explicitness)")
     group.add_argument("--tiny-seed", type=int, default=None, metavar="N",
-                       help="seed of the built-in tiny random models, >= 0 (default 0)")
+                       help=f"seed of the built-in tiny random models, 0..{MAX_TINY_SEED} (default 0)")
 
 
 def generation_flags() -> dict[str, str]:
@@ -104,7 +106,7 @@ def add_dtype_argument(group: Any, *aliases: str, default: str = "fp32", what: s
 
 def add_threads_argument(group: Any) -> None:
     group.add_argument("--threads", type=int, default=None, metavar="N",
-                       help="CPU threads of torch, >= 1 (default: OMP_NUM_THREADS if set, else the cores not busy "
+                       help=f"CPU threads of torch, 1..{MAX_THREADS} (default: OMP_NUM_THREADS if set, else the cores not busy "
                             f"with other work, at most {MAX_DEFAULT_THREADS}; see default_threads)")
 
 
@@ -113,11 +115,11 @@ def add_no_progress_argument(group: Any) -> None:
 
 
 def check_tiny_seed(args: argparse.Namespace) -> int:
-    """The tiny models' seed (0 unless --tiny-seed); ParameterError below 0."""
+    """The tiny models' seed (0 unless --tiny-seed); ParameterError outside 0..MAX_TINY_SEED."""
     from ..errors import ParameterError
 
-    if args.tiny_seed is not None and args.tiny_seed < 0:
-        raise ParameterError("--tiny-seed", args.tiny_seed, "an integer >= 0")
+    if args.tiny_seed is not None and not 0 <= args.tiny_seed <= MAX_TINY_SEED:
+        raise ParameterError("--tiny-seed", args.tiny_seed, f"an integer in 0..{MAX_TINY_SEED}")
     return args.tiny_seed or 0
 
 
@@ -146,13 +148,13 @@ def default_threads() -> int:
 
 
 def check_threads(args: argparse.Namespace) -> int:
-    """--threads, or default_threads(); ParameterError below 1."""
+    """--threads, or default_threads(); ParameterError outside 1..MAX_THREADS."""
     from ..errors import ParameterError
 
     if args.threads is None:
         return default_threads()
-    if args.threads < 1:
-        raise ParameterError("--threads", args.threads, "an integer >= 1")
+    if not 1 <= args.threads <= MAX_THREADS:
+        raise ParameterError("--threads", args.threads, f"an integer in 1..{MAX_THREADS}")
     return args.threads
 
 

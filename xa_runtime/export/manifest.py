@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from ..atomic_files import write_all_or_nothing
 from ..errors import CheckpointError, ParameterError
 from ..graphs import GRAPHS
 
@@ -191,13 +192,11 @@ def versions() -> dict[str, str | None]:
 
 
 def write_manifest(folder: str | os.PathLike, graphs: Mapping[str, dict[str, Any]], source: Mapping[str, Any]) -> Path:
-    """Write manifest.json atomically (temp name, then rename)."""
+    """Write manifest.json all or nothing (atomic_files.write_all_or_nothing)."""
     path = Path(folder) / MANIFEST
     data = {"format": MANIFEST_FORMAT, "versions": versions(), "source": dict(source),
             "graphs": {n: graphs[n] for n in sorted(graphs)}}
-    tmp = path.with_name(f".{MANIFEST}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    write_all_or_nothing({path: json.dumps(data, indent=1, sort_keys=True).encode()})
     return path
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import os
-import re
 import shutil
 import tempfile
 import warnings
@@ -29,6 +28,7 @@ import torch
 
 import xa_runtime
 
+from ..atomic_files import TEMP_TAG, move_all_or_nothing, remove_stale_temps, temp_prefix
 from ..errors import ParameterError
 from ..kernels.modules import kernels_off
 from ..graphs import GRAPHS, SDXL_LATENT, GraphSpec, get_graph, resolve_dim
@@ -199,31 +199,13 @@ def _tensor_bytes(t) -> int:
     return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
 
 
-STAGING_TAG = "xa-tmp-"  # hidden staging folders: .NAME-xa-tmp-PID-XXXX (one graph), .xa-tmp-PID-XXXX (a set)
-_STAGING = re.compile(r"^\..*" + STAGING_TAG + r"(\d+)-[^/]+$")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
+STAGING_TAG = TEMP_TAG  # hidden staging folders: .NAME-xa-tmp-PID-XXXX (one graph), .xa-tmp-PID-XXXX (a set)
 
 
 def remove_stale_staging(folder: str | os.PathLike) -> list[Path]:
-    """Remove the hidden staging folders in `folder` left by exports whose process is gone
-    (killed mid-export); returns what was removed. Folders of running exports stay."""
-    removed = []
-    for entry in Path(folder).iterdir():
-        m = _STAGING.match(entry.name)
-        if m and entry.is_dir() and not entry.is_symlink() and int(m.group(1)) != os.getpid() \
-                and not _pid_alive(int(m.group(1))):
-            shutil.rmtree(entry, ignore_errors=True)
-            removed.append(entry)
-    return removed
+    """Remove the hidden staging folders (and temporary files) in `folder` left by writers
+    whose process is gone (killed mid-export); returns what was removed."""
+    return remove_stale_temps(folder)
 
 
 def export_graphs(
@@ -253,27 +235,26 @@ def export_graphs(
     previous = mf.check_source(out, source, force)
     for stale in remove_stale_staging(out):
         warnings.warn(f"removed {stale}, left by an interrupted export", stacklevel=2)
-    # The new set is written beside the old one, in a hidden staging folder; the old export
-    # (manifest and graphs) stays valid until every new graph is complete. Then the manifest
-    # goes, the new files move in (renames: quick) and the new manifest is written last.
-    staging = Path(tempfile.mkdtemp(prefix=f".{STAGING_TAG}{os.getpid()}-", dir=out))
+    # The new set is written beside the old one, in a hidden staging folder, with its manifest;
+    # the old export (manifest and graphs) stays valid until every new file is complete (a full
+    # disk fails here). Then the files move in (renames: quick), the manifest last, all or
+    # nothing: a failure or a signal on the way puts the old files back.
+    staging = Path(tempfile.mkdtemp(prefix=temp_prefix(), dir=out))
     try:
         for n in tqdm(names, desc="export", unit="graph", disable=not progress):
             export_graph(n, bundle, staging / f"{n}.onnx", dtype, opset)
-        (out / mf.MANIFEST).unlink(missing_ok=True)
-        paths = {}
+        dtype_name = str(dtype).removeprefix("torch.")
+        entries = {g: e for g, e in (previous or {}).get("graphs", {}).items()
+                   if g not in names and (out / f"{g}.onnx").is_file()}
+        entries.update({n: mf.graph_entry(staging, n, dtype_name, opset) for n in names})
+        mf.write_manifest(staging, entries, source)
+        moves = [(f, out / f.name) for n in names  # each .onnx after its data: it needs its data
+                 for f in sorted(mf.graph_files(staging, n), key=lambda f: f.suffix == ".onnx")]
+        move_all_or_nothing([*moves, (staging / mf.MANIFEST, out / mf.MANIFEST)])
         for n in names:
-            new = mf.graph_files(staging, n)
-            if staging / f"{n}.onnx.data" not in new:
+            if f"{n}.onnx.data" not in entries[n]["files"]:
                 (out / f"{n}.onnx.data").unlink(missing_ok=True)  # an earlier export's external data
-            for f in sorted(new, key=lambda f: f.suffix == ".onnx"):  # the .onnx last: it needs its data
-                os.replace(f, out / f.name)
-            paths[n] = out / f"{n}.onnx"
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    entries = {g: e for g, e in (previous or {}).get("graphs", {}).items()
-               if g not in paths and (out / f"{g}.onnx").is_file()}
-    dtype_name = str(dtype).removeprefix("torch.")
-    entries.update({n: mf.graph_entry(out, n, dtype_name, opset) for n in paths})
-    mf.write_manifest(out, entries, source)
+    paths = {n: out / f"{n}.onnx" for n in names}
     return paths

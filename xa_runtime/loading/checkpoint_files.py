@@ -9,13 +9,14 @@ file needs more.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import stat
 import struct
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -80,11 +81,22 @@ def read_safetensors_shapes(path: str | Path) -> Shapes:
             if size > _MAX_HEADER_BYTES:
                 raise CheckpointError(f"{path} is not a .safetensors file (header size {size} bytes)")
             header = json.loads(f.read(size))
+    except RecursionError:
+        raise CheckpointError(f"{path} is not a .safetensors file (its header nests too deeply)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"cannot read the .safetensors header of {path}: {e}") from e
     if not isinstance(header, dict):
         raise CheckpointError(f"{path} is not a .safetensors file (its header is not a table)")
     return _header_shapes(path, header)
+
+
+def check_finite(tensors: Iterable[tuple[str, torch.Tensor]], source: str, what: str = "tensor") -> None:
+    """CheckpointError naming `source` and the first floating tensor that holds NaN or inf:
+    a model file with such weights is refused when it loads, not found as NaN or black
+    images after a whole generation. One pass over the weights (isfinite, no copy)."""
+    for key, value in tensors:
+        if value.is_floating_point() and value.numel() and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"{source}: {what} {key} holds NaN or infinite values")
 
 
 def _unpickling_reason(e: Exception) -> str:
@@ -172,6 +184,68 @@ def read_shapes(path: str | Path) -> Shapes:
     return read_state_dict(path)  # raises the "unknown format" error
 
 
+# What a diffusers model config (UNet, VAE, ControlNet, T2I-Adapter) can hold for a model
+# that runs: each key's ints (or each int of its list) within these bounds, every number
+# finite. The real SD1.5 / SDXL values are far inside (layers_per_block 2, sample_size 64 /
+# 128 / 1024, widths <= 1280, transformer_layers_per_block up to 10); a config beyond them
+# would allocate gigabytes before failing, or put inf into the default image size.
+MODEL_CONFIG_BOUNDS: dict[str, tuple[int, int]] = {
+    "layers_per_block": (1, 16), "num_res_blocks": (1, 16), "transformer_layers_per_block": (1, 64),
+    "sample_size": (1, 4096), "in_channels": (1, 64), "out_channels": (1, 64), "conditioning_channels": (1, 64),
+    "latent_channels": (1, 64), "block_out_channels": (1, 8192), "channels": (1, 8192),
+    "cross_attention_dim": (1, 8192), "attention_head_dim": (1, 8192), "num_attention_heads": (1, 1024),
+    "norm_num_groups": (1, 1024), "addition_time_embed_dim": (1, 8192),
+    "projection_class_embeddings_input_dim": (1, 65536), "downscale_factor": (1, 64),
+    # the CLIP text encoders' (transformers) configs: CLIP-L and OpenCLIP-bigG are far inside
+    "num_hidden_layers": (1, 128), "hidden_size": (1, 16384), "intermediate_size": (1, 65536),
+    "max_position_embeddings": (1, 4096), "vocab_size": (1, 1_048_576), "projection_dim": (1, 16384),
+}
+_MAX_CONFIG_LIST = 16  # stages of a UNet: 3 (SDXL) or 4 (SD1.5)
+
+
+def check_config_values(config: dict[str, Any], path: str | os.PathLike) -> None:
+    """CheckpointError naming the file and the key when a number in `config` is not finite
+    (JSON's 1e400 reads as inf) or a MODEL_CONFIG_BOUNDS key is not an int in its bounds."""
+    stack: list[tuple[str, Any]] = [(k, v) for k, v in config.items()]
+    while stack:  # iterative: a config may nest as deep as json.loads allowed
+        key, value = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            raise CheckpointError(f"{path}: config key {key!r} is {value}; accepted: a finite number")
+        if isinstance(value, dict):
+            stack.extend((f"{key}.{k}", v) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((f"{key}[{i}]", v) for i, v in enumerate(value))
+    for key, (lo, hi) in MODEL_CONFIG_BOUNDS.items():
+        value = config.get(key)
+        if value is None:
+            continue
+        values = value if isinstance(value, (list, tuple)) else [value]
+        ok = 1 <= len(values) <= _MAX_CONFIG_LIST and all(
+            isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi for v in values)
+        if not ok:
+            shown = json.dumps(value)
+            raise CheckpointError(f"{path}: config key {key!r} is {shown[:80]}{'...' if len(shown) > 80 else ''}; "
+                                  f"accepted: an integer in {lo}..{hi} (or a list of 1..{_MAX_CONFIG_LIST} of them)")
+
+
+def read_json_config(path: str | os.PathLike) -> dict[str, Any]:
+    """A model's JSON config file as a dict, its values checked (check_config_values);
+    CheckpointError naming the file for anything else (unreadable, not JSON, nested too deep
+    for the parser, not an object)."""
+    check_regular_file(path)
+    try:
+        with open(path, "rb") as f:
+            config = json.loads(f.read(_MAX_HEADER_BYTES + 1).decode("utf-8"))
+    except RecursionError:
+        raise CheckpointError(f"cannot read {path}: its JSON nests too deeply to be a model config") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} is not a model config: a JSON object, found a {type(config).__name__}")
+    check_config_values(config, path)
+    return config
+
+
 def read_folder_config(
     folder: str | Path, param: str, accepted: str, class_name: str | None = None
 ) -> dict[str, Any]:
@@ -180,12 +254,7 @@ def read_folder_config(
     config_file = Path(folder) / "config.json"
     if not config_file.is_file():
         raise ParameterError(param, str(folder), f"{accepted}; no config.json at this path")
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"cannot read {config_file}: {e}") from e
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{config_file} is not a model config: a JSON object, found a {type(config).__name__}")
+    config = read_json_config(config_file)
     if class_name is not None and config.get("_class_name") != class_name:
         raise ParameterError(param, str(folder), f"{accepted}; its config is a {config.get('_class_name')!r}")
     return config

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import pickle
 import warnings
 from pathlib import Path
@@ -14,6 +13,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, PreTrainedModel
 
 from ..errors import CheckpointError
+from .checkpoint_files import check_finite, read_json_config
 from ..models.components import SD15Components, SDXLComponents
 
 
@@ -75,6 +75,7 @@ def load_pretrained(
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
         raise CheckpointError(f"cannot load {what}: {_first_line(e)}") from e
     _check_loading_info(info, what)
+    check_finite(model.named_parameters(), what, "weight")
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
@@ -86,11 +87,7 @@ def _tokenizer(folder: Path, subfolder: str) -> CLIPTokenizer:
 
 
 def _scheduler_config(folder: Path) -> dict[str, Any]:
-    path = folder / "scheduler" / "scheduler_config.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from e
+    return read_json_config(folder / "scheduler" / "scheduler_config.json")
 
 
 def load_sd15_folder(folder: Path, *, dtype: torch.dtype, device: str | torch.device) -> SD15Components:

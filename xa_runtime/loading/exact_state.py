@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from .checkpoint_files import check_finite
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +90,7 @@ def assign_exact(
     problem = describe_mismatch(expected, state, ignore_unexpected=not strict_unexpected)
     if problem:
         raise CheckpointError(f"{what} does not match the model: {problem}")
+    check_finite(((k, state[k]) for k in expected), what)
     extra = sorted(k for k in state if k not in expected)
     if extra:
         logger.warning("%s: ignoring %d tensors the model does not use: %s", what, len(extra), _listed(extra))

@@ -4,7 +4,6 @@ headers only, so that a wrong path fails before gigabytes of weights are read.""
 from __future__ import annotations
 
 import functools
-import json
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -19,7 +18,7 @@ from ..models.original_layout import (
 )
 from ..models.presets import PRESETS, ModelPreset
 from .adapter_checkpoint import ADAPTER_SUFFIXES
-from .checkpoint_files import Shapes, check_regular_file, non_regular_kind, read_shapes
+from .checkpoint_files import Shapes, non_regular_kind, read_json_config, read_shapes
 
 FAMILY_NAMES = {"sd15": "an SD1.5 model", "sdxl": "an SDXL base model"}
 _CONV_IN = UNET_PREFIX + "input_blocks.0.0.weight"
@@ -30,17 +29,6 @@ _ACCEPTED = {
     "adapter": "a local X-Adapter checkpoint file (.bin, .pt, .pth or .safetensors)",
     "vae": "a local VAE: a diffusers AutoencoderKL folder or a single-file .safetensors",
 }
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    check_regular_file(path)
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from e
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path} is not a model config: a JSON object, found a {type(config).__name__}")
-    return config
 
 
 def family_of_unet_config(config: Mapping[str, Any]) -> str:
@@ -66,10 +54,14 @@ def family_of_folder(path: str | Path) -> str:
     unet_config = path / "unet" / "config.json"
     if not unet_config.is_file():
         own = path / "config.json"
-        if own.is_file() and _read_json(own).get("_class_name") == "AutoencoderKL":
+        if own.is_file() and read_json_config(own).get("_class_name") == "AutoencoderKL":
             raise CheckpointError(f"{path} is a VAE folder, not a full diffusers model folder")
         raise CheckpointError(f"{path} is not a diffusers model folder (no unet/config.json)")
-    return family_of_unet_config(_read_json(unet_config))
+    family = family_of_unet_config(read_json_config(unet_config))
+    for part in ("vae", "text_encoder", "text_encoder_2"):  # their values checked before anything is built
+        if (path / part / "config.json").is_file():
+            read_json_config(path / part / "config.json")
+    return family
 
 
 def _has(shapes: Shapes, prefix: str) -> bool:
@@ -134,7 +126,7 @@ def detect_family(path: str | Path) -> str:
 def _check_vae(path: Path) -> None:
     if path.is_dir():
         config = path / "config.json"
-        if not config.is_file() or _read_json(config).get("_class_name") != "AutoencoderKL":
+        if not config.is_file() or read_json_config(config).get("_class_name") != "AutoencoderKL":
             raise CheckpointError("this folder has no AutoencoderKL config.json")
         return
     shapes = read_shapes(path)

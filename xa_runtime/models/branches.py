@@ -8,6 +8,7 @@ branch call the hooks are inert, so the wrapped UNet behaves exactly like the st
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -97,12 +98,13 @@ class SDXLBranch(nn.Module):
         self._hooks = [blk.register_forward_hook(self._make_injector(i)) for i, blk in enumerate(targets)]
 
     def _make_injector(self, index: int):
-        def hook(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor | None:
-            if self._pending is None:
-                return None
-            return self._pending[index](output)
+        # a partial of a method, not a local function: the UNet (and a pipeline holding it) pickles
+        return functools.partial(self._inject, index)
 
-        return hook
+    def _inject(self, index: int, module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor | None:
+        if self._pending is None:
+            return None
+        return self._pending[index](output)
 
     def forward(
         self,

@@ -18,7 +18,10 @@ StepCallback = Callable[[str, int, int], None]  # (stage name, step index, steps
 # diffusers' callback_on_step_end, as the pipeline calls it: (stage, step index, timestep, tensors) ->
 # replacements for those tensors
 StepEnd = Callable[[str, int, torch.Tensor, dict[str, torch.Tensor]], dict[str, Any]]
-CALLBACK_TENSOR_INPUTS = ("latents", "latents_sd15")
+# diffusers' StableDiffusionXLPipeline._callback_tensor_inputs (the SDXL branch's, as the current
+# stage uses them) + the SD1.5 branch's under the _sd15 suffix
+CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds", "add_text_embeds", "add_time_ids", "latents_sd15",
+                          "prompt_embeds_sd15")
 # prompt_embeds keyword -> (branch, rank): SDXL keeps diffusers' StableDiffusionXLPipeline names,
 # SD1.5 the same names with the _sd15 suffix that prompt_sd15 has
 EMBEDS = {
@@ -28,17 +31,24 @@ EMBEDS = {
 }
 
 
-def request_generator(p: GenerationParams, generator: torch.Generator | None,
-                      tensor_inputs: Sequence[str]) -> torch.Generator:
-    """The request's generator: the caller's (then no seed), or a CPU generator of `p.seed`
+def request_generator(p: GenerationParams, generator: torch.Generator | list[torch.Generator] | None,
+                      tensor_inputs: Sequence[str]) -> torch.Generator | list[torch.Generator]:
+    """The request's generator: the caller's (one, or one per image; then no seed), or a CPU generator of `p.seed`
     (drawn and recorded in `p` when None). Also checks the callback's tensor names."""
     unknown = [k for k in tensor_inputs if k not in CALLBACK_TENSOR_INPUTS]
     if unknown:
         raise ParameterError("callback_on_step_end_tensor_inputs", list(tensor_inputs),
                              f"names among {', '.join(CALLBACK_TENSOR_INPUTS)}")
     if generator is not None:
-        if not isinstance(generator, torch.Generator):
-            raise ParameterError("generator", type(generator).__name__, "one torch.Generator (lists are not supported)")
+        if isinstance(generator, (list, tuple)):  # diffusers: one generator per image
+            images = len(p.prompts) * p.num_images_per_prompt
+            if len(generator) != images or not all(isinstance(g, torch.Generator) for g in generator):
+                raise ParameterError("generator", [type(g).__name__ for g in generator],
+                                     f"one torch.Generator, or a list of {images} (one per image, as diffusers)")
+            if len({g.device for g in generator}) != 1:
+                raise ParameterError("generator", [str(g.device) for g in generator], "generators on one device")
+        elif not isinstance(generator, torch.Generator):
+            raise ParameterError("generator", type(generator).__name__, "a torch.Generator or a list of them")
         if p.seed is not None:
             raise ParameterError("seed", p.seed, "None when a generator is given (give one)")
         return generator
@@ -72,6 +82,19 @@ def check_latents(latents: torch.Tensor | None, shape: tuple[int, ...], p: Gener
     if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:
         raise ParameterError("latents", tuple(getattr(latents, "shape", ())),
                              f"a tensor of shape {shape} (SD1.5 latents at {p.height_sd15}x{p.width_sd15})")
+
+
+# diffusers call arguments this pipeline does not take -> what to do instead
+UNSUPPORTED = {
+    "cross_attention_kwargs": "not taken per call: set LoRA weights with set_adapters(names, weights) or "
+                              "fuse_lora(lora_scale=...)",
+    "denoising_start": "not taken (no refiner hand-over): adapter_guidance_start sets where stage 2 starts",
+    "denoising_end": "not taken (no refiner hand-over): adapter_guidance_start sets where stage 2 starts",
+    "timesteps": "not taken: num_inference_steps and scheduler= (a name or a diffusers scheduler)",
+    "sigmas": "not taken: num_inference_steps and scheduler= (use_karras_sigmas=True for Karras sigmas)",
+    "ip_adapter_image_embeds": "not taken: ip_adapter_image= (an image)",
+    "eta": "not taken: the scheduler's defaults are used (scheduler= a configured diffusers scheduler)",
+}
 
 
 class CallComponents(Protocol):
@@ -120,20 +143,27 @@ class DiffusersCallMixin:
         "latent"), seed, prompt_sd15, adapter_guidance_start, ...).
 
         generator: a torch.Generator all noise is drawn from, as in diffusers (instead of
-        `seed`); latents: stage-1 start latents (B x 4 x h/8 x w/8 at the SD1.5 size, scaled
+        `seed`), or a list of them, one per image (each image's noise from its own); latents: stage-1 start latents (B x 4 x h/8 x w/8 at the SD1.5 size, scaled
         by the scheduler's init_noise_sigma as diffusers does). prompt_embeds,
         negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds: the SDXL
         branch's (StableDiffusionXLPipeline's names and shapes); prompt_embeds_sd15,
         negative_prompt_embeds_sd15: the SD1.5 branch's. scheduler: a SCHEDULERS name or a
         diffusers scheduler object (default: `pipe.scheduler` when set), use_karras_sigmas
         where the scheduler has them. callback_on_step_end(pipe, step, timestep,
-        callback_kwargs) after every step of both stages: callback_kwargs holds the tensors
-        named in callback_on_step_end_tensor_inputs ("latents": the latents of the branch the
-        stage produces, SD1.5 in stage 1 and SDXL in stage 2; "latents_sd15": SD1.5's) and
-        "stage" ("stage1" / "stage2"); a returned dict with those keys replaces them.
+        callback_kwargs) after every step of both stages (a function, or diffusers' callback
+        objects such as SDXLCFGCutoffCallback and MultiPipelineCallbacks, whose tensor_inputs
+        are used): callback_kwargs holds the tensors named in callback_on_step_end_tensor_inputs
+        ("latents": the latents of the branch the stage produces, SD1.5 in stage 1 and SDXL in
+        stage 2; "latents_sd15": SD1.5's; "prompt_embeds", "add_text_embeds", "add_time_ids":
+        SDXL's, as StableDiffusionXLPipeline; "prompt_embeds_sd15": SD1.5's) and "stage"
+        ("stage1" / "stage2"); a returned dict with those keys replaces them. The callback sees
+        diffusers' pipeline attributes (num_timesteps, guidance_scale / _guidance_scale,
+        do_classifier_free_guidance, interrupt / _interrupt; see XAdapterPipeline).
         return_dict=False gives a tuple (images,). image / control_image with
         controlnet_conditioning_scale, control_guidance_start/end, guess_mode: the control
-        image(s) of the ControlNet(s) set as `pipe.controlnet`; ip_adapter_image: the image
+        image(s) of the ControlNet(s) set as `pipe.controlnet` (without one, `image=` with
+        `strength=` is img2img's start image, as in diffusers' img2img pipelines, the same as
+        `init_image=`); ip_adapter_image: the image
         prompt of the IP-Adapter loaded by `load_ip_adapter`.
         """
         components = cast(CallComponents, self)
@@ -150,6 +180,20 @@ class DiffusersCallMixin:
         if scheduler is not None or use_karras_sigmas is not None:
             spec = scheduler_spec(scheduler if scheduler is not None else kwargs.get("scheduler", DEFAULT_SCHEDULER),
                                   use_karras_sigmas)
+        if callback_on_step_end is not None:  # diffusers' callback objects name their tensors themselves
+            from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+
+            if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+                callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        if image is not None and getattr(self, "controlnet", None) is None and init_image is None and control_image is None:
+            if "strength" not in kwargs:  # no ControlNet: image= is img2img's, as diffusers' img2img pipelines
+                raise ParameterError("image", "an image", "a control image only when a ControlNet is set "
+                                     "(pipe.controlnet); for img2img give strength= with it (or init_image=)")
+            image, init_image = None, image
+        unknown = sorted(set(kwargs) - set(GenerationParams.__dataclass_fields__))
+        if unknown:
+            raise ParameterError(unknown[0], kwargs[unknown[0]], UNSUPPORTED.get(unknown[0], "no such keyword: diffusers' "
+                                 "call arguments listed in XAdapterPipeline.__call__, or GenerationParams fields"))
         params = GenerationParams(prompt=prompt, **kwargs)  # type: ignore[arg-type]
         if image is not None and control_image is not None:
             raise ParameterError("control_image", "an image", "None when image= is given (they are the same argument)")

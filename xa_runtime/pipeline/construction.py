@@ -35,6 +35,43 @@ def vae_factor(vae: torch.nn.Module) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def as_dtype(value: Any, name: str, auto: torch.dtype = torch.float32) -> torch.dtype:
+    """A dtype as diffusers takes it: a torch.dtype, its name ("float16", "torch.float16",
+    "fp16", ...) or "auto" (`auto`: the dtype the weights were saved in where that is known,
+    else float32)."""
+    if isinstance(value, str):
+        key = value.removeprefix("torch.")
+        if key == "auto":
+            return auto
+        value = DTYPES.get(key, value)
+    if value not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ParameterError(name, value, 'torch.float32, torch.float16 or torch.bfloat16 (or "float32", '
+                             '"float16", "bfloat16", "auto")')
+    return value
+
+
+class _NoSuchComponent:
+    """diffusers' single-UNet component names (pipe.unet, pipe.vae, ...): this pipeline has one
+    per branch, so reading or setting them says where they are instead of failing obscurely or
+    being silently ignored."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def _where(self) -> str:
+        return f"pipe.sd15.{self.name} or pipe.sdxl.{self.name} (one per branch; see pipe.components)"
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        raise AttributeError(f"X-Adapter pipelines have no single {self.name}: use {self._where()}")
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        raise ParameterError(self.name, type(value).__name__, f"set {self._where()}")
+
+
 def _upcast_vae(vae: torch.nn.Module, dtype: torch.dtype) -> bool:
     # SDXL's VAE overflows in fp16 (force_upcast in its config); the fp16-fix variant does not.
     return dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
@@ -46,6 +83,25 @@ class XAdapterPipelineBase:
     `from_pretrained(sd15, sdxl, adapter)` / `from_single_paths(...)` from local paths, from
     already loaded components, `from_diffusers(...)`, or `from_tiny()` for the built-in tiny
     random models."""
+
+    unet, vae, text_encoder = _NoSuchComponent(), _NoSuchComponent(), _NoSuchComponent()
+    text_encoder_2, tokenizer, tokenizer_2 = _NoSuchComponent(), _NoSuchComponent(), _NoSuchComponent()
+
+    @property
+    def components(self) -> dict[str, Any]:
+        """diffusers' `pipe.components`, each branch's under its prefix (sd15_unet, sdxl_vae,
+        ..., mapping, controlnet, scheduler): the modules themselves, shared, not copies."""
+        out: dict[str, Any] = {}
+        for branch in ("sd15", "sdxl"):
+            parts = getattr(self, branch)
+            for field_ in dataclasses.fields(parts):
+                if field_.name not in ("scheduler_config", "family"):
+                    out[f"{branch}_{field_.name}"] = getattr(parts, field_.name)
+        out["mapping"] = self.mapping
+        for name in ("controlnet", "scheduler"):
+            if hasattr(type(self), name):
+                out[name] = getattr(self, name)
+        return out
 
     def __init__(
         self,
@@ -59,6 +115,7 @@ class XAdapterPipelineBase:
         runtime: RuntimeConfig = RuntimeConfig(),
         controlnet: Any = None,
     ):
+        dtype = as_dtype(dtype, "dtype")
         self.device, self.dtype, self.progress, self.runtime = torch.device(device), dtype, progress, runtime
         runtime.check_device(self.device)
         self.sd15, self.sdxl = sd15, sdxl
@@ -115,8 +172,7 @@ class XAdapterPipelineBase:
                 device = arg if device is None else device
             else:
                 raise ParameterError("to", arg, "a device (str or torch.device) and/or a torch.dtype")
-        if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ParameterError("dtype", dtype, "torch.float32, torch.float16 or torch.bfloat16")
+        dtype = as_dtype(dtype, "dtype", self.dtype) if dtype is not None else None
         new_device = torch.device(device) if device is not None else self.device
         if new_device.type == "cuda" and new_device.index is None:
             new_device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else new_device
@@ -147,6 +203,29 @@ class XAdapterPipelineBase:
             self.runtime = dataclasses.replace(self.runtime, offload="encoders_vaes")
             self._place()
         return self.to(target)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """For pickle: transformers installs output-capturing forward hooks (local functions, which
+        do not pickle) on a text encoder's first call; they are removed here and transformers puts
+        them back on the next call (its `_output_capturing_hooks_installed` flag is cleared)."""
+        for encoder in (self.sd15.text_encoder, self.sdxl.text_encoder, self.sdxl.text_encoder_2):
+            for module in encoder.modules():
+                for key, hook in list(module._forward_hooks.items()):
+                    if "output_capturing_hook" in getattr(hook, "__qualname__", ""):
+                        del module._forward_hooks[key]
+                if getattr(module, "_output_capturing_hooks_installed", False):
+                    module._output_capturing_hooks_installed = False
+        return self.__dict__.copy()
+
+    def enable_vae_slicing(self) -> None:
+        """diffusers' VAE slicing, on both VAEs: decode/encode one image of a batch at a time."""
+        for vae in (self.sd15.vae, self.sdxl.vae):
+            vae.enable_slicing()
+
+    def enable_vae_tiling(self) -> None:
+        """diffusers' VAE tiling, on both VAEs: large images decoded/encoded in overlapping tiles."""
+        for vae in (self.sd15.vae, self.sdxl.vae):
+            vae.enable_tiling()
 
     def _parts(self) -> dict[str, torch.nn.Module]:
         """The modules RuntimeConfig's model-level switches change, by CHANNELS_LAST_PARTS name."""
@@ -191,23 +270,44 @@ class XAdapterPipelineBase:
         sdxl: str | os.PathLike | None = None,
         adapter: str | os.PathLike | None = None,
         *,
-        torch_dtype: torch.dtype | None = None,
+        torch_dtype: torch.dtype | str | None = None,
+        variant: str | None = None,
+        use_safetensors: bool | None = None,
         **kwargs: Any,
     ) -> Self:
         """diffusers' entry point. With one path: a local X-Adapter pipeline folder written by
         `save_pretrained` (xa_pipeline_index.json, sd15/, sdxl/, the adapter). With three paths
         (sd15, sdxl, adapter): the same as `from_single_paths`. Never a hub id. `torch_dtype`
-        (diffusers' name) or `dtype`; other keywords as `from_single_paths` (device, runtime,
-        progress, sdxl_vae, controlnet)."""
+        (diffusers' name: a torch.dtype, its name such as "float16", or "auto": the dtype the
+        folder was saved in, float32 for three paths) or `dtype`; other keywords as
+        `from_single_paths` (device, runtime, progress, sdxl_vae, controlnet). variant: None only
+        (cast with torch_dtype instead); use_safetensors=True: the files given must be .safetensors."""
+        from .saving import read_pipeline_folder, saved_dtype
+
+        if variant is not None:
+            raise ParameterError("variant", variant, "None: from_pretrained reads the weight files as they are; "
+                                 "load and cast with torch_dtype=torch.float16 instead")
+        allowed = {"dtype", "device", "runtime", "progress", "sdxl_vae", "controlnet", "local_files_only"}
+        unknown = sorted(set(kwargs) - allowed)
+        if unknown:
+            raise ParameterError(unknown[0], kwargs[unknown[0]],
+                                 f"no such keyword of from_pretrained; it takes torch_dtype, variant, use_safetensors, "
+                                 f"{', '.join(sorted(allowed))}")
+        folder = sdxl is None and adapter is None
+        paths = read_pipeline_folder(pretrained_model_name_or_path) if folder else None
+        auto = saved_dtype(pretrained_model_name_or_path) if folder else torch.float32
         if torch_dtype is not None:
+            torch_dtype = as_dtype(torch_dtype, "torch_dtype", auto)
             if kwargs.get("dtype") not in (None, torch_dtype):
                 raise ParameterError("torch_dtype", torch_dtype, f"the same as dtype={kwargs['dtype']} (give one)")
             kwargs["dtype"] = torch_dtype
         kwargs.pop("local_files_only", None)  # always local
-        if sdxl is None and adapter is None:
-            from .saving import read_pipeline_folder
-
-            paths = read_pipeline_folder(pretrained_model_name_or_path)
+        if use_safetensors:
+            given = [paths["adapter"]] if paths else [p for p in (pretrained_model_name_or_path, sdxl, adapter) if p]
+            other = [str(f) for f in given if Path(f).is_file() and Path(f).suffix != ".safetensors"]
+            if other:
+                raise ParameterError("use_safetensors", True, f"False or None: {other[0]} is not a .safetensors file")
+        if paths is not None:
             return cls.from_single_paths(paths["sd15"], paths["sdxl"], paths["adapter"], **kwargs)
         if sdxl is None or adapter is None:
             raise ParameterError("from_pretrained", [str(pretrained_model_name_or_path), sdxl, adapter],
@@ -223,7 +323,7 @@ class XAdapterPipelineBase:
         *,
         sdxl_vae: str | os.PathLike | None = None,
         device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str = torch.float32,
         progress: bool = True,
         runtime: RuntimeConfig = RuntimeConfig(),
         controlnet: Any = None,
@@ -233,6 +333,7 @@ class XAdapterPipelineBase:
         from ..loading import check_model_path, load_mapping, load_sd15, load_sdxl
 
         sd15, sdxl, adapter = str(sd15), str(sdxl), str(adapter)
+        dtype = as_dtype(dtype, "dtype")
         check_model_path(sd15, "sd15", "sd15")
         check_model_path(sdxl, "sdxl", "sdxl")
         check_model_path(adapter, "adapter", "adapter")
@@ -268,12 +369,13 @@ class XAdapterPipelineBase:
         adapter: str | MappingLayers,
         *,
         device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str = torch.float32,
         progress: bool = True,
     ) -> Self:
         """From already loaded diffusers pipelines (StableDiffusionPipeline and
         StableDiffusionXLPipeline, or anything with the same attributes); `adapter` is a
         checkpoint path or a MappingLayers module. The modules are shared, not copied."""
+        dtype = as_dtype(dtype, "dtype")
         sd15 = SD15Components(
             unet=sd15_pipeline.unet, vae=sd15_pipeline.vae, text_encoder=sd15_pipeline.text_encoder,
             tokenizer=sd15_pipeline.tokenizer, scheduler_config=dict(sd15_pipeline.scheduler.config),
@@ -294,10 +396,14 @@ class XAdapterPipelineBase:
 
     @classmethod
     def from_tiny(
-        cls, seed: int = 0, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, progress: bool = True,
-        runtime: RuntimeConfig = RuntimeConfig(), controlnet: Any = None,
+        cls, seed: int = 0, *, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32,
+        progress: bool = True, runtime: RuntimeConfig = RuntimeConfig(), controlnet: Any = None,
+        torch_dtype: torch.dtype | str | None = None,
     ) -> Self:
-        """The built-in tiny random models (real topology, noise-like images): a smoke run."""
+        """The built-in tiny random models (real topology, noise-like images): a smoke run.
+        `torch_dtype` (diffusers' name) or `dtype`: a torch.dtype or its name; "auto" is float32."""
+        if torch_dtype is not None:
+            dtype = as_dtype(torch_dtype, "torch_dtype")
         from ..models.tiny import build_tiny_models
 
         sd15, sdxl, mapping = build_tiny_models(seed)

@@ -35,6 +35,7 @@ class XAdapterLoadersMixin:
         self._lora: dict[str, LoraManager] = {}
         self._lora_loaded: dict[str, dict[str, LoraWeights]] = {b: {} for b in BRANCHES}
         self._lora_fuse_scale: float | None = None
+        self._lora_disabled: dict[str, float] = {}  # disable_lora(): name -> weight, for enable_lora()
         self._ip_adapter: Any = None
         self._ip_encoder: Any = None
         self._ip_scale: float | dict = 1.0
@@ -240,6 +241,32 @@ class XAdapterLoadersMixin:
             manager.clear()
         self._lora_loaded = {b: {} for b in BRANCHES}
         self._lora_fuse_scale = None
+
+    def disable_lora(self) -> None:
+        """Turn every active LoRA off, both branches, keeping them loaded (diffusers'
+        disable_lora); `enable_lora()` turns the same ones back on at their weights. Fused
+        LoRAs are in the weights: unfuse_lora() first."""
+        if self._lora_fuse_scale is not None:
+            raise ParameterError("disable_lora", "fused LoRAs", "unfused LoRAs: call unfuse_lora() first")
+        active = {n: s for m in self._lora.values() for n, s in m.scales.items()}
+        if active:
+            self._lora_disabled = active
+            self.set_adapters([], [])
+
+    def enable_lora(self) -> None:
+        """Turn the LoRAs that disable_lora() turned off back on, at the weights they had."""
+        disabled = self._lora_disabled
+        loaded = {n for d in self._lora_loaded.values() for n in d}
+        names = [n for n in disabled if n in loaded]  # deleted since: gone
+        if names:
+            self.set_adapters(names, [disabled[n] for n in names])
+        self._lora_disabled = {}
+
+    def installed_in(self, branch: str) -> list[str]:
+        """What the loaders installed in a branch's UNet ("LoRAs", "the IP-Adapter"): a UNet
+        swapped in for it would lack them."""
+        out = ["LoRAs"] if self._lora_loaded.get(branch) else []
+        return out + (["the IP-Adapter"] if branch == "sd15" and self._ip_adapter is not None else [])
 
     def lora_weight_deltas(self) -> dict[str, dict[str, torch.Tensor]]:
         """branch -> its active LoRAs' UNet weight changes ("unet.<module>.weight" -> fp32

@@ -14,10 +14,11 @@ range (xa_runtime.errors.ParameterError).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, field, make_dataclass
 from typing import Any, Mapping
 
-from ..errors import ParameterError
+from ..errors import AspectWarning, ParameterError
 
 # Sampler name -> (diffusers scheduler class, config overrides): the accepted values of
 # `scheduler`. Classes are named, not imported, so that checking a request needs no torch;
@@ -56,7 +57,7 @@ class SizeRules:
 REQUIRED: Any = object()  # the default of a parameter every request must give (the prompt)
 SAME: Any = object()  # a door's default that is the pipeline's own
 # The kinds of parameter: how it is typed and checked.
-TEXT, INT, FLOAT, CHOICE, SIDE = "text", "int", "float", "choice", "side"
+TEXT, INT, FLOAT, CHOICE, SIDE, PAIR = "text", "int", "float", "choice", "side", "pair"
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,8 @@ class Param:
     `kind`: TEXT (a string or a list of strings, one per prompt unless it is the prompt
     itself), INT / FLOAT (within [minimum, maximum], `exclusive_minimum` for (minimum, maximum]),
     CHOICE (one of `choices`), SIDE (pixels, a multiple of SizeRules' `side` multiple up to
-    `maximum`; None takes the model's default). `optional`: None is accepted (the default then
+    `maximum`; None takes the model's default), PAIR (two integers in [minimum, maximum], e.g.
+    SDXL's (height, width) size conditioning; Python only). `optional`: None is accepted (the default then
     means "decided elsewhere": drawn seed, model size, plain add).
     Doors: every row is a GenerationParams field and a keyword of the pipeline; `flag` names
     its xa-generate flag (None: not on the command line; `cli_default` and `cli_words`, e.g.
@@ -95,7 +97,8 @@ class Param:
 
     @property
     def annotation(self) -> str:
-        base = {TEXT: "str | list[str]", INT: "int", FLOAT: "float", CHOICE: "str", SIDE: "int"}[self.kind]
+        base = {TEXT: "str | list[str]", INT: "int", FLOAT: "float", CHOICE: "str", SIDE: "int",
+                PAIR: "tuple[int, int]"}[self.kind]
         return base + " | None" if self.optional else base
 
     def bounds(self, rules: SizeRules = SizeRules(), cap: float | None = None) -> tuple[Any, Any]:
@@ -115,6 +118,8 @@ class Param:
             return f"one of {', '.join(self.choices)}"
         if self.kind == SIDE:
             return f"a multiple of {lo} in [{lo}, {hi}] pixels"
+        if self.kind == PAIR:
+            return f"two integers in [{lo}, {hi}], (height, width) or (top, left)"
         return "a string or a non-empty list of strings"
 
     def range_text(self, rules: SizeRules = SizeRules(), cap: float | None = None) -> str:
@@ -164,6 +169,9 @@ class Param:
             ok = number and isinstance(value, int) and not value % lo and lo <= value <= hi
         elif self.kind == CHOICE:
             ok = value in self.choices
+        elif self.kind == PAIR:
+            ok = (isinstance(value, (tuple, list)) and len(value) == 2
+                  and all(isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi for v in value))
         else:
             raise ValueError(f"{self.name}: TEXT parameters are checked with the prompt count")
         if not ok:
@@ -180,14 +188,25 @@ def _side(name: str, side: str, flag: str, label: str, what: str, dim: str, defa
 PARAMETERS: tuple[Param, ...] = (
     Param("prompt", TEXT, REQUIRED, "prompt of the SDXL branch (several prompts: a list, or the flag repeated)",
           flag="--prompt", metavar="TEXT", label="Prompt", example="a cat"),
+    Param("prompt_2", TEXT, None, "prompt of SDXL's second text encoder (OpenCLIP-bigG), as diffusers' prompt_2 "
+          "(default: the prompt); one per prompt", optional=True, flag="--prompt-2", metavar="TEXT", blank="the prompt"),
     Param("prompt_sd15", TEXT, None, "prompt of the SD1.5 branch (default: the prompt); one per prompt",
           optional=True, flag="--prompt-sd15", metavar="TEXT", blank="the prompt"),
     Param("negative_prompt", TEXT, None, "negative prompt of both branches; one per prompt", optional=True,
           flag="--negative-prompt", metavar="TEXT", label="Negative prompt", blank="none"),
+    Param("negative_prompt_2", TEXT, None, "negative prompt of SDXL's second text encoder, as diffusers' "
+          "negative_prompt_2 (default: the negative prompt); one per prompt", optional=True,
+          flag="--negative-prompt-2", metavar="TEXT", blank="the negative prompt"),
     Param("num_inference_steps", INT, 50, "denoising steps N", minimum=1, maximum=MAX_STEPS, flag="--steps",
           metavar="N", label="Steps"),
     Param("guidance_scale", FLOAT, 7.5, "classifier-free guidance of both branches, {range}; <= 1 turns CFG off",
           minimum=0.0, maximum=100.0, flag="--guidance-scale", metavar="F", label="Guidance"),
+    Param("guidance_rescale", FLOAT, 0.0, "rescale of the guided prediction of both branches (Lin et al. 2023, "
+          "diffusers' guidance_rescale), {range}; 0 turns it off", minimum=0.0, maximum=1.0, flag="--guidance-rescale",
+          metavar="F"),
+    Param("clip_skip", INT, None, "text-encoder layers skipped from the end, both branches, as diffusers' clip_skip "
+          "(A1111's 'Clip skip' minus 1), {range} (default: none)", minimum=0, maximum=10, optional=True,
+          flag="--clip-skip", metavar="N", blank="none"),
     Param("adapter_guidance_start", FLOAT, 0.9, "fraction of the steps run with the adapter, {range}, int(N * F) >= 1",
           minimum=0.0, maximum=1.0, exclusive_minimum=True, flag="--adapter-guidance-start", metavar="F",
           label="Adapter start"),
@@ -199,6 +218,12 @@ PARAMETERS: tuple[Param, ...] = (
     _side("width", "sdxl", "--width", "SDXL width", "SDXL image", "width", 1024),
     _side("height_sd15", "sd15", "--height-sd15", "SD1.5 height", "SD1.5", "height", 512),
     _side("width_sd15", "sd15", "--width-sd15", "SD1.5 width", "SD1.5", "width", 512),
+    Param("original_size", PAIR, None, "SDXL's size conditioning (height, width) of the source image, as diffusers' "
+          "original_size (default: the SDXL size)", minimum=1, maximum=MAX_SDXL_SIDE * 4, optional=True, http=False),
+    Param("target_size", PAIR, None, "SDXL's target size conditioning (height, width), as diffusers' target_size "
+          "(default: the SDXL size)", minimum=1, maximum=MAX_SDXL_SIDE * 4, optional=True, http=False),
+    Param("crops_coords_top_left", PAIR, (0, 0), "SDXL's crop conditioning (top, left), as diffusers' "
+          "crops_coords_top_left", minimum=0, maximum=MAX_SDXL_SIDE * 4, http=False),
     Param("scheduler", CHOICE, DEFAULT_SCHEDULER, "sampler of both branches", choices=tuple(SCHEDULERS),
           flag="--scheduler", label="Sampler"),
     Param("strength", FLOAT, 1.0, "with an init image: the fraction of stage 1 that runs, {range}, int(N * F) >= 1",
@@ -280,14 +305,74 @@ def _batch_total(params: Any, prompts: int) -> None:
         )
 
 
+ASPECT_TOLERANCE = 0.05  # relative aspect difference between the stages' sizes taken as the same aspect
+
+
+def _aspect_error(h: int, w: int, height: int, width: int) -> float:
+    return abs(math.log((w / h) / (width / height)))
+
+
+def sd15_size(height: int, width: int, rules: SizeRules = SizeRules(), height_sd15: int | None = None,
+              width_sd15: int | None = None) -> tuple[int, int]:
+    """The SD1.5 stage's (height, width) for an SDXL image of height x width: the one place
+    that picks it (the pipeline, xa-generate and xa-serve all resolve sizes in `validate`).
+
+    Not given: the method's scale (SD1.5's default side / SDXL's: 512 / 1024 = 1:2) on each
+    side, rounded to SD1.5's multiple so that the aspect stays within ASPECT_TOLERANCE
+    (1216x832 -> 640x448 wide x high); where that grid is too coarse (tiny models:
+    192x256 -> 96x128 has no 4:3 size of 64 px multiples) the smallest SD1.5 size, no larger
+    than the SDXL image, with that aspect. One side given: the other follows the SDXL aspect.
+    Both given with another aspect: kept, with an AspectWarning that says the hand-over
+    stretches the SD1.5 image."""
+    m, tol = rules.sd15_multiple, math.log1p(ASPECT_TOLERANCE)
+    top_h, top_w = min(MAX_SD15_SIDE, max(m, height // m * m)), min(MAX_SD15_SIDE, max(m, width // m * m))
+
+    def fit(side: int, ratio: float, hi: int) -> int:
+        return min(hi, max(m, round(side * ratio / m) * m))
+
+    if height_sd15 is not None and width_sd15 is not None:
+        if _aspect_error(height_sd15, width_sd15, height, width) > tol:
+            follow = sd15_size(height, width, rules)
+            warnings.warn(
+                f"SD1.5 size {width_sd15}x{height_sd15} (width x height, aspect {width_sd15 / height_sd15:.2f}) differs "
+                f"in aspect from the SDXL size {width}x{height} (aspect {width / height:.2f}): at the hand-over the SD1.5 "
+                f"image is resized to {width}x{height}, so it is stretched {width / width_sd15 / (height / height_sd15):.2f}x "
+                f"horizontally; leave height_sd15 / width_sd15 (--height-sd15 / --width-sd15) unset for "
+                f"{follow[1]}x{follow[0]}, which follows the SDXL aspect", AspectWarning, stacklevel=3)
+        return height_sd15, width_sd15
+    if height_sd15 is not None:
+        return height_sd15, fit(height_sd15, width / height, MAX_SD15_SIDE)
+    if width_sd15 is not None:
+        return fit(width_sd15, height / width, MAX_SD15_SIDE), width_sd15
+    scale = rules.sd15_default / rules.sdxl_default
+    exact_h, exact_w = height * scale, width * scale
+    near = [(h, w) for h in {max(m, math.floor(exact_h / m) * m), max(m, math.ceil(exact_h / m) * m)}
+            for w in {max(m, math.floor(exact_w / m) * m), max(m, math.ceil(exact_w / m) * m)}
+            if h <= MAX_SD15_SIDE and w <= MAX_SD15_SIDE]
+    best = min(near, key=lambda hw: (_aspect_error(*hw, height, width), abs(hw[0] * hw[1] - exact_h * exact_w)))
+    if _aspect_error(*best, height, width) <= tol:
+        return best
+    target = exact_h * exact_w
+    same_aspect = [(h, w) for h in range(m, top_h + 1, m) for w in range(m, top_w + 1, m)
+                   if _aspect_error(h, w, height, width) <= tol]
+    if not same_aspect:
+        warnings.warn(f"no SD1.5 size of {m} px multiples up to the SDXL size {width}x{height} (width x height) has its "
+                      f"aspect; the SD1.5 stage runs at {best[1]}x{best[0]} and is stretched to {width}x{height} at "
+                      "the hand-over; give an SDXL size whose aspect SD1.5's grid can follow", AspectWarning,
+                      stacklevel=3)
+        return best
+    return min(same_aspect, key=lambda hw: (hw[0] * hw[1] < target, abs(hw[0] * hw[1] - target),
+                                            _aspect_error(*hw, height, width)))
+
+
 def validate(params: Any, rules: SizeRules = SizeRules()) -> Any:
     """Check every parameter (each row's range, in PARAMETERS' order, then the rules that tie
     two together right after the later of them); return a copy with sizes resolved to the
     defaults."""
     resolved = GenerationParams(**params.to_dict())
-    for p in PARAMETERS:
-        if p.kind == SIDE and getattr(params, p.name) is None:
-            setattr(resolved, p.name, getattr(rules, f"{p.side}_default"))
+    for name in ("height", "width"):
+        if getattr(params, name) is None:
+            setattr(resolved, name, rules.sdxl_default)
     n = _prompt_list("prompt", params.prompt, None)
     for p in PARAMETERS:
         value = getattr(resolved, p.name)
@@ -296,6 +381,9 @@ def validate(params: Any, rules: SizeRules = SizeRules()) -> Any:
                 _prompt_list(p.name, value, n)
         else:
             p.check(value, rules)
+        if p.name == "width_sd15":  # both stages' sides checked: the SD1.5 size that follows the SDXL one
+            resolved.height_sd15, resolved.width_sd15 = sd15_size(resolved.height, resolved.width, rules,
+                                                                  params.height_sd15, params.width_sd15)
         if p.name in ("adapter_guidance_start", "strength"):
             _steps_of(p.name, params)
         elif p.name == "num_images_per_prompt":

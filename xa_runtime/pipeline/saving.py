@@ -111,3 +111,11 @@ def read_pipeline_folder(path: str | os.PathLike) -> dict[str, Path]:
                                  f"{accepted}; {INDEX_NAME} entry {key!r} = {rel!r} is not a path inside the folder")
         out[key] = part
     return out
+
+
+def saved_dtype(path: str | os.PathLike) -> Any:
+    """The torch dtype a pipeline folder was saved in (its index's "dtype"; float32 if absent)."""
+    import torch
+
+    name = json.loads((Path(path) / INDEX_NAME).read_text()).get("dtype", "float32")
+    return getattr(torch, name) if name in ("float32", "float16", "bfloat16") else torch.float32

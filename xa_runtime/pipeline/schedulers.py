@@ -197,11 +197,12 @@ class Sampler:
     function the runtime hands in, kernels.guided_step), a GuidedSampler replaying the
     same schedule with it where the scheduler allows."""
 
-    def __init__(self, scheduler: SchedulerMixin, generator: torch.Generator, guided_step: GuidedStep | None = None):
-        self.scheduler = scheduler
+    def __init__(self, scheduler: SchedulerMixin, generator: torch.Generator, guided_step: GuidedStep | None = None,
+                 guidance_rescale: float = 0.0):
+        self.scheduler, self.guidance_rescale = scheduler, guidance_rescale
         self._kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
         self._fused = None
-        if guided_step is not None and GuidedSampler.supports(scheduler):
+        if guided_step is not None and not guidance_rescale and GuidedSampler.supports(scheduler):
             self._fused = GuidedSampler(scheduler, guided_step)
 
     @property
@@ -218,4 +219,8 @@ class Sampler:
         if guidance is not None:
             uncond, cond = eps.chunk(2)
             eps = uncond + guidance * (cond - uncond)
+            if self.guidance_rescale:
+                from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import rescale_noise_cfg
+
+                eps = rescale_noise_cfg(eps, cond, guidance_rescale=self.guidance_rescale)
         return self.scheduler.step(eps, t, x, return_dict=False, **self._kwargs)[0]

@@ -19,23 +19,19 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import ParameterError
-from ..loading.images import image_to_tensor
+from ..loading.images import image_to_tensor, read_image
 
 CONTROL_TYPES = ("none", "canny")
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, what PIL's "L" mode and OpenCV's grey conversion use
 
 
 def open_image(image: Any, name: str = "control_image") -> Any:
-    """A path (str / PathLike) opened as a PIL image; anything else returned unchanged."""
+    """A path (str / PathLike) read as an RGB PIL image (loading.images.read_image: size
+    bounded, EXIF orientation applied, 16-bit grey scaled); anything else returned unchanged."""
     if isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        if not path.is_file():
+        if not Path(image).is_file():
             raise ParameterError(name, str(image), "an existing image file (PNG, JPEG, ...)")
-        try:
-            with Image.open(path) as im:
-                return im.convert("RGB")
-        except OSError as e:
-            raise ParameterError(name, str(image), f"an image file PIL can read ({e})") from e
+        return read_image(image, name)
     return image
 
 

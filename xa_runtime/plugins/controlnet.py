@@ -38,6 +38,7 @@ from ..loading.checkpoint_files import (
     PICKLE_SUFFIXES,
     SAFETENSORS_SUFFIXES,
     read_folder_config,
+    check_finite,
     read_state_dict,
 )
 from ..loading.exact_state import assign_exact, build_empty
@@ -227,6 +228,7 @@ def load_controlnet(
         config = read_folder_config(p, "controlnet", accepted, "ControlNetModel")
         _check_sd15_config(config, str(p))
         model = ControlNetModel.from_pretrained(p, local_files_only=True, torch_dtype=dtype)
+        check_finite(model.named_parameters(), f"{p} (ControlNet)", "weight")
         return model.to(device=device).eval().requires_grad_(False)
     if p.suffix.lower() not in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES:
         raise ParameterError("controlnet", str(path), f"{accepted}; unknown suffix {p.suffix!r}")

@@ -18,6 +18,8 @@ import torch
 from PIL import Image
 
 from ..errors import CheckpointError, ParameterError
+from ..loading.checkpoint_files import check_finite
+from ..loading.images import check_image_size, read_image, to_rgb
 
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -70,10 +72,10 @@ def to_pil(image: Any, name: str = "ip_image") -> Image.Image:
     if isinstance(image, (str, Path)):
         if not Path(image).is_file():
             raise ParameterError(name, str(image), "an existing image file")
-        with Image.open(image) as im:
-            return im.convert("RGB")
+        return read_image(image, name)
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        check_image_size(name, image.width, image.height)
+        return to_rgb(image, orient=False)
     if isinstance(image, torch.Tensor):
         t = image[0] if image.dim() == 4 and image.shape[0] == 1 else image
         if t.dim() != 3 or t.shape[0] not in (1, 3, 4):
@@ -84,6 +86,7 @@ def to_pil(image: Any, name: str = "ip_image") -> Image.Image:
         a = a[..., 0] if a.ndim == 3 and a.shape[-1] == 1 else a
         if a.ndim not in (2, 3):
             raise ParameterError(name, image.shape, "an H x W or H x W x C array")
+        check_image_size(name, a.shape[1], a.shape[0])
         return Image.fromarray(a).convert("RGB")
     raise ParameterError(name, type(image).__name__, "an image path, a PIL image, a numpy array or a torch tensor")
 
@@ -97,8 +100,10 @@ def preprocess_clip_images(images: Sequence[Any], spec: ClipPreprocess) -> torch
             w, h = pil.size
             s = spec.shortest_edge
             size = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)  # transformers' rounding
+            check_image_size("ip_image", *size, value=f"<{w}x{h} image, resized to {size[0]}x{size[1]} for CLIP>")
             pil = pil.resize(size, Image.BICUBIC)
         elif spec.resize_to is not None:
+            check_image_size("ip_image", *spec.resize_to[::-1], value=f"<resized to {spec.resize_to} for CLIP>")
             pil = pil.resize(spec.resize_to[::-1], Image.BICUBIC)
         if spec.crop is not None:
             (ch, cw), (w, h) = spec.crop, pil.size
@@ -159,6 +164,7 @@ def load_image_encoder(
         model = CLIPVisionModelWithProjection.from_pretrained(str(p), local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         raise CheckpointError(f"image_encoder {p}: not a CLIP vision model folder: {exc}") from exc
+    check_finite(model.named_parameters(), f"image_encoder {p}", "weight")
     model.to(device=device, dtype=dtype)
     pre = p / "preprocessor_config.json"
     spec = ClipPreprocess.from_config(json.loads(pre.read_text()), model.config.image_size) if pre.is_file() else None

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError, ParameterError
+from ..loading.checkpoint_files import check_finite
 
 Tensors = dict[str, torch.Tensor]
 IP_ADAPTER_SUFFIXES = (".bin", ".pt", ".pth", ".safetensors")
@@ -64,6 +65,7 @@ def read_ip_adapter_file(path: str | Path) -> dict[str, Tensors]:
     for part in ("image_proj", "ip_adapter"):
         if not isinstance(state[part], dict) or not all(isinstance(v, torch.Tensor) for v in state[part].values()):
             raise CheckpointError(f"{p}: '{part}' must be a state dict of tensors")
+        check_finite(((f"{part}.{k}", v) for k, v in state[part].items()), f"{p} (IP-Adapter)")
     return state
 
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError, ParameterError
+from ..loading.checkpoint_files import check_finite
 from .lora_formats import LoraLayer, guess_base, parse_lora_state, read_lora_file
 
 __all__ = ["MODES", "LoraLayer", "LoraManager", "LoraWeights", "layer_delta", "ldm_module_names", "load_lora",
@@ -127,13 +128,11 @@ MAX_FACTOR_ABS = 1e4  # LoRA factors are O(1) or far smaller; beyond this the we
 def check_finite_factors(state: Mapping[str, torch.Tensor], source: str) -> None:
     """CheckpointError naming `source` and the first bad key when a tensor holds NaN, inf or a
     magnitude over MAX_FACTOR_ABS: found when the file loads, not as NaN images after a run."""
+    check_finite(state.items(), source, "LoRA tensor")
     for key, value in state.items():
         if not value.is_floating_point() or value.numel() == 0:
             continue
-        v = value.float()
-        if not torch.isfinite(v).all():
-            raise CheckpointError(f"{source}: LoRA tensor {key} holds NaN or infinite values")
-        peak = float(v.abs().max())
+        peak = float(value.float().abs().max())
         if peak > MAX_FACTOR_ABS:
             raise CheckpointError(f"{source}: LoRA tensor {key} holds a value of magnitude {peak:.3g}; "
                                   f"accepted: at most {MAX_FACTOR_ABS:g}")

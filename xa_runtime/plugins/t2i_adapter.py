@@ -20,7 +20,7 @@ import torch
 from diffusers import T2IAdapter
 
 from ..errors import CheckpointError, ParameterError
-from ..loading.checkpoint_files import read_folder_config
+from ..loading.checkpoint_files import check_finite, read_folder_config
 from .base import PluginContext, StepInfo
 from .control_images import CONTROL_TYPES, control_image_tensor, to_grey
 from .controlnet import check_plugin_number
@@ -128,6 +128,7 @@ def load_t2i_adapter(
             "SDXL adapters do not fit the SD1.5 branch"
         )
     adapter = T2IAdapter.from_pretrained(p, local_files_only=True, torch_dtype=dtype)
+    check_finite(adapter.named_parameters(), f"{p} (T2I-Adapter)", "weight")
     return adapter.to(device=device).eval().requires_grad_(False)
 
 

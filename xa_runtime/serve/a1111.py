@@ -5,7 +5,7 @@ txt2img, img2img      A1111's body -> the native body; answer {images, parameter
                       string)}. `<lora:NAME[:W]>` in the prompt names a configured LoRA (W: its
                       configured scale) and is removed from the encoded text; ControlNet units
                       (alwayson_scripts.controlnet.args, sd-webui-controlnet's API) name
-                      configured ControlNets / T2I-Adapters, module "none" only; the X-Adapter
+                      configured ControlNets / T2I / Nexus adapters, module "none" only; the X-Adapter
                       knobs come through alwayson_scripts["x-adapter"].args[0] (XADAPTER_KNOBS).
                       Fields that would change the image and that xa-serve cannot honour are
                       refused (422 naming them); the other fields are accepted, and those not
@@ -28,12 +28,15 @@ import time
 from typing import Any
 
 from ..infotext import A1111_SAMPLERS, infotext
-from ..plugin_kinds import CONTROL_UNIT_KINDS, KINDS, LORA_KINDS
+from ..plugin_kinds import IMAGE_KINDS, KINDS, LORA_KINDS
 from .doors import NativeDoor, Refused, base_size, jsonable, key_of
 
 SAMPLERS = {a1111: ours for ours, a1111 in A1111_SAMPLERS.items()}
 DEFAULTS = {"steps": 20, "width": 512, "height": 512, "cfg_scale": 7.0}  # A1111's, where a body leaves them out
 XADAPTER_SCRIPT = "x-adapter"
+CONTROLNET_SCRIPT = "ControlNet"  # sd-webui-controlnet's script title (matched without case, as A1111 does)
+# the kinds a ControlNet unit may name: the step plugins that take a control image
+CONTROL_KINDS = tuple(k for k in IMAGE_KINDS if not KINDS[k].installed)
 # alwayson_scripts["x-adapter"].args[0] key -> native field (all optional: the native defaults)
 XADAPTER_KNOBS = {"adapter_guidance_start": "adapter_guidance_start", "start": "adapter_guidance_start",
                   "adapter_condition_scale": "adapter_condition_scale", "condition_scale": "adapter_condition_scale",
@@ -138,7 +141,7 @@ def translate(body: dict[str, Any], img2img: bool, door: NativeDoor) -> tuple[di
             raise _refuse(field, why)
     kinds = {d["name"]: (d["kind"], d["scale"] if d["scale"] is not None else 1.0) for d in service.describe_plugins()}
     loras = {n: s for n, (k, s) in kinds.items() if k in LORA_KINDS}
-    controls = {n: s for n, (k, s) in kinds.items() if k in CONTROL_UNIT_KINDS}
+    controls = {n: s for n, (k, s) in kinds.items() if k in CONTROL_KINDS}
     prompt = body.get("prompt", "")
     if not isinstance(prompt, str):
         raise _refuse("prompt", "a string")
@@ -186,7 +189,7 @@ def translate(body: dict[str, Any], img2img: bool, door: NativeDoor) -> tuple[di
     for script, value in scripts.items():
         args = value.get("args", []) if isinstance(value, dict) else value
         key = script.lower()
-        if key == "controlnet":
+        if key == CONTROLNET_SCRIPT.lower():
             _controlnet_units(args, controls, native)
         elif key in (XADAPTER_SCRIPT, "xadapter", "x_adapter"):
             knobs = args[0] if isinstance(args, list) and args else args
@@ -353,7 +356,7 @@ def register(app: Any, door: NativeDoor) -> None:
 
     @app.get("/sdapi/v1/scripts")
     def scripts():
-        names = [XADAPTER_SCRIPT] + (["controlnet"] if any(d["kind"] in CONTROL_UNIT_KINDS
+        names = [XADAPTER_SCRIPT] + ([CONTROLNET_SCRIPT.lower()] if any(d["kind"] in CONTROL_KINDS
                                                             for d in service.describe_plugins()) else [])
         return {"txt2img": names, "img2img": names}
 

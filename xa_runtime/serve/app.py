@@ -124,6 +124,8 @@ def _open_image(field: str, text: str, max_pixels: int) -> Any:
 
     from PIL import Image
 
+    from ..loading.images import check_image_size
+
     if text.startswith("data:"):
         text = text.partition(",")[2]
     try:
@@ -136,14 +138,15 @@ def _open_image(field: str, text: str, max_pixels: int) -> Any:
         raise ParameterError(field, "<undecodable image>", f"a PNG, JPEG or WebP image ({type(e).__name__})") from None
     if im.format not in ("PNG", "JPEG", "WEBP"):
         raise ParameterError(field, f"<{im.format} image>", "a PNG, JPEG or WebP image")
-    if im.width * im.height > max_pixels:
-        raise ParameterError(field, f"<{im.width}x{im.height} image>", f"at most {max_pixels} pixels")
+    check_image_size(field, im.width, im.height, max_pixels)  # pixels and aspect ratio, as xa-generate
     return im
 
 
 def _decode(field: str, im: Any) -> Any:
+    from ..loading.images import to_rgb
+
     try:
-        return im.convert("RGB")
+        return to_rgb(im)  # EXIF orientation, 16-bit grey scaled, as xa-generate reads files
     except Exception as e:  # noqa: BLE001 -- a header that opened can still hide a corrupt stream
         raise ParameterError(field, "<undecodable image>", f"a PNG, JPEG or WebP image ({type(e).__name__})") from None
 

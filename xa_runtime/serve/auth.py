@@ -96,11 +96,13 @@ def _checked_key(key: Any, where: str) -> str:
     return key
 
 
-def parse_auth_table(table: dict[str, Any], base: Path = Path(".")) -> AuthConfig:
+def parse_auth_table(table: Any, base: Path = Path(".")) -> AuthConfig:
     """The config's [auth] table: api_keys (list), api_auth ("user:pass,..." or a list of
     "user:pass"), key_file (relative to the config's folder), requests_per_minute,
     concurrent_jobs."""
     cfg = AuthConfig()
+    if not isinstance(table, dict):
+        raise AuthError("auth: a table ([auth])")
     for key, value in table.items():
         where = f"auth.{key}"
         if key == "api_keys":

@@ -262,7 +262,8 @@ class ConfigModel(_Table):
     ray: _Ray = _Ray()
     backend: _Backend = _Backend()
     http: _Http = _Http()
-    auth: dict[str, Any] = {}  # checked by serve.auth.parse_auth_table (its own messages)
+    # [auth] is read by auth.parse_auth_table: its messages never echo a value (keys are secrets)
+    auth: Any = {}
 
 
 def _one_line(error: ValidationError) -> str:
