@@ -46,6 +46,8 @@ def page():
 
 
 def test_playground_generates_and_shows_errors(server, page):
+    failed = []  # what the browser console would show as a failed load (a /favicon.ico 404 included)
+    page.on("response", lambda r: r.status >= 400 and "/v1/generate" not in r.url and failed.append((r.status, r.url)))
     page.goto(server + "/")
     page.wait_for_selector("input[name=plugin][value=anime]")
     assert "anime (lora, scale 0.8)" in page.inner_text("#plugins")
@@ -70,6 +72,61 @@ def test_playground_generates_and_shows_errors(server, page):
     page.wait_for_function("document.getElementById('error').textContent.length > 0", timeout=30_000)
     error = page.inner_text("#error")
     assert error.startswith("422") and "num_inference_steps" in error
+    assert page.query_selector("#result img") is None and page.inner_text("#params") == ""  # the old image went
+    assert page.query_selector("#num_images_per_prompt") is not None and failed == [], failed
+
+
+def test_a_page_on_another_origin_cannot_generate(page):
+    """A page served from another origin (http://elsewhere.test, answered by the browser's
+    router) posts to the server as a cross-site page can without a preflight (text/plain,
+    a form) and with JSON: nothing is generated."""
+    import threading
+    import time
+
+    import uvicorn
+    from test_serve import FAST, StubPipe, _free_port
+
+    from xa_runtime.cli.serve import uvicorn_config
+    from xa_runtime.serve.app import create_app
+    from xa_runtime.serve.config import Limits
+    from xa_runtime.serve.service import Service
+
+    pipe = StubPipe()
+    service = Service(pipe, Limits()).start()
+    port = _free_port()
+    server = uvicorn.Server(uvicorn_config(create_app(service), "127.0.0.1", port, service.limits, "warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    target = f"http://127.0.0.1:{port}/v1/generate"
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        page.route("http://elsewhere.test/", lambda route: route.fulfill(
+            status=200, content_type="text/html",
+            body=f'<form id="f" method="post" action="{target}" enctype="text/plain">'
+                 f'<input name=\'{{"prompt": "a", "x": "\' value=\'"}}\'></form>'))
+        page.goto("http://elsewhere.test/")
+        import json
+
+        statuses = page.evaluate("""async ([url, body]) => {
+            const out = [];
+            for (const [mode, type] of [["no-cors", "text/plain"], ["no-cors", "application/x-www-form-urlencoded"],
+                                        ["cors", "application/json"]]) {
+              try {
+                const r = await fetch(url, {method: "POST", mode, headers: {"Content-Type": type}, body});
+                out.push(r.status);
+              } catch (e) { out.push(String(e)); }
+            }
+            return out;
+        }""", [target, json.dumps(FAST)])
+        with page.expect_navigation(url=target):
+            page.evaluate("document.getElementById('f').submit()")  # a plain form post, navigating away
+        assert "Origin" in page.content() and pipe.calls == 0, (statuses, page.content())
+        assert statuses[2] != 200, statuses  # JSON needs a preflight, which the server does not grant
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        service.shutdown(5)
 
 
 def test_api_docs_render_offline(server, page):

@@ -39,7 +39,7 @@ class PluginKind:
     graph backend its weights are baked into its graph variant (exported from that file).
     cli_generic: xa-generate makes and checks its flags from the row alone: flags are (PATH
     flag, image flag, scale flag), the path a folder with a config.json; description: what
-    the path is, for --help and errors."""
+    the path is, for --help and errors. label: the kind's name in an image's infotext."""
 
     name: str
     aliases: tuple[str, ...]

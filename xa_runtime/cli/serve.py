@@ -21,7 +21,7 @@ from typing import Any
 import xa_runtime
 
 from ..serve.auth import AuthError, from_flags, is_loopback, key_id
-from ..serve.config import ConfigError, load_config
+from ..serve.config import ConfigError, check_at_start, load_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "plugins, limits); default: the built-in tiny models on the CPU")
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
     ap.add_argument("--port", type=int, default=8000, help="TCP port to listen on (default %(default)s)")
+    ap.add_argument("--log-format", choices=["text", "json"], default=None,
+                    help="the one line per request: text or json (default: the config's [http] log_format, else text)")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                     help="server log level (default %(default)s)")
     auth = ap.add_argument_group("API keys (docs/clients.md)")
@@ -52,9 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        ap.error(f"--port {args.port}: a TCP port in [0, 65535] (0: any free port)")
     try:
         cfg = load_config(args.config)
+        check_at_start(cfg)
     except ConfigError as e:
         print(f"error: --config: {e}", file=sys.stderr)
         return 2
@@ -75,10 +81,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif cfg.auth.enabled:
         ids = sorted({key_id(k) for k in cfg.auth.api_keys} | {key_id(f"{u}:{p}") for u, p in cfg.auth.users})
         print(f"xa-serve: API keys required; key ids (in /metrics): {', '.join(ids)}", file=sys.stderr)
+    if args.log_format is not None:
+        cfg.http.log_format = args.log_format
     if args.ray:
         return _serve_on_ray(cfg, args.host, args.port)
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401 -- the serve extra's presence, checked before the app is built
 
         from ..serve.app import create_app
     except ImportError as e:
@@ -87,12 +95,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper())
     from ..serve.service import build_service
 
-    service = build_service(cfg).start()
-    app = create_app(service, auth=cfg.auth)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=5)  # after the drain: only responses left to write
+    try:
+        service = build_service(cfg).start()
+    except ConfigError as e:  # a file that is not what its key says (found while loading it)
+        print(f"error: --config: {e}", file=sys.stderr)
+        return 2
+    app = create_app(service, auth=cfg.auth, http=cfg.http)
+    config = uvicorn_config(app, args.host, args.port, cfg.limits, args.log_level)
+    # one bare line per request (a JSON line parses as is); set only now that the server runs
+    requests_log = logging.getLogger("xa_runtime.serve.requests")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    requests_log.addHandler(handler)
+    requests_log.propagate = False
     _server_class()(config, service).run()
+    if service.worker_alive:  # drained past shutdown_timeout_s inside one long step: leave it, exit now
+        import os
+
+        print("xa-serve: a step was still running after limits.shutdown_timeout_s; exiting", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)  # not interpreter teardown under a running torch op (it aborts)
     return 0
+
+
+def uvicorn_config(app: Any, host: str, port: int, limits: Any, log_level: str = "info") -> Any:
+    """uvicorn's settings for xa-serve: slow clients bounded (a deadline on each request head,
+    limits.max_connections open at once, heads of at most 64 KiB), a short keep-alive."""
+    import uvicorn
+
+    from ..serve.guard import slow_client_protocol
+
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,  # serve.requestlog's line
+                          timeout_graceful_shutdown=5,  # after the drain: only responses left to write
+                          http=slow_client_protocol(limits.header_timeout_s), limit_concurrency=limits.max_connections,
+                          timeout_keep_alive=5, h11_max_incomplete_event_size=64 * 1024)
 
 
 def _serve_on_ray(cfg, host: str, port: int) -> int:

@@ -231,7 +231,7 @@ PARAMETERS: tuple[Param, ...] = (
     Param("seed", INT, None, "seed of the initial noise, {range}; none ('random' on the command line): drawn, and recorded in the outputs", minimum=0, maximum=MAX_SEED,
           optional=True, flag="--seed", metavar="N", cli_default=0, cli_words={"random": None}, label="Seed", blank="random"),
     Param("num_images_per_prompt", INT, 1, "images per prompt, {range} in all", minimum=1,
-          maximum=MAX_BATCH, flag="--batch", metavar="B"),
+          maximum=MAX_BATCH, flag="--batch", metavar="B", label="Images"),
     Param("output_type", CHOICE, "pil", "what the pipeline returns", choices=OUTPUT_TYPES, http=False),
 )
 PARAMETER = {p.name: p for p in PARAMETERS}

@@ -32,11 +32,13 @@ from typing import Any, Sequence
 from ..errors import ParameterError
 from ..pipeline.params import CHOICE, FLOAT, INT, PARAMETERS, REQUIRED, SIDE, TEXT, GenerationParams, SizeRules
 from .auth import AuthConfig, AuthMiddleware, Gate, KeyLimited
-from .config import Limits
+from .config import HttpOptions, Limits
 from .doors import Generated, NativeDoor, Refused, key_of
 from .doors import jsonable as _jsonable
 from .a1111 import register as register_a1111
 from .events import register as register_stream
+from .guard import CrossSiteGuard
+from .requestlog import RequestLog, note
 from .events import stream_events
 from .openai_images import register as register_openai
 from .service import Cancelled, DeadlineExceeded, QueueFull, Service, Ticket, Unavailable, is_out_of_memory
@@ -195,9 +197,11 @@ def _png(image: Any, params: dict[str, Any], index: int, plugins: Any) -> bytes:
     return buf.getvalue()
 
 
-def create_app(service: Service, shutdown_on_exit: bool = True, auth: AuthConfig | None = None) -> Any:
+def create_app(service: Service, shutdown_on_exit: bool = True, auth: AuthConfig | None = None,
+               http: HttpOptions | None = None) -> Any:
     """A FastAPI app serving `service` (already started); its shutdown shuts the service down.
-    `auth`: the API keys and per-key limits (auth.py; None: no key asked)."""
+    `auth`: the API keys and per-key limits (auth.py; None: no key asked); `http`: the origins
+    allowed besides the server's own (guard.py) and the request log."""
     from fastapi import Request
     from fastapi.responses import HTMLResponse, JSONResponse, Response
     from fastapi_offline import FastAPIOffline  # /docs and /redoc from packaged assets, no CDN
@@ -252,7 +256,8 @@ def create_app(service: Service, shutdown_on_exit: bool = True, auth: AuthConfig
 
     # The handler reads the raw body itself (size limit while streaming, one error format), so
     # FastAPI cannot infer the body's schema: it is declared here for /openapi.json.
-    body_doc = {"required": True, "content": {"application/json": {"schema": GenerateRequest.model_json_schema()}}}
+    body_doc = {"required": True, "content": {"application/json": {"schema": GenerateRequest.model_json_schema(),
+                                                                   "example": request_example(service)}}}
 
     gate = Gate(auth or AuthConfig(), service.metrics.registry, service.limits.retry_after_s)
     app.state.gate = gate
@@ -274,7 +279,17 @@ def create_app(service: Service, shutdown_on_exit: bool = True, auth: AuthConfig
         ticket.add_done_callback(lambda _: release())
         if on_queued is not None:
             on_queued(ticket)
-        out = await _outcome(service, ticket, request)
+        try:
+            out = await _outcome(service, ticket, request)
+        except Refused as e:
+            note(request, outcome=f"{e.status}", queue_seconds=round(ticket.queue_seconds or 0.0, 6))
+            raise
+        p = out.params
+        note(request, outcome="ok", seed=p.seed, steps=p.num_inference_steps, size=f"{p.width}x{p.height}",
+             size_sd15=f"{p.width_sd15}x{p.height_sd15}", images=len(out.images), plugins=list(req.plugins),
+             queue_seconds=round(ticket.queue_seconds or 0.0, 6),
+             stage_seconds={k: round(v, 6) for k, v in getattr(out, "timings", {}).items()},
+             prompt=p.prompt, negative_prompt=p.negative_prompt)
         used = {k: v for k, v in out.params.to_dict().items() if k != "extra"}
         return Generated(req, out, ticket, lambda i: _png(out.images[i], used, i, req.plugins))
 
@@ -282,7 +297,7 @@ def create_app(service: Service, shutdown_on_exit: bool = True, auth: AuthConfig
                       lambda field, text: _refused_422(_open_image, field, text, service.limits.max_image_pixels))
     app.state.door = door
 
-    @app.post("/v1/generate", openapi_extra={"requestBody": body_doc})
+    @app.post("/v1/generate", openapi_extra={"requestBody": body_doc}, responses=GENERATE_RESPONSES)
     async def generate(request: Request):
         try:
             data = await read_body(request, service)
@@ -300,10 +315,47 @@ def create_app(service: Service, shutdown_on_exit: bool = True, auth: AuthConfig
     register_stream(app, door, error, body_doc)
     register_a1111(app, door)
     register_openai(app, door)
-    app.add_middleware(AuthMiddleware, gate=gate)  # outermost: every route, those above included
+    app.add_middleware(AuthMiddleware, gate=gate)  # every route, those above included
+    http = http or HttpOptions()
+    app.add_middleware(CrossSiteGuard, allowed_origins=http.allowed_origins)
+    app.add_middleware(RequestLog, log_format=http.log_format, log_prompts=http.log_prompts)  # outermost: every answer
     return app
 
 
+
+
+def request_example(service: Service) -> dict[str, Any]:
+    """/docs' "Try it out" body: one that this server answers 200 (cheap: few steps, the
+    default sizes, a fixed seed), not the one Swagger would make from the schema's bounds."""
+    return {"prompt": "a photo of a cat", "negative_prompt": "blurry",
+            "num_inference_steps": min(4, service.limits.max_steps), "seed": 0}
+
+
+_ERROR_BODY = {"application/json": {"schema": {
+    "type": "object", "required": ["error"],
+    "properties": {"error": {"type": "string", "description": "what is wrong and what is accepted"},
+                   "field": {"type": "string", "description": "the field, header or key at fault"}}}}}
+# POST /v1/generate's answers, for /openapi.json (the handler builds its responses itself)
+GENERATE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "the first image as PNG (Accept: image/png), else JSON with every image",
+          "content": {"image/png": {"schema": {"type": "string", "format": "binary"}},
+                      "application/json": {"schema": {
+                          "type": "object", "required": ["images", "parameters", "timings"],
+                          "properties": {"images": {"type": "array", "items": {"type": "string", "format": "byte"},
+                                                    "description": "base64 PNGs"},
+                                         "parameters": {"type": "object", "description": "the parameters used"},
+                                         "plugins": {"type": "array", "items": {"type": "string"}},
+                                         "timings": {"type": "object", "additionalProperties": {"type": "number"},
+                                                     "description": "seconds per stage, queue included"},
+                                         "overheads": {"type": "object"}}}}}},
+    **{code: {"description": why, "content": _ERROR_BODY} for code, why in [
+        (401, "no or a wrong API key"), (403, "a cross-origin request (Origin) not allowed"),
+        (408, "the body did not arrive within limits.header_timeout_s"), (413, "body over limits.max_body_bytes"),
+        (415, "a body that is not JSON"), (422, "a bad field (named in `field`) or a cost over the budget"),
+        (429, "the queue or the key's limit is full (Retry-After)"), (499, "the client left"),
+        (500, "internal failure"), (503, "not ready, shutting down or out of device memory (Retry-After)"),
+        (504, "the deadline passed")]},
+}
 
 
 def _refused_422(fn: Any, field: str, *args: Any) -> Any:
@@ -324,15 +376,31 @@ async def read_body(request: Any, service: Service) -> dict[str, Any]:
     def invalid(status: int, field: str, message: str) -> Refused:
         return _invalid(service, status, field, message)
 
+    from starlette.requests import ClientDisconnect
+
     limit = service.limits.max_body_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise invalid(413, "body", f"request body over {limit} bytes")
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise invalid(413, "body", f"request body over {limit} bytes")
+    chunks: list[bytes] = []
+
+    async def read() -> None:
+        size = 0
+        async for chunk in request.stream():
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                raise invalid(413, "body", f"request body over {limit} bytes")
+
+    timeout = service.limits.header_timeout_s
+    try:
+        await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:
+        raise invalid(408, "body", f"request body not received within {timeout:g} s "
+                      "(limits.header_timeout_s)") from None
+    except ClientDisconnect:  # the client left mid-body: nobody reads an answer
+        raise Refused(499, "cancelled: the client disconnected while sending its body") from None
+    body = b"".join(chunks)
     try:
         data = json.loads(body)
     except RecursionError:

@@ -36,6 +36,11 @@ the key (e.g. `plugins.anime.scale: ...`).
     requests_per_minute = 60      # generation requests per key (0: no limit), then 429
     concurrent_jobs = 2           # generation jobs queued or running per key (0: no limit)
 
+    [http]                        # every key optional
+    allowed_origins = ["https://app.example"]  # other web origins that may call (default: none)
+    log_format = "json"           # one line per request: text (default) or json (also --log-format)
+    log_prompts = false           # prompts in that line (default off)
+
     [ray]                         # xa-serve --ray only (Ray Serve); every key optional
     min_replicas = 1
     max_replicas = 1              # > min_replicas: autoscaling on ongoing requests
@@ -49,11 +54,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StringConstraints, ValidationError, create_model, field_validator,
+                      model_validator)
 
 from ..errors import ParameterError
 from ..graphs import BACKENDS, folder_problem
-from ..plugin_kinds import KINDS, PluginSpec, check_backend, get_kind
+from ..plugin_kinds import KINDS, LORA_KINDS, PluginSpec, check_backend, check_scale, get_kind
 
 from .auth import AuthConfig, AuthError, parse_auth_table
 
@@ -62,8 +68,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover -- Python 3.10
     import tomli as tomllib
 
-__all__ = ["BackendOptions", "ConfigError", "Limits", "PluginSpec", "RayOptions", "ServeConfig", "load_config",
-           "parse_config"]
+__all__ = ["BackendOptions", "ConfigError", "HttpOptions", "Limits", "PluginSpec", "RayOptions", "ServeConfig", "check_at_start",
+           "load_config", "parse_config"]
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -85,6 +91,21 @@ class Limits:
     max_batch: int = 4             # images per request (prompts x num_images_per_prompt)
     shutdown_timeout_s: float = 60.0
     retry_after_s: int = 5
+    # a request's cost before it is queued: (SDXL pixels + SD1.5 pixels) x steps x images; the
+    # default admits 1024x1024 (SD1.5 512x512) at 50 steps x 4 images, 2048x2048 at 50 steps x 1
+    max_pixel_steps: int = 300_000_000
+    header_timeout_s: float = 10.0  # a connection's request head and body, each read within this (slow clients)
+    max_connections: int = 64       # open connections at once; more -> 503 (uvicorn's limit_concurrency)
+
+
+# the largest value each [limits] key takes (a bound past which the server could not hold its
+# promise: a queue or a body that does not fit in memory, a drain that never ends)
+LIMITS_MAX: dict[str, float] = {
+    "queue_size": 10_000, "deadline_s": 86_400.0, "max_body_bytes": 1 << 30, "max_image_pixels": 1 << 28,
+    "max_request_pixels": 1 << 30, "max_prompt_chars": 1_000_000, "max_steps": 10_000, "max_side": 16_384,
+    "max_batch": 256, "shutdown_timeout_s": 3_600.0, "retry_after_s": 3_600, "max_pixel_steps": 10**13,
+    "header_timeout_s": 3_600.0, "max_connections": 100_000,
+}
 
 
 @dataclass
@@ -108,6 +129,15 @@ class BackendOptions:
 
 
 @dataclass
+class HttpOptions:
+    """The HTTP side: which other origins may call (serve.guard), the request log's format."""
+
+    allowed_origins: tuple[str, ...] = ()
+    log_format: str = "text"       # text or json: one line per request (serve.requestlog)
+    log_prompts: bool = False      # the prompts in that line (off: they may be private)
+
+
+@dataclass
 class ServeConfig:
     sd15: str | None = None
     sdxl: str | None = None
@@ -120,6 +150,7 @@ class ServeConfig:
     ray: RayOptions = field(default_factory=RayOptions)
     backend: BackendOptions = field(default_factory=BackendOptions)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    http: HttpOptions = field(default_factory=HttpOptions)
 
     @property
     def tiny(self) -> bool:
@@ -142,7 +173,7 @@ class _Models(_Table):
     adapter: Optional[str] = None
     device: str = "cpu"
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
-    tiny_seed: int = 0
+    tiny_seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
 
     @model_validator(mode="after")
     def _all_or_none(self) -> "_Models":
@@ -152,15 +183,24 @@ class _Models(_Table):
         return self
 
 
-# every Limits field, optional, a positive number
+def _limit_type(f: Any) -> Any:
+    """A [limits] key: a positive finite number up to LIMITS_MAX, a whole one where Limits' field is an int."""
+    whole = {"multiple_of": 1} if isinstance(f.default, int) else {}
+    return Optional[Annotated[_Number, Field(gt=0, le=LIMITS_MAX[f.name], allow_inf_nan=False, **whole)]]
+
+
+# every Limits field, optional
 _Limits = create_model("_Limits", __base__=_Table,
-                       **{f.name: (Optional[_Positive], None) for f in fields(Limits)})  # type: ignore[call-overload]
+                       **{f.name: (_limit_type(f), None) for f in fields(Limits)})  # type: ignore[call-overload]
+
+# a plugin's name: what requests send and logs show; never a path
+PLUGIN_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$"
 
 
 class _Plugin(_Table):
     kind: str
     path: str
-    scale: _Number = 1.0
+    scale: Annotated[_Number, Field(allow_inf_nan=False)] = 1.0
     image: Optional[str] = None
     image_encoder: Optional[str] = None
 
@@ -179,6 +219,11 @@ class _Plugin(_Table):
             if getattr(self, key) is not None and key not in row.config_keys:
                 takers = ", ".join(k.name for k in KINDS.values() if key in k.config_keys)
                 raise ValueError(f"{key}: for {takers} only (not {self.kind})")
+        lo = -10.0 if self.kind in LORA_KINDS else 0.0
+        try:
+            check_scale("scale", self.scale, lo)
+        except ParameterError as e:
+            raise ValueError(f"scale={self.scale!r}: {e.accepted}") from None
         return self
 
 
@@ -202,14 +247,21 @@ class _Backend(_Table):
     engine_dir: Optional[str] = None
 
 
+class _Http(_Table):
+    allowed_origins: list[Annotated[str, StringConstraints(pattern=r"^https?://[^/\s]+$")]] = []
+    log_format: Literal["text", "json"] = "text"
+    log_prompts: bool = False
+
+
 class ConfigModel(_Table):
     """The whole xa-serve TOML document (see the module doc)."""
 
     models: _Models = _Models()
     limits: _Limits = _Limits()  # type: ignore[valid-type]
-    plugins: dict[str, _Plugin] = {}
+    plugins: dict[Annotated[str, StringConstraints(pattern=PLUGIN_NAME)], _Plugin] = {}
     ray: _Ray = _Ray()
     backend: _Backend = _Backend()
+    http: _Http = _Http()
     # [auth] is read by auth.parse_auth_table: its messages never echo a value (keys are secrets)
     auth: Any = {}
 
@@ -246,6 +298,8 @@ def parse_config(data: dict[str, Any], base: Path = Path(".")) -> ServeConfig:
     cfg.ray = RayOptions(int(r.min_replicas), int(r.max_replicas), r.num_gpus, r.num_cpus, r.target_ongoing_requests)
     b = doc.backend
     cfg.backend = BackendOptions(b.kind, path(b.onnx_dir), path(b.engine_dir))
+    h = doc.http
+    cfg.http = HttpOptions(tuple(h.allowed_origins), h.log_format, h.log_prompts)
     _check_backend(cfg)
     try:
         cfg.auth = parse_auth_table(doc.auth, base)
@@ -294,7 +348,54 @@ def load_config(path: str | Path | None) -> ServeConfig:
         return ServeConfig()
     p = Path(path)
     try:
-        data = tomllib.loads(p.read_text())
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}: {e.reason}); TOML files are UTF-8") from None
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"{p}: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: nested deeper than Python can read") from None
     return parse_config(data, p.parent)
+
+
+def check_at_start(cfg: ServeConfig) -> None:
+    """What parse_config cannot know without the machine: the device exists on this build,
+    every path names something that exists (model files and folders, plugin files, their
+    images, readable as images). ConfigError naming the key; nothing is loaded but the
+    images' headers."""
+    import torch
+
+    try:
+        dev = torch.device(cfg.device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f"models.device={cfg.device!r}: cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"models.device={cfg.device!r}: this torch build has no CUDA device (torch "
+                          f"{torch.__version__}); use device = \"cpu\"")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"models.device={cfg.device!r}: {torch.cuda.device_count()} CUDA device(s) here")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"models.device={cfg.device!r}: cpu, cuda or cuda:N")
+    for key in ("sd15", "sdxl", "adapter"):
+        value = getattr(cfg, key)
+        if value is not None and not Path(value).exists():
+            raise ConfigError(f"models.{key}={value!r}: no such file or folder")
+    for name, spec in cfg.plugins.items():
+        if not Path(spec.path).exists():
+            raise ConfigError(f"plugins.{name}.path={spec.path!r}: no such file or folder")
+        if spec.image_encoder is not None and not Path(spec.image_encoder).is_dir():
+            raise ConfigError(f"plugins.{name}.image_encoder={spec.image_encoder!r}: no such folder")
+        for image in ([spec.image] if isinstance(spec.image, str) else spec.image or ()):
+            _check_image(f"plugins.{name}.image", image)
+
+
+def _check_image(key: str, path: str) -> None:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except FileNotFoundError:
+        raise ConfigError(f"{key}={path!r}: no such file") from None
+    except Exception as e:  # noqa: BLE001 -- PIL raises several kinds for a file that is not an image
+        raise ConfigError(f"{key}={path!r}: not a readable image ({type(e).__name__}: {e})") from None

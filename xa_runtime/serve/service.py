@@ -10,6 +10,7 @@ anything else (-> 500).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import random
@@ -17,14 +18,14 @@ import re
 import threading
 import time
 import traceback
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..errors import ParameterError
+from ..errors import CheckpointError, ParameterError
 from ..pipeline.params import MAX_SEED, GenerationParams, SizeRules, validate
 from ..plugin_kinds import IMAGE_KINDS, KINDS, LORA_KINDS, PluginSpec
-from .config import Limits, ServeConfig
+from .config import ConfigError, Limits, ServeConfig
 from .progress import JobProgress, expected_steps
 
 log = logging.getLogger("xa_runtime.serve")
@@ -70,6 +71,14 @@ class Ticket(Future):
     def abandon(self, reason: str = "abandoned") -> None:
         self.reason = reason
         self.abandoned.set()
+
+    def set_result(self, result: Any) -> None:
+        with contextlib.suppress(InvalidStateError):  # answered already (a shutdown past its timeout)
+            super().set_result(result)
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        with contextlib.suppress(InvalidStateError):
+            super().set_exception(exception)
 
 
 @dataclass
@@ -164,13 +173,27 @@ class Service:
         self._stopping.set()
         if self._thread is None:
             return True
-        self._thread.join(timeout)
+        if self._abort.is_set():  # a second call (the app's shutdown after the signal's drain): done already
+            self._thread.join(0)
+            return not self._thread.is_alive()
+        grace = min(5.0, timeout / 4)  # for the running request to reach its next step once told to stop
+        self._thread.join(timeout - grace)
         clean = not self._thread.is_alive()
         if not clean:
             self._abort.set()
-            self._thread.join(max(5.0, timeout))
+            self._thread.join(grace)
+            running = self.running
+            if self._thread.is_alive() and running is not None:  # inside one long step: answer it now (503)
+                self.metrics.requests.labels("unavailable").inc()
+                running.set_exception(Unavailable(f"the server shut down: the running step did not end within "
+                                                  f"limits.shutdown_timeout_s={timeout:g} s"))
         self._fail_queued(Unavailable("the server shut down before this request ran"))
         return clean
+
+    @property
+    def worker_alive(self) -> bool:
+        """The worker is still inside a step (after a shutdown past its timeout: the process may exit)."""
+        return self._thread is not None and self._thread.is_alive()
 
     def _fail_queued(self, error: Exception) -> None:
         while True:
@@ -213,10 +236,10 @@ class Service:
         steps = params.num_inference_steps
         if isinstance(steps, int) and not isinstance(steps, bool) and steps > lim.max_steps:
             raise ParameterError("num_inference_steps", steps, f"an integer in [1, {lim.max_steps}] on this server")
-        for name in ("height", "width"):
+        for name in ("height", "width", "height_sd15", "width_sd15"):  # both stages: SD1.5 is no cheaper per pixel
             v = getattr(params, name)
             if isinstance(v, int) and v > lim.max_side:
-                raise ParameterError(name, v, f"at most {lim.max_side} pixels on this server")
+                raise ParameterError(name, v, f"at most {lim.max_side} pixels on this server (limits.max_side)")
         n = 1 if isinstance(params.prompt, str) else len(params.prompt or [])
         batch = params.num_images_per_prompt
         if isinstance(batch, int) and n * batch > lim.max_batch:
@@ -227,11 +250,29 @@ class Service:
         for name in plugins:
             if name in self.needs_image and name not in images:
                 raise ParameterError(f"images.{name}", None, f"an image: plugin {name} has no configured image")
-        if init_image is None and params.strength != 1.0:
-            raise ParameterError("init_image", None, f"an image: strength={params.strength} needs one")
         if params.seed is None:  # drawn here, not by the pipeline, so that the response can name it
             params = replace(params, seed=random.SystemRandom().randrange(MAX_SEED + 1))
-        return validate(params, self.rules)
+        resolved = validate(params, self.rules)  # strength's own range first: -0.5 is strength's fault
+        if init_image is None and resolved.strength != 1.0:
+            raise ParameterError("init_image", None, f"an image: strength={resolved.strength} needs one")
+        self.check_cost(resolved, n)
+        return resolved
+
+    def cost(self, params: GenerationParams, prompts: int = 1) -> int:
+        """A resolved request's cost in pixel-steps: (SDXL pixels + SD1.5 pixels) x steps x images."""
+        pixels = params.height * params.width + params.height_sd15 * params.width_sd15
+        return pixels * params.num_inference_steps * params.num_images_per_prompt * prompts
+
+    def check_cost(self, params: GenerationParams, prompts: int = 1) -> None:
+        """Refuse, before it is queued, a request whose cost is over limits.max_pixel_steps."""
+        cost, budget = self.cost(params, prompts), self.limits.max_pixel_steps
+        if cost > budget:
+            raise ParameterError(
+                "height x width x num_inference_steps x num_images_per_prompt", f"<{cost} pixel-steps>",
+                f"at most {budget} pixel-steps on this server (limits.max_pixel_steps): (height x width + "
+                f"height_sd15 x width_sd15) = {params.height}x{params.width} + {params.height_sd15}x{params.width_sd15} "
+                f"pixels x {params.num_inference_steps} steps x {params.num_images_per_prompt * prompts} images; "
+                "ask fewer steps, images or pixels")
 
     def check_plugins(self, plugins: list[str], image_names: list[str]) -> None:
         """The plugin names of a request, and the names its images are sent under (cheap: no
@@ -445,8 +486,11 @@ def build_service(cfg: ServeConfig, warm: bool = True) -> Service:
     if cfg.tiny:
         pipe = XAdapterPipeline.from_tiny(cfg.tiny_seed, device=cfg.device, dtype=dtype, progress=False)
     else:
-        pipe = XAdapterPipeline.from_pretrained(cfg.sd15, cfg.sdxl, cfg.adapter, device=cfg.device, dtype=dtype,
-                                                progress=False)
+        try:
+            pipe = XAdapterPipeline.from_pretrained(cfg.sd15, cfg.sdxl, cfg.adapter, device=cfg.device, dtype=dtype,
+                                                    progress=False)
+        except (ParameterError, CheckpointError) as e:  # a path that is not the model its key says
+            raise ConfigError(f"[models]: {e}") from None
     # the backend lives as long as the process (its temporary graphs go with it)
     backend = open_backend(cfg.backend.kind, pipe, onnx_dir=cfg.backend.onnx_dir, engine_dir=cfg.backend.engine_dir,
                            device=cfg.device, plugin_kinds=[s.kind for s in cfg.plugins.values()])
@@ -483,15 +527,18 @@ def load_plugins(specs: dict[str, PluginSpec], pipe: Any) -> dict[str, Served]:
 
     out: dict[str, Served] = {}
     for name, s in specs.items():
-        if s.kind in LORA_KINDS:
-            pipe.load_plugins([replace(s, scale=0.0, fused=False)])
-            out[name] = Served(s.kind, None, s.scale)
-            continue
-        image = None
-        if s.image is not None:
-            with Image.open(s.image) as im:
-                image = im.convert("RGB")
-        (plugin,) = pipe.load_plugins([replace(s, image=image)])
+        try:
+            if s.kind in LORA_KINDS:
+                pipe.load_plugins([replace(s, scale=0.0, fused=False)])
+                out[name] = Served(s.kind, None, s.scale)
+                continue
+            image = None
+            if s.image is not None:
+                with Image.open(s.image) as im:
+                    image = im.convert("RGB")
+            (plugin,) = pipe.load_plugins([replace(s, image=image)])
+        except (ParameterError, CheckpointError, OSError) as e:  # the file is not this kind's model: the key's fault
+            raise ConfigError(f"plugins.{name} (kind {s.kind!r}, path {s.path!r}): {e}") from None
         if s.row.installed:
             plugin.adapter.suspend()  # resumed for the requests naming it
         out[name] = Served(s.kind, plugin, s.scale)
