@@ -165,9 +165,10 @@ def test_graphs_replay_across_requests_recapture_on_new_shapes_and_controlnet(mo
     second = pipe("a dog", **(GEN | dict(seed=9))).images  # new values, same shapes: replayed
     assert pipe.executor.graphs.captures == 2
     assert torch.equal(second, plain("a dog", **(GEN | dict(seed=9))).images)  # nothing left from request 1
-    wide = pipe("a dog", **(GEN | dict(height=96, width=160))).images
+    # A larger square SDXL size: the SD1.5 size (following the SDXL aspect) stays 64x64
+    larger = pipe("a dog", **(GEN | dict(height=160, width=160))).images
     assert pipe.executor.graphs.captures == 3  # the SDXL size changed; the SD1.5 step keeps its graph
-    assert torch.equal(wide, plain("a dog", **(GEN | dict(height=96, width=160))).images)
+    assert torch.equal(larger, plain("a dog", **(GEN | dict(height=160, width=160))).images)
 
     controlnet = build_tiny_controlnet(models[0].unet, seed=0)
     image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
