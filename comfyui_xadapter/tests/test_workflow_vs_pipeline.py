@@ -64,8 +64,8 @@ def setup():
         record["stage1"] = lat.clone()
         return lat
 
-    def rec_handover(r, lat15):
-        out = handover(r, lat15)
+    def rec_handover(r, lat15, **kwargs):  # kwargs: the pipeline's own (noised=)
+        out = handover(r, lat15, **kwargs)
         record["handover"] = (out[0].clone(), out[1].clone())
         return out
 
