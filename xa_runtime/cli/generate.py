@@ -440,13 +440,12 @@ def records(args: argparse.Namespace, tiny: bool, result: Any, seconds: dict[str
     return record, per_image
 
 
-# plugin kind -> (path flag, its image flag, {entry key: per-plugin flag})
-_PLUGIN_FLAGS = {
-    "controlnet": ("--controlnet", "--control-image", {"control_type": "--control-type",
-                   "conditioning_scale": "--controlnet-scale", "guidance_start": "--control-start",
-                   "guidance_end": "--control-end"}),
-    "t2i": ("--t2i-adapter", "--t2i-image", {"scale": "--t2i-scale", "conditioning_factor": "--t2i-factor"}),
-    "nexus": ("--nexus-adapter", "--adapter-image", {"scale": "--nexus-scale"}),
+# plugin kind -> {entry key: per-plugin flag}; its path and image flags are the table row's first two
+_PLUGIN_SETTINGS = {
+    "controlnet": {"control_type": "--control-type", "conditioning_scale": "--controlnet-scale",
+                   "guidance_start": "--control-start", "guidance_end": "--control-end"},
+    "t2i": {"scale": "--t2i-scale", "conditioning_factor": "--t2i-factor"},
+    "nexus": {"scale": "--nexus-scale"},
 }
 
 
@@ -456,6 +455,7 @@ def arguments_from_record(record: dict[str, Any]) -> list[str]:
     backend, plugins and init image. Each plugin and init-image file is checked against the
     sha256 recorded: ParameterError naming it where the file at that path changed."""
     from ..infotext import file_hash
+    from ..plugin_kinds import KINDS, LORA_KINDS
 
     argv: list[str] = []
     for row in PARAMETERS:
@@ -478,19 +478,19 @@ def arguments_from_record(record: dict[str, Any]) -> list[str]:
 
     def checked(entry: dict[str, Any], what: str) -> str:
         path, recorded = entry["path"], entry.get("sha256")
-        if recorded and file_hash(path, addnet=entry.get("kind") in ("lora", "sdxl_lora")) != recorded:
+        if recorded and file_hash(path, addnet=entry.get("kind") in LORA_KINDS) != recorded:
             raise ParameterError(what, path, f"the file recorded with the image (sha256 {recorded[:10]}...); it changed")
         return path
 
     for entry in record.get("plugins") or []:
         kind = entry["kind"]
-        if kind in ("lora", "sdxl_lora"):
-            flag = "--lora" if kind == "lora" else "--sdxl-lora"
+        if kind in LORA_KINDS:
+            flag = KINDS[kind].flags[0]
             argv += [flag, f"{checked(entry, flag)}:{entry.get('scale', 1.0)}", "--lora-mode", entry.get("mode", "fused")]
-        elif kind in _PLUGIN_FLAGS:
-            flag, image_flag, settings = _PLUGIN_FLAGS[kind]
+        elif kind in _PLUGIN_SETTINGS:
+            flag, image_flag = KINDS[kind].flags[:2]
             argv += [flag, checked(entry, flag), image_flag, entry["image"]]
-            for key, setting in settings.items():
+            for key, setting in _PLUGIN_SETTINGS[kind].items():
                 if entry.get(key) is not None:
                     argv += [setting, str(entry[key])]
             if entry.get("guess_mode"):
